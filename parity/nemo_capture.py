@@ -1,0 +1,85 @@
+"""Capture a live NeMo ``MagpieTTSModel`` through forward hooks into magpie-parity's dump format.
+
+This is the "dump NeMo tensors" utility: it runs NVIDIA's own code and records, under the reference's canonical
+names (parity/names.py), what NeMo's modules returned. NeMo is imported lazily by the caller; nothing here
+imports it, so this module loads anywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+def _nemo_capture_points(model) -> list[tuple[str, object, Callable, str]]:
+    """(canonical name, NeMo module, output selector, hook kind) in execution order."""
+    first = lambda out: out[0]  # noqa: E731 - attention modules return (y, [prob, score])
+    same = lambda out: out  # noqa: E731
+    layer_out = lambda out: out["output"]  # noqa: E731 - TransformerLayer returns a dict
+    points: list[tuple[str, object, Callable, str]] = [("text_embedding", model.text_embedding, same, "fwd")]
+    for i, layer in enumerate(model.encoder.layers):
+        points += [
+            (f"encoder.layers.{i}.self_attention", layer.self_attention, first, "fwd"),
+            (f"encoder.layers.{i}.pos_ff", layer.pos_ff, same, "fwd"),
+            (f"encoder.layers.{i}", layer, layer_out, "fwd"),
+        ]
+    points += [("encoder.norm_out", model.encoder.norm_out, same, "fwd")]
+    # The decoder's first positional argument is the embedded input (context prefix + audio frames).
+    points += [("decoder_input", model.decoder, lambda args: args[0], "pre")]
+    for i, layer in enumerate(model.decoder.layers):
+        p = f"decoder.layers.{i}"
+        points += [
+            (f"{p}.self_attention", layer.self_attention, first, "fwd"),
+            (f"{p}.cross_attention.attn_probs", layer.cross_attention, lambda out: out[1][0], "fwd"),
+            (f"{p}.cross_attention", layer.cross_attention, first, "fwd"),
+            (f"{p}.pos_ff", layer.pos_ff, same, "fwd"),
+            (p, layer, layer_out, "fwd"),
+        ]
+    points += [("decoder.norm_out", model.decoder.norm_out, same, "fwd"), ("final_proj", model.final_proj, same, "fwd")]
+    return points
+
+
+class NemoCapture:
+    """Context manager: hooks on a NeMo MagpieTTSModel that hand (name, tensor, step) to a sink in execution order."""
+
+    def __init__(self, model, sink: Callable[[str, torch.Tensor, Optional[int]], None]):
+        self.model = model
+        self.sink = sink
+        self.step: Optional[int] = None
+        self._handles = []
+
+    def __enter__(self):
+        for name, module, select, kind in _nemo_capture_points(self.model):
+            if kind == "pre":
+                def pre(_m, args, _name=name, _sel=select):
+                    self.sink(_name, _sel(args).detach().clone(), self.step)
+
+                self._handles.append(module.register_forward_pre_hook(pre))
+            else:
+                def fwd(_m, _args, out, _name=name, _sel=select):
+                    self.sink(_name, _sel(out).detach().clone(), self.step)
+
+                self._handles.append(module.register_forward_hook(fwd))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Run NeMo's teacher-forced ``process_batch`` under hooks and write every capture point to a dump."""
+    from parity.dump import DumpWriter
+
+    model.eval()
+    inputs = {k: list(v.shape) for k, v in batch.items()}
+    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs,
+                    layout={"mode": "teacher-forced", "tensors": "B,T,... as NeMo's modules return them"},
+                    meta={"nemo_class": type(model).__name__}, overwrite=overwrite) as writer:
+        with torch.no_grad(), NemoCapture(model, lambda n, t, s: writer.add(n, t, step=s)):
+            out = model.process_batch(batch)
+        writer.add("logits", out["logits"], step=None)
+    return Path(out_dir)

@@ -1,0 +1,275 @@
+"""Frozen configuration of a MagpieTTS model, built from NeMo's omegaconf config and the weight shapes.
+
+Nothing here is a constant of the released model: every size comes from the checkpoint. Where NeMo reads a
+value from the codec (codebook size) and the codec is not inside the ``.nemo``, the value is derived from the
+weight shapes instead (``num_all_tokens_per_codebook = codebook_size + 8`` special tokens, NeMo's
+``SpecialAudioToken`` layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+
+# NeMo's SpecialAudioToken enum: ids are codebook_size + offset (magpietts_modules.SpecialAudioToken).
+_SPECIAL_OFFSETS = {
+    "audio_bos_id": 0,
+    "audio_eos_id": 1,
+    "context_audio_bos_id": 2,
+    "context_audio_eos_id": 3,
+    "mask_token_id": 4,
+}
+NUM_SPECIAL_AUDIO_TOKENS = 8
+
+SUPPORTED_MODEL_TYPES = ("decoder_context_tts",)
+
+
+class ConfigError(ValueError):
+    """The checkpoint's config is not a MagpieTTS config this reference supports, or disagrees with its weights."""
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """One ``transformer_2501.Transformer`` (NeMo's ``cfg.encoder`` / ``cfg.decoder``)."""
+
+    n_layers: int
+    d_model: int
+    d_ffn: int
+    sa_n_heads: int
+    kernel_size: int
+    is_causal: bool = True
+    apply_norm_out: bool = False
+    max_length_causal_mask: int = 4096
+    use_learnable_pos_emb: bool = False
+    has_xattn: bool = False
+    xa_d_memory: Optional[int] = None
+    xa_n_heads: Optional[int] = None
+    xa_d_head: Optional[int] = None
+    apply_norm_to_cond: bool = True
+    layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm default; NeMo never overrides it
+
+    @property
+    def sa_d_head(self) -> int:
+        return self.d_model // self.sa_n_heads
+
+    @property
+    def xa_head_dim(self) -> int:
+        # NeMo's Attention: d_head defaults to d_model // n_heads when xa_d_head is null.
+        assert self.xa_n_heads is not None
+        return self.xa_d_head if self.xa_d_head is not None else self.d_model // self.xa_n_heads
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "TransformerConfig":
+        unsupported = {k for k in ("use_moe",) if d.get(k)}
+        if unsupported:
+            raise ConfigError(f"{where}: {sorted(unsupported)} is not supported by the reference")
+        known = {f.name for f in dataclasses.fields(cls)}
+        # p_dropout, p_dropout_out, conv_non_linearity, make_prior_window_strict only matter in training.
+        ignored = {"p_dropout", "p_dropout_out", "make_prior_window_strict", "conv_non_linearity",
+                   "num_experts", "top_k_experts", "router_jitter_noise", "routing_strategy", "use_moe",
+                   "router_load_balancing_loss_coeff", "router_z_loss_coeff"}
+        unknown = set(d) - known - ignored
+        if unknown:
+            raise ConfigError(f"{where}: unknown transformer keys {sorted(unknown)}")
+        for req in ("n_layers", "d_model", "d_ffn", "sa_n_heads", "kernel_size"):
+            if req not in d:
+                raise ConfigError(f"{where}: missing required key '{req}'")
+        kw = {k: v for k, v in d.items() if k in known}
+        cfg = cls(**kw)
+        if cfg.d_model % cfg.sa_n_heads:
+            raise ConfigError(f"{where}: d_model {cfg.d_model} is not divisible by sa_n_heads {cfg.sa_n_heads}")
+        if cfg.has_xattn and (cfg.xa_d_memory is None or cfg.xa_n_heads is None):
+            raise ConfigError(f"{where}: has_xattn needs xa_d_memory and xa_n_heads")
+        if not cfg.is_causal and cfg.kernel_size % 2 == 0:
+            raise ConfigError(f"{where}: a non-causal conv FFN needs an odd kernel_size, got {cfg.kernel_size}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class InferenceParameters:
+    """NeMo 3.0.0's ``ModelInferenceParameters``, field for field (names and defaults)."""
+
+    max_decoder_steps: int = 500
+    temperature: float = 0.7
+    topk: int = 80
+    cfg_scale: float = 2.5
+    apply_attention_prior: bool = True
+    attention_prior_epsilon: float = 0.1
+    attention_prior_lookahead_window: int = 5
+    estimate_alignment_from_layers: Optional[tuple[int, ...]] = None
+    apply_prior_to_layers: Optional[tuple[int, ...]] = None
+    start_prior_after_n_audio_steps: int = 0
+    use_LT_kv_cache: bool = True
+    ignore_finished_sentence_tracking: bool = True
+    eos_detection_method: str = "argmax_or_multinomial_any"
+    min_generated_frames: int = 4
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "InferenceParameters":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        # Renamed fields, as NeMo's from_dict accepts them (released checkpoint 291da79 uses the old names).
+        if "prior_epsilon" in d:
+            kw["attention_prior_epsilon"] = d["prior_epsilon"]
+        if "lookahead_window_size" in d:
+            kw["attention_prior_lookahead_window"] = d["lookahead_window_size"]
+        for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(int(i) for i in kw[k])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class MagpieConfig:
+    """Everything the reference needs to rebuild a ``decoder_context_tts`` MagpieTTS."""
+
+    model_type: str
+    d_model: int  # NeMo's embedding_dim
+    num_text_tokens: int  # tokenizer tokens + BOS + EOS
+    num_audio_codebooks: int
+    codebook_size: int
+    num_all_tokens_per_codebook: int
+    frame_stacking_factor: int
+    audio_bos_id: int
+    audio_eos_id: int
+    context_audio_bos_id: int
+    context_audio_eos_id: int
+    mask_token_id: int
+    encoder: TransformerConfig
+    decoder: TransformerConfig
+    final_proj_bias: bool = True
+    ctc_prior_layer_ids: Optional[tuple[int, ...]] = None  # None = every decoder layer (transcript layers)
+    use_kv_cache_for_inference: bool = False
+    local_transformer_type: str = "none"
+    inference: InferenceParameters = field(default_factory=InferenceParameters)
+    sample_rate: Optional[int] = None
+    samples_per_frame: Optional[int] = None
+
+    @property
+    def text_bos_id(self) -> int:
+        return self.num_text_tokens - 2
+
+    @property
+    def text_eos_id(self) -> int:
+        return self.num_text_tokens - 1
+
+    @property
+    def prior_layers(self) -> tuple[int, ...]:
+        """Decoder layers that receive ``align_prior_matrix`` in ``process_batch``."""
+        if self.ctc_prior_layer_ids is None:
+            return tuple(range(self.decoder.n_layers))
+        return self.ctc_prior_layer_ids
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """A stable short hash of the architecture, recorded in dumps so mismatched models are caught."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_nemo(cls, cfg: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], where: str = "config") -> "MagpieConfig":
+        """Build from NeMo's model config (a plain dict or an omegaconf DictConfig) and the weights.
+
+        Sizes NeMo takes from the codec (codebook count and size) come from the weight shapes here.
+        """
+        cfg = _to_plain_dict(cfg)
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{where}: model_type {model_type!r} is not supported (the reference implements "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        for flag in ("use_text_conditioning_encoder", "use_bpe_char_tokenizer", "legacy_text_conditioning", "use_moe"):
+            if cfg.get(flag):
+                raise ConfigError(f"{where}: '{flag}: true' is not supported by the reference")
+        for req in ("embedding_dim", "encoder", "decoder"):
+            if req not in cfg:
+                raise ConfigError(f"{where}: missing required key '{req}' (is this a MagpieTTS config?)")
+        encoder = TransformerConfig.from_dict(cfg["encoder"], f"{where}: encoder")
+        decoder = TransformerConfig.from_dict(cfg["decoder"], f"{where}: decoder")
+        if not decoder.has_xattn:
+            raise ConfigError(f"{where}: decoder.has_xattn must be true for decoder_context_tts")
+        if encoder.has_xattn:
+            raise ConfigError(f"{where}: encoder.has_xattn must be false")
+        d_model = int(cfg["embedding_dim"])
+        for name, t in (("encoder", encoder), ("decoder", decoder)):
+            if t.d_model != d_model:
+                raise ConfigError(f"{where}: {name}.d_model {t.d_model} != embedding_dim {d_model}")
+
+        def shape(key: str) -> tuple[int, ...]:
+            if key not in state_dict:
+                raise ConfigError(f"{where}: the weights have no '{key}' (not a MagpieTTS checkpoint?)")
+            return tuple(state_dict[key].shape)
+
+        num_text_tokens = shape("text_embedding.weight")[0]
+        fsf = int(cfg.get("frame_stacking_factor", 1))
+        n_tables = 0
+        while f"audio_embeddings.{n_tables}.weight" in state_dict:
+            n_tables += 1
+        if n_tables == 0:
+            raise ConfigError(f"{where}: the weights have no audio_embeddings.0.weight")
+        if n_tables % fsf:
+            raise ConfigError(f"{where}: {n_tables} audio embedding tables is not a multiple of frame_stacking_factor {fsf}")
+        num_codebooks = n_tables // fsf
+        num_all = shape("audio_embeddings.0.weight")[0]
+        forced_all = cfg.get("forced_num_all_tokens_per_codebook")
+        if forced_all is not None and int(forced_all) != num_all:
+            raise ConfigError(f"{where}: forced_num_all_tokens_per_codebook {forced_all} != embedding rows {num_all}")
+        if "vector_quantizer" in cfg and cfg["vector_quantizer"]:
+            vq = cfg["vector_quantizer"]
+            levels = vq.get("num_levels_per_group")
+            codebook_size = int(torch.tensor(levels).prod()) if levels else num_all - NUM_SPECIAL_AUDIO_TOKENS
+        else:
+            codebook_size = num_all - NUM_SPECIAL_AUDIO_TOKENS
+        ids = {}
+        for key, off in _SPECIAL_OFFSETS.items():
+            forced = cfg.get(f"forced_{key}")
+            ids[key] = int(forced) if forced is not None else codebook_size + off
+            if not 0 <= ids[key] < num_all:
+                raise ConfigError(f"{where}: special token {key}={ids[key]} is outside the {num_all}-row audio embedding")
+        proj = shape("final_proj.weight")
+        if proj != (num_codebooks * num_all * fsf, d_model):
+            raise ConfigError(
+                f"{where}: final_proj.weight has shape {proj}, expected "
+                f"({num_codebooks} codebooks x {num_all} tokens x stacking {fsf}, {d_model})"
+            )
+        ctc = cfg.get("ctc_prior_layer_ids")
+        inf = InferenceParameters.from_dict(cfg.get("inference_parameters") or {})
+        return cls(
+            model_type=model_type,
+            d_model=d_model,
+            num_text_tokens=num_text_tokens,
+            num_audio_codebooks=num_codebooks,
+            codebook_size=codebook_size,
+            num_all_tokens_per_codebook=num_all,
+            frame_stacking_factor=fsf,
+            encoder=encoder,
+            decoder=decoder,
+            final_proj_bias="final_proj.bias" in state_dict,
+            ctc_prior_layer_ids=tuple(int(i) for i in ctc) if ctc is not None else None,
+            use_kv_cache_for_inference=bool(cfg.get("use_kv_cache_for_inference", False)),
+            local_transformer_type=str(cfg.get("local_transformer_type", "none")).lower(),
+            inference=inf,
+            **ids,
+        )
+
+
+def _to_plain_dict(cfg: Any) -> dict:
+    """omegaconf DictConfig -> resolved plain dict; plain mappings pass through."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a base requirement
+        pass
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"expected a mapping for the model config, got {type(cfg).__name__}")
+    return dict(cfg)

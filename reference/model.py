@@ -1,0 +1,542 @@
+"""MagpieTTS (``decoder_context_tts``) in one readable file: the ground truth of magpie-parity.
+
+Each module mirrors its NeMo 3.0.0 counterpart op for op, so float32 results agree with NeMo to rounding:
+
+=====================================  ==========================================================  ======================================
+reference (module path = capture name)  NeMo 3.0.0                                                  TensorRT-LLM t5tts fork
+=====================================  ==========================================================  ======================================
+``text_embedding``                      ``MagpieTTSModel.text_embedding``                          encoder ``embedding.vocab_embedding``
+``encoder.layers.{i}.self_attention``   ``transformer_2501.SelfAttention`` (fused qkv_net)          ``encoder_layers.{i}.attention``
+``encoder.layers.{i}.pos_ff``           ``ffn_modules.PositionwiseConvFF``                          ``encoder_layers.{i}.pos_ff``
+``encoder.norm_out``                    ``Transformer.norm_out``                                    ``final_layernorm`` -> ``encoder_output``
+``decoder_input``                       ``embed_audio_tokens`` + context prefix (``process_batch``) ``embedding`` (mean of 8 lookups)
+``decoder.layers.{i}.self_attention``   ``SelfAttention`` (causal)                                  ``decoder_layers.{i}.self_attention``
+``decoder.layers.{i}.cross_attention``  ``CrossAttention`` (q_net / kv_net, own head size)         ``decoder_layers.{i}.cross_attention``
+``decoder.layers.{i}.pos_ff``           ``PositionwiseConvFF`` (causal)                             ``decoder_layers.{i}.pos_ff``
+``decoder.norm_out``                    ``Transformer.norm_out``                                    ``final_layernorm``
+``final_proj``                          ``MagpieTTSModel.final_proj`` (with bias)                   ``lm_head`` (bias dropped by the fork)
+=====================================  ==========================================================  ======================================
+
+``parity/names.py`` holds the full name table. Weight names are NeMo's state-dict keys, unchanged, so a NeMo
+checkpoint loads with ``load_state_dict(strict=True)`` after the shape checks in :meth:`MagpieTTS.from_nemo`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference.config import MagpieConfig, TransformerConfig
+
+
+class HookPoint(nn.Identity):
+    """A named place where a tensor can be captured; an identity, so it costs nothing without hooks."""
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
+    """(B,) lengths -> (B, T) bool, True at valid positions; T = max(lengths) like NeMo's get_mask_from_lengths."""
+    if max_len is None:
+        max_len = int(lengths.max())
+    ids = torch.arange(0, max_len, device=lengths.device, dtype=lengths.dtype)
+    return ids < lengths.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_mask: Optional[torch.Tensor],
+    causal: bool,
+    attn_prior: Optional[torch.Tensor],
+    q_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeMo's ``Attention.attn_naive`` in eval mode.
+
+    q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); key_mask: broadcastable to (B, 1|H, Tq, Tk), 0 = masked.
+    attn_prior: (B, Tq, Tk) multiplicative prior applied in probability space (NeMo 2.7+ eval maths).
+    q_offset: absolute position of the first query (cached decoding), for the causal mask.
+    Returns y (B, H, Tq, Dh) and the probabilities (B, H, Tq, Tk).
+    """
+    score = torch.matmul(q, k.transpose(2, 3)) * scale
+    if key_mask is not None:
+        score = score.masked_fill(key_mask == 0, float("-inf"))
+    if causal:
+        tq, tk = q.shape[2], k.shape[2]
+        qpos = torch.arange(q_offset, q_offset + tq, device=q.device)[:, None]
+        kpos = torch.arange(tk, device=q.device)[None, :]
+        score = score.masked_fill(kpos > qpos, float("-inf"))
+    prob = F.softmax(score, dim=-1)
+    if attn_prior is not None:
+        tiny = torch.finfo(attn_prior.dtype).tiny
+        prior = attn_prior[:, None] + tiny  # (B, 1, Tq, Tk); tiny keeps an all-zero prior row a no-op
+        prob = prob * prior
+        prob = prob / prob.sum(dim=-1, keepdim=True)
+    if key_mask is not None:
+        # Fully masked query rows are NaN after softmax; NeMo zeroes them here, and so do we.
+        prob = prob.masked_fill(key_mask == 0, 0.0)
+    return torch.matmul(prob, v), prob
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, is_causal: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        self.d_head = d_model // n_heads
+        self.scale = self.d_head**-0.5
+        self.is_causal = is_causal
+        self.qkv_net = nn.Linear(d_model, 3 * n_heads * self.d_head, bias=False)
+        self.o_net = nn.Linear(n_heads * self.d_head, d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        cache: Optional["LayerKVCache"] = None,
+        key_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv_net(x).reshape(B, T, 3, self.n_heads, self.d_head)
+        q, k, v = (t.squeeze(2).transpose(1, 2) for t in qkv.chunk(3, dim=2))  # each (B, H, T, Dh)
+        q_offset = 0
+        if cache is not None:
+            q_offset = cache.length
+            k, v = cache.append(k, v)
+        if key_mask is None:
+            # NeMo: mask = query_mask x query_mask, so padded query rows and padded keys are both masked.
+            key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, T)
+        y, _ = _attend(q, k, v, self.scale, key_mask, self.is_causal, None, q_offset)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.o_net(y)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d_model: int, d_memory: int, n_heads: int, d_head: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.d_head = d_head
+        self.scale = d_head**-0.5
+        self.q_net = nn.Linear(d_model, n_heads * d_head, bias=False)
+        self.kv_net = nn.Linear(d_memory, 2 * n_heads * d_head, bias=False)
+        self.o_net = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.attn_probs = HookPoint()  # (B, H, Tq, T_text), post-prior
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Tk, D_mem) -> K, V each (B, H, Tk, Dh); computed once per request when decoding."""
+        B, Tk, _ = memory.shape
+        kv = self.kv_net(memory).reshape(B, Tk, 2, self.n_heads, self.d_head)
+        k, v = (t.squeeze(2).transpose(1, 2) for t in kv.chunk(2, dim=2))  # K first, then V, as NeMo
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory_kv: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor,
+        attn_prior: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_net(x).reshape(B, T, self.n_heads, self.d_head).transpose(1, 2)
+        k, v = memory_kv
+        y, prob = _attend(q, k, v, self.scale, memory_mask[:, None, None], False, attn_prior)
+        self.attn_probs(prob)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.o_net(y)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feed-forward: NeMo's PositionwiseConvFF (two masked Conv1d, tanh-GELU between)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MaskedConv1d(nn.Module):
+    """NeMo's ``ConvolutionLayer``: zero the padding, convolve (causal = left pad k-1), zero the padding again."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, is_causal: bool):
+        super().__init__()
+        self.is_causal = is_causal
+        self.kernel_size = kernel_size
+        padding = 0 if is_causal else (kernel_size - 1) // 2
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size=kernel_size, padding=padding, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, T); mask: (B, T)
+        x = x * mask.unsqueeze(1)
+        if self.is_causal:
+            x = F.pad(x, (self.kernel_size - 1, 0))
+        return self.conv(x) * mask.unsqueeze(1)
+
+
+class PositionwiseConvFF(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, kernel_size: int, is_causal: bool):
+        super().__init__()
+        self.proj = MaskedConv1d(d_model, d_ffn, kernel_size, is_causal)
+        self.o_net = MaskedConv1d(d_ffn, d_model, kernel_size, is_causal)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.proj(x.transpose(1, 2), mask), approximate="tanh")
+        return self.o_net(h, mask).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer stacks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LayerKVCache:
+    """Self-attention keys and values of one layer for cached decoding: a static buffer filled left to right."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, d_head: int, device, dtype):
+        self.k = torch.zeros(batch, n_heads, max_len, d_head, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.has_xattn = cfg.has_xattn
+        self.norm_self = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False)
+        self.self_attention = SelfAttention(cfg.d_model, cfg.sa_n_heads, cfg.is_causal)
+        if cfg.has_xattn:
+            self.norm_xattn_query = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False)
+            self.cross_attention = CrossAttention(cfg.d_model, cfg.xa_d_memory, cfg.xa_n_heads, cfg.xa_head_dim)
+            self.norm_xattn_memory = (
+                nn.LayerNorm(cfg.xa_d_memory, eps=cfg.layer_norm_eps, bias=False)
+                if cfg.apply_norm_to_cond
+                else nn.Identity()
+            )
+        self.norm_pos_ff = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False)
+        self.pos_ff = PositionwiseConvFF(cfg.d_model, cfg.d_ffn, cfg.kernel_size, cfg.is_causal)
+
+    def memory_kv(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_attention.project_memory(self.norm_xattn_memory(cond))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cond_mask: Optional[torch.Tensor] = None,
+        attn_prior: Optional[torch.Tensor] = None,
+        cache: Optional[LayerKVCache] = None,
+        self_key_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = x * x_mask.unsqueeze(-1)
+        x = x + self.self_attention(self.norm_self(x), x_mask, cache, self_key_mask)
+        if self.has_xattn and memory_kv is not None:
+            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_mask, attn_prior)
+        x = x + self.pos_ff(self.norm_pos_ff(x), x_mask)
+        return x * x_mask.unsqueeze(-1)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=False) if cfg.apply_norm_out else nn.Identity()
+        self.position_embeddings = (
+            nn.Embedding(cfg.max_length_causal_mask, cfg.d_model) if cfg.use_learnable_pos_emb else None
+        )
+
+    def add_positions(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if self.position_embeddings is None:
+            return x
+        end = start + x.shape[1]
+        if end > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"sequence of {end} positions exceeds the model's {self.position_embeddings.num_embeddings} "
+                "learned positions (max_length_causal_mask)"
+            )
+        positions = torch.arange(start, end, device=x.device).unsqueeze(0)
+        return x + self.position_embeddings(positions)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        cond: Optional[torch.Tensor] = None,
+        cond_mask: Optional[torch.Tensor] = None,
+        attn_prior: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    ) -> torch.Tensor:
+        """Full-sequence pass (NeMo's ``Transformer.forward`` without cache); attn_prior is per layer."""
+        x = self.add_positions(x)
+        for i, layer in enumerate(self.layers):
+            kv = layer.memory_kv(cond) if cond is not None and layer.has_xattn else None
+            prior = attn_prior[i] if attn_prior is not None else None
+            x = layer(x, x_mask, kv, cond_mask, prior)
+        return self.norm_out(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderOutput:
+    output: torch.Tensor  # (B, T_text, D) after norm_out
+    mask: torch.Tensor  # (B, T_text) bool
+
+
+class MagpieTTS(nn.Module):
+    """Encoder-decoder MagpieTTS with NeMo's weight names. Build with :meth:`from_nemo`."""
+
+    def __init__(self, config: MagpieConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.text_embedding = nn.Embedding(c.num_text_tokens, c.d_model)
+        self.encoder = Transformer(c.encoder)
+        self.decoder = Transformer(c.decoder)
+        self.audio_embeddings = nn.ModuleList(
+            nn.Embedding(c.num_all_tokens_per_codebook, c.d_model)
+            for _ in range(c.num_audio_codebooks * c.frame_stacking_factor)
+        )
+        self.final_proj = nn.Linear(
+            c.decoder.d_model, c.num_audio_codebooks * c.num_all_tokens_per_codebook * c.frame_stacking_factor,
+            bias=c.final_proj_bias,
+        )
+        self.decoder_input = HookPoint()  # (B, T_ctx + T_audio, D): context prefix + audio frames, before positions
+        self.logits = HookPoint()  # (B, T_audio, C * V): what NeMo's process_batch returns as 'logits'
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_nemo(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "MagpieTTS":
+        """Load a NeMo ``.nemo`` archive or Lightning ``.ckpt`` without importing NeMo (strict, shape-checked)."""
+        from reference.checkpoint import read_checkpoint
+
+        raw = read_checkpoint(path)
+        return cls.from_state_dict(raw.config, raw.state_dict, where=str(path)).to(map_location)
+
+    @classmethod
+    def from_state_dict(cls, nemo_config: dict, state_dict: dict[str, torch.Tensor], where: str = "checkpoint") -> "MagpieTTS":
+        from reference.checkpoint import CheckpointError
+
+        config = MagpieConfig.from_nemo(nemo_config, state_dict, where=where)
+        if config.local_transformer_type != "none":
+            raise CheckpointError(
+                f"{where}: local_transformer_type={config.local_transformer_type!r}: the reference implements "
+                "MagpieTTS without a local transformer only"
+            )
+        model = cls(config)
+        load_weights(model, state_dict, where)
+        return model.eval()
+
+    # ---- building blocks (also used by inference) ----------------------------------------------------------
+
+    def encode_text(self, text: torch.Tensor, text_lens: torch.Tensor) -> EncoderOutput:
+        mask = lengths_to_mask(text_lens)
+        x = self.text_embedding(text)
+        out = self.encoder(x, mask)
+        return EncoderOutput(out, mask)
+
+    def embed_audio_tokens(self, codes: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NeMo's ``embed_audio_tokens``: mean of the per-codebook (and per-stacked-frame) embeddings, masked.
+
+        codes: (B, C, T) -> (B, ceil(T / stacking), D), lengths ceil(lens / stacking).
+        """
+        fsf = self.config.frame_stacking_factor
+        B, C, T = codes.shape
+        pad = (-T) % fsf
+        codes = F.pad(codes, (0, pad)).long()
+        emb = None
+        for i in range(fsf):
+            for c in range(C):
+                e = self.audio_embeddings[c + i * C](codes[:, c, i::fsf])
+                emb = e if emb is None else emb + e
+        emb = emb / (C * fsf)
+        out_lens = torch.ceil(lens / fsf).long()
+        return emb * lengths_to_mask(out_lens).unsqueeze(2), out_lens
+
+    def add_special_tokens(self, codes: torch.Tensor, lens: torch.Tensor, bos: int, eos: int, num_bos: int = 1):
+        """NeMo's ``add_special_tokens``: BOS frame(s) in front, EOS frame after the last valid frame."""
+        codes = F.pad(codes, (num_bos, 0), value=bos)
+        lens = lens + num_bos
+        codes = F.pad(codes, (0, 1), value=0)
+        lens = lens + 1
+        for b in range(codes.shape[0]):
+            codes[b, :, lens[b] - 1] = eos
+        return codes, lens
+
+    def context_embedding(self, context_codes: torch.Tensor, context_lens: torch.Tensor):
+        """Context audio codes (raw codec codes) -> decoder prefix embeddings (B, T_ctx, D) and mask."""
+        c = self.config
+        codes, lens = self.add_special_tokens(context_codes, context_lens, c.context_audio_bos_id, c.context_audio_eos_id)
+        emb, lens = self.embed_audio_tokens(codes, lens)
+        return emb, lengths_to_mask(lens)
+
+    def decoder_prior_layers(self, prior: Optional[torch.Tensor], layers: Sequence[int]) -> Optional[list]:
+        if prior is None:
+            return None
+        return [prior if i in layers else None for i in range(self.config.decoder.n_layers)]
+
+    # ---- teacher-forced forward (NeMo's process_batch in eval mode) ----------------------------------------
+
+    def process_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass equal to NeMo's ``MagpieTTSModel.process_batch(batch)`` in eval mode.
+
+        Returns ``logits`` (B, T_audio + 1 - ... , C * V) exactly as NeMo returns them, plus the decoder output
+        and the context size. Inputs are validated first (lengths, ranges, dtypes).
+        """
+        c = self.config
+        validate_batch(batch, c, require_audio=True)
+        enc = self.encode_text(batch["text"], batch["text_lens"])
+        ctx_emb, ctx_mask = self.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+        codes, lens = self.add_special_tokens(
+            batch["audio_codes"], batch["audio_codes_lens"], c.audio_bos_id, c.audio_eos_id, c.frame_stacking_factor
+        )
+        emb, emb_lens = self.embed_audio_tokens(codes, lens)
+        # Drop the EOS frame from the decoder input (NeMo's remove_embedded_eos_token).
+        emb_lens = emb_lens - 1
+        emb = emb[:, :-1] * lengths_to_mask(emb_lens).unsqueeze(2)
+        dec_in = self.decoder_input(torch.cat([ctx_emb, emb], dim=1))
+        dec_mask = torch.cat([ctx_mask, lengths_to_mask(emb_lens)], dim=1)
+        prior = batch.get("align_prior_matrix")
+        if prior is not None:
+            # NeMo pads the prior with zero rows for the context prefix; scale_prior is the identity at
+            # global_step 0, which is where an eval-mode NeMo model without a trainer always is.
+            T_ctx = ctx_mask.shape[1]
+            prior = torch.cat([prior.new_zeros(prior.shape[0], T_ctx, prior.shape[2]), prior.float()], dim=1)
+            prior = prior[:, : dec_in.shape[1]]
+        dec_out = self.decoder(dec_in, dec_mask, enc.output, enc.mask, self.decoder_prior_layers(prior, c.prior_layers))
+        all_logits = self.final_proj(dec_out)
+        logits = self.logits(all_logits[:, ctx_mask.shape[1] :])
+        return {"logits": logits, "dec_out": dec_out, "dec_context_size": ctx_mask.shape[1], "text_encoder_out": enc.output}
+
+    # ---- capture ------------------------------------------------------------------------------------------
+
+    def capture_points(self) -> list[str]:
+        """Canonical tensor names in execution order (module paths of this model)."""
+        names = ["text_embedding"]
+        for i in range(self.config.encoder.n_layers):
+            names += [f"encoder.layers.{i}.self_attention", f"encoder.layers.{i}.pos_ff", f"encoder.layers.{i}"]
+        names += ["encoder.norm_out", "decoder_input"]
+        for i in range(self.config.decoder.n_layers):
+            p = f"decoder.layers.{i}"
+            names += [f"{p}.self_attention", f"{p}.cross_attention.attn_probs", f"{p}.cross_attention",
+                      f"{p}.pos_ff", p]
+        names += ["decoder.norm_out", "final_proj", "logits"]
+        return names
+
+    def capture(self, names: Optional[Sequence[str]] = None, **kw):
+        from reference.capture import Capture
+
+        return Capture(self, names, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weight loading and input validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_weights(model: MagpieTTS, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load: every weight used, every shape asserted, NeMo's constant buffers checked and dropped."""
+    from reference.checkpoint import CheckpointError
+
+    sd = dict(state_dict)
+    # NeMo registers each causal SelfAttention's tril(ones) mask as a buffer; it is a constant, so we check it
+    # is what it should be and compute causality on the fly instead of storing it.
+    for key in [k for k in sd if k.endswith(".self_attention.causal_mask")]:
+        m = sd.pop(key)
+        n = m.shape[-1]
+        if m.dim() != 4 or not torch.equal(m.reshape(n, n), torch.tril(torch.ones(n, n, dtype=m.dtype))):
+            raise CheckpointError(f"{where}: buffer '{key}' is not a lower-triangular causal mask")
+    # Training-only modules that do not affect eval logits (alignment encoder) are accepted and ignored.
+    for key in [k for k in sd if k.startswith("alignment_encoder.")]:
+        sd.pop(key)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(parts))
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{where}: weight '{k}' has shape {tuple(sd[k].shape)}, the config implies {tuple(v.shape)}")
+        if sd[k].dtype != v.dtype and not sd[k].is_floating_point():
+            raise CheckpointError(f"{where}: weight '{k}' has dtype {sd[k].dtype}, expected a float tensor")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+class BatchError(ValueError):
+    """A batch dict is inconsistent (shapes, lengths, token ranges)."""
+
+
+def validate_batch(batch: dict, c: MagpieConfig, require_audio: bool) -> None:
+    keys = ["text", "text_lens", "context_audio_codes", "context_audio_codes_lens"]
+    if require_audio:
+        keys += ["audio_codes", "audio_codes_lens"]
+    for k in keys:
+        if k not in batch:
+            raise BatchError(f"batch is missing '{k}'")
+        if not isinstance(batch[k], torch.Tensor):
+            raise BatchError(f"batch['{k}'] must be a tensor, got {type(batch[k]).__name__}")
+        if batch[k].is_floating_point():
+            raise BatchError(f"batch['{k}'] must hold integers, got {batch[k].dtype}")
+    text, text_lens = batch["text"], batch["text_lens"]
+    if text.dim() != 2:
+        raise BatchError(f"batch['text'] must be (B, T_text), got shape {tuple(text.shape)}")
+    B = text.shape[0]
+
+    def check_lens(name: str, lens: torch.Tensor, T: int, min_len: int = 1):
+        if lens.shape != (B,):
+            raise BatchError(f"batch['{name}'] must have shape ({B},), got {tuple(lens.shape)}")
+        if int(lens.min()) < min_len or int(lens.max()) > T:
+            raise BatchError(f"batch['{name}'] values must lie in [{min_len}, {T}], got {lens.tolist()}")
+
+    check_lens("text_lens", text_lens, text.shape[1])
+    if int(text_lens.max()) != text.shape[1]:
+        raise BatchError(f"batch['text'] is padded to {text.shape[1]} but max(text_lens) is {int(text_lens.max())}")
+    if int(text.min()) < 0 or int(text.max()) >= c.num_text_tokens:
+        raise BatchError(f"batch['text'] token ids must lie in [0, {c.num_text_tokens}), got [{int(text.min())}, {int(text.max())}]")
+    pairs = [("context_audio_codes", "context_audio_codes_lens")]
+    if require_audio:
+        pairs.append(("audio_codes", "audio_codes_lens"))
+    for codes_key, lens_key in pairs:
+        codes = batch[codes_key]
+        if codes.dim() != 3 or codes.shape[0] != B or codes.shape[1] != c.num_audio_codebooks:
+            raise BatchError(
+                f"batch['{codes_key}'] must be (B={B}, C={c.num_audio_codebooks}, T), got {tuple(codes.shape)}"
+            )
+        check_lens(lens_key, batch[lens_key], codes.shape[2], min_len=0 if codes_key == "context_audio_codes" else 1)
+        if int(codes.min()) < 0 or int(codes.max()) >= c.num_all_tokens_per_codebook:
+            raise BatchError(
+                f"batch['{codes_key}'] codes must lie in [0, {c.num_all_tokens_per_codebook}), "
+                f"got [{int(codes.min())}, {int(codes.max())}]"
+            )
+    prior = batch.get("align_prior_matrix")
+    if prior is not None and require_audio:
+        T_a = int(batch["audio_codes_lens"].max()) + 1
+        if prior.dim() != 3 or prior.shape[0] != B or prior.shape[2] != text.shape[1] or prior.shape[1] < T_a:
+            raise BatchError(
+                f"batch['align_prior_matrix'] must be (B={B}, >= {T_a}, T_text={text.shape[1]}), got {tuple(prior.shape)}"
+            )
+        if not torch.isfinite(prior).all():
+            raise BatchError("batch['align_prior_matrix'] holds NaN or Inf")
