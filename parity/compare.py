@@ -1,0 +1,704 @@
+"""Tensor and dump comparison, Polygraphy-style, streaming with bounded memory.
+
+Conventions (``a`` = the dump under test, ``b`` = the expected/reference dump):
+
+* ``abs = |a - b|``, ``rel = abs / max(|b|, TINY)`` with ``TINY`` = smallest normal float32
+  (1.1754944e-38). The floor keeps ``rel`` finite where the reference is 0; the quotient is then
+  clamped to the largest finite value of the math dtype, so finite inputs never give NaN/Inf stats.
+* An element fails iff ``abs > atol and abs > rtol * |b|`` (Polygraphy's elementwise rule).
+* Any NaN, in either tensor, fails -- including NaN against NaN at the same position: a NaN in a
+  reference dump is a bug to surface, not a value to match. NaN positions are counted
+  (``nan_a``/``nan_b``) and excluded from the error statistics.
+* An Inf passes only against an Inf of the same sign at the same position (error 0 there); it is
+  counted in ``inf_a``/``inf_b``. Inf against a finite value or the opposite Inf fails with error Inf.
+* ``cosine`` is over the positions where both sides are finite, accumulated in float64 across chunks;
+  two all-zero vectors have cosine 1, one all-zero vector against a non-zero one has cosine 0.
+* Quantiles (``median_abs``, ``q99_abs``) come from a streaming histogram of the float32 bit pattern
+  of the error shifted right by 20 bits: sign, exponent and 3 mantissa bits, i.e. 8 log-spaced bins per
+  octave. The reported value is the bin's upper edge (at most 12.5 % above the exact quantile) capped
+  at ``max_abs``; it is exact for zero errors.
+
+Math runs in float32 for inputs that float32 holds exactly (fp16, bf16, fp8, 8/16-bit ints, bool) and
+in float64 otherwise. Per-chunk sums are float32 (torch's cascaded summation) and are accumulated in
+float64; a chunk whose float32 sums or differences overflow is redone in float64.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import pathlib
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from parity.dump import DumpError, DumpReader, TensorEntry, open_dump
+
+TINY = float(torch.finfo(torch.float32).tiny)
+CHECKS = ("elemwise", "max", "mean", "median", "quantile")
+DEFAULT_CHUNK_ELEMS = 1 << 20
+
+_HIST_SHIFT = 20
+_HIST_BINS = 1 << (31 - _HIST_SHIFT)  # non-negative float32 bit patterns only: 2048 bins
+_EXACT_IN_F32 = {
+    torch.float16,
+    torch.bfloat16,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.float32,
+}
+for _n in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _n):
+        _EXACT_IN_F32.add(getattr(torch, _n))
+# float32 inputs still get float64 math: parity checks at 1e-5 want the difference itself unrounded.
+_F32_MATH = _EXACT_IN_F32 - {torch.float32}
+
+
+class PolicyError(ValueError):
+    """A tolerance policy (file) that cannot be used. The message names the file."""
+
+
+# ----------------------------------------------------------------------------------------- tolerances
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``atol``/``rtol`` and how they are applied (Polygraphy's ``check_error_stat``).
+
+    ``elemwise`` fails if any element fails; ``max``/``mean``/``median``/``quantile`` fail iff that
+    statistic of the absolute error exceeds ``atol`` *and* the same statistic of the relative error
+    exceeds ``rtol``. NaN and mismatched Inf always fail, whatever the check.
+    """
+
+    atol: float
+    rtol: float
+    check: str = "elemwise"
+    quantile: float = 0.99  # used by check="quantile"
+
+    def __post_init__(self) -> None:
+        for k in ("atol", "rtol"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, k, float(v))
+        if self.check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {self.check!r}")
+        if not (0.0 < float(self.quantile) <= 1.0):
+            raise ValueError(f"quantile must be in (0, 1], got {self.quantile!r}")
+
+    def to_dict(self) -> dict:
+        d = {"atol": self.atol, "rtol": self.rtol, "check": self.check}
+        if self.check == "quantile":
+            d["quantile"] = self.quantile
+        return d
+
+
+# Defaults when a policy has nothing for a tensor, chosen by the less precise of the two dtypes.
+DTYPE_DEFAULTS: dict[str, Tolerance] = {
+    # eps 1.2e-7; layer outputs carry O(100) roundings from reductions and differently ordered kernels.
+    "float32": Tolerance(1e-5, 1e-5),
+    # eps 2.2e-16, but a float64 run is usually compared with float32 references: stay at ~100 f32 ulps.
+    "float64": Tolerance(1e-5, 1e-5),
+    # eps 9.8e-4; about ten accumulated half-precision roundings per layer output.
+    "float16": Tolerance(1e-2, 1e-2),
+    # eps 7.8e-3 (8-bit mantissa); about six roundings, i.e. a couple of bf16 ulps of slack.
+    "bfloat16": Tolerance(5e-2, 5e-2),
+    # eps 0.125 / 0.25: one fp8 rounding of the reference value.
+    "float8_e4m3fn": Tolerance(1.25e-1, 1.25e-1),
+    "float8_e5m2": Tolerance(2.5e-1, 2.5e-1),
+}
+_PRECISION_ORDER = ["float8_e5m2", "float8_e4m3fn", "bfloat16", "float16", "float32", "float64"]
+_EXACT = Tolerance(0.0, 0.0)  # integers and bools must match exactly
+
+
+def dtype_default(dtype_a: str | None, dtype_b: str | None) -> Tolerance:
+    """The dtype-aware default tolerance for a pair of dtype names (loosest of the two wins)."""
+    floats = [d for d in (dtype_a, dtype_b) if d in DTYPE_DEFAULTS]
+    if not floats:
+        return _EXACT if (dtype_a or dtype_b) else DTYPE_DEFAULTS["float32"]
+    return DTYPE_DEFAULTS[min(floats, key=_PRECISION_ORDER.index)]
+
+
+@dataclass
+class TolerancePolicy:
+    """Per-tensor tolerances.
+
+    ``per_name`` maps exact names or :mod:`fnmatch` globs (``*`` also matches dots) to tolerances.
+    Lookup order: exact name, then the first matching glob in insertion (file) order, then the key
+    ``""`` or ``default``, then :data:`DTYPE_DEFAULTS` for the tensor's dtypes.
+    """
+
+    per_name: dict[str, Tolerance] = field(default_factory=dict)
+    default: Tolerance | None = None
+
+    def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None) -> Tolerance:
+        if name in self.per_name and name != "":
+            return self.per_name[name]
+        for pattern, tol in self.per_name.items():
+            if pattern and fnmatch.fnmatchcase(name, pattern):
+                return tol
+        if "" in self.per_name:
+            return self.per_name[""]
+        if self.default is not None:
+            return self.default
+        return dtype_default(dtype_a, dtype_b)
+
+    __call__ = lookup
+
+    def to_dict(self) -> dict:
+        return {
+            "default": self.default.to_dict() if self.default else None,
+            "per_name": {k: v.to_dict() for k, v in self.per_name.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "tolerance policy") -> "TolerancePolicy":
+        if not isinstance(data, dict):
+            raise PolicyError(f"{where}: top level must be a JSON object")
+        unknown = set(data) - {"default", "per_name"}
+        if unknown:
+            raise PolicyError(f"{where}: unknown keys {sorted(unknown)} (expected 'default', 'per_name')")
+
+        def tol(obj: Any, what: str) -> Tolerance:
+            if not isinstance(obj, dict):
+                raise PolicyError(f"{where}: {what} must be an object with atol/rtol")
+            extra = set(obj) - {"atol", "rtol", "check", "quantile"}
+            if extra or "atol" not in obj or "rtol" not in obj:
+                raise PolicyError(f"{where}: {what} needs atol and rtol (and optionally check, quantile); got {sorted(obj)}")
+            try:
+                return Tolerance(**obj)
+            except (TypeError, ValueError) as exc:
+                raise PolicyError(f"{where}: {what}: {exc}") from None
+
+        default = tol(data["default"], "default") if data.get("default") is not None else None
+        per = data.get("per_name", {})
+        if not isinstance(per, dict):
+            raise PolicyError(f"{where}: per_name must be an object of pattern -> tolerance")
+        return cls({str(k): tol(v, f"per_name[{k!r}]") for k, v in per.items()}, default)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TolerancePolicy":
+        p = pathlib.Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"{p}: cannot read tolerance file: {exc}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PolicyError(f"{p}: tolerance file is not valid JSON: {exc}") from None
+        return cls.from_dict(data, where=str(p))
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class TensorCompareResult:
+    name: str
+    step: int | None
+    shape: tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+    passed: bool
+    numel: int
+    tolerance: Tolerance
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    median_abs: float | None = None
+    q99_abs: float | None = None
+    max_rel: float | None = None
+    mean_rel: float | None = None
+    cosine: float | None = None
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    n_failed: int = 0
+    # max over elements of abs / max(atol, rtol*|b|): > 1 means failing. Exact when > 1; for chunks
+    # entirely within atol it is the upper bound max_abs/atol (ranking only; no extra pass).
+    tol_ratio: float | None = None
+    reason: str | None = None  # set when the tensors could not be compared (shape/length mismatch)
+    shape_a: tuple[int, ...] | None = None  # a's shape when it differs from ``shape`` (b's)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return (self.name, self.step)
+
+
+@dataclass
+class DumpCompareResult:
+    a: str
+    b: str
+    source_a: str
+    source_b: str
+    tensors: list[TensorCompareResult]
+    missing_in_a: list[tuple[str, int | None]] = field(default_factory=list)
+    missing_in_b: list[tuple[str, int | None]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bytes_compared: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing_in_a and not self.missing_in_b and all(t.passed for t in self.tensors)
+
+    @property
+    def failed(self) -> list[TensorCompareResult]:
+        return [t for t in self.tensors if not t.passed]
+
+    @property
+    def first_divergence(self) -> tuple[str, int | None] | None:
+        """First failing compared tensor in execution order (of dump b); missing tensors are listed apart."""
+        for t in self.tensors:
+            if not t.passed:
+                return t.key
+        return None
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+# ------------------------------------------------------------------------------------ streaming core
+
+
+def _math_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.float32 if a in _F32_MATH and b in _F32_MATH else torch.float64
+
+
+def _bins(x: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each non-negative value: top 11 bits of its float32 pattern (see module doc)."""
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return torch.bitwise_right_shift(x.view(torch.int32), _HIST_SHIFT)
+
+
+def _hist_quantile(hist: torch.Tensor, q: float, cap: float) -> float:
+    n = int(hist.sum())
+    if n == 0:
+        return math.nan
+    target = max(1, math.ceil(q * n - 1e-9))
+    k = int(torch.searchsorted(torch.cumsum(hist, 0), target))
+    if k == 0:
+        return 0.0  # bin 0 is zero (and float32 subnormals below 1.5e-39)
+    upper_bits = (k + 1) << _HIST_SHIFT
+    if upper_bits >= 0x7F800000:
+        upper = math.inf
+    else:
+        upper = float(torch.tensor([upper_bits], dtype=torch.int32).view(torch.float32))
+    return min(upper, cap)
+
+
+class _Accumulator:
+    """One pass of statistics over aligned chunk pairs. Memory: a few chunk-sized temporaries."""
+
+    def __init__(self, tol: Tolerance, math_dtype: torch.dtype):
+        self.tol = tol
+        self.m = math_dtype
+        self.numel = 0
+        self.n_valid = 0  # positions where neither side is NaN
+        self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
+        self.inf_bad = 0
+        self.n_failed = 0
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.max_rel = 0.0
+        self.sum_rel = 0.0
+        self.dot_ab = self.dot_aa = self.dot_bb = 0.0
+        self.tol_ratio = 0.0
+        self.hist_abs = torch.zeros(_HIST_BINS, dtype=torch.int64)
+        self.want_rel_hist = tol.check in ("median", "quantile")
+        self.hist_rel = torch.zeros(_HIST_BINS, dtype=torch.int64) if self.want_rel_hist else None
+
+    def update(self, ca: torch.Tensor, cb: torch.Tensor) -> None:
+        n = ca.numel()
+        if n == 0:
+            return
+        self.numel += n
+        a = ca.to(self.m)
+        b = cb.to(self.m)
+        # The three dot products double as a NaN/Inf detector: they are finite iff both chunks are
+        # (no finite input overflows them in the chosen math dtype, except extreme bf16 -> slow path).
+        dab, daa, dbb = torch.dot(a, b).item(), torch.dot(a, a).item(), torch.dot(b, b).item()
+        if not (math.isfinite(dab) and math.isfinite(daa) and math.isfinite(dbb)):
+            self._slow(a, b)
+            return
+        d = torch.sub(a, b).abs_()
+        mx = d.amax().item()
+        if not math.isfinite(mx):  # a finite - finite overflow (bf16 near its max): redo in float64
+            self._slow(a.double(), b.double())
+            return
+        s_abs = d.sum().item()
+        if not math.isfinite(s_abs):
+            s_abs = d.sum(dtype=torch.float64).item()
+        self.n_valid += n
+        self.dot_ab += dab
+        self.dot_aa += daa
+        self.dot_bb += dbb
+        self.max_abs = max(self.max_abs, mx)
+        self.sum_abs += s_abs
+        self.hist_abs += torch.bincount(_bins(d), minlength=_HIST_BINS)
+        absb = b.abs()
+        atol, rtol = self.tol.atol, self.tol.rtol
+        if mx > atol:
+            thr = torch.mul(absb, rtol).clamp_min_(atol)
+            self.n_failed += int(torch.count_nonzero(d > thr))
+            self.tol_ratio = max(self.tol_ratio, torch.div(d, thr.clamp_min_(TINY)).amax().item())
+        else:
+            self.tol_ratio = max(self.tol_ratio, mx / atol if atol > 0 else 0.0)
+        rel = torch.div(d, absb.clamp_min_(TINY), out=absb).clamp_max_(torch.finfo(self.m).max)
+        self.max_rel = max(self.max_rel, rel.amax().item())
+        s_rel = rel.sum().item()
+        if not math.isfinite(s_rel):
+            s_rel = rel.sum(dtype=torch.float64).item()
+        self.sum_rel += s_rel
+        if self.hist_rel is not None:
+            self.hist_rel += torch.bincount(_bins(rel), minlength=_HIST_BINS)
+
+    def _slow(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Chunks holding NaN/Inf (or overflowing): the same statistics with explicit masks."""
+        nan_a, nan_b, inf_a, inf_b = torch.isnan(a), torch.isnan(b), torch.isinf(a), torch.isinf(b)
+        nan = nan_a | nan_b
+        fin = ~(nan | inf_a | inf_b)
+        d = torch.sub(a, b).abs_()
+        overflow = bool((torch.isinf(d) & fin).any())
+        if overflow and a.dtype != torch.float64:
+            self._slow(a.double(), b.double())  # finite - finite overflowed float32: use float64
+            return
+        fmax = torch.finfo(a.dtype).max
+        if overflow:
+            d = torch.where(fin, d.clamp_max(fmax), d)  # float64 overflow: report the largest double
+        inf_match = inf_a & inf_b & (a == b)  # same-signed Inf at the same position
+        inf_bad = (inf_a | inf_b) & ~inf_match & ~nan
+        self.nan_a += int(nan_a.sum())
+        self.nan_b += int(nan_b.sum())
+        self.inf_a += int(inf_a.sum())
+        self.inf_b += int(inf_b.sum())
+        self.inf_bad += int(inf_bad.sum())
+        d = d.masked_fill_(nan | inf_match, 0.0)
+        valid = ~nan
+        self.n_valid += int(valid.sum())
+        self.max_abs = max(self.max_abs, d.amax().item())
+        self.sum_abs += d.sum(dtype=torch.float64).item()
+        self.hist_abs += torch.bincount(_bins(d[valid]), minlength=_HIST_BINS)
+        absb = b.abs()
+        thr = torch.mul(absb, self.tol.rtol).clamp_min_(self.tol.atol)
+        failed = nan | inf_bad | (fin & (d > thr))
+        self.n_failed += int(failed.sum())
+        ratio = torch.div(d, thr.clamp_min(TINY)).masked_fill_(nan | inf_bad, math.inf).masked_fill_(inf_match, 0.0)
+        self.tol_ratio = max(self.tol_ratio, ratio.amax().item())
+        rel = torch.div(d, absb.clamp_min(TINY))
+        rel = torch.where(fin, rel.clamp_max(fmax), rel)
+        rel = rel.masked_fill_(nan | inf_match, 0.0).masked_fill_(inf_bad, math.inf)
+        self.max_rel = max(self.max_rel, rel.amax().item())
+        self.sum_rel += rel.sum(dtype=torch.float64).item()
+        if self.hist_rel is not None:
+            self.hist_rel += torch.bincount(_bins(rel[valid]), minlength=_HIST_BINS)
+        af = torch.where(fin, a, 0.0).double()
+        bf = torch.where(fin, b, 0.0).double()
+        self.dot_ab += torch.dot(af, bf).item()
+        self.dot_aa += torch.dot(af, af).item()
+        self.dot_bb += torch.dot(bf, bf).item()
+
+    def finish(self, **ident: Any) -> TensorCompareResult:
+        tol = self.tol
+        nv = self.n_valid
+        mean_abs = self.sum_abs / nv if nv else math.nan
+        mean_rel = self.sum_rel / nv if nv else math.nan
+        median_abs = _hist_quantile(self.hist_abs, 0.5, self.max_abs)
+        q99_abs = _hist_quantile(self.hist_abs, 0.99, self.max_abs)
+        nan_any = self.nan_a + self.nan_b > 0
+        if tol.check == "elemwise":
+            passed = self.n_failed == 0
+        else:
+            if tol.check == "max":
+                s_abs, s_rel = self.max_abs, self.max_rel
+            elif tol.check == "mean":
+                s_abs, s_rel = mean_abs, mean_rel
+            else:
+                q = 0.5 if tol.check == "median" else tol.quantile
+                s_abs = _hist_quantile(self.hist_abs, q, self.max_abs)
+                s_rel = _hist_quantile(self.hist_rel, q, self.max_rel)
+            within = (s_abs <= tol.atol) or (s_rel <= tol.rtol)
+            passed = within and not nan_any and self.inf_bad == 0
+        return TensorCompareResult(
+            passed=bool(passed),
+            numel=self.numel,
+            tolerance=tol,
+            max_abs=self.max_abs if nv or not self.numel else math.nan,
+            mean_abs=mean_abs if self.numel else 0.0,
+            median_abs=median_abs if self.numel else 0.0,
+            q99_abs=q99_abs if self.numel else 0.0,
+            max_rel=self.max_rel if nv or not self.numel else math.nan,
+            mean_rel=mean_rel if self.numel else 0.0,
+            cosine=_cosine(self.dot_ab, self.dot_aa, self.dot_bb),
+            nan_a=self.nan_a,
+            nan_b=self.nan_b,
+            inf_a=self.inf_a,
+            inf_b=self.inf_b,
+            n_failed=self.n_failed,
+            tol_ratio=self.tol_ratio,
+            **ident,
+        )
+
+
+def _cosine(ab: float, aa: float, bb: float) -> float:
+    if aa == 0.0 and bb == 0.0:
+        return 1.0  # both all-zero (on their finite positions): identical
+    if aa == 0.0 or bb == 0.0:
+        return 0.0
+    c = ab / (math.sqrt(aa) * math.sqrt(bb))  # sqrt first: aa*bb may overflow a double
+    return max(-1.0, min(1.0, c))
+
+
+def _aligned(it_a: Iterable[torch.Tensor], it_b: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pair up two chunk streams whose chunk boundaries may differ; yields equal-length views."""
+    ia, ib = iter(it_a), iter(it_b)
+    ca = cb = None
+    while True:
+        if ca is None or ca.numel() == 0:
+            ca = next(ia, None)
+            if ca is not None:
+                ca = ca.reshape(-1)
+                continue
+        if cb is None or cb.numel() == 0:
+            cb = next(ib, None)
+            if cb is not None:
+                cb = cb.reshape(-1)
+                continue
+        if ca is None and cb is None:
+            return
+        if ca is None or cb is None:
+            raise ValueError("chunk streams have different total lengths")
+        n = min(ca.numel(), cb.numel())
+        yield ca[:n], cb[:n]
+        ca, cb = ca[n:], cb[n:]
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def compare_streams(
+    chunks_a: Iterable[torch.Tensor],
+    chunks_b: Iterable[torch.Tensor],
+    tol: Tolerance,
+    *,
+    dtype_a: torch.dtype,
+    dtype_b: torch.dtype,
+    shape: Sequence[int],
+    name: str = "",
+    step: int | None = None,
+    on_chunk: Any = None,
+) -> TensorCompareResult:
+    """Compare two streams of flat chunks in one pass; memory is bounded by the chunk size.
+
+    ``on_chunk(n_elems)`` is called after each aligned chunk pair (progress reporting).
+    """
+    acc = _Accumulator(tol, _math_dtype(dtype_a, dtype_b))
+    ident = dict(name=name, step=step, shape=tuple(shape), dtype_a=_dtype_name(dtype_a), dtype_b=_dtype_name(dtype_b))
+    try:
+        for ca, cb in _aligned(chunks_a, chunks_b):
+            acc.update(ca, cb)
+            if on_chunk is not None:
+                on_chunk(ca.numel())
+    except ValueError as exc:
+        if "different total lengths" not in str(exc):
+            raise
+        return TensorCompareResult(passed=False, numel=math.prod(shape), tolerance=tol, reason=str(exc), **ident)
+    return acc.finish(**ident)
+
+
+def compare_tensors(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tol: Tolerance | None = None,
+    *,
+    name: str = "",
+    step: int | None = None,
+    chunk_elems: int | None = None,
+) -> TensorCompareResult:
+    """Compare ``a`` (under test) with ``b`` (expected). ``tol`` defaults to the dtype-aware default.
+
+    ``chunk_elems`` splits the work like the streaming path does (default: one chunk).
+    Inputs are never modified.
+    """
+    if tol is None:
+        tol = dtype_default(_dtype_name(a.dtype), _dtype_name(b.dtype))
+    if tuple(a.shape) != tuple(b.shape):
+        return _shape_mismatch(name, step, tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, tol)
+    fa = a.detach().cpu().reshape(-1)
+    fb = b.detach().cpu().reshape(-1)
+    size = chunk_elems or max(1, fa.numel())
+    return compare_streams(
+        (fa[i : i + size] for i in range(0, fa.numel(), size)),
+        (fb[i : i + size] for i in range(0, fb.numel(), size)),
+        tol,
+        dtype_a=a.dtype,
+        dtype_b=b.dtype,
+        shape=tuple(b.shape),
+        name=name,
+        step=step,
+    )
+
+
+def _shape_mismatch(name, step, shape_a, shape_b, dtype_a, dtype_b, tol) -> TensorCompareResult:
+    da = dtype_a if isinstance(dtype_a, str) else _dtype_name(dtype_a)
+    db = dtype_b if isinstance(dtype_b, str) else _dtype_name(dtype_b)
+    return TensorCompareResult(
+        name=name,
+        step=step,
+        shape=tuple(shape_b),
+        shape_a=tuple(shape_a),
+        dtype_a=da,
+        dtype_b=db,
+        passed=False,
+        numel=math.prod(shape_b),
+        tolerance=tol,
+        reason=f"shape mismatch: a {list(shape_a)} vs b {list(shape_b)}",
+    )
+
+
+# ------------------------------------------------------------------------------------------- dumps
+
+
+def _check_compatible(a: DumpReader, b: DumpReader) -> list[str]:
+    """Raise DumpError for manifests that must not be compared; return warnings for softer mismatches."""
+    if a.config_hash is not None and b.config_hash is not None and a.config_hash != b.config_hash:
+        raise DumpError(
+            f"incompatible manifests: {a.manifest_path} has config_hash {a.config_hash!r}, "
+            f"{b.manifest_path} has {b.config_hash!r}"
+        )
+    for k in sorted(set(a.layout) & set(b.layout)):
+        if a.layout[k] != b.layout[k]:
+            raise DumpError(
+                f"incompatible manifests: layout[{k!r}] is {a.layout[k]!r} in {a.manifest_path} "
+                f"but {b.layout[k]!r} in {b.manifest_path}"
+            )
+    warnings = []
+    for k in sorted(set(a.inputs) & set(b.inputs)):
+        if a.inputs[k] != b.inputs[k]:
+            warnings.append(f"inputs[{k!r}] differs: {a.inputs[k]!r} (a) vs {b.inputs[k]!r} (b)")
+    return warnings
+
+
+def _selected(name: str, names: Sequence[str] | None) -> bool:
+    return names is None or any(fnmatch.fnmatchcase(name, p) for p in names)
+
+
+def compare_dumps(
+    a: DumpReader | str | os.PathLike,
+    b: DumpReader | str | os.PathLike,
+    policy: TolerancePolicy | None = None,
+    names: Sequence[str] | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    *,
+    progress: bool | None = None,
+    workers: int | None = None,
+) -> DumpCompareResult:
+    """Compare every (name, step) present in both dumps, in dump b's execution order.
+
+    ``names``: fnmatch globs selecting tensors (default: all). ``workers``: threads comparing tensors
+    concurrently (torch releases the GIL inside its kernels and reads use ``pread``); default
+    ``min(2, cpu_count)``. ``progress``: tqdm bar on stderr; ``None`` = only when stderr is a tty.
+    Raises DumpError for unreadable/corrupt dumps and incompatible manifests.
+    """
+    ra, rb = open_dump(a), open_dump(b)
+    policy = policy or TolerancePolicy()
+    warnings = _check_compatible(ra, rb)
+    ea = {(e.name, e.step): e for e in ra.entries if _selected(e.name, names)}
+    eb = [e for e in rb.entries if _selected(e.name, names)]
+    keys_b = {(e.name, e.step) for e in eb}
+    missing_in_a = [(e.name, e.step) for e in eb if (e.name, e.step) not in ea]
+    missing_in_b = [k for k in ea if k not in keys_b]
+    pairs = [(ea[(e.name, e.step)], e) for e in eb if (e.name, e.step) in ea]
+    total_bytes = sum(x.nbytes + y.nbytes for x, y in pairs)
+
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    bar = _progress_bar(total_bytes, progress)
+    lock = threading.Lock()
+
+    def one(pair: tuple[TensorEntry, TensorEntry]) -> TensorCompareResult:
+        x, y = pair
+        tol = policy.lookup(y.name, x.dtype, y.dtype)
+        if x.shape != y.shape:
+            with lock:
+                bar.update(x.nbytes + y.nbytes)
+            return _shape_mismatch(y.name, y.step, x.shape, y.shape, x.dtype, y.dtype, tol)
+        per_elem = x.itemsize + y.itemsize
+
+        def tick(n: int) -> None:
+            with lock:
+                bar.update(n * per_elem)
+
+        return compare_streams(
+            ra._chunks(x, chunk_elems, reuse=True),
+            rb._chunks(y, chunk_elems, reuse=True),
+            tol,
+            dtype_a=x.torch_dtype,
+            dtype_b=y.torch_dtype,
+            shape=y.shape,
+            name=y.name,
+            step=y.step,
+            on_chunk=tick,
+        )
+
+    try:
+        if workers <= 1 or len(pairs) <= 1:
+            results = [one(p) for p in pairs]
+        else:
+            # map() returns results in execution order; only `workers` tensors are being read at once
+            # (queued tasks hold no data), so memory stays bounded by workers x chunk temporaries.
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parity-compare") as pool:
+                results = list(pool.map(one, pairs))
+    finally:
+        bar.close()
+    return DumpCompareResult(
+        a=str(ra.path),
+        b=str(rb.path),
+        source_a=ra.source,
+        source_b=rb.source,
+        tensors=results,
+        missing_in_a=missing_in_a,
+        missing_in_b=missing_in_b,
+        warnings=warnings,
+        bytes_compared=total_bytes,
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool | None):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="compare", file=sys.stderr, leave=False)
+
+
+def result_to_dict(r: TensorCompareResult) -> dict:
+    d = asdict(r)
+    d["tolerance"] = r.tolerance.to_dict()
+    d["shape"] = list(r.shape)
+    if r.shape_a is not None:
+        d["shape_a"] = list(r.shape_a)
+    return d
