@@ -144,12 +144,15 @@ class CrossAttention(nn.Module):
         memory_kv: tuple[torch.Tensor, torch.Tensor],
         memory_mask: torch.Tensor,
         attn_prior: Optional[torch.Tensor] = None,
+        probs_out: Optional[list] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_net(x).reshape(B, T, self.n_heads, self.d_head).transpose(1, 2)
         k, v = memory_kv
         y, prob = _attend(q, k, v, self.scale, memory_mask[:, None, None], False, attn_prior)
         self.attn_probs(prob)
+        if probs_out is not None:
+            probs_out.append(prob)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.o_net(y)
 
@@ -183,9 +186,31 @@ class PositionwiseConvFF(nn.Module):
         self.proj = MaskedConv1d(d_model, d_ffn, kernel_size, is_causal)
         self.o_net = MaskedConv1d(d_ffn, d_model, kernel_size, is_causal)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.proj(x.transpose(1, 2), mask), approximate="tanh")
-        return self.o_net(h, mask).transpose(1, 2)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, state: Optional["ConvFFState"] = None) -> torch.Tensor:
+        if state is None:
+            h = F.gelu(self.proj(x.transpose(1, 2), mask), approximate="tanh")
+            return self.o_net(h, mask).transpose(1, 2)
+        return self._forward_cached(x, mask, state)
+
+    def _forward_cached(self, x: torch.Tensor, mask: torch.Tensor, state: "ConvFFState") -> torch.Tensor:
+        """Causal conv over new positions, reading the k-1 previous (masked) inputs of each conv from ``state``.
+
+        x: (B, T_new, C); mask: (B, T_new). Equals the full-sequence causal conv at those positions.
+        """
+        k = self.proj.kernel_size
+        start = state.length
+        end = start + x.shape[1]
+        state.ff_in[:, start:end] = x * mask.unsqueeze(-1)
+        lo = max(0, start - (k - 1))
+        window = state.ff_in[:, lo:end].transpose(1, 2)  # (B, C, T_window)
+        window = F.pad(window, (k - 1 - (start - lo), 0))
+        h = F.gelu(F.conv1d(window, self.proj.conv.weight), approximate="tanh") * mask.unsqueeze(1)
+        state.ff_hidden[:, start:end] = h.transpose(1, 2)
+        window = state.ff_hidden[:, lo:end].transpose(1, 2)
+        window = F.pad(window, (k - 1 - (start - lo), 0))
+        y = F.conv1d(window, self.o_net.conv.weight) * mask.unsqueeze(1)
+        state.length = end
+        return y.transpose(1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +235,15 @@ class LayerKVCache:
         self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class ConvFFState:
+    """The (masked) inputs of a causal conv FFN so far, for cached decoding with kernel_size > 1."""
+
+    def __init__(self, batch: int, max_len: int, d_model: int, d_ffn: int, device, dtype):
+        self.ff_in = torch.zeros(batch, max_len, d_model, device=device, dtype=dtype)
+        self.ff_hidden = torch.zeros(batch, max_len, d_ffn, device=device, dtype=dtype)
+        self.length = 0
 
 
 class TransformerLayer(nn.Module):
@@ -241,12 +275,14 @@ class TransformerLayer(nn.Module):
         attn_prior: Optional[torch.Tensor] = None,
         cache: Optional[LayerKVCache] = None,
         self_key_mask: Optional[torch.Tensor] = None,
+        probs_out: Optional[list] = None,
+        ff_state: Optional[ConvFFState] = None,
     ) -> torch.Tensor:
         x = x * x_mask.unsqueeze(-1)
         x = x + self.self_attention(self.norm_self(x), x_mask, cache, self_key_mask)
         if self.has_xattn and memory_kv is not None:
-            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_mask, attn_prior)
-        x = x + self.pos_ff(self.norm_pos_ff(x), x_mask)
+            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_mask, attn_prior, probs_out)
+        x = x + self.pos_ff(self.norm_pos_ff(x), x_mask, ff_state)
         return x * x_mask.unsqueeze(-1)
 
 
@@ -279,19 +315,65 @@ class Transformer(nn.Module):
         cond: Optional[torch.Tensor] = None,
         cond_mask: Optional[torch.Tensor] = None,
         attn_prior: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        probs_out: Optional[list] = None,
     ) -> torch.Tensor:
-        """Full-sequence pass (NeMo's ``Transformer.forward`` without cache); attn_prior is per layer."""
+        """Full-sequence pass (NeMo's ``Transformer.forward`` without cache); attn_prior is per layer.
+
+        probs_out, if given, receives each layer's cross-attention probabilities (B, H, T, T_mem) in order.
+        """
         x = self.add_positions(x)
         for i, layer in enumerate(self.layers):
             kv = layer.memory_kv(cond) if cond is not None and layer.has_xattn else None
             prior = attn_prior[i] if attn_prior is not None else None
-            x = layer(x, x_mask, kv, cond_mask, prior)
+            x = layer(x, x_mask, kv, cond_mask, prior, probs_out=probs_out)
+        return self.norm_out(x)
+
+    def new_state(self, batch: int, max_len: int, memory: Optional[torch.Tensor], device, dtype) -> "DecoderState":
+        """Static per-request state for cached decoding: self-attention KV, conv history, memory K/V once."""
+        c = self.cfg
+        caches = [LayerKVCache(batch, c.sa_n_heads, max_len, c.sa_d_head, device, dtype) for _ in self.layers]
+        ff = [ConvFFState(batch, max_len, c.d_model, c.d_ffn, device, dtype) if c.kernel_size > 1 else None
+              for _ in self.layers]
+        memory_kv = [layer.memory_kv(memory) if memory is not None and layer.has_xattn else None for layer in self.layers]
+        return DecoderState(caches, ff, memory_kv, 0)
+
+    def forward_cached(
+        self,
+        x_new: torch.Tensor,
+        x_mask_new: torch.Tensor,
+        state: "DecoderState",
+        key_mask: torch.Tensor,
+        cond_mask: Optional[torch.Tensor] = None,
+        attn_prior: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        probs_out: Optional[list] = None,
+    ) -> torch.Tensor:
+        """Incremental pass over the new positions ``x_new`` (B, T_new, D), appending to ``state``.
+
+        x_mask_new: (B, T_new) validity of the new positions (the padded context prefix at step 0; ones later).
+        key_mask: (B, 1, T_new, T_total) or broadcastable; 0 = key not attended (padding; causality is added
+        inside). Returns (B, T_new, D) after norm_out.
+        """
+        start = state.length
+        x = self.add_positions(x_new, start)
+        for i, layer in enumerate(self.layers):
+            prior = attn_prior[i] if attn_prior is not None else None
+            x = layer(x, x_mask_new, state.memory_kv[i], cond_mask, prior, cache=state.kv[i], self_key_mask=key_mask,
+                      probs_out=probs_out, ff_state=state.ff[i])
+        state.length = start + x_new.shape[1]
         return self.norm_out(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecoderState:
+    kv: list  # LayerKVCache per layer
+    ff: list  # ConvFFState per layer (None for kernel 1)
+    memory_kv: list  # (K, V) of the cross-attention memory per layer, computed once
+    length: int
 
 
 @dataclass
@@ -425,6 +507,14 @@ class MagpieTTS(nn.Module):
         all_logits = self.final_proj(dec_out)
         logits = self.logits(all_logits[:, ctx_mask.shape[1] :])
         return {"logits": logits, "dec_out": dec_out, "dec_context_size": ctx_mask.shape[1], "text_encoder_out": enc.output}
+
+    # ---- inference (NeMo's infer_batch) -------------------------------------------------------------------
+
+    def infer_batch(self, batch: dict[str, torch.Tensor], use_cfg: bool = False, **kw):
+        """Autoregressive generation equal to NeMo's ``infer_batch``; see :func:`reference.inference.infer_batch`."""
+        from reference.inference import infer_batch
+
+        return infer_batch(self, batch, use_cfg=use_cfg, **kw)
 
     # ---- capture ------------------------------------------------------------------------------------------
 

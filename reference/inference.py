@@ -1,0 +1,329 @@
+"""Autoregressive inference equal to NeMo 3.0.0's ``MagpieTTSModel.infer_batch`` (``decoder_context_tts``).
+
+NeMo has two decoding paths and picks one from the checkpoint's ``use_kv_cache_for_inference``:
+
+* **recompute** (released checkpoints): every step re-runs the decoder over the whole sequence and applies the
+  newest prior row to *every* query position, past ones included;
+* **cached**: step 0 runs the context prefix + BOS frame, later steps only the new frame. NeMo's cached path
+  does not mask padded context keys at steps >= 1 (``query_mask[:, -1:]`` builds a 1x1 mask); the reference
+  masks them by default and reproduces NeMo with ``nemo_unmasked_padded_keys=True``.
+
+Both paths share the attention-prior state machine, CFG and per-codebook sampling, written here in the same
+order as NeMo so that random numbers are drawn in the same order and shapes (codes match NeMo's on the CPU for
+the same ``torch.manual_seed``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from reference.config import InferenceParameters
+
+EOS_METHODS = {
+    "argmax_any": ("argmax", "any"),
+    "argmax_or_multinomial_any": ("argmax_or_multinomial", "any"),
+    "argmax_all": ("argmax", "all"),
+    "argmax_or_multinomial_all": ("argmax_or_multinomial", "all"),
+    "argmax_zero_cb": ("argmax", "zero_cb"),
+    "argmax_or_multinomial_zero_cb": ("argmax_or_multinomial", "zero_cb"),
+}
+MIN_FRAMES_FOR_CODEC = 4  # NeMo stops only once >= 4 frames exist: "Codec must be of at least 4 timesteps"
+
+
+@dataclass
+class InferOutput:
+    predicted_codes: torch.Tensor  # (B, C, T) as NeMo returns them (EOS frame included where it fell inside T)
+    predicted_codes_lens: torch.Tensor  # (B,) EOS frame index, or max_decoder_steps when none was found
+    num_steps: int
+    attended_text_positions: list[list[int]] = field(default_factory=list)  # per prior step, per item
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # (B, C*V) CFG-combined, if keep_logits
+    step_priors: list[Optional[torch.Tensor]] = field(default_factory=list)  # prior used at each step
+
+
+class InferenceError(ValueError):
+    """Invalid inference parameters or inputs."""
+
+
+def resolve_parameters(defaults: InferenceParameters, **overrides: Any) -> InferenceParameters:
+    names = {f.name for f in dataclasses.fields(InferenceParameters)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise InferenceError(f"unknown inference parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+    for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
+        if overrides.get(k) is not None:
+            overrides[k] = tuple(int(i) for i in overrides[k])
+    p = dataclasses.replace(defaults, **overrides)
+    if not isinstance(p.topk, int) or p.topk < 1:
+        raise InferenceError(f"topk must be an integer >= 1, got {p.topk!r}")
+    if not (isinstance(p.temperature, (int, float)) and math.isfinite(p.temperature) and p.temperature > 0):
+        raise InferenceError(f"temperature must be a finite number > 0, got {p.temperature!r}")
+    if not math.isfinite(p.cfg_scale):
+        raise InferenceError(f"cfg_scale must be finite, got {p.cfg_scale!r}")
+    if p.max_decoder_steps < 1:
+        raise InferenceError(f"max_decoder_steps must be >= 1, got {p.max_decoder_steps}")
+    if p.min_generated_frames < 0 or p.max_decoder_steps < p.min_generated_frames:
+        raise InferenceError(
+            f"max_decoder_steps ({p.max_decoder_steps}) must be >= min_generated_frames ({p.min_generated_frames}) >= 0"
+        )
+    if not (math.isfinite(p.attention_prior_epsilon) and 0 <= p.attention_prior_epsilon):
+        raise InferenceError(f"attention_prior_epsilon must be finite and >= 0, got {p.attention_prior_epsilon!r}")
+    if p.attention_prior_lookahead_window < 1:
+        raise InferenceError(f"attention_prior_lookahead_window must be >= 1, got {p.attention_prior_lookahead_window}")
+    if p.eos_detection_method not in EOS_METHODS:
+        raise InferenceError(f"eos_detection_method must be one of {sorted(EOS_METHODS)}, got {p.eos_detection_method!r}")
+    return p
+
+
+# ---- the attention-prior state machine (NeMo: get_cross_attention_scores, get_most_attended_text_timestep,
+# ---- construct_inference_prior) -------------------------------------------------------------------------------
+
+
+def cross_attention_scores(probs: list[torch.Tensor], layers: Optional[tuple[int, ...]]) -> torch.Tensor:
+    """Mean over heads, then over the chosen layers, of the last query row: (B', T_text)."""
+    per_layer = [p.mean(dim=1) for i, p in enumerate(probs) if layers is None or i in layers]
+    return torch.stack(per_layer, dim=1).mean(dim=1)[:, -1, :]
+
+
+@dataclass
+class PriorState:
+    """NeMo's bookkeeping across steps, per batch item."""
+
+    last_attended: list[int]
+    counters: list[dict[int, int]]
+    unfinished: dict[int, bool] = field(default_factory=dict)
+    finished_counter: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, batch: int) -> "PriorState":
+        return cls([1] * batch, [{} for _ in range(batch)])  # NeMo starts every item at text position 1
+
+    def most_attended(self, scores: torch.Tensor, text_lens: list[int], lookahead: int) -> list[int]:
+        attended = []
+        for b in range(len(text_lens)):
+            last = self.last_attended[b]
+            if self.counters[b].get(last, 0) >= 8:  # an attention sink: move on by one
+                last += 1
+            window_end = min(last + lookahead, text_lens[b] - 3)  # the last 3 positions are never searched
+            window = scores[b, last:window_end]
+            t = text_lens[b] - 1 if window.size(0) == 0 else int(window.argmax().item()) + last
+            attended.append(t)
+            self.counters[b][t] = self.counters[b].get(t, 0) + 1
+        self.last_attended = attended
+        return attended
+
+    def build_prior(self, rows: int, T_text: int, text_lens: list[int], attended: list[int], epsilon: float,
+                    lookahead: int, end_indices: dict, device) -> torch.Tensor:
+        """(rows, 1, T_text) prior for the next step; rows past the batch (CFG unconditional) stay epsilon."""
+        prior = torch.zeros(rows, 1, T_text) + epsilon
+        for b in range(len(text_lens)):
+            n = text_lens[b]
+            if n <= 5:
+                prior[b, 0, :] = 1.0  # very short text: no prior
+            else:
+                prior[b, 0, max(1, attended[b] - 1)] = 1.0
+                prior[b, 0, attended[b]] = 1.0
+                for i in range(1, lookahead + 1):
+                    prior[b, 0, min(attended[b] + i, n - 1)] = 1.0
+            for t, count in self.counters[b].items():
+                if count >= 10:  # stuck on a position: suppress it and everything before it
+                    prior[b, 0, : t + 1] = epsilon
+            self.unfinished[b] = attended[b] < n - 3 and b not in end_indices
+            if attended[b] >= n - 2 or b in end_indices:
+                self.finished_counter.setdefault(b, 0)
+        for b in self.finished_counter:
+            self.finished_counter[b] += 1
+            if self.finished_counter[b] > 5:
+                self.unfinished[b] = False
+        return prior.to(device)
+
+
+# ---- sampling (NeMo: sample_codes_from_logits) ----------------------------------------------------------------
+
+
+def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
+                 forbid_audio_eos: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, C*V*S) logits -> (B, C, S) codes; one multinomial draw per codebook, in NeMo's order."""
+    C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
+    forbidden = [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+    per_stack = []
+    for s in range(S):
+        preds = []
+        for c in range(C):
+            lo = (c + C * s) * V
+            lg = logits[:, lo : lo + V].clone()
+            for b in unfinished:
+                lg[b, cfg.audio_eos_id] = float("-inf")
+            for b in finished:
+                lg[b, :] = float("-inf")
+                lg[b, cfg.audio_eos_id] = 0.0
+            lg[:, forbidden] = float("-inf")
+            kth = torch.topk(lg, topk, dim=-1)[0][:, -1:]
+            lg = lg.masked_fill(lg < kth, float("-inf"))
+            probs = torch.softmax(lg / temperature, dim=-1)
+            preds.append(torch.multinomial(probs, 1, generator=generator))
+        per_stack.append(torch.cat(preds, dim=1))
+    return torch.stack(per_stack, dim=2)
+
+
+def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> float:
+    """codes (C, S) -> index within the stack of the first frame with EOS, or inf."""
+    m = codes == eos_id
+    per_frame = {"any": lambda: m.any(dim=0), "all": lambda: m.all(dim=0), "zero_cb": lambda: m[:1].any(dim=0)}[detection]()
+    return float(per_frame.nonzero()[0].item()) if per_frame.any() else float("inf")
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def infer_batch(
+    model,
+    batch: dict[str, torch.Tensor],
+    use_cfg: bool = False,
+    use_kv_cache: Optional[bool] = None,
+    nemo_unmasked_padded_keys: bool = False,
+    forced_codes: Optional[torch.Tensor] = None,
+    keep_logits: bool = False,
+    progress: bool = False,
+    **params: Any,
+) -> InferOutput:
+    """NeMo's ``infer_batch`` for this model. ``params`` are NeMo's ``inference_parameters`` fields.
+
+    use_kv_cache: None = the checkpoint's ``use_kv_cache_for_inference`` (as NeMo chooses).
+    forced_codes: (B, C, T) teacher forcing: these codes are fed back instead of the sampled ones (sampling
+    still runs, so random numbers are drawn as in a free run).
+    """
+    from reference.model import lengths_to_mask, validate_batch
+
+    cfg = model.config
+    p = resolve_parameters(cfg.inference, **params)
+    validate_batch(batch, cfg, require_audio=False)
+    for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
+        bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < cfg.decoder.n_layers]
+        if bad:
+            raise InferenceError(f"{k} names layer(s) {bad} outside 0..{cfg.decoder.n_layers - 1}")
+    cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
+    C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    capture = getattr(model, "_active_capture", None)
+    sampling_type, detection = EOS_METHODS[p.eos_detection_method]
+
+    text_lens_t = batch["text_lens"]
+    text_lens = [int(n) for n in text_lens_t]
+    B = len(text_lens)
+    enc = model.encode_text(batch["text"], text_lens_t)
+    ctx_emb, ctx_mask = model.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+    T_ctx, T_text = ctx_mask.shape[1], enc.output.shape[1]
+    cond, cond_mask = enc.output, enc.mask
+    if use_cfg:
+        # NeMo's prepare_dummy_cond_for_cfg: zero memory with only position 0 valid; zero context prefix, all valid.
+        dummy_mask = torch.zeros_like(cond_mask)
+        dummy_mask[:, 0] = True
+        cond, cond_mask = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([cond_mask, dummy_mask])
+        ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
+        ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+    rows = ctx_emb.shape[0]
+
+    codes_in = torch.full((B, C, S), cfg.audio_bos_id, dtype=torch.long, device=device)
+    max_steps = p.max_decoder_steps // S
+    state = model.decoder.new_state(rows, T_ctx + max_steps + 1, cond, device, dtype) if cached else None
+    prior_state = PriorState.new(B)
+    prior: Optional[torch.Tensor] = None
+    end_indices: dict[int, int] = {}
+    predictions: list[torch.Tensor] = []
+    out = InferOutput(torch.empty(0), torch.empty(0), 0)
+    steps = range(max_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="decoding", unit="frame")
+    for idx in steps:
+        if capture is not None:
+            capture.step = idx
+        if p.apply_prior_to_layers is not None:
+            layer_prior = [prior if i in p.apply_prior_to_layers else None for i in range(cfg.decoder.n_layers)]
+        else:
+            layer_prior = [prior] * cfg.decoder.n_layers
+        out.step_priors.append(prior)
+        probs: list[torch.Tensor] = []
+        if not cached:
+            audio_emb, audio_lens = model.embed_audio_tokens(codes_in, torch.full((B,), codes_in.shape[2], device=device))
+            audio_mask = lengths_to_mask(audio_lens)
+            if use_cfg:
+                audio_emb, audio_mask = torch.cat([audio_emb, audio_emb]), torch.cat([audio_mask, audio_mask])
+            x = model.decoder_input(torch.cat([ctx_emb, audio_emb], dim=1))
+            x_mask = torch.cat([ctx_mask, audio_mask], dim=1)
+            dec = model.decoder(x, x_mask, cond, cond_mask, layer_prior, probs_out=probs)
+            all_logits = model.final_proj(dec)
+        else:
+            if idx == 0:
+                bos_emb, _ = model.embed_audio_tokens(codes_in, torch.full((B,), S, device=device))
+                if use_cfg:
+                    bos_emb = torch.cat([bos_emb, bos_emb])
+                x = model.decoder_input(torch.cat([ctx_emb, bos_emb], dim=1))
+                x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=device)], 1)
+                key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
+            else:
+                new_emb, _ = model.embed_audio_tokens(codes_in[:, :, -S:], torch.full((B,), S, device=device))
+                if use_cfg:
+                    new_emb = torch.cat([new_emb, new_emb])
+                x = model.decoder_input(new_emb)
+                x_mask = torch.ones(rows, 1, dtype=torch.bool, device=device)
+                if nemo_unmasked_padded_keys:
+                    key_mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)  # NeMo's 1x1 mask
+                else:
+                    valid = torch.cat([ctx_mask, torch.ones(rows, state.length + 1 - T_ctx, dtype=torch.bool, device=device)], 1)
+                    key_mask = valid[:, None, None, :]
+            dec = model.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, layer_prior, probs_out=probs)
+            all_logits = model.final_proj(dec)
+        logits_t = all_logits[:, -1, :]
+        if use_cfg:
+            logits_t = (1 - p.cfg_scale) * logits_t[B:] + p.cfg_scale * logits_t[:B]
+        model.logits(logits_t[:, None])
+        if keep_logits:
+            out.step_logits.append(logits_t.clone())
+
+        if p.apply_attention_prior and idx >= p.start_prior_after_n_audio_steps:
+            scores = cross_attention_scores(probs, p.estimate_alignment_from_layers)
+            attended = prior_state.most_attended(scores, text_lens, p.attention_prior_lookahead_window)
+            out.attended_text_positions.append(attended)
+            prior = prior_state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
+                                            p.attention_prior_lookahead_window, end_indices, device)
+        if p.ignore_finished_sentence_tracking:
+            finished, unfinished = {}, {}
+        else:
+            finished = {k: v for k, v in prior_state.finished_counter.items() if v >= 20}
+            unfinished = {k: v for k, v in prior_state.unfinished.items() if v}
+        forbid_eos = idx * S < p.min_generated_frames
+        codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
+        codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos)
+        for b in range(B):
+            if b in end_indices:
+                continue
+            e = find_eos(codes_argmax[b], cfg.audio_eos_id, detection)
+            if sampling_type == "argmax_or_multinomial":
+                e = min(e, find_eos(codes_next[b], cfg.audio_eos_id, detection))
+            if e != float("inf"):
+                end_indices[b] = idx * S + int(e)
+        if forced_codes is not None:
+            if forced_codes.shape[2] < (idx + 1) * S:
+                raise InferenceError(f"forced_codes has {forced_codes.shape[2]} frames; step {idx} needs {(idx + 1) * S}")
+            codes_next = forced_codes[:, :, idx * S : (idx + 1) * S].to(codes_next)
+        predictions.append(codes_next)
+        codes_in = torch.cat([codes_in, codes_next], dim=-1)
+        if len(end_indices) == B and len(predictions) >= MIN_FRAMES_FOR_CODEC:
+            break
+    if capture is not None:
+        capture.step = None
+    codes = torch.cat(predictions, dim=-1)
+    lens = torch.tensor([end_indices.get(b, p.max_decoder_steps) for b in range(B)], dtype=torch.long)
+    out.predicted_codes = codes[:, :, : int(lens.max())]
+    out.predicted_codes_lens = lens
+    out.num_steps = len(predictions)
+    return out
