@@ -1,0 +1,192 @@
+"""Human and machine views of a :class:`parity.compare.DumpCompareResult`: table, JSON, PNG."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+from parity.compare import DumpCompareResult, TensorCompareResult, result_to_dict
+
+
+def _step(step: int | None) -> str:
+    return "-" if step is None else str(step)
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.3e}"
+
+
+def _cos(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.6f}"
+
+
+def _ratio_key(t: TensorCompareResult) -> float:
+    if t.reason is not None:
+        return math.inf
+    r = t.tol_ratio
+    return math.inf if r is None or math.isnan(r) else r
+
+
+def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) -> str:
+    """Terminal report: summary, first divergence, worst tensors by error/tolerance ratio, per-tensor rows.
+
+    With more than ``max_rows`` tensors, failing rows are kept first (in execution order), then the
+    rest up to the limit; the table says how many were left out.
+    """
+    ts = result.tensors
+    n_fail = sum(not t.passed for t in ts)
+    lines = [
+        f"{'PASS' if result.passed else 'FAIL'}: {len(ts) - n_fail}/{len(ts)} tensors within tolerance"
+        f" ({result.source_a} {result.a}  vs  {result.source_b} {result.b})",
+    ]
+    if result.missing_in_a or result.missing_in_b:
+        lines.append(f"missing in a: {len(result.missing_in_a)}, missing in b: {len(result.missing_in_b)}")
+        for label, miss in (("a", result.missing_in_a), ("b", result.missing_in_b)):
+            for name, step in miss[:5]:
+                lines.append(f"  only in {'b' if label == 'a' else 'a'}: {name} step {_step(step)}")
+            if len(miss) > 5:
+                lines.append(f"  ... {len(miss) - 5} more missing in {label}")
+    fd = result.first_divergence
+    if fd is not None:
+        t = next(t for t in ts if t.key == fd)
+        why = t.reason or f"max_abs {_num(t.max_abs)}, {t.n_failed}/{t.numel} elements out of tolerance"
+        if t.nan_a or t.nan_b:
+            why += f", NaN a={t.nan_a} b={t.nan_b}"
+        lines.append(f"first divergence: {fd[0]} step {_step(fd[1])} ({why})")
+    for w in result.warnings:
+        lines.append(f"warning: {w}")
+    if ts:
+        ranked = sorted(ts, key=_ratio_key, reverse=True)[:worst]
+        lines.append("worst (error / tolerance):")
+        for t in ranked:
+            lines.append(f"  {_num(_ratio_key(t)):>10}  {t.name} step {_step(t.step)}")
+
+    rows = ts
+    if len(ts) > max_rows:
+        fails = [t for t in ts if not t.passed][:max_rows]
+        passes = [t for t in ts if t.passed][: max(0, max_rows - len(fails))]
+        keep = {id(t) for t in fails} | {id(t) for t in passes}
+        rows = [t for t in ts if id(t) in keep]
+    header = ("", "name", "step", "shape", "max_abs", "max_rel", "cosine", "failed")
+    body = [
+        (
+            "ok" if t.passed else "XX",
+            t.name,
+            _step(t.step),
+            "x".join(map(str, t.shape)) or "scalar",
+            _num(t.max_abs) if t.reason is None else "-",
+            _num(t.max_rel) if t.reason is None else "-",
+            _cos(t.cosine) if t.reason is None else "-",
+            str(t.n_failed) if t.reason is None else t.reason,
+        )
+        for t in rows
+    ]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i in (0, 1, 3, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines.append(fmt(header).rstrip())
+    lines.extend(fmt(r).rstrip() for r in body)
+    if len(rows) < len(ts):
+        lines.append(f"... {len(ts) - len(rows)} tensors not shown")
+    return "\n".join(lines)
+
+
+def _json_safe(x: Any) -> Any:
+    """Strict JSON: non-finite floats become the strings "nan", "inf", "-inf"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def to_json(result: DumpCompareResult) -> dict:
+    fd = result.first_divergence
+    return _json_safe(
+        {
+            "passed": result.passed,
+            "first_divergence": None if fd is None else {"name": fd[0], "step": fd[1]},
+            "a": {"path": result.a, "source": result.source_a},
+            "b": {"path": result.b, "source": result.source_b},
+            "bytes_compared": result.bytes_compared,
+            "tensors": [result_to_dict(t) for t in result.tensors],
+            "missing_in_a": [{"name": n, "step": s} for n, s in result.missing_in_a],
+            "missing_in_b": [{"name": n, "step": s} for n, s in result.missing_in_b],
+            "warnings": list(result.warnings),
+        }
+    )
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+MAX_PLOT_STEPS = 12
+
+
+def plot(result: DumpCompareResult, png_path: str | os.PathLike) -> pathlib.Path:
+    """Max abs error per layer in execution order (log y), one line per step, with the atol line.
+
+    With more than ``MAX_PLOT_STEPS`` distinct steps, steps are drawn as points coloured by step.
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = [t for t in result.tensors if t.reason is None and t.max_abs is not None]
+    names = list(dict.fromkeys(t.name for t in result.tensors))
+    xpos = {n: i for i, n in enumerate(names)}
+    steps = list(dict.fromkeys(t.step for t in ts))
+    floor = 1e-12  # zero error cannot sit on a log axis
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.25 * len(names) + 4), 5))
+    ys = lambda sel: [min(max(t.max_abs, floor), 1e38) for t in sel]  # noqa: E731
+    if len(steps) <= MAX_PLOT_STEPS:
+        for s in steps:
+            sel = [t for t in ts if t.step == s]
+            ax.plot([xpos[t.name] for t in sel], ys(sel), marker="o", ms=3, lw=1, label=f"step {_step(s)}")
+    else:
+        sc = ax.scatter(
+            [xpos[t.name] for t in ts], ys(ts), c=[-1 if t.step is None else t.step for t in ts], s=8, cmap="viridis"
+        )
+        fig.colorbar(sc, ax=ax, label="step")
+    tol_x = list(range(len(names)))
+    tol_by_name = {t.name: t.tolerance.atol for t in result.tensors}
+    ax.step(tol_x, [max(tol_by_name[n], floor) for n in names], where="mid", color="red", ls="--", lw=1, label="atol")
+    fails = [t for t in ts if not t.passed]
+    if fails:
+        ax.scatter([xpos[t.name] for t in fails], ys(fails), marker="x", color="red", s=30, zorder=5, label="failed")
+    ax.set_yscale("log")
+    ax.set_ylabel("max |a - b|")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_title(f"{result.source_a} vs {result.source_b}: {'PASS' if result.passed else 'FAIL'}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())
+    return pathlib.Path(png_path)
