@@ -1,0 +1,125 @@
+"""``magpie-parity compare``: exit statuses, JSON report, error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from parity.cli import main
+from parity.dump import write_dump
+
+NAMES = [
+    ("text_embedding", None),
+    ("encoder.layers.0.self_attention", None),
+    ("encoder.layers.0.pos_ff", None),
+    ("encoder.layers.0", None),
+    ("encoder.norm_out", None),
+    ("decoder_input", 0),
+    ("decoder.layers.0.cross_attention.attn_probs", 0),
+    ("decoder.layers.0", 0),
+    ("decoder_input", 1),
+    ("decoder.layers.0.cross_attention.attn_probs", 1),
+    ("decoder.layers.0", 1),
+    ("logits", 1),
+]
+
+
+def make(tmp_path, name, *, dtype=torch.float32, edit=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ts = []
+    for n, s in NAMES:
+        t = torch.randn(2, 3, 8, generator=g).to(dtype)
+        if edit:
+            t = edit(n, s, t)
+        ts.append((n, s, t))
+    return write_dump(tmp_path / name, ts, source="reference", dtype=str(dtype).removeprefix("torch."))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_identical_dumps_exit_0(tmp_path, dtype, capsys):
+    a, b = make(tmp_path, "a", dtype=dtype), make(tmp_path, "b", dtype=dtype)
+    out = tmp_path / "r.json"
+    assert main(["compare", str(a), str(b), "--json", str(out), "--no-progress"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["passed"] is True and rep["first_divergence"] is None and len(rep["tensors"]) == len(NAMES)
+    assert "PASS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", [NAMES[2], NAMES[9], NAMES[-1]])
+def test_perturbation_is_first_divergence(tmp_path, target):
+    def edit(n, s, t):
+        if (n, s) == target:
+            t = t.clone()
+            t[1, 2, 5] += 0.05
+        return t
+
+    a, b = make(tmp_path, "a", edit=edit), make(tmp_path, "b")
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["compare", str(a), str(b), "--json", str(out), "--plot", str(png), "--no-progress"])
+    assert rc == 1
+    rep = json.loads(out.read_text())
+    assert rep["passed"] is False
+    assert rep["first_divergence"] == {"name": target[0], "step": target[1]}
+    bad = [t for t in rep["tensors"] if not t["passed"]]
+    assert [(t["name"], t["step"]) for t in bad] == [target] and bad[0]["n_failed"] == 1
+    assert bad[0]["max_abs"] == pytest.approx(0.05, rel=1e-3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perturbation_within_tolerance_file_passes(tmp_path):
+    a = make(tmp_path, "a", edit=lambda n, s, t: t + 1e-3 if n == "logits" else t)
+    b = make(tmp_path, "b")
+    tol = tmp_path / "tol.json"
+    tol.write_text(json.dumps({"per_name": {"logits": {"atol": 1e-2, "rtol": 0}}}))
+    assert main(["compare", str(a), str(b), "--no-progress", "-q"]) == 1
+    assert main(["compare", str(a), str(b), "--tolerances", str(tol), "--no-progress", "-q"]) == 0
+    assert main(["compare", str(a), str(b), "--names", "encoder.*", "--no-progress", "-q"]) == 0
+
+
+def test_nan_in_both_exit_1(tmp_path):
+    def edit(n, s, t):
+        if n == "encoder.norm_out":
+            t = t.clone()
+            t[0, 0, 0] = float("nan")
+        return t
+
+    a, b = make(tmp_path, "a", edit=edit), make(tmp_path, "b", edit=edit)
+    out = tmp_path / "r.json"
+    assert main(["compare", str(a), str(b), "--json", str(out), "--no-progress", "-q"]) == 1
+    rep = json.loads(out.read_text())
+    assert rep["first_divergence"] == {"name": "encoder.norm_out", "step": None}
+
+
+def test_truncated_file_exit_2_names_it(tmp_path, capsys):
+    a, b = make(tmp_path, "a"), make(tmp_path, "b")
+    shard = next(p for p in a.iterdir() if p.suffix == ".safetensors")
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert main(["compare", str(a), str(b), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert shard.name in err and len(err.splitlines()) == 1
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    b = make(tmp_path, "b")
+    assert main(["compare", str(tmp_path / "nope"), str(b), "--no-progress"]) == 2
+    assert "nope" in capsys.readouterr().err
+    tol = tmp_path / "tol.json"
+    tol.write_text("{")
+    assert main(["compare", str(b), str(b), "--tolerances", str(tol), "--no-progress"]) == 2
+    assert "tol.json" in capsys.readouterr().err
+    assert main(["compare", str(b)]) == 2  # usage error
+
+
+def test_missing_tensor_exit_1(tmp_path):
+    a = write_dump(tmp_path / "a", [("logits", 1, torch.randn(3))], source="trtllm")
+    b = make(tmp_path, "b")
+    out = tmp_path / "r.json"
+    assert main(["compare", str(a), str(b), "--json", str(out), "--no-progress", "-q"]) == 1
+    rep = json.loads(out.read_text())
+    assert {"name": "text_embedding", "step": None} in rep["missing_in_a"]
+
+
+def test_help_is_zero():
+    assert main(["--help"]) == 0

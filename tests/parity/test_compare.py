@@ -1,0 +1,263 @@
+"""Comparison metrics and tolerance policies. Data is random (never all-zero) and drawn per example."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parity.compare import (
+    PolicyError,
+    Tolerance,
+    TolerancePolicy,
+    compare_dumps,
+    compare_streams,
+    compare_tensors,
+    dtype_default,
+)
+from parity.dump import DumpError, write_dump
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+@st.composite
+def tensor_pairs(draw, dtypes=FLOAT_DTYPES):
+    """(a, b) of one shape: b random with a spread of magnitudes, a = b + noise; some exact zeros in b."""
+    n = draw(st.integers(1, 400))
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([1e-6, 1e-2, 1.0, 1e3]))
+    noise = draw(st.sampled_from([0.0, 1e-7, 1e-3, 1.0]))
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, generator=g) * scale * torch.exp(torch.randn(n, generator=g))
+    zeros = torch.rand(n, generator=g) < draw(st.sampled_from([0.0, 0.2]))
+    b[zeros] = 0.0
+    b[0] = b[0] if b[0] != 0 else 1.0  # never all zero
+    a = b + noise * torch.randn(n, generator=g)
+    return a.to(dtype), b.to(dtype)
+
+
+FIELDS_EXACT = ("passed", "n_failed", "numel", "nan_a", "nan_b", "inf_a", "inf_b", "q99_abs", "median_abs")
+FIELDS_CLOSE = ("max_abs", "mean_abs", "max_rel", "mean_rel", "cosine")
+
+
+@SETTINGS
+@given(tensor_pairs())
+def test_zero_error_iff_equal(pair):
+    a, b = pair
+    r = compare_tensors(a, b)
+    assert (r.max_abs == 0.0) == torch.equal(a, b)
+    same = compare_tensors(b, b.clone())
+    assert same.max_abs == 0 and same.mean_abs == 0 and same.q99_abs == 0 and same.passed
+    assert same.cosine == pytest.approx(1.0, abs=1e-6)
+
+
+@SETTINGS
+@given(tensor_pairs())
+def test_max_abs_symmetric(pair):
+    a, b = pair
+    assert compare_tensors(a, b).max_abs == compare_tensors(b, a).max_abs
+
+
+@SETTINGS
+@given(tensor_pairs(), st.sampled_from([1e-30, 1e-38, 1e-45, 0.0]))
+def test_rel_finite_near_zero_denominators(pair, tiny_ref):
+    a, b = pair
+    b = b.clone()
+    b[: max(1, b.numel() // 3)] = tiny_ref  # zero and subnormal references
+    r = compare_tensors(a, b)
+    for f in ("max_abs", "mean_abs", "max_rel", "mean_rel", "cosine", "q99_abs", "median_abs", "tol_ratio"):
+        assert math.isfinite(getattr(r, f)), f
+
+
+@SETTINGS
+@given(tensor_pairs())
+def test_cosine_in_range(pair):
+    a, b = pair
+    for x, y in ((a, b), (a, -b), (b, a)):
+        c = compare_tensors(x, y).cosine
+        assert -1.0 <= c <= 1.0
+
+
+@SETTINGS
+@given(tensor_pairs(), st.data())
+def test_streaming_equals_one_shot(pair, data):
+    a, b = pair
+    tol = Tolerance(data.draw(st.sampled_from([0.0, 1e-4, 1e-2])), data.draw(st.sampled_from([0.0, 1e-3, 0.1])))
+    whole = compare_tensors(a, b, tol)
+    ca = data.draw(st.integers(1, a.numel()))
+    cb = data.draw(st.integers(1, a.numel()))  # the two streams need not share chunk boundaries
+    split = lambda t, c: [t[i : i + c] for i in range(0, t.numel(), c)]  # noqa: E731
+    streamed = compare_streams(split(a, ca), split(b, cb), tol, dtype_a=a.dtype, dtype_b=b.dtype, shape=b.shape)
+    for f in FIELDS_EXACT:
+        assert getattr(streamed, f) == getattr(whole, f), f
+    for f in FIELDS_CLOSE:
+        assert getattr(streamed, f) == pytest.approx(getattr(whole, f), rel=1e-5, abs=1e-12), f
+
+
+@SETTINGS
+@given(tensor_pairs(), st.data())
+def test_n_failed_matches_definition(pair, data):
+    a, b = pair
+    tol = Tolerance(data.draw(st.sampled_from([0.0, 1e-3, 1e-1])), data.draw(st.sampled_from([0.0, 1e-2])))
+    r = compare_tensors(a, b, tol)
+    d = (a.double() - b.double()).abs()
+    expect = ((d > tol.atol) & (d > tol.rtol * b.double().abs())).sum().item()
+    # float32 math (fp16/bf16 inputs) may round a boundary element differently from float64
+    assert abs(r.n_failed - expect) <= (0 if a.dtype in (torch.float32, torch.float64) else max(1, expect // 100))
+    assert r.passed == (r.n_failed == 0)
+
+
+@SETTINGS
+@given(tensor_pairs(dtypes=[torch.float32, torch.float16]), st.data())
+def test_nan_in_both_at_same_place_fails(pair, data):
+    a, b = pair
+    a, b = a.clone(), b.clone()
+    i = data.draw(st.integers(0, a.numel() - 1))
+    a[i] = b[i] = float("nan")
+    r = compare_tensors(a, b, Tolerance(1e9, 1e9))
+    assert not r.passed and r.nan_a == 1 and r.nan_b == 1 and r.n_failed >= 1
+    assert not compare_tensors(a, b, Tolerance(1e9, 1e9, check="max")).passed
+
+
+@SETTINGS
+@given(st.integers(2, 300), st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_inf_matching_passes_and_is_counted(n, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, generator=g).to(dtype)
+    a = b.clone()
+    a[0] = b[0] = float("inf")
+    a[-1] = b[-1] = float("-inf")
+    r = compare_tensors(a, b)
+    assert r.passed and r.inf_a == 2 and r.inf_b == 2 and r.max_abs == 0.0 and r.n_failed == 0
+    assert r.cosine == pytest.approx(1.0, abs=1e-6)
+    a2 = a.clone()
+    a2[0] = 1.0  # Inf vs finite
+    bad = compare_tensors(a2, b)
+    assert not bad.passed and bad.n_failed == 1 and bad.max_abs == math.inf
+    a3 = a.clone()
+    a3[0] = float("-inf")  # opposite-signed Inf
+    assert not compare_tensors(a3, b, Tolerance(1e9, 1e9)).passed
+
+
+def test_shape_mismatch_fails_with_reason():
+    a = torch.randn(2, 3)
+    r = compare_tensors(a, a.reshape(3, 2))
+    assert not r.passed and "shape" in r.reason and r.shape_a == (2, 3) and r.shape == (3, 2)
+
+
+def test_stream_length_mismatch_fails_with_reason():
+    a = torch.randn(10)
+    r = compare_streams([a], [a[:7]], Tolerance(0, 0), dtype_a=a.dtype, dtype_b=a.dtype, shape=(10,))
+    assert not r.passed and "length" in r.reason
+
+
+@pytest.mark.parametrize("check", ["max", "mean", "median", "quantile"])
+def test_statistic_checks(check):
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(10_000, generator=g)
+    a = b + 1e-4 * torch.randn(10_000, generator=g)
+    a[17] += 1.0  # one outlier: fails max and elemwise, passes mean/median/quantile
+    r = compare_tensors(a, b, Tolerance(1e-3, 0.0, check=check))
+    assert r.passed == (check != "max")
+    assert not compare_tensors(a, b, Tolerance(1e-3, 0.0)).passed
+
+
+def test_quantiles_close_to_exact():
+    g = torch.Generator().manual_seed(4)
+    b = torch.randn(100_000, generator=g)
+    a = b + torch.randn(100_000, generator=g) * 1e-3
+    r = compare_tensors(a, b)
+    d = (a.double() - b.double()).abs()
+    for got, q in ((r.q99_abs, 0.99), (r.median_abs, 0.5)):
+        exact = torch.quantile(d, q).item()
+        assert exact * 0.99 <= got <= exact * 1.13
+
+
+def test_policy_lookup_and_dtype_defaults(tmp_path):
+    f = tmp_path / "tol.json"
+    f.write_text(
+        json.dumps(
+            {
+                "default": {"atol": 1e-3, "rtol": 1e-3},
+                "per_name": {
+                    "decoder.layers.*.cross_attention.attn_probs": {"atol": 0.1, "rtol": 0, "check": "max"},
+                    "logits": {"atol": 2, "rtol": 2},
+                },
+            }
+        )
+    )
+    p = TolerancePolicy.from_file(f)
+    assert p.lookup("decoder.layers.11.cross_attention.attn_probs") == Tolerance(0.1, 0, "max")
+    assert p.lookup("logits").atol == 2
+    assert p.lookup("encoder.norm_out") == Tolerance(1e-3, 1e-3)
+    empty = TolerancePolicy()
+    assert empty.lookup("x", "float32", "float32") == Tolerance(1e-5, 1e-5)
+    assert empty.lookup("x", "float16", "float32") == Tolerance(1e-2, 1e-2)
+    assert empty.lookup("x", "bfloat16", "float16") == Tolerance(5e-2, 5e-2)
+    assert dtype_default("int64", "int64") == Tolerance(0, 0)
+    assert TolerancePolicy({"": Tolerance(7, 7)}).lookup("anything") == Tolerance(7, 7)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[]", '{"default": {"atol": -1, "rtol": 0}}', '{"per_name": {"x": {"atol": 1}}}', '{"defaults": {}}',
+     '{"default": {"atol": 1, "rtol": 1, "check": "bogus"}}'],
+)
+def test_bad_policy_file_names_it(tmp_path, content):
+    f = tmp_path / "tol.json"
+    f.write_text(content)
+    with pytest.raises(PolicyError, match="tol.json"):
+        TolerancePolicy.from_file(f)
+    with pytest.raises(PolicyError, match="nope.json"):
+        TolerancePolicy.from_file(tmp_path / "nope.json")
+
+
+def _pair(tmp_path, perturb=None, **kw_a):
+    g = torch.Generator().manual_seed(7)
+    ts = [
+        ("text_embedding", None, torch.randn(2, 5, 8, generator=g)),
+        ("encoder.layers.0", None, torch.randn(2, 5, 8, generator=g)),
+        ("decoder.layers.0.cross_attention", 0, torch.randn(2, 1, 8, generator=g)),
+        ("decoder.layers.0.cross_attention", 1, torch.randn(2, 1, 8, generator=g)),
+        ("logits", 1, torch.randn(2, 1, 11, generator=g)),
+    ]
+    b = write_dump(tmp_path / "b", ts, source="reference", config_hash="h")
+    ts_a = [(n, s, perturb(n, s, t) if perturb else t) for n, s, t in ts]
+    a = write_dump(tmp_path / "a", ts_a, **{"source": "trtllm", "config_hash": "h", **kw_a})
+    return a, b
+
+
+def test_compare_dumps_order_and_first_divergence(tmp_path):
+    def perturb(n, s, t):
+        return t + 1e-2 if (n, s) in {("decoder.layers.0.cross_attention", 1), ("logits", 1)} else t
+
+    a, b = _pair(tmp_path, perturb)
+    r = compare_dumps(a, b, progress=False, workers=2)
+    assert [t.key for t in r.tensors][:2] == [("text_embedding", None), ("encoder.layers.0", None)]
+    assert r.first_divergence == ("decoder.layers.0.cross_attention", 1)
+    assert not r and not r.passed and len(r.failed) == 2
+    only = compare_dumps(a, b, names=["encoder.*", "text_*"], progress=False)
+    assert only.passed and len(only.tensors) == 2
+
+
+def test_compare_dumps_missing_and_shape_mismatch(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(4, 3, generator=g), torch.randn(5, generator=g)
+    b = write_dump(tmp_path / "b", [("x", None, x), ("y", 0, y), ("z", None, y)], source="nemo")
+    a = write_dump(tmp_path / "a", [("x", None, x.reshape(3, 4)), ("y", 0, y), ("w", 2, y)], source="reference")
+    r = compare_dumps(a, b, progress=False)
+    assert r.missing_in_a == [("z", None)] and r.missing_in_b == [("w", 2)]
+    assert r.first_divergence == ("x", None) and "shape" in r.tensors[0].reason
+    assert r.tensors[1].passed and not r.passed
+
+
+def test_compare_dumps_incompatible_config_hash(tmp_path):
+    a, b = _pair(tmp_path, config_hash="other")
+    with pytest.raises(DumpError, match="config_hash"):
+        compare_dumps(a, b, progress=False)
