@@ -291,9 +291,9 @@ def test_tp_errors(fixture_dir):
         convert_in_memory(tiny_model(), tp_size=3)
     with pytest.raises(ConversionError, match=r"decoder.sa_n_heads"):
         convert_in_memory(tiny_model(sa_n_heads=2, xa_n_heads=4), tp_size=4)
-    with pytest.raises(ConversionError, match=r"decoder.d_ffn=22"):
-        convert_in_memory(tiny_model(d_ffn=22), tp_size=2, ffn_split="split")
-    convert_in_memory(tiny_model(d_ffn=22), tp_size=2)  # replicated conv FFN: any d_ffn
+    with pytest.raises(ConversionError, match=r"decoder.d_ffn=21"):
+        convert_in_memory(tiny_model(d_ffn=21), tp_size=2, ffn_split="split")
+    convert_in_memory(tiny_model(d_ffn=21), tp_size=2)  # replicated conv FFN: any d_ffn
     with pytest.raises(ConversionError, match=r"tp_size must be a positive integer"):
         convert_in_memory(tiny_model(), tp_size=0)
     with pytest.raises(ConversionError, match=r"dtype must be one of"):
