@@ -616,6 +616,12 @@ def validate_batch(batch: dict, c: MagpieConfig, require_audio: bool) -> None:
                 f"batch['{codes_key}'] must be (B={B}, C={c.num_audio_codebooks}, T), got {tuple(codes.shape)}"
             )
         check_lens(lens_key, batch[lens_key], codes.shape[2], min_len=0 if codes_key == "context_audio_codes" else 1)
+        if int(batch[lens_key].max()) != codes.shape[2]:
+            # NeMo builds masks of max(lens) columns and multiplies them with the embeddings: extra padding
+            # would be a shape error deep inside; say it here instead.
+            raise BatchError(
+                f"batch['{codes_key}'] is padded to {codes.shape[2]} frames but max({lens_key}) is {int(batch[lens_key].max())}"
+            )
         if int(codes.min()) < 0 or int(codes.max()) >= c.num_all_tokens_per_codebook:
             raise BatchError(
                 f"batch['{codes_key}'] codes must lie in [0, {c.num_all_tokens_per_codebook}), "

@@ -1,0 +1,55 @@
+"""Shared test fixtures: the bundled NeMo-made models, batches and dumps under fixtures/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "fixtures" / "data"
+CASES = ["released_small", "bidir_encoder", "multihead_xattn", "decoder_kernel3", "four_codebooks"]
+
+# Parity runs compare float32 results bit-for-bit where the op order is the same; keep the CPU math
+# deterministic and single-threaded so BLAS blocking does not vary with the machine's core count.
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+
+
+def load_batch(case: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(FIXTURES / f"{case}.batch.safetensors"))
+
+
+def infer_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k.startswith(("text", "context"))}
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not (FIXTURES / "provenance.json").exists():
+        pytest.fail(f"bundled fixtures missing under {FIXTURES}; run fixtures/make_fixtures.py")
+    return FIXTURES
+
+
+_models: dict[str, object] = {}
+
+
+def reference_model(case: str):
+    """One reference model per case per session (loading is cheap, but tests call this often)."""
+    from reference import MagpieTTS
+
+    if case not in _models:
+        _models[case] = MagpieTTS.from_nemo(FIXTURES / f"{case}.nemo")
+    return _models[case]
+
+
+def nemo_available() -> bool:
+    try:
+        import nemo.collections.tts.models  # noqa: F401
+    except Exception:
+        return False
+    return True
