@@ -105,8 +105,11 @@ def test_workload_validation(ckpt, tmp_path):
         B.build_commands(d, tmp_path, "seed", workload=B.Workload(129, 10, 10))
     with pytest.raises(B.BuildConfigError, match=r"--max_input_len 192 < context frames \+ 1 = 193"):
         B.build_commands(d, tmp_path, "seed", workload=B.Workload(100, 192, 10))
-    with pytest.raises(B.BuildConfigError, match=r"needs 2101 positions but max_position_embeddings is 2048"):
+    # a workload longer than the learned positions cannot get a max_seq_len that fits both
+    with pytest.raises(B.BuildConfigError, match=r"--max_seq_len 2048 < context frames \+ 1 \+ generated frames = 2101"):
         B.build_commands(d, tmp_path, "seed", workload=B.Workload(100, 100, 2000), decoder_max_seq_len=2048)
+    with pytest.raises(B.BuildConfigError, match=r"--max_seq_len 2101 exceeds the decoder's max_position_embeddings 2048"):
+        B.build_commands(d, tmp_path, "seed", workload=B.Workload(100, 100, 2000), decoder_max_seq_len=2101)
 
 
 def test_run_build_without_backend(ckpt, tmp_path, monkeypatch):
