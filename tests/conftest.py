@@ -9,6 +9,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+import sys  # noqa: E402
+
+sys.path.insert(0, str(REPO / "fixtures"))  # make_fixtures' pure helpers (single_item, make_batch) need no NeMo
 FIXTURES = REPO / "fixtures" / "data"
 CASES = ["released_small", "bidir_encoder", "multihead_xattn", "decoder_kernel3", "four_codebooks"]
 
