@@ -110,6 +110,21 @@ def _run_compare(args: argparse.Namespace) -> int:
 add_subcommand("compare", _configure_compare, _run_compare, help="compare two dumps tensor by tensor")
 
 
+def _register_builtin() -> None:
+    """Sub-commands that live in other modules (model runs, TensorRT-LLM tools); their imports stay lazy."""
+    from parity.commands import register
+
+    register(add_subcommand)
+    try:
+        from trt.commands import register as register_trt
+    except ImportError:  # trt/ is optional for the parity core
+        return
+    register_trt(add_subcommand)
+
+
+_register_builtin()
+
+
 # ---------------------------------------------------------------------------------------- plumbing
 
 

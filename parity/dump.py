@@ -56,6 +56,7 @@ MANIFEST_NAME = "manifest.json"
 # Fixed header area at the start of each shard. ~130 bytes of header per tensor, so one shard holds
 # ~2000 tensors before a new shard is started; the unused part is spaces (valid safetensors padding).
 HEADER_RESERVE = 256 * 1024
+COMPACT_MAX_DATA = 16 * 2**20  # shards with at most this much data are rewritten without the header reserve
 # Safetensors headers beyond this are corrupt, not big: refuse before allocating.
 _MAX_HEADER_BYTES = 100 * 2**20
 _MAX_MANIFEST_BYTES = 256 * 2**20
@@ -173,10 +174,24 @@ class _Shard:
         raw = _canonical_json(header)
         if len(raw) > HEADER_RESERVE:  # guarded by DumpWriter.add; kept as an invariant check
             raise DumpError(f"{self.path}: header of {len(raw)} bytes exceeds the reserved {HEADER_RESERVE}")
-        raw = raw + b" " * (HEADER_RESERVE - len(raw))
-        self.fh.seek(0)
-        self.fh.write(struct.pack("<Q", len(raw)))
-        self.fh.write(raw)
+        if self.data_bytes <= COMPACT_MAX_DATA:
+            # Small shard: rewrite it with a tight header instead of the reserve (the reserve would dominate
+            # small dumps such as the test fixtures). Large shards keep the reserve: no second copy of the data.
+            raw = raw + b" " * ((-len(raw)) % 8)  # safetensors aligns the data start to 8 bytes
+            self.fh.flush()
+            with open(self.path, "rb") as src:
+                src.seek(8 + HEADER_RESERVE)
+                data = src.read(self.data_bytes)
+            self.fh.seek(0)
+            self.fh.write(struct.pack("<Q", len(raw)))
+            self.fh.write(raw)
+            self.fh.write(data)
+            self.fh.truncate()
+        else:
+            raw = raw + b" " * (HEADER_RESERVE - len(raw))
+            self.fh.seek(0)
+            self.fh.write(struct.pack("<Q", len(raw)))
+            self.fh.write(raw)
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()

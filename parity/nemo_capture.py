@@ -83,3 +83,73 @@ def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str 
             out = model.process_batch(batch)
         writer.add("logits", out["logits"], step=None)
     return Path(out_dir)
+
+
+def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, *, use_cfg: bool, seed: int,
+                    capture_layers: bool = False, overwrite: bool = False, **params):
+    """Run NeMo's ``infer_batch`` and record, per decoding step, what the reference must reproduce.
+
+    Per step k: ``logits`` (B, 1, C*V) the CFG-combined logits before NeMo's in-place sampling edits,
+    ``inference.attn_prior`` (rows, 1, T_text) the prior built at step k (used at k+1), and
+    ``inference.attended_text_position`` (B,) int64. With ``capture_layers`` every layer's tensors are captured
+    too (use it with the recompute path, where each step's tensors are whole sequences). Returns NeMo's output.
+    """
+    import contextlib
+    import io
+
+    from parity.dump import DumpWriter
+
+    model.eval()
+    for k, v in params.items():
+        setattr(model.inference_parameters, k, v)
+    step = {"k": -1}
+    orig_forward = model.forward
+    orig_sample = model.sample_codes_from_logits
+    orig_prior = model.construct_inference_prior
+    orig_attend = model.get_most_attended_text_timestep
+    B = batch["text"].shape[0]
+    inputs = {k: list(v.shape) for k, v in batch.items()}
+    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, overwrite=overwrite,
+                    layout={"mode": "infer", "use_cfg": use_cfg, "seed": seed,
+                            "use_kv_cache": bool(model.use_kv_cache_for_inference),
+                            "params": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in
+                                       vars(model.inference_parameters).items()}}) as writer:
+        cap = NemoCapture(model, lambda n, t, s: writer.add(n, t, step=s)) if capture_layers else contextlib.nullcontext()
+
+        def forward(*a, **kw):
+            step["k"] += 1
+            if capture_layers:
+                cap.step = step["k"]
+            return orig_forward(*a, **kw)
+
+        calls = {"n": 0}
+
+        def sample(logits, *a, **kw):
+            # NeMo calls this twice a step (sampled, then argmax); the first call sees the untouched logits.
+            if calls["n"] % 2 == 0:
+                writer.add("logits", logits[:, None].clone(), step=step["k"])
+            calls["n"] += 1
+            return orig_sample(logits, *a, **kw)
+
+        def attend(*a, **kw):
+            attended, counter = orig_attend(*a, **kw)
+            writer.add("inference.attended_text_position", torch.tensor(attended[:B], dtype=torch.long), step=step["k"])
+            return attended, counter
+
+        def prior(*a, **kw):
+            res = orig_prior(*a, **kw)
+            writer.add("inference.attn_prior", res[0].clone(), step=step["k"])
+            return res
+
+        model.forward, model.sample_codes_from_logits = forward, sample
+        model.construct_inference_prior, model.get_most_attended_text_timestep = prior, attend
+        try:
+            torch.manual_seed(seed)
+            with cap, contextlib.redirect_stdout(io.StringIO()):
+                out = model.infer_batch(batch, use_cfg=use_cfg)
+        finally:
+            del model.forward, model.sample_codes_from_logits, model.construct_inference_prior
+            del model.get_most_attended_text_timestep
+        writer.add("predicted_codes", out.predicted_codes, step=None)
+        writer.add("predicted_codes_lens", out.predicted_codes_lens, step=None)
+    return out

@@ -43,6 +43,8 @@ class InferOutput:
     attended_text_positions: list[list[int]] = field(default_factory=list)  # per prior step, per item
     step_logits: list[torch.Tensor] = field(default_factory=list)  # (B, C*V) CFG-combined, if keep_logits
     step_priors: list[Optional[torch.Tensor]] = field(default_factory=list)  # prior used at each step
+    built_priors: dict[int, torch.Tensor] = field(default_factory=dict)  # step k -> prior built after step k
+    attended_by_step: dict[int, list[int]] = field(default_factory=dict)  # step k -> attended text position
 
 
 class InferenceError(ValueError):
@@ -293,8 +295,10 @@ def infer_batch(
             scores = cross_attention_scores(probs, p.estimate_alignment_from_layers)
             attended = prior_state.most_attended(scores, text_lens, p.attention_prior_lookahead_window)
             out.attended_text_positions.append(attended)
+            out.attended_by_step[idx] = list(attended)
             prior = prior_state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
                                             p.attention_prior_lookahead_window, end_indices, device)
+            out.built_priors[idx] = prior
         if p.ignore_finished_sentence_tracking:
             finished, unfinished = {}, {}
         else:

@@ -73,7 +73,7 @@ def test_every_layer_matches_nemo_during_recompute_decoding():
         torch.testing.assert_close(mine[(e.name, e.step)], nemo.load(e.name, e.step), atol=ATOL_STEP, rtol=0,
                                    msg=lambda m: f"{e.name}@{e.step}: {m}")
         compared += 1
-    assert compared >= 10 * (len(names) - 1)
+    assert compared >= 8 * (len(names) - 1)
 
 
 def test_teacher_forced_codes_reproduce_nemo_steps():
