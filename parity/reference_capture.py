@@ -34,8 +34,16 @@ def dump_reference_infer(model, batch: dict[str, torch.Tensor], out_dir: str | P
 
     inputs = {k: list(v.shape) for k, v in batch.items()}
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    import dataclasses
+
+    from reference.inference import resolve_parameters
+
+    params = {k: v for k, v in kw.items() if k in {f.name for f in dataclasses.fields(model.config.inference)}}
+    resolved = dataclasses.asdict(resolve_parameters(model.config.inference, **params))
+    kv = kw.get("use_kv_cache")
     layout = {"mode": "infer", "use_cfg": use_cfg, "seed": seed,
-              "params": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in kw.items()}}
+              "use_kv_cache": model.config.use_kv_cache_for_inference if kv is None else bool(kv),
+              "params": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in resolved.items()}}
     with DumpWriter(out_dir, source="reference", config_hash=model.config.hash(), dtype=dtype, inputs=inputs,
                     layout=layout, overwrite=overwrite) as writer:
         names = None if capture_layers else ["logits"]

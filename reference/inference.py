@@ -192,6 +192,8 @@ def infer_batch(
     forced_codes: Optional[torch.Tensor] = None,
     keep_logits: bool = False,
     progress: bool = False,
+    semantics=None,
+    encoder_output=None,
     **params: Any,
 ) -> InferOutput:
     """NeMo's ``infer_batch`` for this model. ``params`` are NeMo's ``inference_parameters`` fields.
@@ -199,12 +201,33 @@ def infer_batch(
     use_kv_cache: None = the checkpoint's ``use_kv_cache_for_inference`` (as NeMo chooses).
     forced_codes: (B, C, T) teacher forcing: these codes are fed back instead of the sampled ones (sampling
     still runs, so random numbers are drawn as in a free run).
+    semantics: a :class:`reference.semantics.Semantics` (default: NeMo 3.0.0's behaviour); engine behaviours.
+    encoder_output: a precomputed :class:`reference.model.EncoderOutput` (used by the unpadded-request mode).
     """
+    from reference import semantics as sem_mod
     from reference.model import lengths_to_mask, validate_batch
 
+    sem = semantics or sem_mod.Semantics()
     cfg = model.config
     p = resolve_parameters(cfg.inference, **params)
     validate_batch(batch, cfg, require_audio=False)
+    if sem.dtype != "float32" or next(model.parameters()).dtype != torch.float32:
+        model = sem_mod.prepare_model(model, sem)
+    if sem.unpadded_requests and batch["text"].shape[0] > 1:
+        return _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_keys, forced_codes,
+                               keep_logits, sem, params)
+    if sem.kv_cache is not None and use_kv_cache is None:
+        use_kv_cache = sem.kv_cache
+    prior_kind = sem.effective_prior if p.apply_attention_prior else "off"
+    kp = sem.kernel_prior
+    if prior_kind == "off":
+        p = dataclasses.replace(p, apply_attention_prior=False)
+    if prior_kind == "kernel":
+        p = dataclasses.replace(
+            p, attention_prior_lookahead_window=kp.lookahead,
+            estimate_alignment_from_layers=kp.compute_layers or p.estimate_alignment_from_layers,
+            apply_prior_to_layers=kp.apply_layers or p.apply_prior_to_layers,
+        )
     for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
         bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < cfg.decoder.n_layers]
         if bad:
@@ -219,7 +242,7 @@ def infer_batch(
     text_lens_t = batch["text_lens"]
     text_lens = [int(n) for n in text_lens_t]
     B = len(text_lens)
-    enc = model.encode_text(batch["text"], text_lens_t)
+    enc = encoder_output if encoder_output is not None else sem_mod.encode_text(model, batch["text"], text_lens_t, sem)
     ctx_emb, ctx_mask = model.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
     T_ctx, T_text = ctx_mask.shape[1], enc.output.shape[1]
     cond, cond_mask = enc.output, enc.mask
@@ -236,6 +259,8 @@ def infer_batch(
     max_steps = p.max_decoder_steps // S
     state = model.decoder.new_state(rows, T_ctx + max_steps + 1, cond, device, dtype) if cached else None
     prior_state = PriorState.new(B)
+    if prior_kind == "kernel":
+        prior_state.last_attended = [kp.first_focus] * B
     prior: Optional[torch.Tensor] = None
     end_indices: dict[int, int] = {}
     predictions: list[torch.Tensor] = []
@@ -259,15 +284,18 @@ def infer_batch(
             audio_mask = lengths_to_mask(audio_lens)
             if use_cfg:
                 audio_emb, audio_mask = torch.cat([audio_emb, audio_emb]), torch.cat([audio_mask, audio_mask])
+                if sem.cfg_prompt == "zeros":
+                    audio_emb[B:, :1] = 0  # the engine's zero service token replaces the BOS frame too
             x = model.decoder_input(torch.cat([ctx_emb, audio_emb], dim=1))
             x_mask = torch.cat([ctx_mask, audio_mask], dim=1)
             dec = model.decoder(x, x_mask, cond, cond_mask, layer_prior, probs_out=probs)
-            all_logits = model.final_proj(dec)
+            all_logits = sem_mod.lm_head(model, dec, sem)
         else:
             if idx == 0:
                 bos_emb, _ = model.embed_audio_tokens(codes_in, torch.full((B,), S, device=device))
                 if use_cfg:
-                    bos_emb = torch.cat([bos_emb, bos_emb])
+                    uncond_bos = torch.zeros_like(bos_emb) if sem.cfg_prompt == "zeros" else bos_emb
+                    bos_emb = torch.cat([bos_emb, uncond_bos])
                 x = model.decoder_input(torch.cat([ctx_emb, bos_emb], dim=1))
                 x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=device)], 1)
                 key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
@@ -283,8 +311,9 @@ def infer_batch(
                     valid = torch.cat([ctx_mask, torch.ones(rows, state.length + 1 - T_ctx, dtype=torch.bool, device=device)], 1)
                     key_mask = valid[:, None, None, :]
             dec = model.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, layer_prior, probs_out=probs)
-            all_logits = model.final_proj(dec)
+            all_logits = sem_mod.lm_head(model, dec, sem)
         logits_t = all_logits[:, -1, :]
+        logits_t = logits_t.float()
         if use_cfg:
             logits_t = (1 - p.cfg_scale) * logits_t[B:] + p.cfg_scale * logits_t[:B]
         model.logits(logits_t[:, None])
@@ -298,6 +327,8 @@ def infer_batch(
             out.attended_by_step[idx] = list(attended)
             prior = prior_state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
                                             p.attention_prior_lookahead_window, end_indices, device)
+            if prior_kind == "kernel":
+                prior = sem_mod.kernel_prior_rows(rows, T_text, attended, kp, device)
             out.built_priors[idx] = prior
         if p.ignore_finished_sentence_tracking:
             finished, unfinished = {}, {}
@@ -331,3 +362,35 @@ def infer_batch(
     out.predicted_codes_lens = lens
     out.num_steps = len(predictions)
     return out
+
+
+def _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_keys, forced_codes, keep_logits, sem,
+                    params) -> InferOutput:
+    """Engine packing: every request decoded on its own, unpadded (its prompt starts at position 0). The encoder
+    still runs over the whole batch, so ``packed_encoder_conv`` can couple neighbouring requests as it does in
+    the engine."""
+    from reference import semantics as sem_mod
+
+    one = dataclasses.replace(sem, unpadded_requests=False)
+    enc = sem_mod.encode_text(model, batch["text"], batch["text_lens"], sem)
+    outs = []
+    for b in range(batch["text"].shape[0]):
+        n_text, n_ctx = int(batch["text_lens"][b]), int(batch["context_audio_codes_lens"][b])
+        item = {"text": batch["text"][b : b + 1, :n_text], "text_lens": batch["text_lens"][b : b + 1],
+                "context_audio_codes": batch["context_audio_codes"][b : b + 1, :, :n_ctx],
+                "context_audio_codes_lens": batch["context_audio_codes_lens"][b : b + 1]}
+        from reference.model import EncoderOutput
+
+        item_enc = EncoderOutput(enc.output[b : b + 1, :n_text], enc.mask[b : b + 1, :n_text])
+        fc = forced_codes[b : b + 1] if forced_codes is not None else None
+        outs.append(infer_batch(model, item, use_cfg=use_cfg, use_kv_cache=use_kv_cache,
+                                nemo_unmasked_padded_keys=nemo_unmasked_padded_keys, forced_codes=fc,
+                                keep_logits=keep_logits, semantics=one, encoder_output=item_enc, **params))
+    T = max(o.predicted_codes.shape[2] for o in outs)
+    codes = torch.cat([torch.nn.functional.pad(o.predicted_codes, (0, T - o.predicted_codes.shape[2])) for o in outs])
+    res = InferOutput(codes, torch.cat([o.predicted_codes_lens for o in outs]), max(o.num_steps for o in outs))
+    if keep_logits:
+        # per step, the rows of the requests still decoding at that step (finished requests repeat their last row)
+        for k in range(res.num_steps):
+            res.step_logits.append(torch.cat([o.step_logits[min(k, len(o.step_logits) - 1)] for o in outs]))
+    return res

@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def _plugin_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "magpie_parity" for ep in entry_points(group="pytest11"))
+
+
+# The plugin (markers nemo/gpu/trtllm and their skips) is active through its entry point once the package is
+# installed; from a bare checkout, load it here instead.
+pytest_plugins = ["pytester"] + ([] if _plugin_installed() else ["parity.pytest_plugin"])
+
 REPO = Path(__file__).resolve().parent.parent
 import sys  # noqa: E402
 
