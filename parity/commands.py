@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_FIXTURES = REPO / "fixtures" / "data"
+# The bundled fixtures live in the checkout; a non-editable install finds them from the working directory.
+DEFAULT_FIXTURES = next((p for p in (REPO / "fixtures" / "data", Path.cwd() / "fixtures" / "data") if p.is_dir()),
+                        REPO / "fixtures" / "data")
 
 
 def _bad(msg: str):
