@@ -250,7 +250,35 @@ def _run_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- diagnose
+
+
+def _configure_diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dump", help="engine dump in canonical form (e.g. from 'magpie-parity ingest-trtllm')")
+    p.add_argument("--checkpoint", required=True, help="the .nemo/.ckpt the engine was converted from")
+    p.add_argument("--batch", required=True, help="safetensors with the inputs the engine ran on")
+    p.add_argument("--cfg", choices=["dump", "on", "off"], default="dump", help="CFG setting (default: from the dump's layout)")
+    p.add_argument("--tolerance", type=float, help="max |dlogit| accepted (default from the dump's dtype)")
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from parity.dump import DumpError
+    from trt.diagnose import DiagnoseError, diagnose
+
+    model = _load_reference(args.checkpoint)
+    batch = {k: v for k, v in _load_batch(args.batch).items() if k.startswith(("text", "context"))}
+    use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
+    try:
+        d = diagnose(model, args.dump, batch, use_cfg=use_cfg, tolerance=args.tolerance)
+    except (DumpError, DiagnoseError, ValueError) as e:
+        raise _bad(str(e)) from None
+    print(d.report())
+    return 0 if d.explained or (not d.explanation and d.baseline.max_abs <= d.tolerance) else 1
+
+
 def register(add_subcommand) -> None:
+    add_subcommand("diagnose", _configure_diagnose, _run_diagnose,
+                   help="which known TensorRT-LLM behaviours explain an engine dump, and where the rest starts")
     add_subcommand("check", _configure_check, _run_check,
                    help="the main job: reference vs NeMo's dumps on the bundled fixture models, layer by layer")
     add_subcommand("dump", _configure_dump, _run_dump, help="capture a reference or live-NeMo run into a dump")

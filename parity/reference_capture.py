@@ -44,6 +44,8 @@ def dump_reference_infer(model, batch: dict[str, torch.Tensor], out_dir: str | P
     layout = {"mode": "infer", "use_cfg": use_cfg, "seed": seed,
               "use_kv_cache": model.config.use_kv_cache_for_inference if kv is None else bool(kv),
               "params": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in resolved.items()}}
+    if kw.get("semantics") is not None:
+        layout["semantics"] = dataclasses.asdict(kw["semantics"])
     with DumpWriter(out_dir, source="reference", config_hash=model.config.hash(), dtype=dtype, inputs=inputs,
                     layout=layout, overwrite=overwrite) as writer:
         names = None if capture_layers else ["logits"]

@@ -200,7 +200,8 @@ def infer_batch(
 
     use_kv_cache: None = the checkpoint's ``use_kv_cache_for_inference`` (as NeMo chooses).
     forced_codes: (B, C, T) teacher forcing: these codes are fed back instead of the sampled ones (sampling
-    still runs, so random numbers are drawn as in a free run).
+    still runs, so random numbers are drawn as in a free run); decoding continues until they run out or
+    max_decoder_steps, ignoring EOS.
     semantics: a :class:`reference.semantics.Semantics` (default: NeMo 3.0.0's behaviour); engine behaviours.
     encoder_output: a precomputed :class:`reference.model.EncoderOutput` (used by the unpadded-request mode).
     """
@@ -348,11 +349,14 @@ def infer_batch(
                 end_indices[b] = idx * S + int(e)
         if forced_codes is not None:
             if forced_codes.shape[2] < (idx + 1) * S:
-                raise InferenceError(f"forced_codes has {forced_codes.shape[2]} frames; step {idx} needs {(idx + 1) * S}")
+                # The forced run ends here: this step's logits depended only on earlier frames.
+                predictions.append(codes_next)
+                break
             codes_next = forced_codes[:, :, idx * S : (idx + 1) * S].to(codes_next)
         predictions.append(codes_next)
         codes_in = torch.cat([codes_in, codes_next], dim=-1)
-        if len(end_indices) == B and len(predictions) >= MIN_FRAMES_FOR_CODEC:
+        # A teacher-forced run follows the forced codes to their end, whatever EOS its own logits would signal.
+        if forced_codes is None and len(end_indices) == B and len(predictions) >= MIN_FRAMES_FOR_CODEC:
             break
     if capture is not None:
         capture.step = None

@@ -80,8 +80,9 @@ def _attend(
     if attn_prior is not None:
         tiny = torch.finfo(attn_prior.dtype).tiny
         prior = attn_prior[:, None] + tiny  # (B, 1, Tq, Tk); tiny keeps an all-zero prior row a no-op
-        prob = prob * prior
-        prob = prob / prob.sum(dim=-1, keepdim=True)
+        # Reduced-precision runs renormalise in the prior's float32 (tiny underflows in fp16/bf16).
+        prob = (prob.to(prior.dtype) * prior)
+        prob = (prob / prob.sum(dim=-1, keepdim=True)).to(v.dtype)
     if key_mask is not None:
         # Fully masked query rows are NaN after softmax; NeMo zeroes them here, and so do we.
         prob = prob.masked_fill(key_mask == 0, 0.0)
