@@ -415,6 +415,14 @@ class MagpieTTS(nn.Module):
         return cls.from_state_dict(raw.config, raw.state_dict, where=str(path)).to(map_location)
 
     @classmethod
+    def from_trtllm(cls, ckpt_dir: str | Path) -> "MagpieTTS":
+        """Rebuild from a TensorRT-LLM checkpoint written by ``trt.convert`` (shards merged), so that every
+        conversion can be checked by a round trip. The only import of tooling from the reference, kept lazy."""
+        from trt.convert import reference_from_trtllm
+
+        return reference_from_trtllm(ckpt_dir)
+
+    @classmethod
     def from_state_dict(cls, nemo_config: dict, state_dict: dict[str, torch.Tensor], where: str = "checkpoint") -> "MagpieTTS":
         from reference.checkpoint import CheckpointError
 
