@@ -274,4 +274,16 @@ class NameMap:
         return f"unknown {kind} '{name}'{extra}{hint}"
 
 
+# Engine I/O tensors that are not layer activations but carry parity-relevant values (trt/ingest.py writes them
+# under these canonical names; the reference has no capture point for them). Per generation (architecture.md 6.3,
+# 10): gen B (fork_497d0e69) has the input ``attention_prior_focus`` [num_seq] int32 and the output
+# ``attention_prior_scores`` [num_seq * lookahead] (probabilities at [focus, focus + lookahead)); gen A
+# (fork_e7109d5) exports raw averaged cross-attention logits as ``scores``.
+ENGINE_IO: dict[str, tuple[str, tuple[str, ...], str]] = {
+    # trt name: (canonical name, generations, layout: "per_sequence" [num_seq] or "per_sequence_rows" [num_seq*k])
+    "attention_prior_focus": ("inference.attention_prior_focus", ("fork_497d0e69",), "per_sequence"),
+    "attention_prior_scores": ("inference.attention_prior_scores", ("fork_497d0e69",), "per_sequence_rows"),
+}
+
+
 DEFAULT = NameMap()
