@@ -1,0 +1,620 @@
+"""Fast cached decoding for the reference MagpieTTS: static KV cache, device-side sampling and prior, CUDA graphs.
+
+    from reference.fast import FastDecoder
+    fast = FastDecoder(model, max_batch=64, max_len=160 + 2 + 480, dtype=torch.bfloat16)
+    out = fast.generate(batch, use_cfg=True, topk=80, max_decoder_steps=480)  # like model.infer_batch(...)
+
+What it computes is the eager reference's *cached* path (``reference.inference.infer_batch(use_kv_cache=True)``):
+step 0 (context prefix + BOS frame) runs through the reference's own ``Transformer.forward_cached`` into this
+decoder's static buffers; every later step is one new frame per row, written here without any host sync:
+
+* **KV cache**: one static buffer per layer for ``max_batch`` requests (x2 rows with CFG) and ``max_len``
+  positions, preallocated once. Keys are stored *compacted* per row: the valid context frames, then the BOS
+  frame and the generated frames, so padded context keys are never stored or read (with
+  ``nemo_unmasked_padded_keys=True`` the padded keys are kept and attended, as NeMo's cached path does).
+  Attention reads only each row's own length: flash attention with per-row ``seqused_k`` (``attn_impl="flash"``,
+  fp16/bf16 on CUDA, one graph for every step) or, for ``"sdpa"`` / ``"math"``, a key-length mask over a
+  bucket ``[:, :, :L_bucket]`` (``bucket`` positions granularity, one CUDA graph per bucket).
+* **cross-attention** K/V are computed once per request (``layer.memory_kv``) into static buffers.
+* **sampling** on the device: CFG combine, special-token masks, top-k, temperature, and the draw as
+  ``argmax(p / Exp(1))`` -- exactly what ``torch.multinomial(p, 1)`` computes, without its host-side validity
+  checks (which sync). The exponential noise is drawn in the reference's order and shape (per step: sampled
+  pass then the argmax pass, codebook by codebook), so on the CPU the sampled codes equal the eager reference's
+  for the same ``torch.manual_seed``.
+* **attention prior** (``PriorState`` of reference/inference.py) as tensors: last attended position, a
+  ``(B, T_text + 1)`` table of visit counters (sink >= 8, stuck >= 10), finished counters and flags, EOS indices.
+* **stopping**: whether every item has ended is kept on the device; the host looks only every ``sync_every``
+  steps and the output is truncated to the step where the reference would have stopped (identical results).
+
+Known differences from the eager reference (documented and tested in tests/reference/test_fast.py):
+
+* the argmax pass (``sample_codes(temperature=0.01, topk=1)``) is an ``argmax`` here: the reference's
+  multinomial over the top-1 set differs only where two logits tie exactly (it draws among the tied ones);
+* float rounding: the step's matrix products run on one new row (the reference runs final_proj over the whole
+  step-0 prefix and conv1d for the FFN), so logits agree to float32 rounding (~1e-6), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from reference.inference import EOS_METHODS, InferOutput, InferenceError, resolve_parameters
+from reference.model import ConvFFState, DecoderState, LayerKVCache, lengths_to_mask, validate_batch
+
+BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
+
+
+class _StaticKV(LayerKVCache):
+    """The reference's LayerKVCache over this decoder's static buffers (views (rows, H, max_len, Dh))."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):  # noqa: D107 - no allocation, unlike the parent
+        self.k, self.v, self.length = k, v, 0
+
+
+class _StaticFF(ConvFFState):
+    def __init__(self, ff_in: torch.Tensor, ff_hidden: torch.Tensor):  # noqa: D107
+        self.ff_in, self.ff_hidden, self.length = ff_in, ff_hidden, 0
+
+
+@dataclass
+class _Work:
+    """Every tensor one decode step reads or writes: static addresses, so a CUDA graph can replay the step."""
+
+    B: int
+    rows: int
+    T_text: int
+    mem_k: list
+    mem_v: list
+    cond_mask: torch.Tensor  # (rows, T_text) bool
+    ff_in: list
+    ff_hidden: list
+    kv_len: torch.Tensor  # (rows,) long: keys stored per row (compacted)
+    pos: torch.Tensor  # (1,) long: absolute decoder position of the next input frame
+    step: torch.Tensor  # (1,) long: the step index idx
+    codes_in: torch.Tensor  # (B, C, S) long: the frame fed at the next step
+    out_codes: torch.Tensor  # (B, C, S * max_steps) long
+    text_lens: torch.Tensor  # (B,) long
+    prior: torch.Tensor  # (rows, T_text) float32
+    last: torch.Tensor  # (B,) long
+    counters: torch.Tensor  # (B, T_text + 1) long
+    fin_present: torch.Tensor  # (B,) bool: in NeMo's finished_texts_counter
+    fin_count: torch.Tensor  # (B,) long
+    unfinished: torch.Tensor  # (B,) bool
+    end_idx: torch.Tensor  # (B,) long, BIG = none
+    ended: torch.Tensor  # (B,) bool
+    done_step: torch.Tensor  # (1,) long: first step after which the reference stops, BIG = none
+    attended: torch.Tensor  # (max_steps, B) long
+    noise: torch.Tensor  # (2 * S * C, B, V) float32: exponential noise, reference draw order
+    logits_buf: Optional[torch.Tensor] = None  # (max_steps, B, C*V*S) float32 when keep_logits
+    forced: Optional[torch.Tensor] = None  # (B, C, >= S * max_steps) long
+    graphs: dict = field(default_factory=dict)
+
+
+class FastDecoder:
+    """Cached MagpieTTS decoding with static buffers; CUDA graphs on the GPU, the same code eagerly on the CPU.
+
+    model: a reference ``MagpieTTS`` (copied and cast to ``dtype``; the original is untouched).
+    max_batch: requests per call (rows = 2 x max_batch with CFG). max_len: decoder positions per row
+    (context frames + 2 specials + BOS... i.e. ``T_ctx + 1 + max_steps`` must fit).
+    attn_impl: "auto" (flash on CUDA for fp16/bf16, else "sdpa" on CUDA, "math" on the CPU), "flash", "sdpa", "math".
+    cuda_graphs: None = on for CUDA. nemo_unmasked_padded_keys: as in ``infer_batch``.
+    """
+
+    def __init__(
+        self,
+        model,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+        attn_impl: str = "auto",
+        cuda_graphs: Optional[bool] = None,
+        bucket: int = 64,
+        sync_every: int = 32,
+        nemo_unmasked_padded_keys: bool = False,
+    ):
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
+        c = self.config = self.model.config
+        d = c.decoder
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        if d.use_learnable_pos_emb and max_len > d.max_length_causal_mask:
+            raise ValueError(f"max_len {max_len} exceeds the model's {d.max_length_causal_mask} learned positions")
+        self.max_batch, self.max_len = int(max_batch), int(max_len)
+        self.max_rows = 2 * self.max_batch
+        self.nemo_unmasked = bool(nemo_unmasked_padded_keys)
+        is_cuda = self.device.type == "cuda"
+        if attn_impl == "auto":
+            attn_impl = "flash" if is_cuda and dtype in (torch.float16, torch.bfloat16) else ("sdpa" if is_cuda else "math")
+        if attn_impl not in ("flash", "sdpa", "math"):
+            raise ValueError(f"attn_impl must be auto, flash, sdpa or math, got {attn_impl!r}")
+        if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
+            raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
+        self.attn_impl = attn_impl
+        self.cuda_graphs = is_cuda if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and not is_cuda:
+            raise ValueError("cuda_graphs needs a CUDA device")
+        self.bucket = max(1, int(bucket))
+        self.sync_every = max(1, int(sync_every))
+        # Static self-attention KV cache. flash: (rows, L, H, Dh) so that the rows pack into (rows * L, H, Dh);
+        # sdpa / math: (rows, H, L, Dh) so that [:, :, :L_bucket] keeps (rows * H) one batch stride.
+        H, Dh = d.sa_n_heads, d.sa_d_head
+        shape = (self.max_rows, max_len, H, Dh) if attn_impl == "flash" else (self.max_rows, H, max_len, Dh)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(d.n_layers)]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(d.n_layers)]
+        m = self.model
+        C, S, V = c.num_audio_codebooks, c.frame_stacking_factor, c.num_all_tokens_per_codebook
+        self.emb_table = torch.cat([e.weight for e in m.audio_embeddings], 0)  # (S*C*V, D), table j = c + i*C
+        self.emb_offsets = (torch.arange(C * S, device=self.device) * V).view(1, S, C).transpose(1, 2)  # (1, C, S)
+        # special-token masks of the sampler: all 8 specials (EOS too while min_generated_frames are not out)
+        self.forbid_all = torch.zeros(V, dtype=torch.bool, device=self.device)
+        self.forbid_all[c.codebook_size : c.codebook_size + 8] = True
+        self.forbid_no_eos = self.forbid_all.clone()
+        self.forbid_no_eos[c.audio_eos_id] = False
+        self.only_eos = torch.zeros(V, dtype=torch.bool, device=self.device)
+        self.only_eos[c.audio_eos_id] = True
+        self._works: dict = {}
+        self._pool = None
+        self._params = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # buffers
+    # ------------------------------------------------------------------------------------------------------
+
+    def _work(self, B: int, rows: int, T_text: int, max_steps: int) -> _Work:
+        key = (B, rows, T_text)
+        w = self._works.get(key)
+        if w is not None and w.out_codes.shape[2] >= max_steps * self.config.frame_stacking_factor:
+            return w
+        c, d, dev = self.config, self.config.decoder, self.device
+        C, S, V = c.num_audio_codebooks, c.frame_stacking_factor, c.num_all_tokens_per_codebook
+        Hx, dhx = d.xa_n_heads, d.xa_head_dim
+        z = lambda *s, dt=self.dtype: torch.zeros(*s, device=dev, dtype=dt)  # noqa: E731
+        L = torch.long
+        w = _Work(
+            B=B, rows=rows, T_text=T_text,
+            mem_k=[z(rows, Hx, T_text, dhx) for _ in range(d.n_layers)],
+            mem_v=[z(rows, Hx, T_text, dhx) for _ in range(d.n_layers)],
+            cond_mask=z(rows, T_text, dt=torch.bool),
+            ff_in=[z(rows, self.max_len, d.d_model) if d.kernel_size > 1 else None for _ in range(d.n_layers)],
+            ff_hidden=[z(rows, self.max_len, d.d_ffn) if d.kernel_size > 1 else None for _ in range(d.n_layers)],
+            kv_len=z(rows, dt=L), pos=z(1, dt=L), step=z(1, dt=L), codes_in=z(B, C, S, dt=L),
+            out_codes=z(B, C, S * max_steps, dt=L), text_lens=z(B, dt=L), prior=z(rows, T_text, dt=torch.float32),
+            last=z(B, dt=L), counters=z(B, T_text + 1, dt=L), fin_present=z(B, dt=torch.bool), fin_count=z(B, dt=L),
+            unfinished=z(B, dt=torch.bool), end_idx=z(B, dt=L), ended=z(B, dt=torch.bool), done_step=z(1, dt=L),
+            attended=z(max_steps, B, dt=L), noise=z(2 * S * C, B, V, dt=torch.float32),
+        )
+        self._works[key] = w
+        return w
+
+    def _kv_views(self, i: int, rows: int):
+        """(rows, H, max_len, Dh) views of layer i's cache (what the reference's LayerKVCache expects)."""
+        k, v = self.k_cache[i][:rows], self.v_cache[i][:rows]
+        if self.attn_impl == "flash":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return k, v
+
+    # ------------------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, torch.Tensor],
+        use_cfg: bool = False,
+        keep_logits: bool = False,
+        forced_codes: Optional[torch.Tensor] = None,
+        run_all_steps: bool = False,
+        **params: Any,
+    ) -> InferOutput:
+        """``infer_batch(batch, use_cfg, use_kv_cache=True, **params)`` on the fast path.
+
+        Returns an ``InferOutput`` with predicted_codes, predicted_codes_lens, num_steps, attended_text_positions
+        (per prior step) and, with keep_logits, step_logits (CFG-combined, float32). run_all_steps: decode
+        max_decoder_steps frames even when every item ended (benchmarks); the outputs are still truncated where
+        the reference stops.
+        """
+        c = self.config
+        p = resolve_parameters(c.inference, **params)
+        for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
+            bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < c.decoder.n_layers]
+            if bad:
+                raise InferenceError(f"{k} names layer(s) {bad} outside 0..{c.decoder.n_layers - 1}")
+        validate_batch(batch, c, require_audio=False)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        C, S = c.num_audio_codebooks, c.frame_stacking_factor
+        B = batch["text"].shape[0]
+        if B > self.max_batch:
+            raise ValueError(f"batch of {B} requests > max_batch {self.max_batch}")
+        rows = 2 * B if use_cfg else B
+        max_steps = p.max_decoder_steps // S
+        T_ctx = int(batch["context_audio_codes_lens"].max()) + 2  # BOS + EOS specials around the context
+        if T_ctx + 1 + max_steps > self.max_len:
+            raise ValueError(f"context {T_ctx} + 1 + {max_steps} steps > max_len {self.max_len}")
+        if forced_codes is not None and forced_codes.shape[2] < max_steps * S:
+            raise InferenceError(f"forced_codes has {forced_codes.shape[2]} frames; {max_steps * S} are needed")
+        T_text = batch["text"].shape[1]
+        w = self._work(B, rows, T_text, max_steps)
+        if self._params != p:
+            for ww in self._works.values():
+                ww.graphs.clear()
+            self._params = p
+        if keep_logits and (w.logits_buf is None or w.logits_buf.shape[0] < max_steps):
+            w.logits_buf = torch.zeros(max_steps, B, C * c.num_all_tokens_per_codebook * S, device=self.device)
+        if forced_codes is not None:
+            if w.forced is None or w.forced.shape[2] < forced_codes.shape[2]:
+                w.forced = torch.zeros(B, C, forced_codes.shape[2], dtype=torch.long, device=self.device)
+            w.forced[:, :, : forced_codes.shape[2]].copy_(forced_codes)
+        self._prefill(w, batch, use_cfg, p)
+        opts = (keep_logits, forced_codes is not None)
+        self._post(w, self._prefill_out, 0, p, opts)  # step 0's sampling and prior, on the device
+        host_done = False
+        n = 1
+        for idx in range(1, max_steps):
+            if not run_all_steps and idx % self.sync_every == 0 and int(w.done_step) < BIG:
+                host_done = True
+                break
+            self._decode(w, idx, T_ctx, p, opts)
+            n = idx + 1
+        return self._finish(w, p, max_steps, n, keep_logits, host_done)
+
+    # ------------------------------------------------------------------------------------------------------
+    # step 0: the reference's own forward_cached, writing into the static buffers
+    # ------------------------------------------------------------------------------------------------------
+
+    def _prefill(self, w: _Work, batch, use_cfg: bool, p) -> None:
+        m, c = self.model, self.config
+        d = c.decoder
+        B, rows, S = w.B, w.rows, c.frame_stacking_factor
+        dev = self.device
+        text_lens = batch["text_lens"]
+        enc = m.encode_text(batch["text"], text_lens)
+        ctx_emb, ctx_mask = m.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+        cond, cond_mask = enc.output, enc.mask
+        if use_cfg:
+            dummy_mask = torch.zeros_like(cond_mask)
+            dummy_mask[:, 0] = True
+            cond, cond_mask = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([cond_mask, dummy_mask])
+            ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
+            ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+        T_ctx = ctx_mask.shape[1]
+        # reset the state (in place: graphs hold these addresses)
+        w.cond_mask.copy_(cond_mask)
+        w.text_lens.copy_(text_lens)
+        w.prior.fill_(p.attention_prior_epsilon)
+        w.last.fill_(1)
+        w.counters.zero_()
+        w.fin_present.zero_()
+        w.fin_count.zero_()
+        w.unfinished.zero_()
+        w.end_idx.fill_(BIG)
+        w.ended.zero_()
+        w.done_step.fill_(BIG)
+        w.attended.zero_()
+        w.step.zero_()
+        kv = []
+        ff = []
+        memory_kv = []
+        for i, layer in enumerate(m.decoder.layers):
+            mk, mv = layer.memory_kv(cond)
+            w.mem_k[i].copy_(mk)
+            w.mem_v[i].copy_(mv)
+            memory_kv.append((w.mem_k[i], w.mem_v[i]))
+            kv.append(_StaticKV(*self._kv_views(i, rows)))
+            if d.kernel_size > 1:
+                w.ff_in[i].zero_()
+                w.ff_hidden[i].zero_()
+                ff.append(_StaticFF(w.ff_in[i], w.ff_hidden[i]))
+            else:
+                ff.append(None)
+        state = DecoderState(kv, ff, memory_kv, 0)
+        codes_in = torch.full((B, c.num_audio_codebooks, S), c.audio_bos_id, dtype=torch.long, device=dev)
+        bos_emb, _ = m.embed_audio_tokens(codes_in, torch.full((B,), S, device=dev))
+        if use_cfg:
+            bos_emb = torch.cat([bos_emb, bos_emb])
+        x = m.decoder_input(torch.cat([ctx_emb, bos_emb], dim=1))
+        x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=dev)], 1)
+        key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
+        probs: list = []
+        dec = m.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, None, probs_out=probs)
+        logits = m.final_proj(dec[:, -1:])[:, 0]
+        scores = self._scores([pr[:, :, -1:] for pr in probs], p)
+        # Compact the keys: row r keeps its ctx_len valid context keys, then the BOS key (position T_ctx).
+        T_new = T_ctx + bos_emb.shape[1]
+        if self.nemo_unmasked:
+            w.kv_len.fill_(T_new)
+        else:
+            ctx_len = ctx_mask.sum(1)  # contiguous prefix (lengths_to_mask)
+            r = torch.arange(rows, device=dev)
+            for i in range(d.n_layers):
+                for cache in (self.k_cache[i], self.v_cache[i]):
+                    for j in range(bos_emb.shape[1]):
+                        if self.attn_impl == "flash":
+                            cache[r, ctx_len + j] = cache[r, T_ctx + j]
+                        else:
+                            cache[r, :, ctx_len + j] = cache[r, :, T_ctx + j]
+            w.kv_len.copy_(ctx_len + bos_emb.shape[1])
+        w.pos.fill_(T_new)
+        self._prefill_out = (logits, scores)
+
+    # ------------------------------------------------------------------------------------------------------
+    # one decode step (idx >= 1): graph-capturable, no host syncs
+    # ------------------------------------------------------------------------------------------------------
+
+    def _flags(self, idx: int, p) -> tuple:
+        prior_in = p.apply_attention_prior and idx >= 1 and idx - 1 >= p.start_prior_after_n_audio_steps
+        update = p.apply_attention_prior and idx >= p.start_prior_after_n_audio_steps
+        forbid_eos = idx * self.config.frame_stacking_factor < p.min_generated_frames
+        return bool(prior_in), bool(update), bool(forbid_eos)
+
+    def _bucket_len(self, w: _Work, T_ctx: int, idx: int) -> int:
+        if self.attn_impl == "flash":
+            return self.max_len
+        need = T_ctx + 1 + idx  # keys after this step's write (upper bound over rows)
+        return min(self.max_len, -(-need // self.bucket) * self.bucket)
+
+    def _decode(self, w: _Work, idx: int, T_ctx: int, p, opts) -> None:
+        flags = self._flags(idx, p)
+        Lb = self._bucket_len(w, T_ctx, idx)
+        if not self.cuda_graphs:
+            self._step(w, Lb, flags, p, opts)
+            return
+        key = (Lb, flags, opts)
+        g = w.graphs.get(key)
+        if g is not None:
+            g.replay()
+            return
+        # First use of this shape: run the step eagerly (it is the real step, and the warm-up the capture
+        # needs), then record it for later steps. Recording does not execute, so state is not advanced twice.
+        self._step(w, Lb, flags, p, opts)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, pool=self._pool):
+            self._step(w, Lb, flags, p, opts)
+        w.graphs[key] = g
+
+    def _step(self, w: _Work, Lb: int, flags: tuple, p, opts) -> None:
+        m, c = self.model, self.config
+        d = c.decoder
+        prior_in, _, _ = flags
+        rows, B = w.rows, w.B
+        C, S = c.num_audio_codebooks, c.frame_stacking_factor
+        # the new frame: mean of the C*S code embeddings (NeMo's embed_audio_tokens), positions, CFG rows
+        emb = F.embedding(w.codes_in + self.emb_offsets, self.emb_table)  # (B, C, S, D)
+        x = emb.sum(dim=(1, 2)) / (C * S)
+        if rows != B:
+            x = torch.cat([x, x])
+        x = x.unsqueeze(1)  # (rows, 1, D)
+        if m.decoder.position_embeddings is not None:
+            x = x + m.decoder.position_embeddings.weight.index_select(0, w.pos)
+        x = x.to(self.dtype)
+        layer_prior = p.apply_prior_to_layers
+        est = p.estimate_alignment_from_layers
+        new_len = w.kv_len + 1
+        probs = []
+        for i, layer in enumerate(m.decoder.layers):
+            x = x + self._self_attention(i, layer, x, w, new_len, Lb)
+            use_prior = prior_in and (layer_prior is None or i in layer_prior)
+            y, prob = self._cross_attention(i, layer, x, w, w.prior if use_prior else None)
+            x = x + y
+            if est is None or i in est:
+                probs.append(prob)
+            x = x + self._ffn(i, layer, x, w)
+        x = m.decoder.norm_out(x)
+        logits = m.final_proj(x)[:, 0]
+        w.kv_len.add_(1)
+        w.pos.add_(1)
+        scores = torch.stack([pr.mean(dim=1) for pr in probs], dim=1).mean(dim=1)[:, -1, :]
+        self._post(w, (logits, scores), None, p, opts, flags=flags)
+
+    def _self_attention(self, i, layer, x, w: _Work, new_len, Lb: int):
+        sa = layer.self_attention
+        rows = w.rows
+        H, Dh = sa.n_heads, sa.d_head
+        h = layer.norm_self(x)
+        qkv = sa.qkv_net(h).reshape(rows, 3, H, Dh)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (rows, H, Dh)
+        K, Vc = self.k_cache[i], self.v_cache[i]
+        if self.attn_impl == "flash":
+            L = self.max_len
+            flat = w.kv_len + torch.arange(rows, device=x.device) * L
+            Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
+            Kf.index_copy_(0, flat, k)
+            Vf.index_copy_(0, flat, v)
+            cu_q = torch.arange(rows + 1, device=x.device, dtype=torch.int32)
+            cu_k = cu_q * L
+            y = torch.ops.aten._flash_attention_forward(
+                q.contiguous(), Kf, Vf, cu_q, cu_k, 1, L, 0.0, False, False, scale=sa.scale,
+                seqused_k=new_len.to(torch.int32),
+            )[0]  # (rows, H, Dh)
+            y = y.reshape(rows, 1, H * Dh)
+        else:
+            index = w.kv_len.view(rows, 1, 1, 1).expand(rows, H, 1, Dh)
+            K[:rows].scatter_(2, index, k.unsqueeze(2))
+            Vc[:rows].scatter_(2, index, v.unsqueeze(2))
+            Kb, Vb = K[:rows, :, :Lb], Vc[:rows, :, :Lb]
+            valid = torch.arange(Lb, device=x.device)[None, :] < new_len[:, None]  # (rows, Lb)
+            q = q.unsqueeze(2)  # (rows, H, 1, Dh)
+            if self.attn_impl == "sdpa":
+                y = F.scaled_dot_product_attention(q, Kb, Vb, attn_mask=valid[:, None, None, :], scale=sa.scale)
+            else:  # the reference's _attend, op for op
+                score = torch.matmul(q, Kb.transpose(2, 3)) * sa.scale
+                score = score.masked_fill(~valid[:, None, None, :], float("-inf"))
+                y = torch.matmul(F.softmax(score, dim=-1), Vb)
+            y = y.transpose(1, 2).reshape(rows, 1, H * Dh)
+        return sa.o_net(y)
+
+    def _cross_attention(self, i, layer, x, w: _Work, prior: Optional[torch.Tensor]):
+        xa = layer.cross_attention
+        rows = w.rows
+        q = xa.q_net(layer.norm_xattn_query(x)).reshape(rows, 1, xa.n_heads, xa.d_head).transpose(1, 2)
+        mask = w.cond_mask[:, None, None, :]
+        score = torch.matmul(q, w.mem_k[i].transpose(2, 3)) * xa.scale
+        score = score.masked_fill(~mask, float("-inf"))
+        prob = F.softmax(score, dim=-1)
+        if prior is not None:
+            pr = prior[:, None, None, :] + torch.finfo(torch.float32).tiny
+            pf = prob.float() * pr
+            prob = (pf / pf.sum(dim=-1, keepdim=True)).to(prob.dtype)
+        prob = prob.masked_fill(~mask, 0.0)
+        y = torch.matmul(prob, w.mem_v[i]).transpose(1, 2).reshape(rows, 1, -1)
+        return xa.o_net(y), prob
+
+    def _ffn(self, i, layer, x, w: _Work):
+        ff = layer.pos_ff
+        h = layer.norm_pos_ff(x)
+        k = ff.proj.kernel_size
+        if k == 1:
+            a = F.gelu(F.linear(h, ff.proj.conv.weight[:, :, 0]), approximate="tanh")
+            return F.linear(a, ff.o_net.conv.weight[:, :, 0])
+        # causal conv over the last k positions (the reference's _forward_cached with the static history)
+        win = w.pos + torch.arange(-(k - 1), 1, device=x.device)  # (k,) absolute positions
+        w.ff_in[i].index_copy_(1, w.pos, h)
+        a = F.gelu(F.conv1d(w.ff_in[i].index_select(1, win).transpose(1, 2), ff.proj.conv.weight), approximate="tanh")
+        w.ff_hidden[i].index_copy_(1, w.pos, a.transpose(1, 2))
+        y = F.conv1d(w.ff_hidden[i].index_select(1, win).transpose(1, 2), ff.o_net.conv.weight)
+        return y.transpose(1, 2)
+
+    # ------------------------------------------------------------------------------------------------------
+    # CFG, prior state machine, sampling, EOS: device tensors only
+    # ------------------------------------------------------------------------------------------------------
+
+    def _scores(self, probs: list, p) -> torch.Tensor:
+        est = p.estimate_alignment_from_layers
+        per_layer = [pr.mean(dim=1) for i, pr in enumerate(probs) if est is None or i in est]
+        return torch.stack(per_layer, dim=1).mean(dim=1)[:, -1, :]
+
+    def _post(self, w: _Work, out, idx0: Optional[int], p, opts, flags: Optional[tuple] = None) -> None:
+        c = self.config
+        keep_logits, forced = opts
+        if flags is None:
+            flags = self._flags(idx0, p)
+        _, update, forbid_eos = flags
+        B, S, C, V = w.B, c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
+        logits, scores = out
+        logits = logits.float()
+        if w.rows != B:
+            logits = (1 - p.cfg_scale) * logits[B:] + p.cfg_scale * logits[:B]
+        step = w.step
+        if keep_logits:
+            w.logits_buf.index_copy_(0, step, logits.unsqueeze(0))
+        if update:
+            self._prior_update(w, scores.float(), p)
+        if p.ignore_finished_sentence_tracking:
+            finished = unfinished = None
+        else:
+            finished = w.fin_present & (w.fin_count >= 20)
+            unfinished = w.unfinished
+        lg = logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
+        eos = c.audio_eos_id
+        if unfinished is not None:
+            lg = lg.clone()
+            lg[:, :, eos] = lg[:, :, eos].masked_fill(unfinished[:, None], float("-inf"))
+            fin = finished[:, None, None]
+            lg = torch.where(fin, torch.where(self.only_eos, 0.0, float("-inf")), lg)
+        lg = lg.masked_fill(self.forbid_all if forbid_eos else self.forbid_no_eos, float("-inf"))
+        kth = torch.topk(lg, p.topk, dim=-1)[0][..., -1:]
+        lg_k = lg.masked_fill(lg < kth, float("-inf"))
+        probs = torch.softmax(lg_k / p.temperature, dim=-1)  # (B, S*C, V)
+        # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
+        # sampled pass, then again for its argmax pass: one (2*S*C, B, V) draw is the same stream on the CPU.
+        w.noise.exponential_()
+        sampled = (probs / w.noise[: S * C].transpose(0, 1)).argmax(dim=-1)  # (B, S*C)
+        top1 = lg.argmax(dim=-1)  # the argmax pass (temperature 0.01, top-1)
+        sampled = sampled.view(B, S, C).transpose(1, 2)  # (B, C, S)
+        top1 = top1.view(B, S, C).transpose(1, 2)
+        # EOS bookkeeping
+        method, detection = EOS_METHODS[p.eos_detection_method]
+        frames = torch.arange(S, device=lg.device)
+
+        def first_eos(codes):
+            hit = codes == eos
+            per_frame = {"any": lambda: hit.any(dim=1), "all": lambda: hit.all(dim=1), "zero_cb": lambda: hit[:, 0]}[detection]()
+            return torch.where(per_frame, frames, BIG).min(dim=1).values
+
+        e = first_eos(top1)
+        if method == "argmax_or_multinomial":
+            e = torch.minimum(e, first_eos(sampled))
+        new_end = (~w.ended) & (e < BIG)
+        w.end_idx.copy_(torch.where(new_end, step * S + e, w.end_idx))
+        w.ended.logical_or_(new_end)
+        done = w.ended.all() & (step + 1 >= 4)  # MIN_FRAMES_FOR_CODEC
+        w.done_step.copy_(torch.where(done & (w.done_step == BIG), step, w.done_step))
+        nxt = sampled
+        frame_ids = step * S + frames
+        if forced:
+            nxt = w.forced.index_select(2, frame_ids)
+        w.out_codes.index_copy_(2, frame_ids, nxt)
+        w.codes_in.copy_(nxt)
+        w.step.add_(1)
+
+    def _prior_update(self, w: _Work, scores: torch.Tensor, p) -> None:
+        """PriorState.most_attended + build_prior as tensor ops (see reference/inference.py)."""
+        B, T = w.B, w.T_text
+        scores = scores[:B]
+        n = w.text_lens
+        L = p.attention_prior_lookahead_window
+        eps = p.attention_prior_epsilon
+        ar = torch.arange(T, device=scores.device)
+        last = w.last + (w.counters.gather(1, w.last[:, None])[:, 0] >= 8).long()  # attention sink: move on
+        end = torch.minimum(last + L, n - 3)
+        end = torch.where(end < 0, (end + T).clamp(min=0), end)  # Python slice semantics of scores[b, a:end]
+        inwin = (ar[None] >= last[:, None]) & (ar[None] < end[:, None])
+        t = scores.masked_fill(~inwin, float("-inf")).argmax(dim=1)
+        t = torch.where(end > last, t, n - 1)
+        w.attended.index_copy_(0, w.step, t[None])
+        w.counters.scatter_add_(1, t[:, None], torch.ones_like(t[:, None]))
+        w.last.copy_(t)
+        # the prior for the next step
+        ones = (ar[None] == torch.clamp(t - 1, min=1)[:, None]) | (
+            (ar[None] >= t[:, None]) & (ar[None] <= torch.minimum(t + L, n - 1)[:, None]))
+        ones = ones | (n[:, None] <= 5)
+        stuck = torch.where(w.counters[:, :T] >= 10, ar[None], -1).max(dim=1).values  # last stuck position
+        ones = ones & (ar[None] > stuck[:, None])
+        w.prior[:B].copy_(torch.where(ones, 1.0, eps))
+        w.unfinished.copy_((t < n - 3) & ~w.ended)
+        w.fin_present.logical_or_((t >= n - 2) | w.ended)
+        w.fin_count.add_(w.fin_present.long())
+        w.unfinished.logical_and_(~(w.fin_present & (w.fin_count > 5)))
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _finish(self, w: _Work, p, max_steps: int, n: int, keep_logits: bool, host_done: bool) -> InferOutput:
+        S = self.config.frame_stacking_factor
+        done = int(w.done_step)
+        num_steps = done + 1 if done < BIG else n
+        codes = w.out_codes[:, :, : num_steps * S].clone()
+        lens = torch.where(w.ended, w.end_idx, p.max_decoder_steps)
+        out = InferOutput(codes[:, :, : int(lens.max())].cpu(), lens.cpu(), num_steps)
+        prior_steps = [k for k in range(num_steps) if p.apply_attention_prior and k >= p.start_prior_after_n_audio_steps]
+        att = w.attended.cpu()
+        out.attended_text_positions = [att[k].tolist() for k in prior_steps]
+        out.attended_by_step = {k: att[k].tolist() for k in prior_steps}
+        if keep_logits:
+            out.step_logits = [w.logits_buf[k].clone() for k in range(num_steps)]
+        return out
+
+
+def floor_bytes(model, rows: int, mean_keys: float, dtype_bytes: int, T_text: int) -> dict:
+    """Bytes one decode step must move at least: every decoder weight and final_proj read once, each row's
+    self-attention K and V at the mean length read once per layer, the cross-attention K/V read once."""
+    d = model.config.decoder
+    weights = sum(p.numel() for n, p in model.decoder.named_parameters() if "position_embeddings" not in n)
+    weights += model.final_proj.weight.numel()
+    kv = d.n_layers * rows * mean_keys * 2 * d.d_model
+    xkv = d.n_layers * rows * T_text * 2 * d.xa_n_heads * d.xa_head_dim
+    return {"weights": weights * dtype_bytes, "kv": kv * dtype_bytes, "xkv": xkv * dtype_bytes,
+            "total": (weights + kv + xkv) * dtype_bytes}
