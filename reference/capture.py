@@ -42,12 +42,15 @@ class Capture:
         self.sink = sink
         self.clone = clone
         self.step: Optional[int] = None
+        self.paused = False  # set by code that runs the model in pieces and reports merged tensors itself
         self.records: list[tuple[str, Optional[int], torch.Tensor]] = []
         self._handles: list = []
         self._modules = dict(model.named_modules())
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
+            if self.paused:
+                return
             t = output.detach()
             if self.clone:
                 t = t.clone()

@@ -377,6 +377,12 @@ def _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_ke
 
     one = dataclasses.replace(sem, unpadded_requests=False)
     enc = sem_mod.encode_text(model, batch["text"], batch["text_lens"], sem)
+    # Per-request runs would capture each tensor once per request: capture is paused and only the merged
+    # per-step logits are handed to an active capture afterwards.
+    capture = getattr(model, "_active_capture", None)
+    model._active_capture = None
+    if capture is not None:
+        capture.paused = True
     outs = []
     for b in range(batch["text"].shape[0]):
         n_text, n_ctx = int(batch["text_lens"][b]), int(batch["context_audio_codes_lens"][b])
@@ -389,12 +395,20 @@ def _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_ke
         fc = forced_codes[b : b + 1] if forced_codes is not None else None
         outs.append(infer_batch(model, item, use_cfg=use_cfg, use_kv_cache=use_kv_cache,
                                 nemo_unmasked_padded_keys=nemo_unmasked_padded_keys, forced_codes=fc,
-                                keep_logits=keep_logits, semantics=one, encoder_output=item_enc, **params))
+                                keep_logits=True, semantics=one, encoder_output=item_enc, **params))
+    model._active_capture = capture
+    if capture is not None:
+        capture.paused = False
     T = max(o.predicted_codes.shape[2] for o in outs)
     codes = torch.cat([torch.nn.functional.pad(o.predicted_codes, (0, T - o.predicted_codes.shape[2])) for o in outs])
     res = InferOutput(codes, torch.cat([o.predicted_codes_lens for o in outs]), max(o.num_steps for o in outs))
+    # per step, every request's row (a request that stopped earlier repeats its last row)
+    merged = [torch.cat([o.step_logits[min(k, len(o.step_logits) - 1)] for o in outs]) for k in range(res.num_steps)]
     if keep_logits:
-        # per step, the rows of the requests still decoding at that step (finished requests repeat their last row)
-        for k in range(res.num_steps):
-            res.step_logits.append(torch.cat([o.step_logits[min(k, len(o.step_logits) - 1)] for o in outs]))
+        res.step_logits = merged
+    if capture is not None:
+        for k, logits in enumerate(merged):
+            capture.step = k
+            model.logits(logits[:, None])
+        capture.step = None
     return res

@@ -122,7 +122,15 @@ def prepare_model(model, sem: Semantics):
     """A copy of ``model`` in the semantics' dtype; the original is left untouched."""
     if sem.dtype == "float32" and next(model.parameters()).dtype == torch.float32:
         return model
-    m = copy.deepcopy(model)
+    # The copy keeps the module hooks (closures over the live Capture) and must share the Capture object itself,
+    # not a deep copy of it (which would also copy the whole model it refers to).
+    capture = getattr(model, "_active_capture", None)
+    model._active_capture = None
+    try:
+        m = copy.deepcopy(model)
+    finally:
+        model._active_capture = capture
+    m._active_capture = capture
     return m.to(getattr(torch, sem.dtype))
 
 
