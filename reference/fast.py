@@ -50,6 +50,22 @@ from reference.model import ConvFFState, DecoderState, LayerKVCache, lengths_to_
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
 
 
+def _flash_works(device, dtype) -> bool:
+    """Whether this torch build runs varlen flash attention with per-row ``seqused_k`` (else: sdpa)."""
+    try:
+        q = torch.randn(2, 2, 64, device=device, dtype=dtype)
+        k = torch.randn(8, 2, 64, device=device, dtype=dtype)
+        cu = torch.arange(3, device=device, dtype=torch.int32)
+        used = torch.tensor([3, 2], device=device, dtype=torch.int32)
+        y = torch.ops.aten._flash_attention_forward(q, k, k, cu, cu * 4, 1, 4, 0.0, False, False, seqused_k=used)[0]
+        ref = torch.stack([F.scaled_dot_product_attention(q[i, :, None].float(), k[4 * i : 4 * i + n].transpose(0, 1).float(),
+                                                          k[4 * i : 4 * i + n].transpose(0, 1).float())[:, 0]
+                           for i, n in enumerate((3, 2))])
+        return bool((y.float() - ref).abs().max() < 1e-2)
+    except Exception:  # noqa: BLE001 - any failure means: not usable here
+        return False
+
+
 class _StaticKV(LayerKVCache):
     """The reference's LayerKVCache over this decoder's static buffers (views (rows, H, max_len, Dh))."""
 
@@ -135,7 +151,8 @@ class FastDecoder:
         self.nemo_unmasked = bool(nemo_unmasked_padded_keys)
         is_cuda = self.device.type == "cuda"
         if attn_impl == "auto":
-            attn_impl = "flash" if is_cuda and dtype in (torch.float16, torch.bfloat16) else ("sdpa" if is_cuda else "math")
+            half = is_cuda and dtype in (torch.float16, torch.bfloat16)
+            attn_impl = "flash" if half and _flash_works(self.device, dtype) else ("sdpa" if is_cuda else "math")
         if attn_impl not in ("flash", "sdpa", "math"):
             raise ValueError(f"attn_impl must be auto, flash, sdpa or math, got {attn_impl!r}")
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):

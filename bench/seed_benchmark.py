@@ -1,0 +1,489 @@
+"""The seed's decoding workload on one GPU: eager reference (cached), FastDecoder, and NeMo 3.0.0's loop.
+
+    python bench/seed_benchmark.py [--out DIR] [--quick]
+
+Workload (issue #6): 512 requests, 64 per batch, CFG 2.5 (128 rows), attention prior on, 128 text tokens,
+160 context frames, 480 generated frames, top-k 80 / temperature 0.7; a released-size random-weight model
+(d_model 768, 12 heads, 6 encoder + 12 decoder layers, FFN 3072, encoder kernel 3, decoder kernel 1,
+cross-attention 1 head x 128, 8 codebooks x 2024 tokens, 2048 learned positions) built from a MagpieConfig.
+
+Prints ms per decode step, frames/s, x real time (21.5 frames = 1 s of audio), achieved GB/s against the
+step's byte floor and the copy bandwidth measured on the card in the same run. Parity checks run first with
+TF32 off. Writes results.json, table.md and profile.txt under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from reference.config import InferenceParameters, MagpieConfig, TransformerConfig  # noqa: E402
+from reference.fast import FastDecoder, floor_bytes  # noqa: E402
+from reference.model import MagpieTTS  # noqa: E402
+
+FRAMES_PER_SECOND = 21.5
+N_REQ, BATCH, T_TEXT, T_CTX_FRAMES, N_FRAMES = 512, 64, 128, 160, 480
+PARAMS = dict(cfg_scale=2.5, topk=80, temperature=0.7, apply_attention_prior=True, max_decoder_steps=N_FRAMES)
+
+
+def seed_config(tiny: bool = False) -> MagpieConfig:
+    if tiny:
+        enc = TransformerConfig(n_layers=1, d_model=32, d_ffn=64, sa_n_heads=2, kernel_size=3, is_causal=True,
+                                apply_norm_out=True, max_length_causal_mask=128, use_learnable_pos_emb=True)
+        dec = TransformerConfig(n_layers=2, d_model=32, d_ffn=64, sa_n_heads=2, kernel_size=1, is_causal=True,
+                                apply_norm_out=True, max_length_causal_mask=128, use_learnable_pos_emb=True,
+                                has_xattn=True, xa_d_memory=32, xa_n_heads=1, xa_d_head=16, apply_norm_to_cond=True)
+        cb = 120
+        return MagpieConfig(
+            model_type="decoder_context_tts", d_model=32, num_text_tokens=40, num_audio_codebooks=2, codebook_size=cb,
+            num_all_tokens_per_codebook=cb + 8, frame_stacking_factor=1, audio_bos_id=cb, audio_eos_id=cb + 1,
+            context_audio_bos_id=cb + 2, context_audio_eos_id=cb + 3, mask_token_id=cb + 4, encoder=enc, decoder=dec,
+            use_kv_cache_for_inference=True, inference=InferenceParameters(max_decoder_steps=N_FRAMES))
+    enc = TransformerConfig(n_layers=6, d_model=768, d_ffn=3072, sa_n_heads=12, kernel_size=3, is_causal=True,
+                            apply_norm_out=True, max_length_causal_mask=2048, use_learnable_pos_emb=True)
+    dec = TransformerConfig(n_layers=12, d_model=768, d_ffn=3072, sa_n_heads=12, kernel_size=1, is_causal=True,
+                            apply_norm_out=True, max_length_causal_mask=2048, use_learnable_pos_emb=True,
+                            has_xattn=True, xa_d_memory=768, xa_n_heads=1, xa_d_head=128, apply_norm_to_cond=True)
+    cb = 2016
+    return MagpieConfig(
+        model_type="decoder_context_tts", d_model=768, num_text_tokens=256, num_audio_codebooks=8, codebook_size=cb,
+        num_all_tokens_per_codebook=cb + 8, frame_stacking_factor=1, audio_bos_id=cb, audio_eos_id=cb + 1,
+        context_audio_bos_id=cb + 2, context_audio_eos_id=cb + 3, mask_token_id=cb + 4, encoder=enc, decoder=dec,
+        use_kv_cache_for_inference=True, inference=InferenceParameters(max_decoder_steps=N_FRAMES),
+    )
+
+
+def make_requests(cfg: MagpieConfig, n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, cfg.num_text_tokens - 2, (n, T_TEXT), generator=g)
+    text[:, -1] = cfg.text_eos_id
+    ctx = torch.randint(0, cfg.codebook_size, (n, cfg.num_audio_codebooks, T_CTX_FRAMES), generator=g)
+    out = []
+    for i in range(0, n, BATCH):
+        b = min(BATCH, n - i)
+        out.append({"text": text[i : i + b], "text_lens": torch.full((b,), T_TEXT),
+                    "context_audio_codes": ctx[i : i + b], "context_audio_codes_lens": torch.full((b,), T_CTX_FRAMES)})
+    return out
+
+
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    r = fn()
+    sync()
+    return time.perf_counter() - t, r
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written, median of 10 (GB/s)."""
+    n = 2**29
+    a = torch.randn(n, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ts = []
+    for _ in range(10):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        sync()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    return 2 * a.numel() * 4 / statistics.median(ts) / 1e9
+
+
+# ---- NeMo's decoder, driven the way MagpieTTSModel.infer_batch drives it --------------------------------------
+
+
+def load_nemo_transformer():
+    """Import nemo.collections.tts.modules.transformer_2501 from the bare nemo-toolkit wheel (oracle README)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nemo")
+    if spec is None:
+        raise ImportError("nemo-toolkit is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for name in ("nemo.collections", "nemo.collections.tts", "nemo.collections.tts.modules"):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+            sys.modules[name] = mod
+    from nemo.collections.tts.modules import transformer_2501
+
+    return transformer_2501
+
+
+def nemo_decoder(model: MagpieTTS, dtype=torch.float32):
+    t2501 = load_nemo_transformer()
+    d = model.config.decoder
+    dec = t2501.Transformer(
+        n_layers=d.n_layers, d_model=d.d_model, d_ffn=d.d_ffn, sa_n_heads=d.sa_n_heads, kernel_size=d.kernel_size,
+        p_dropout=0.0, has_xattn=True, xa_d_memory=d.xa_d_memory, xa_n_heads=d.xa_n_heads, xa_d_head=d.xa_d_head,
+        is_causal=True, apply_norm_to_cond=d.apply_norm_to_cond, apply_norm_out=d.apply_norm_out,
+        max_length_causal_mask=d.max_length_causal_mask, use_learnable_pos_emb=d.use_learnable_pos_emb,
+    )
+    missing, unexpected = dec.load_state_dict(model.decoder.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("causal_mask") for k in missing), (missing, unexpected)
+    return dec.to(device=next(model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def nemo_step_times(model: MagpieTTS, dec, req: dict, steps: list[int], reps: int, autocast_dtype=None) -> dict:
+    """Time NeMo's cached step (whole growing sequence in, reset_cache(use_cache=True)) at chosen step indices.
+
+    For step k: reset the cache, run the prefix of T_ctx + k positions once (fills NeMo's cache, untimed), then
+    time `reps` consecutive steps, each as infer_batch runs it: embed all audio codes so far, decoder over the
+    whole sequence, final_proj over the whole output, CFG, prior state machine, two sampling passes, EOS scan
+    (host code: the reference's line-for-line copy of NeMo's).
+    """
+    from reference.inference import PriorState, cross_attention_scores, find_eos, sample_codes
+
+    c = model.config
+    p = InferenceParameters(**{**c.inference.__dict__, **PARAMS})
+    dev = next(model.parameters()).device
+    req = {k: v.to(dev) for k, v in req.items()}
+    B = req["text"].shape[0]
+    enc = model.encode_text(req["text"], req["text_lens"])
+    ctx_emb, ctx_mask = model.context_embedding(req["context_audio_codes"], req["context_audio_codes_lens"])
+    dummy = torch.zeros_like(enc.mask)
+    dummy[:, 0] = True
+    cond, cond_mask = torch.cat([enc.output, torch.zeros_like(enc.output)]), torch.cat([enc.mask, dummy])
+    ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
+    ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+    rows, T_text = 2 * B, cond.shape[1]
+    text_lens = req["text_lens"].tolist()
+    g = torch.Generator(device=dev).manual_seed(1)
+    out = {}
+    ac = torch.autocast(DEV, dtype=autocast_dtype) if autocast_dtype else torch.autocast(DEV, enabled=False)
+    for k in steps:
+        codes = torch.randint(0, c.codebook_size, (B, c.num_audio_codebooks, k + 1 + reps), device=dev, generator=g)
+        codes[:, :, 0] = c.audio_bos_id
+        dec.reset_cache(use_cache=True)
+        prior_state = PriorState.new(B)
+        prior = torch.full((rows, 1, T_text), p.attention_prior_epsilon, device=dev)
+
+        def run(n_frames):
+            emb, lens = model.embed_audio_tokens(codes[:, :, :n_frames], torch.full((B,), n_frames, device=dev))
+            emb = torch.cat([emb, emb])
+            x = torch.cat([ctx_emb, emb], 1)
+            x_mask = torch.cat([ctx_mask, torch.ones(rows, n_frames, dtype=torch.bool, device=dev)], 1)
+            with ac:
+                o = dec(x, x_mask, cond=cond, cond_mask=cond_mask, attn_prior=prior)
+                logits = model.final_proj(o["output"].to(model.final_proj.weight.dtype)) if autocast_dtype is None \
+                    else model.final_proj(o["output"])
+            lt = logits[:, -1].float()
+            lt = (1 - p.cfg_scale) * lt[B:] + p.cfg_scale * lt[:B]
+            probs = [a["cross_attn_probabilities"][0].float() for a in o["attn_probabilities"]]
+            scores = cross_attention_scores(probs, None)
+            att = prior_state.most_attended(scores, text_lens, p.attention_prior_lookahead_window)
+            pr = prior_state.build_prior(rows, T_text, text_lens, att, p.attention_prior_epsilon,
+                                         p.attention_prior_lookahead_window, {}, dev)
+            prior.copy_(pr)
+            nxt = sample_codes(lt, c, p.temperature, p.topk, {}, {}, False)
+            am = sample_codes(lt, c, 0.01, 1, {}, {}, False)
+            for b in range(B):
+                find_eos(am[b], c.audio_eos_id, "any")
+                find_eos(nxt[b], c.audio_eos_id, "any")
+            return nxt
+
+        run(k + 1)  # the prefix: T_ctx + k positions... plus BOS (cache init, untimed)
+        ts = []
+        for r in range(reps):
+            dt, _ = timed(lambda: run(k + 2 + r))
+            ts.append(dt)
+        out[k] = statistics.median(ts)
+        del codes
+    dec.reset_cache(use_cache=False)
+    return out
+
+
+# ---- parity ---------------------------------------------------------------------------------------------------
+
+
+def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
+    """fp32 fast vs eager cached reference at topk=1 (codes, logits); fp16/bf16 fast logits vs fp32 fast logits
+    teacher-forced on the fp32 codes. TF32 is off here."""
+    res = {}
+    kw = dict(use_cfg=True, topk=1, cfg_scale=2.5, apply_attention_prior=True, max_decoder_steps=steps, keep_logits=True)
+    t, ref = timed(lambda: model.infer_batch(req, use_kv_cache=True, **kw))
+    B = req["text"].shape[0]
+    fast32 = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32)
+    f = fast32.generate(req, **kw)
+    same = torch.equal(ref.predicted_codes, f.predicted_codes) and torch.equal(ref.predicted_codes_lens, f.predicted_codes_lens)
+    n = min(ref.num_steps, f.num_steps)
+    # first divergence (if any) and the logit gap up to it
+    rc, fc = ref.predicted_codes, f.predicted_codes
+    T = min(rc.shape[2], fc.shape[2])
+    diverge = next((k for k in range(T) if not torch.equal(rc[:, :, k], fc[:, :, k])), None)
+    upto = n if diverge is None else diverge + 1
+    dl = max((a.to(b.device) - b).abs().max().item() for a, b in zip(ref.step_logits[:upto], f.step_logits[:upto]))
+    res["fp32_codes_identical"] = bool(same)
+    res["fp32_first_divergent_step"] = diverge
+    res["fp32_max_abs_logit_diff"] = dl
+    res["fp32_attended_identical"] = ref.attended_text_positions == f.attended_text_positions
+    res["steps"] = steps
+    res["eager_steps_run"] = ref.num_steps
+    print(f"[parity] fp32 fast vs eager cached, topk=1, {B} requests x {steps} steps: codes identical={same}, "
+          f"attended identical={res['fp32_attended_identical']}, max|dlogit|={dl:.2e}, first divergence={diverge}")
+    codes = torch.cat([f.predicted_codes, torch.zeros(B, f.predicted_codes.shape[1], steps)
+                       .long()], 2)[:, :, :steps].to(DEV)  # fp32's own codes, padded past EOS
+    codes32 = fast32.generate(req, forced_codes=codes, **kw)
+    del fast32
+    for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if DEV == "cuda" else ():
+        fd = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, dt)
+        o = fd.generate(req, forced_codes=codes, **kw)
+        ref_l = torch.stack(codes32.step_logits[: o.num_steps])
+        got = torch.stack(o.step_logits[: ref_l.shape[0]])
+        rel = ((got - ref_l).norm() / ref_l.norm()).item()
+        mx = (got - ref_l).abs().max().item()
+        agree = (got.view(*got.shape[:2], -1, model.config.num_all_tokens_per_codebook).argmax(-1) ==
+                 ref_l.view(*ref_l.shape[:2], -1, model.config.num_all_tokens_per_codebook).argmax(-1)).float().mean().item()
+        res[f"{name}_rel_l2"] = rel
+        res[f"{name}_max_abs"] = mx
+        res[f"{name}_logit_scale"] = ref_l.abs().max().item()
+        res[f"{name}_argmax_agree"] = agree
+        res[f"{name}_attn_impl"] = fd.attn_impl
+        print(f"[parity] {name} ({fd.attn_impl}) vs fp32 fast, teacher-forced: rel L2={rel:.2e}, max|d|={mx:.3f} "
+              f"(max|logit|={res[f'{name}_logit_scale']:.2f}), argmax agreement={agree:.4f}")
+        del fd
+    return res
+
+
+# ---- the fast path ----------------------------------------------------------------------------------------------
+
+
+def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_text) -> dict:
+    fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + N_FRAMES, dtype, attn_impl=attn_impl)
+    kw = dict(use_cfg=True, run_all_steps=True, **PARAMS)
+    short = dict(kw, max_decoder_steps=4)
+    t_first, _ = timed(lambda: fd.generate(reqs[0], **kw))  # captures the graphs
+    t_short = statistics.median([timed(lambda: fd.generate(reqs[0], **short))[0] for _ in range(3)])
+    totals = []
+    for r in reqs[:n_batches]:
+        dt, out = timed(lambda: fd.generate(r, **kw))
+        totals.append(dt)
+    t_full = statistics.median(totals)
+    ms_step = (t_full - t_short) / (N_FRAMES - 4) * 1e3
+    rows = 2 * BATCH
+    mean_keys = T_CTX_FRAMES + 2 + 1 + (N_FRAMES - 1) / 2
+    fb = floor_bytes(fd.model, rows, mean_keys, torch.finfo(dtype).bits // 8, T_text)
+    r = {
+        "label": label, "dtype": str(dtype).split(".")[-1], "attn_impl": fd.attn_impl, "batches_timed": len(totals),
+        "ms_per_step": ms_step, "prefill_and_3_steps_s": t_short, "batch_total_s": t_full, "first_batch_s": t_first,
+        "graphs": sum(len(w.graphs) for w in fd._works.values()),
+        "floor_bytes": fb["total"], "floor_ms": fb["total"] / (bw * 1e9) * 1e3,
+    }
+    r["gbps"] = fb["total"] / (ms_step / 1e3) / 1e9
+    r["x_floor"] = ms_step / r["floor_ms"]
+    r["frames_per_s"] = BATCH / (ms_step / 1e3)
+    r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
+    r["all_512_s"] = t_full * math.ceil(N_REQ / BATCH)
+    results.append(r)
+    print(f"[fast] {label}: {ms_step:.3f} ms/step, {r['frames_per_s']:.0f} frames/s, {r['x_realtime']:.0f}x real time, "
+          f"{r['gbps']:.0f} GB/s = {r['x_floor']:.2f}x floor ({r['floor_ms']:.3f} ms); batch {t_full:.2f} s "
+          f"(prefill+3 steps {t_short:.3f} s), {len(totals)} batches timed", flush=True)
+    return fd
+
+
+def profile_fast(model, req, out_dir: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + 64, torch.bfloat16 if DEV == "cuda" else torch.float32,
+                     cuda_graphs=False)
+    kw = dict(use_cfg=True, run_all_steps=True, **dict(PARAMS, max_decoder_steps=48))
+    fd.generate(req, **kw)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fd.generate(req, **kw)
+        sync()
+    txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=30)
+    (out_dir / "profile.txt").write_text("bf16 fast path, eager (no graph) steps: prefill + 47 steps, 128 rows\n" + txt)
+    print(txt[:4000])
+
+
+def main(argv=None) -> int:
+    global DEV, N_REQ, N_FRAMES, T_CTX_FRAMES, T_TEXT, BATCH
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--quick", action="store_true", help="fewer batches and steps (smoke test)")
+    ap.add_argument("--parity-steps", type=int, default=96)
+    ap.add_argument("--eager-steps", type=int, default=None, help="default: all 480")
+    ap.add_argument("--nemo-steps", default="1,80,160,240,320,400,478")
+    ap.add_argument("--skip-nemo", action="store_true")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, times nothing")
+    ap.add_argument("--budget-s", type=float, default=480, help="skip optional parts once this much time has passed")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if a.cpu_smoke:  # a tiny model and workload, to check the script without a GPU
+        DEV, N_REQ, BATCH, N_FRAMES, T_CTX_FRAMES, T_TEXT = "cpu", 8, 4, 24, 10, 12
+        PARAMS["max_decoder_steps"] = N_FRAMES
+        a.nemo_steps = "1,10,20"
+    if DEV == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        card, sms, mem = props.name, props.multi_processor_count, props.total_memory / 2**30
+    else:
+        card, sms, mem = "cpu", 0, 0
+    info = {"card": card, "sms": sms, "mem_gib": mem,
+            "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print("[info]", info, flush=True)
+    bw = copy_bandwidth() if DEV == "cuda" else 10.0
+    info["copy_gbps"] = bw
+    print(f"[info] device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
+    torch.manual_seed(0)
+    cfg = seed_config(tiny=a.cpu_smoke)
+    model = MagpieTTS(cfg).to(DEV).eval()
+    n_batches = 2 if a.quick else math.ceil(N_REQ / BATCH)
+    reqs = [{k: v.to(DEV) for k, v in r.items()} for r in make_requests(cfg, N_REQ)]
+    res = {"info": info, "workload": dict(requests=N_REQ, batch=BATCH, rows=2 * BATCH, text=T_TEXT, context=T_CTX_FRAMES,
+                                          frames=N_FRAMES, **PARAMS), "fast": []}
+    res["parity"] = parity_checks(model, reqs[0], 16 if a.quick else min(a.parity_steps, N_FRAMES))
+    print(f"[t] {time.time() - t0:.0f} s", flush=True)
+
+    # fast path variants (TF32 stays off: fp32 numbers are true fp32)
+    main_dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    try:
+        fd = time_fast(model, reqs, main_dt, "auto", n_batches, "fast bf16", res["fast"], bw, T_TEXT)
+        del fd
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        print(f"[fail] fast bf16: {type(e).__name__}: {e}", flush=True)
+    variants = ((torch.float16, "auto", "fast fp16"), (torch.bfloat16, "sdpa", "fast bf16 sdpa+buckets"),
+                (torch.float32, "auto", "fast fp32")) if DEV == "cuda" else ((torch.float32, "math", "fast fp32"),)
+    for dt, impl, label in variants:
+        if time.time() - t0 > a.budget_s:
+            print(f"[skip] {label}: budget", flush=True)
+            continue
+        try:
+            time_fast(model, reqs, dt, impl, 1, label, res["fast"], bw, T_TEXT)
+        except Exception as e:  # report, keep going
+            print(f"[fail] {label}: {type(e).__name__}: {e}", flush=True)
+    print(f"[t] {time.time() - t0:.0f} s", flush=True)
+
+    # eager reference, cached path, fp32, one batch (extrapolated to 512 requests)
+    ekw = dict(use_cfg=True, use_kv_cache=True, **dict(PARAMS, max_decoder_steps=(a.eager_steps or N_FRAMES) if not a.quick else 32))
+    model.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4))
+    t_short, _ = timed(lambda: model.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4)))
+    t_e, eo = timed(lambda: model.infer_batch(reqs[0], **ekw))
+    e_ms = (t_e - t_short) / max(1, eo.num_steps - 4) * 1e3
+    mean_keys = T_CTX_FRAMES + 3 + (eo.num_steps - 1) / 2
+    fb = floor_bytes(model, 2 * BATCH, mean_keys, 4, T_TEXT)
+    res["eager"] = {"ms_per_step": e_ms, "steps_run": eo.num_steps, "batch_s": t_e, "dtype": "float32",
+                    "frames_per_s": BATCH / (e_ms / 1e3), "gbps": fb["total"] / (e_ms / 1e3) / 1e9,
+                    "floor_ms": fb["total"] / (bw * 1e9) * 1e3}
+    res["eager"]["x_realtime"] = res["eager"]["frames_per_s"] / FRAMES_PER_SECOND
+    print(f"[eager] fp32 cached: {e_ms:.2f} ms/step over {eo.num_steps} steps, {res['eager']['x_realtime']:.0f}x real time",
+          flush=True)
+    print(f"[t] {time.time() - t0:.0f} s", flush=True)
+
+    # NeMo's loop
+    if not a.skip_nemo:
+        steps = [int(s) for s in a.nemo_steps.split(",")] if not a.quick else [1, 240, 478]
+        try:
+            dec = nemo_decoder(model)
+            # sanity: NeMo's decoder with the reference's weights gives the reference decoder's output
+            r0 = {k: v[:2] for k, v in reqs[0].items()}
+            with torch.no_grad():
+                enc = model.encode_text(r0["text"], r0["text_lens"])
+                x = torch.randn(2, 40, cfg.d_model, device=DEV)
+                xm = torch.ones(2, 40, dtype=torch.bool, device=DEV)
+                a_ = model.decoder(x, xm, enc.output, enc.mask)
+                dec.reset_cache(use_cache=False)
+                b_ = dec(x, xm, cond=enc.output, cond_mask=enc.mask)["output"]
+            res["nemo_vs_reference_decoder_max_abs"] = (a_ - b_).abs().max().item()
+            print(f"[nemo] decoder output vs reference decoder (fp32, TF32 off): max|d| = "
+                  f"{res['nemo_vs_reference_decoder_max_abs']:.2e}", flush=True)
+            res["nemo"] = {}
+            for name, ad in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+                if time.time() - t0 > a.budget_s + 60:
+                    print(f"[skip] nemo {name}: budget", flush=True)
+                    continue
+                st = nemo_step_times(model, dec, reqs[0], steps, 2, ad)
+                mean_s = statistics.mean(st.values())  # the sampled steps are evenly spaced over the 480
+                r = {"step_s": {str(k): v for k, v in st.items()}, "ms_per_step": mean_s * 1e3,
+                     "frames_per_s": BATCH / mean_s, "x_realtime": BATCH / mean_s / FRAMES_PER_SECOND,
+                     "all_512_s_extrapolated": mean_s * N_FRAMES * math.ceil(N_REQ / BATCH)}
+                fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (N_FRAMES - 1) / 2, 4 if ad is None else 2, T_TEXT)
+                r["gbps_vs_floor"] = fb["total"] / mean_s / 1e9
+                res["nemo"][name] = r
+                print(f"[nemo] {name}: steps {steps}: " + ", ".join(f"{k}:{v*1e3:.1f}ms" for k, v in st.items()) +
+                      f" -> mean {mean_s*1e3:.1f} ms/step", flush=True)
+            del dec
+        except Exception as e:
+            print(f"[fail] nemo: {type(e).__name__}: {e}", flush=True)
+            res["nemo_error"] = f"{type(e).__name__}: {e}"
+    print(f"[t] {time.time() - t0:.0f} s", flush=True)
+    if time.time() - t0 < a.budget_s + 90:
+        try:
+            profile_fast(model, reqs[0], out_dir)
+        except Exception as e:
+            print(f"[fail] profile: {type(e).__name__}: {e}", flush=True)
+    table = render_table(res)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out_dir / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+def render_table(res: dict) -> str:
+    info = res["info"]
+    lines = [f"card: {info['card']} ({info['sms']} SMs), torch {info['torch']}, {info['date']}; "
+             f"copy bandwidth {info['copy_gbps']:.0f} GB/s (read+write); 128 rows (64 requests x CFG)", "",
+             "| path | dtype | ms/step | frames/s | x real time | GB/s (floor bytes / step time) | x floor | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    nemo_ms = None
+    if "nemo" in res and "float32" in res["nemo"]:
+        nemo_ms = res["nemo"]["float32"]["ms_per_step"]
+    for name, r in (res.get("nemo") or {}).items():
+        lines.append(f"| NeMo 3.0.0 transformer_2501 loop | {name} | {r['ms_per_step']:.1f} | {r['frames_per_s']:.0f} | "
+                     f"{r['x_realtime']:.1f} | {r['gbps_vs_floor']:.0f} | - | steps {list(r['step_s'])} timed, mean "
+                     f"extrapolated to 480 steps x 8 batches = {r['all_512_s_extrapolated']:.0f} s |")
+    if "eager" in res:
+        e = res["eager"]
+        lines.append(f"| eager reference, cached | float32 | {e['ms_per_step']:.2f} | {e['frames_per_s']:.0f} | "
+                     f"{e['x_realtime']:.0f} | {e['gbps']:.0f} | {e['ms_per_step']/e['floor_ms']:.1f} | 1 batch, "
+                     f"{e['steps_run']} steps |")
+    for r in res["fast"]:
+        vs = f", {nemo_ms / r['ms_per_step']:.0f}x NeMo fp32" if nemo_ms else ""
+        lines.append(f"| FastDecoder ({r['attn_impl']}) | {r['dtype']} | {r['ms_per_step']:.3f} | {r['frames_per_s']:.0f} | "
+                     f"{r['x_realtime']:.0f} | {r['gbps']:.0f} | {r['x_floor']:.2f} | {r['batches_timed']} batch(es) x 480 "
+                     f"steps, {r['graphs']} graph(s){vs}; 512 requests {r['all_512_s']:.1f} s |")
+    p = res.get("parity", {})
+    if p:
+        lines += ["", f"parity (TF32 off): fp32 fast vs eager cached at topk=1, 64 requests x {p['steps']} steps: codes "
+                  f"identical = {p['fp32_codes_identical']}, first divergent step = {p['fp32_first_divergent_step']}, "
+                  f"max |dlogit| = {p['fp32_max_abs_logit_diff']:.2e}; fp16 rel L2 {p.get('fp16_rel_l2', float('nan')):.2e} "
+                  f"(argmax agree {p.get('fp16_argmax_agree', float('nan')):.4f}), bf16 rel L2 "
+                  f"{p.get('bf16_rel_l2', float('nan')):.2e} (argmax agree {p.get('bf16_argmax_agree', float('nan')):.4f}) "
+                  f"vs fp32 fast, teacher-forced"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
