@@ -89,6 +89,10 @@ class IngestError(ValueError):
     """A tree that cannot be ingested; the message names the file or folder."""
 
 
+class UnreadableFile(IngestError):
+    """A .npy file that cannot be loaded (not a question of how the tree is laid out)."""
+
+
 # --------------------------------------------------------------------------------------------- pure helpers
 
 
@@ -326,9 +330,9 @@ def load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:  # ValueError (pickled/garbled header), OSError, EOFError ...
-        raise IngestError(f"{path}: unreadable .npy: {type(exc).__name__}: {exc}") from None
+        raise UnreadableFile(f"{path}: unreadable .npy: {type(exc).__name__}: {exc}") from None
     if not isinstance(arr, np.ndarray):
-        raise IngestError(f"{path}: not a single .npy array")
+        raise UnreadableFile(f"{path}: not a single .npy array")
     return arr
 
 
@@ -473,15 +477,17 @@ def _infer_cfg(tree: Tree, kinds: dict[str, Kind]) -> bool:
                     break
                 if not ok:
                     break
+        except UnreadableFile:
+            raise
         except IngestError as exc:
             ok = False
-            errors.append(str(exc))
+            errors.append(f"{'with' if cfg else 'without'} CFG: {exc}")
         verdicts.append(ok)
     if verdicts == [True, False]:
         return False
     if verdicts == [False, True]:
         return True
-    why = f" ({errors[0]})" if errors else ""
+    why = f" ({'; '.join(errors)})" if errors else ""
     raise IngestError(f"{tree.root}: cannot tell whether the run used CFG from the row counts; pass use_cfg={why}")
 
 

@@ -1,0 +1,149 @@
+"""magpie-parity convert / build / ingest-trtllm / bench-data through parity.cli.main: exit codes and outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from parity.cli import main
+from parity.compare import compare_dumps
+from parity.dump import DumpReader
+
+FIX = "fixtures/data"
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, for CI greps
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(out)]) == 0
+    return out
+
+
+def test_convert_prints_deviations_and_writes_both_engines(converted, tmp_path, capsys):
+    assert json.loads((converted / "decoder" / "config.json").read_text())["architecture"]
+    assert (converted / "encoder" / "rank0.safetensors").is_file()
+    out = tmp_path / "fp16"
+    assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(out), "--dtype", "float16",
+                 "--drop-lm-head-bias"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "lm_head bias dropped" in text
+    assert "the fork's converter drops it" not in text  # dropping the bias is what the fork does
+    assert "final_proj.bias dropped" in text and "fork hard-codes 1 x 128" in text
+
+
+def test_convert_bad_input_exits_2(tmp_path, capsys, converted):
+    assert main(["convert", "--checkpoint", str(tmp_path / "missing.nemo"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.nemo: no such file" in _err_line(capsys)
+    junk = tmp_path / "junk.nemo"
+    junk.write_bytes(b"\x00not an archive")
+    assert main(["convert", "--checkpoint", str(junk), "--out", str(tmp_path / "o")]) == 2
+    assert "junk.nemo" in _err_line(capsys)
+    assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(converted)]) == 2
+    assert "already exists" in _err_line(capsys)
+    assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(tmp_path / "o"),
+                 "--tp-size", "0"]) == 2
+
+
+def test_build_prints_commands(converted, tmp_path, capsys):
+    eng = tmp_path / "engines"
+    assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(eng), "--profile", "parity",
+                 "--debug-output", "--set", "max_input_len=64", "--set", "decoder_max_input_len=32",
+                 "--set", "max_seq_len=64"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    enc, dec = lines
+    assert enc.startswith(f"trtllm-build --checkpoint_dir {converted / 'encoder'} --output_dir {eng / 'encoder'}")
+    assert dec.startswith(f"trtllm-build --checkpoint_dir {converted / 'decoder'} --output_dir {eng / 'decoder'}")
+    assert "--enable_debug_output" in enc and "--enable_debug_output" in dec
+    assert "--max_input_len 32" in dec and "--max_seq_len 64" in dec and "--max_input_len 64" in enc
+    assert not eng.exists()  # printing builds nothing
+
+
+def test_build_bad_input_exits_2(converted, tmp_path, capsys):
+    base = ["build", "--ckpt-dir", str(converted), "--engine-dir", str(tmp_path / "e")]
+    assert main(base) == 2  # the seed profile builds float16 plugins
+    assert "checkpoint dtype is float32" in _err_line(capsys)
+    assert main(base + ["--profile", "parity"]) == 2  # max_input_len 128 > this tiny model's 64 positions
+    assert "max_position_embeddings 64" in _err_line(capsys)
+    assert main(base + ["--set", "no_such_flag=1"]) == 2
+    assert "no_such_flag" in _err_line(capsys)
+    assert main(base + ["--set", "oops"]) == 2
+    assert "KEY=VALUE" in _err_line(capsys)
+    assert main(["build", "--ckpt-dir", str(tmp_path / "none"), "--engine-dir", str(tmp_path / "e")]) == 2
+    assert "config.json: missing" in _err_line(capsys)
+
+
+@pytest.mark.skipif(shutil.which("trtllm-build") is not None, reason="trtllm-build is installed here")
+def test_build_run_without_tensorrt_llm_exits_2(converted, tmp_path, capsys):
+    assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(tmp_path / "e"), "--profile", "parity",
+                 "--set", "max_input_len=64", "--set", "decoder_max_input_len=32", "--set", "max_seq_len=64",
+                 "--run"]) == 2
+    assert "trtllm-build is not on the PATH" in _err_line(capsys)
+
+
+def test_ingest_trtllm_of_a_tree_matches_the_reference(tmp_path, capsys):
+    import test_ingest as ti
+
+    ref_path = ti.reference_dump("released_small", tmp_path)
+    ref = DumpReader(ref_path)
+    rows, steps, text_lens = ti.sequence_rows(ref, 3, use_cfg=True)
+    tree = ti.write_executor_tree(tmp_path / "t", rows, 3, True, ti.executor_schedule(3, steps, late=0), [1, 2, 3],
+                                  text_lens=text_lens)
+    out = tmp_path / "ing"
+    assert main(["ingest-trtllm", str(tree), "--out", str(out), "--cfg-scale", "2.5", "--batch-size", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "generation fork_c6ff2312" in text and "host_kv_cache_pool_pointers" in text
+    res = compare_dumps(out, ref_path, progress=False)
+    assert not res.missing_in_b and res.tensors and all(t.max_abs == 0 for t in res.tensors)
+    # existing output, bad tree: exit 2, one line naming the file
+    assert main(["ingest-trtllm", str(tree), "--out", str(out)]) == 2
+    assert "already exists" in _err_line(capsys)
+    bad = tree / "PP_1" / "TP_1" / "iteration_2" / "decoder_layer_0_output.npy"
+    bad.write_bytes(b"garbage")
+    assert main(["ingest-trtllm", str(tree), "--out", str(tmp_path / "ing2")]) == 2
+    assert "decoder_layer_0_output.npy: unreadable .npy" in _err_line(capsys)
+    assert main(["ingest-trtllm", str(tmp_path / "nothing"), "--out", str(tmp_path / "ing3")]) == 2
+    assert "not a folder" in _err_line(capsys)
+
+
+def test_bench_data_round_trip(tmp_path, capsys):
+    from trt.benchmark_data import read_dataset
+
+    out = tmp_path / "bench.json"
+    assert main(["bench-data", "--out", str(out), "--samples", "4", "--text-len", "6", "--context-frames", "5",
+                 "--output-frames", "7"]) == 0
+    assert f"wrote {out}: 4 samples" in capsys.readouterr().out
+    ds = read_dataset(out)
+    assert len(ds.samples) == 4 and ds.num_vocabs == 8 and ds.feature_dim == 768
+    s = ds.samples[0]
+    assert (s.input_len, s.output_len, len(s.context_ids)) == (6, 7, 5 * 8)
+    assert np.array(s.input_feat).std() > 0
+    out2 = tmp_path / "bench4.json"
+    assert main(["bench-data", "--out", str(out2), "--samples", "2", "--text-len", "3", "--context-frames", "2",
+                 "--output-frames", "2", "--checkpoint", f"{FIX}/four_codebooks.nemo"]) == 0
+    ds = read_dataset(out2)
+    assert ds.num_vocabs == 4 and ds.feature_dim is None and len(ds.samples[1].input_ids) == 3
+    assert "num_vocabs 4" in capsys.readouterr().out
+
+
+def test_bench_data_bad_input_exits_2(tmp_path, capsys):
+    assert main(["bench-data", "--out", str(tmp_path / "b.json"), "--samples", "0"]) == 2
+    assert "num_samples must be >= 1" in _err_line(capsys)
+    assert main(["bench-data", "--out", str(tmp_path / "b.json"), "--checkpoint", str(tmp_path / "x.nemo")]) == 2
+    assert "x.nemo: no such file" in _err_line(capsys)

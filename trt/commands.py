@@ -1,0 +1,214 @@
+"""``magpie-parity`` sub-commands for the TensorRT-LLM side: ``convert``, ``build``, ``ingest-trtllm``,
+``bench-data``. Registered by ``parity.cli`` through :func:`register`; heavy imports happen inside each command.
+User errors (missing/corrupt files, bad settings, TensorRT-LLM missing for ``build --run``) exit 2 with one line
+naming the file; a failing ``trtllm-build`` exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+
+def _bad(msg: str):
+    from parity.cli import BadInput
+
+    return BadInput(msg)
+
+
+# ------------------------------------------------------------------------------------------------ convert
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="NeMo MagpieTTS .nemo or Lightning .ckpt")
+    p.add_argument("--out", required=True, metavar="DIR", help="TensorRT-LLM checkpoint folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--tp-size", type=int, default=1, metavar="N")
+    p.add_argument("--drop-lm-head-bias", action="store_true",
+                   help="drop final_proj.bias as the fork's converter does (the engine then differs from NeMo)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from reference.checkpoint import CheckpointError, read_checkpoint
+    from reference.config import ConfigError, MagpieConfig
+    from trt.convert import ConversionError, convert_state_dict, fork_deviations, write_converted
+
+    if args.tp_size < 1:
+        raise _bad(f"--tp-size must be >= 1, got {args.tp_size}")
+    try:
+        raw = read_checkpoint(args.checkpoint)
+        where = str(raw.path)
+        cfg = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=where)
+        conv = convert_state_dict(cfg, raw.state_dict, dtype=args.dtype, tp_size=args.tp_size,
+                                  drop_lm_head_bias=args.drop_lm_head_bias, where=where)
+        out = write_converted(conv, args.out, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, ConversionError) as exc:
+        raise _bad(str(exc)) from None
+    except OSError as exc:
+        raise _bad(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    print(f"wrote {out} (encoder/, decoder/; dtype {args.dtype}, tp {args.tp_size}"
+          f"{', lm_head bias dropped' if args.drop_lm_head_bias else ''})")
+    devs = fork_deviations(cfg)
+    conv_devs = []
+    if cfg.final_proj_bias and not args.drop_lm_head_bias:
+        conv_devs.append("final_proj.bias kept as lm_head.bias (has_lm_head_bias: true); the fork's converter drops "
+                         "it (--drop-lm-head-bias reproduces that)")
+    elif cfg.final_proj_bias:
+        devs.append("final_proj.bias dropped as the fork's converter does: the engine's logits lack NeMo's bias")
+    for d in conv_devs:
+        print(f"differs from the fork's converter: {d}")
+    if devs:
+        print("checkpoint vs the fork's hard-coded model (the engine will not match NeMo here):")
+        for d in devs:
+            print(f"  - {d}")
+    else:
+        print("checkpoint vs the fork's hard-coded model: no differences found")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _parse_value(v: str) -> Any:
+    if v.lower() in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _configure_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt-dir", required=True, metavar="DIR", help="converted checkpoint (magpie-parity convert)")
+    p.add_argument("--engine-dir", required=True, metavar="DIR", help="where trtllm-build writes encoder/ decoder/")
+    p.add_argument("--profile", default="seed", choices=["seed", "parity"])
+    p.add_argument("--debug-output", action="store_true", help="add --enable_debug_output")
+    p.add_argument("--run", action="store_true", help="run trtllm-build (needs TensorRT-LLM) instead of printing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a trtllm-build flag (decoder_KEY / encoder_KEY for one engine; VALUE none removes)")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from trt.build import BackendUnavailable, BuildConfigError, BuildError, build_commands, run_build
+
+    overrides = {}
+    for item in args.set:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise _bad(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip().replace("-", "_")] = _parse_value(val.strip())
+    try:
+        cmds = build_commands(args.ckpt_dir, args.engine_dir, args.profile, args.debug_output, **overrides)
+    except BuildConfigError as exc:
+        raise _bad(str(exc)) from None
+    for cmd in cmds:
+        print(shlex.join(cmd))
+    if args.run:
+        try:
+            run_build(args.ckpt_dir, args.engine_dir, args.profile, args.debug_output, **overrides)
+        except BackendUnavailable as exc:
+            raise _bad(str(exc)) from None
+        except BuildError as exc:
+            print(f"magpie-parity build: {exc}", file=sys.stderr)
+            return 1
+        print(f"built {args.engine_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+
+
+def _configure_ingest(p: argparse.ArgumentParser) -> None:
+    from parity.names import GENERATIONS
+
+    p.add_argument("tree", metavar="TREE", help="tllm_debug folder (or its parent, a PP_*/TP_* folder)")
+    p.add_argument("--out", required=True, metavar="DIR", help="canonical dump to write")
+    p.add_argument("--generation", choices=list(GENERATIONS), default=None,
+                   help="engine generation (default: detected from the tensor names)")
+    cfg = p.add_mutually_exclusive_group()
+    cfg.add_argument("--cfg", dest="use_cfg", action="store_const", const=True, default=None,
+                     help="rows come in (cond, uncond) pairs (default: detected for C++ executor trees)")
+    cfg.add_argument("--no-cfg", dest="use_cfg", action="store_const", const=False)
+    p.add_argument("--cfg-scale", type=float, default=None, help="with CFG, also write the combined logits")
+    p.add_argument("--batch-size", type=int, default=None, help="expected number of requests (checked)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from parity.dump import DumpError, DumpReader
+    from trt.ingest import IngestError, ingest_trtllm
+
+    try:
+        out = ingest_trtllm(args.tree, args.out, generation=args.generation, batch_size=args.batch_size,
+                            use_cfg=args.use_cfg, cfg_scale=args.cfg_scale, overwrite=args.overwrite)
+        d = DumpReader(out)
+    except (IngestError, DumpError) as exc:
+        raise _bad(str(exc)) from None
+    steps = sorted({e.step for e in d.entries if e.step is not None})
+    m = d.meta
+    print(f"wrote {out}: {len(d)} tensors, {len(d.names())} names, steps {steps[:1]}..{steps[-1:]} "
+          f"({m['tree_layout']} tree, generation {m['generation']}, requests {m['request_ids']}, {m['cfg']})")
+    if m["skipped"]:
+        print(f"skipped: {', '.join(sorted(m['skipped']))}")
+    if m["partial_steps"]:
+        print(f"steps left out (not every request had a row): {m['partial_steps']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench-data
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    from trt.benchmark_data import SEED_CONTEXT_FRAMES, SEED_NUM_SAMPLES, SEED_OUTPUT_FRAMES, SEED_TEXT_LEN
+
+    p.add_argument("--out", required=True, metavar="FILE", help="prepare_benchmark.py-style JSON to write")
+    p.add_argument("--samples", type=int, default=SEED_NUM_SAMPLES)
+    p.add_argument("--text-len", type=int, default=SEED_TEXT_LEN)
+    p.add_argument("--context-frames", type=int, default=SEED_CONTEXT_FRAMES)
+    p.add_argument("--output-frames", type=int, default=SEED_OUTPUT_FRAMES)
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="take codebooks, vocabulary and text ids from this checkpoint (default: the fork's defaults)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from trt.benchmark_data import BenchmarkDataError, generate_dataset, read_dataset, write_dataset
+
+    config = None
+    if args.checkpoint:
+        from reference.checkpoint import CheckpointError, read_checkpoint
+        from reference.config import ConfigError, MagpieConfig
+
+        try:
+            raw = read_checkpoint(args.checkpoint)
+            config = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(raw.path))
+        except (CheckpointError, ConfigError) as exc:
+            raise _bad(str(exc)) from None
+    try:
+        ds = generate_dataset(args.samples, args.text_len, args.context_frames, args.output_frames, config=config,
+                              seed=args.seed)
+        path = write_dataset(ds, args.out)
+        back = read_dataset(path)
+    except (ValueError, BenchmarkDataError) as exc:
+        raise _bad(str(exc)) from None
+    except OSError as exc:
+        raise _bad(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    kind = f"input_feat dim {back.feature_dim}" if back.feature_dim else "input_ids"
+    print(f"wrote {path}: {len(back.samples)} samples, {kind}, num_vocabs {back.num_vocabs}, "
+          f"audio_vocab_size {back.audio_vocab_size}")
+    return 0
+
+
+def register(add_subcommand) -> None:
+    add_subcommand("convert", _configure_convert, _run_convert,
+                   help="convert a NeMo MagpieTTS checkpoint to a TensorRT-LLM (t5tts fork) checkpoint")
+    add_subcommand("build", _configure_build, _run_build,
+                   help="print (or --run) the trtllm-build commands for a converted checkpoint")
+    add_subcommand("ingest-trtllm", _configure_ingest, _run_ingest,
+                   help="turn a TensorRT-LLM tllm_debug tree into a canonical dump")
+    add_subcommand("bench-data", _configure_bench, _run_bench,
+                   help="write a benchmark dataset JSON in the fork's prepare_benchmark.py format")
