@@ -45,7 +45,8 @@ Canonical layout written (what ``parity.reference_capture.dump_reference_infer(.
   ``decoder_input``. Engine I/O that are not activations (KV pool pointers, lengths, ids, ...) are skipped and
   listed in ``meta["skipped"]``; a name that is neither is an error listing every such name.
 
-The iteration/step folders are read once each; tensors are held in memory until the dump is written.
+Every tensor is held in memory until the dump is written (a long debug run needs RAM for all of its activations);
+CFG detection reads one activation per iteration an extra time.
 Limitations: chunked context (a prompt split over iterations) and beam search are rejected, not unpacked.
 """
 
