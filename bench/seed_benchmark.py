@@ -230,10 +230,10 @@ def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
     B = req["text"].shape[0]
     fast32 = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32)
     f = fast32.generate(req, **kw)
-    same = torch.equal(ref.predicted_codes, f.predicted_codes) and torch.equal(ref.predicted_codes_lens, f.predicted_codes_lens)
+    same = torch.equal(ref.predicted_codes.cpu(), f.predicted_codes.cpu()) and torch.equal(ref.predicted_codes_lens, f.predicted_codes_lens)
     n = min(ref.num_steps, f.num_steps)
     # first divergence (if any) and the logit gap up to it
-    rc, fc = ref.predicted_codes, f.predicted_codes
+    rc, fc = ref.predicted_codes.cpu(), f.predicted_codes.cpu()
     T = min(rc.shape[2], fc.shape[2])
     diverge = next((k for k in range(T) if not torch.equal(rc[:, :, k], fc[:, :, k])), None)
     upto = n if diverge is None else diverge + 1
@@ -246,7 +246,7 @@ def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
     res["eager_steps_run"] = ref.num_steps
     print(f"[parity] fp32 fast vs eager cached, topk=1, {B} requests x {steps} steps: codes identical={same}, "
           f"attended identical={res['fp32_attended_identical']}, max|dlogit|={dl:.2e}, first divergence={diverge}")
-    codes = torch.cat([f.predicted_codes, torch.zeros(B, f.predicted_codes.shape[1], steps)
+    codes = torch.cat([f.predicted_codes.cpu(), torch.zeros(B, f.predicted_codes.shape[1], steps)
                        .long()], 2)[:, :, :steps].to(DEV)  # fp32's own codes, padded past EOS
     codes32 = fast32.generate(req, forced_codes=codes, **kw)
     del fast32

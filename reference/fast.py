@@ -615,7 +615,7 @@ class FastDecoder:
         num_steps = done + 1 if done < BIG else n
         codes = w.out_codes[:, :, : num_steps * S].clone()
         lens = torch.where(w.ended, w.end_idx, p.max_decoder_steps)
-        out = InferOutput(codes[:, :, : int(lens.max())].cpu(), lens.cpu(), num_steps)
+        out = InferOutput(codes[:, :, : int(lens.max())], lens.cpu(), num_steps)  # codes on the device, as eager
         prior_steps = [k for k in range(num_steps) if p.apply_attention_prior and k >= p.start_prior_after_n_audio_steps]
         att = w.attended.cpu()
         out.attended_text_positions = [att[k].tolist() for k in prior_steps]
