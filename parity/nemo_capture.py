@@ -86,7 +86,8 @@ def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str 
 
 
 def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, *, use_cfg: bool, seed: int,
-                    capture_layers: bool = False, overwrite: bool = False, **params):
+                    capture_layers: bool = False, overwrite: bool = False, infer_kwargs: dict | None = None,
+                    **params):
     """Run NeMo's ``infer_batch`` and record, per decoding step, what the reference must reproduce.
 
     Per step k: ``logits`` (B, 1, C*V) the CFG-combined logits before NeMo's in-place sampling edits,
@@ -111,6 +112,8 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
     inputs = {k: list(v.shape) for k, v in batch.items()}
     with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, overwrite=overwrite,
                     layout={"mode": "infer", "use_cfg": use_cfg, "seed": seed,
+                            "use_local_transformer_for_inference": bool((infer_kwargs or {}).get(
+                                "use_local_transformer_for_inference", False)),
                             "use_kv_cache": bool(model.use_kv_cache_for_inference),
                             "params": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in
                                        vars(model.inference_parameters).items()}}) as writer:
@@ -122,13 +125,14 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
                 cap.step = step["k"]
             return orig_forward(*a, **kw)
 
-        calls = {"n": 0}
+        recorded: set[int] = set()
 
         def sample(logits, *a, **kw):
-            # NeMo calls this twice a step (sampled, then argmax); the first call sees the untouched logits.
-            if calls["n"] % 2 == 0:
+            # NeMo calls this once or twice a step (sampled unless a local transformer samples, then argmax);
+            # the first call of a step sees the logits before NeMo's in-place edits.
+            if step["k"] not in recorded:
                 writer.add("logits", logits[:, None].clone(), step=step["k"])
-            calls["n"] += 1
+                recorded.add(step["k"])
             return orig_sample(logits, *a, **kw)
 
         def attend(*a, **kw):
@@ -146,7 +150,7 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
         try:
             torch.manual_seed(seed)
             with cap, contextlib.redirect_stdout(io.StringIO()):
-                out = model.infer_batch(batch, use_cfg=use_cfg)
+                out = model.infer_batch(batch, use_cfg=use_cfg, **(infer_kwargs or {}))
         finally:
             del model.forward, model.sample_codes_from_logits, model.construct_inference_prior
             del model.get_most_attended_text_timestep

@@ -145,7 +145,8 @@ class MagpieConfig:
     final_proj_bias: bool = True
     ctc_prior_layer_ids: Optional[tuple[int, ...]] = None  # None = every decoder layer (transcript layers)
     use_kv_cache_for_inference: bool = False
-    local_transformer_type: str = "none"
+    local_transformer_type: str = "none"  # "none" | "autoregressive" | "maskgit"
+    local_transformer: Optional[TransformerConfig] = None  # NeMo builds it from local_transformer_* keys
     inference: InferenceParameters = field(default_factory=InferenceParameters)
     sample_rate: Optional[int] = None
     samples_per_frame: Optional[int] = None
@@ -242,6 +243,20 @@ class MagpieConfig:
             )
         ctc = cfg.get("ctc_prior_layer_ids")
         inf = InferenceParameters.from_dict(cfg.get("inference_parameters") or {})
+        lt_type = str(cfg.get("local_transformer_type", "none")).lower()
+        if lt_type not in ("none", "autoregressive", "maskgit"):
+            raise ConfigError(f"{where}: unknown local_transformer_type {lt_type!r}")
+        lt = None
+        if lt_type != "none":
+            # NeMo's MagpieTTSModel.__init__: a causal (AR) or bidirectional (MaskGit) kernel-1 stack with learned
+            # positions over C * stacking + 2 positions, FFN 4x, no output norm.
+            hidden = int(cfg.get("local_transformer_hidden_dim", 256))
+            lt = TransformerConfig(
+                n_layers=int(cfg.get("local_transformer_n_layers", 2)), d_model=hidden, d_ffn=4 * hidden,
+                sa_n_heads=int(cfg.get("local_transformer_n_heads", 1)), kernel_size=1,
+                is_causal=lt_type == "autoregressive", apply_norm_out=False,
+                max_length_causal_mask=fsf * num_codebooks + 2, use_learnable_pos_emb=True,
+            )
         return cls(
             model_type=model_type,
             d_model=d_model,
@@ -255,7 +270,8 @@ class MagpieConfig:
             final_proj_bias="final_proj.bias" in state_dict,
             ctc_prior_layer_ids=tuple(int(i) for i in ctc) if ctc is not None else None,
             use_kv_cache_for_inference=bool(cfg.get("use_kv_cache_for_inference", False)),
-            local_transformer_type=str(cfg.get("local_transformer_type", "none")).lower(),
+            local_transformer_type=lt_type,
+            local_transformer=lt,
             inference=inf,
             **ids,
         )

@@ -172,6 +172,56 @@ def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfin
     return torch.stack(per_stack, dim=2)
 
 
+def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, topk: int, unfinished: dict,
+                             finished: dict, use_cfg: bool, cfg_scale: float, use_kv_cache: bool,
+                             forbid_audio_eos: bool) -> torch.Tensor:
+    """NeMo's ``LocalTransformerHelper.sample_autoregressive``: codebook by codebook, each code fed back.
+
+    dec_last: (rows, D) decoder output of the newest position (CFG: cond rows, then uncond rows). The multinomial
+    draws cover every row (uncond rows included), as NeMo's do. Returns (B, C, S).
+    """
+    from reference.model import LayerKVCache  # noqa: F401  (the cache type the LT state uses)
+
+    cfg = model.config
+    C, S, V = cfg.num_audio_codebooks, cfg.frame_stacking_factor, cfg.num_all_tokens_per_codebook
+    lt = model.local_transformer
+    rows = dec_last.shape[0]
+    B = rows // 2 if use_cfg else rows
+    forbidden = [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+    x = model.local_transformer_in_projection(dec_last[:, None])  # (rows, 1, H)
+    state = lt.new_state(rows, C * S + 1, None, x.device, x.dtype) if use_kv_cache else None
+    new = x
+    preds = []
+    for cb in range(C * S):
+        if state is not None:
+            ones = torch.ones(rows, new.shape[1], dtype=torch.bool, device=x.device)
+            out = lt.forward_cached(new, ones, state, torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=x.device))
+        else:
+            out = lt(x, torch.ones(rows, x.shape[1], dtype=torch.bool, device=x.device))
+        logits = model.local_transformer_out_projections[cb](out[:, -1, :])
+        if use_cfg:
+            logits[:B] = cfg_scale * logits[:B] + (1.0 - cfg_scale) * logits[B:]  # NeMo's order in the LT path
+        for b in unfinished:
+            logits[b, cfg.audio_eos_id] = float("-inf")
+        for b in finished:
+            logits[b, :] = float("-inf")
+            logits[b, cfg.audio_eos_id] = 0.0
+        logits[:, forbidden] = float("-inf")
+        kth = torch.topk(logits, topk, dim=-1)[0][:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        if temperature <= 0.0:
+            pred = logits.argmax(dim=-1, keepdim=True)
+        else:
+            pred = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+        if use_cfg:
+            pred[B:] = pred[:B]
+        preds.append(pred)
+        new = model.local_transformer_in_projection(model.audio_embeddings[cb](pred.squeeze(-1)).unsqueeze(1))
+        x = torch.cat([x, new], dim=1)
+    codes = torch.cat(preds, dim=1).reshape(-1, S, C).permute(0, 2, 1)  # (rows, C, S)
+    return codes[:B]
+
+
 def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> float:
     """codes (C, S) -> index within the stack of the first frame with EOS, or inf."""
     m = codes == eos_id
@@ -194,6 +244,7 @@ def infer_batch(
     progress: bool = False,
     semantics=None,
     encoder_output=None,
+    use_local_transformer_for_inference: bool = False,
     **params: Any,
 ) -> InferOutput:
     """NeMo's ``infer_batch`` for this model. ``params`` are NeMo's ``inference_parameters`` fields.
@@ -204,6 +255,8 @@ def infer_batch(
     max_decoder_steps, ignoring EOS.
     semantics: a :class:`reference.semantics.Semantics` (default: NeMo 3.0.0's behaviour); engine behaviours.
     encoder_output: a precomputed :class:`reference.model.EncoderOutput` (used by the unpadded-request mode).
+    use_local_transformer_for_inference: sample with the checkpoint's autoregressive local transformer (NeMo's
+    argument of the same name; off by default, as in NeMo).
     """
     from reference import semantics as sem_mod
     from reference.model import lengths_to_mask, validate_batch
@@ -216,7 +269,7 @@ def infer_batch(
         model = sem_mod.prepare_model(model, sem)
     if sem.unpadded_requests and batch["text"].shape[0] > 1:
         return _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_keys, forced_codes,
-                               keep_logits, sem, params)
+                               keep_logits, sem, dict(params, use_local_transformer_for_inference=use_local_transformer_for_inference))
     if sem.kv_cache is not None and use_kv_cache is None:
         use_kv_cache = sem.kv_cache
     prior_kind = sem.effective_prior if p.apply_attention_prior else "off"
@@ -233,6 +286,11 @@ def infer_batch(
         bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < cfg.decoder.n_layers]
         if bad:
             raise InferenceError(f"{k} names layer(s) {bad} outside 0..{cfg.decoder.n_layers - 1}")
+    if use_local_transformer_for_inference and cfg.local_transformer_type != "autoregressive":
+        raise InferenceError(
+            f"use_local_transformer_for_inference needs an autoregressive local transformer; this checkpoint has "
+            f"local_transformer_type={cfg.local_transformer_type!r} (MaskGit sampling is not implemented)"
+        )
     cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
     C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     device = next(model.parameters()).device
@@ -337,7 +395,11 @@ def infer_batch(
             finished = {k: v for k, v in prior_state.finished_counter.items() if v >= 20}
             unfinished = {k: v for k, v in prior_state.unfinished.items() if v}
         forbid_eos = idx * S < p.min_generated_frames
-        codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
+        if use_local_transformer_for_inference:
+            codes_next = sample_local_transformer(model, dec[:, -1, :], p.temperature, p.topk, unfinished, finished,
+                                                  use_cfg, p.cfg_scale, p.use_LT_kv_cache, forbid_eos)
+        else:
+            codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
         codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos)
         for b in range(B):
             if b in end_indices:

@@ -401,6 +401,14 @@ class MagpieTTS(nn.Module):
             c.decoder.d_model, c.num_audio_codebooks * c.num_all_tokens_per_codebook * c.frame_stacking_factor,
             bias=c.final_proj_bias,
         )
+        if c.local_transformer is not None:
+            # Autoregressive over the codebooks of one frame (NeMo's LocalTransformerHelper); optional at inference.
+            h = c.local_transformer.d_model
+            self.local_transformer_in_projection = nn.Linear(c.d_model, h) if h != c.d_model else nn.Identity()
+            self.local_transformer = Transformer(c.local_transformer)
+            self.local_transformer_out_projections = nn.ModuleList(
+                nn.Linear(h, c.num_all_tokens_per_codebook) for _ in range(c.num_audio_codebooks * c.frame_stacking_factor)
+            )
         self.decoder_input = HookPoint()  # (B, T_ctx + T_audio, D): context prefix + audio frames, before positions
         self.logits = HookPoint()  # (B, T_audio, C * V): what NeMo's process_batch returns as 'logits'
 
@@ -424,14 +432,7 @@ class MagpieTTS(nn.Module):
 
     @classmethod
     def from_state_dict(cls, nemo_config: dict, state_dict: dict[str, torch.Tensor], where: str = "checkpoint") -> "MagpieTTS":
-        from reference.checkpoint import CheckpointError
-
         config = MagpieConfig.from_nemo(nemo_config, state_dict, where=where)
-        if config.local_transformer_type != "none":
-            raise CheckpointError(
-                f"{where}: local_transformer_type={config.local_transformer_type!r}: the reference implements "
-                "MagpieTTS without a local transformer only"
-            )
         model = cls(config)
         load_weights(model, state_dict, where)
         return model.eval()

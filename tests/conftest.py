@@ -24,7 +24,7 @@ import sys  # noqa: E402
 
 sys.path.insert(0, str(REPO / "fixtures"))  # make_fixtures' pure helpers (single_item, make_batch) need no NeMo
 FIXTURES = REPO / "fixtures" / "data"
-CASES = ["released_small", "bidir_encoder", "multihead_xattn", "decoder_kernel3", "four_codebooks"]
+CASES = ["released_small", "bidir_encoder", "multihead_xattn", "decoder_kernel3", "four_codebooks", "stacked_lt"]
 
 # Parity runs compare float32 results bit-for-bit where the op order is the same; keep the CPU math
 # deterministic and single-threaded so BLAS blocking does not vary with the machine's core count.

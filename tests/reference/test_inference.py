@@ -31,7 +31,9 @@ def _reference_run(case, run, **kw):
         batch = single_item(batch, run["single_item"])
     torch.manual_seed(run["seed"])
     return model.infer_batch(batch, use_cfg=run["use_cfg"], use_kv_cache=run["use_kv_cache"],
-                             nemo_unmasked_padded_keys=True, keep_logits=True, **run["params"])
+                             nemo_unmasked_padded_keys=True, keep_logits=True,
+                             use_local_transformer_for_inference=run.get("use_local_transformer_for_inference", False),
+                             **run["params"])
 
 
 @pytest.mark.parametrize("case, label, run", list(_runs()))
@@ -137,6 +139,12 @@ def test_nemo_cached_path_attends_padded_context_keys():
     drift = max((correct.step_logits[k] - nemo_like.step_logits[k]).abs().max().item() for k in range(1, 6))
     assert drift > 1e-6
     print(f"padded-key drift on the shorter-context items: {drift:.2e}")
+
+
+def test_maskgit_or_missing_local_transformer_is_a_clear_error():
+    model = reference_model("released_small")
+    with pytest.raises(InferenceError, match="local transformer"):
+        model.infer_batch(infer_inputs(load_batch("released_small")), use_local_transformer_for_inference=True)
 
 
 @pytest.mark.parametrize(
