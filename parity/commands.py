@@ -259,6 +259,7 @@ def _configure_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", required=True, help="safetensors with the inputs the engine ran on")
     p.add_argument("--cfg", choices=["dump", "on", "off"], default="dump", help="CFG setting (default: from the dump's layout)")
     p.add_argument("--tolerance", type=float, help="max |dlogit| accepted (default from the dump's dtype)")
+    p.add_argument("--codes", help="safetensors with the engine's predicted_codes (default: the dump's own)")
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
@@ -268,8 +269,11 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     model = _load_reference(args.checkpoint)
     batch = {k: v for k, v in _load_batch(args.batch).items() if k.startswith(("text", "context"))}
     use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
+    codes = _load_batch(args.codes).get("predicted_codes") if args.codes else None
+    if args.codes and codes is None:
+        raise _bad(f"{args.codes}: no 'predicted_codes' tensor")
     try:
-        d = diagnose(model, args.dump, batch, use_cfg=use_cfg, tolerance=args.tolerance)
+        d = diagnose(model, args.dump, batch, use_cfg=use_cfg, tolerance=args.tolerance, codes=codes)
     except (DumpError, DiagnoseError, ValueError) as e:
         raise _bad(str(e)) from None
     print(d.report())

@@ -108,9 +108,10 @@ def _mean(s: Score) -> float:
 
 def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Optional[bool] = None,
              tolerance: Optional[float] = None, candidates=CANDIDATES,
-             params: Optional[dict] = None) -> Diagnosis:
-    """``engine_dump``: a canonical dump (DumpReader or path) with per-step ``logits`` (B, 1, C*V) and
-    ``predicted_codes`` (B, C, T), e.g. from ``magpie-parity ingest-trtllm``. ``batch``: the inputs it ran on."""
+             params: Optional[dict] = None, codes: Optional[torch.Tensor] = None) -> Diagnosis:
+    """``engine_dump``: a canonical dump (DumpReader or path) with per-step ``logits`` (B, 1, C*V), e.g. from
+    ``magpie-parity ingest-trtllm``; the engine's codes (B, C, T) come from ``codes`` or the dump's
+    ``predicted_codes``. ``batch``: the inputs it ran on."""
     from parity.dump import DumpReader
 
     dump = engine_dump if isinstance(engine_dump, DumpReader) else DumpReader(engine_dump)
@@ -119,9 +120,11 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
         raise DiagnoseError(f"{dump.path}: no per-step 'logits' to diagnose")
     if steps != list(range(len(steps))):
         raise DiagnoseError(f"{dump.path}: 'logits' steps are not 0..N-1: {steps[:8]}")
-    if ("predicted_codes", None) not in dump:
-        raise DiagnoseError(f"{dump.path}: no 'predicted_codes' (needed to teacher-force the reference)")
-    codes = dump.load("predicted_codes")
+    if codes is None:
+        if ("predicted_codes", None) not in dump:
+            raise DiagnoseError(f"{dump.path}: no 'predicted_codes'; pass the engine's codes (needed to teacher-force "
+                                "the reference)")
+        codes = dump.load("predicted_codes")
     engine_logits = [dump.load("logits", k)[:, 0] for k in steps]
     B = batch["text"].shape[0]
     if codes.shape[0] != B or engine_logits[0].shape[0] != B:

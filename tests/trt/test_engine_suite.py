@@ -71,8 +71,8 @@ def test_real_engine_is_explained_by_its_settings(tmp_path, setting, pytestconfi
 
     mb, prior, cfg, rip, dtype = setting
     batch = infer_inputs(load_batch(CASE))
-    run_engine(pytestconfig.getoption("--engine-dir"), batch, use_cfg=cfg, cfg_scale=2.5, multi_block_mode=mb,
-               debug=True, max_new_tokens=PARAMS["max_decoder_steps"], temperature=1.0, top_k=1,
-               end_id=reference_model(CASE).config.audio_eos_id, dump_out=tmp_path / "engine")
-    d = diagnose(reference_model(CASE), tmp_path / "engine", batch)
+    run = run_engine(pytestconfig.getoption("--engine-dir"), batch, use_cfg=cfg, cfg_scale=2.5, multi_block_mode=mb,
+                     debug=True, max_new_tokens=PARAMS["max_decoder_steps"], temperature=1.0, top_k=1,
+                     dump_out=tmp_path / "engine", model=reference_model(CASE))
+    d = diagnose(reference_model(CASE), tmp_path / "engine", batch, codes=run.codes)
     assert d.explained, d.report()
