@@ -66,6 +66,9 @@ def _configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="write a max-abs-error-per-layer plot")
     p.add_argument("--tolerances", metavar="FILE", help='JSON: {"default": {"atol":..,"rtol":..}, "per_name": {glob: {...}}}')
     p.add_argument("--names", nargs="+", metavar="GLOB", help="only compare tensors whose name matches a glob")
+    p.add_argument("--intersect", action="store_true",
+                   help="compare only tensors both dumps hold (an engine dump is a subset of a reference dump); "
+                        "the others are listed but do not fail")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--workers", type=int, default=None, help="comparison threads (default: min(2, cpus))")
     p.add_argument("--max-rows", type=int, default=60, help="per-tensor rows in the table")
@@ -88,6 +91,7 @@ def _run_compare(args: argparse.Namespace) -> int:
             names=args.names,
             progress=False if args.no_progress else None,
             workers=args.workers,
+            intersect=args.intersect,
         )
     except (DumpError, PolicyError) as exc:
         raise BadInput(str(exc)) from None

@@ -165,6 +165,8 @@ def write_python_tree(root: Path, rows, B: int, use_cfg: bool, steps, text_lens=
 def assert_exact(ingested: Path, ref: Path, expect_names: set[str]) -> None:
     res = compare_dumps(ingested, ref, progress=False)
     assert res.missing_in_b == [], res.missing_in_b  # every ingested tensor has a reference counterpart
+    # the engine holds a subset of the reference's tensors: the full comparison fails on them, the intersection passes
+    assert not res.passed and compare_dumps(ingested, ref, progress=False, intersect=True).passed
     assert res.tensors, "nothing compared"
     bad = [(t.name, t.step, t.max_abs, t.reason) for t in res.tensors if t.max_abs != 0 or t.reason]
     assert not bad, bad
