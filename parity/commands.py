@@ -168,6 +168,8 @@ def _configure_dump(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="infer mode: torch.manual_seed before decoding")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="infer mode: NeMo inference_parameters field")
     p.add_argument("--layers", action="store_true", help="infer mode: also dump every layer each step")
+    p.add_argument("--kv-cache", choices=["checkpoint", "on", "off"], default="checkpoint",
+                   help="reference infer mode: decoding path (engines always cache: use 'on' to line steps up)")
     p.add_argument("--codec", help="--source nemo: codec .nemo (default: the recorded path, or beside the checkpoint)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -185,8 +187,10 @@ def _run_dump(args: argparse.Namespace) -> int:
         if args.mode == "teacher-forced":
             dump_reference_process_batch(model, batch, args.out, overwrite=args.overwrite)
         else:
+            kv = {"checkpoint": None, "on": True, "off": False}[args.kv_cache]
             dump_reference_infer(model, infer_inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
-                                 capture_layers=args.layers, overwrite=args.overwrite, progress=True, **params)
+                                 capture_layers=args.layers, overwrite=args.overwrite, progress=True,
+                                 use_kv_cache=kv, **params)
     else:
         from parity.nemo_capture import dump_nemo_infer, dump_nemo_process_batch
 
