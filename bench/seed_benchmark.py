@@ -222,13 +222,20 @@ def nemo_step_times(model: MagpieTTS, dec, req: dict, steps: list[int], reps: in
 
 
 def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
+    res = {}
+    for impl in ("math", "auto"):
+        res.update(_parity(model, req, steps, impl))
+    return res
+
+
+def _parity(model: MagpieTTS, req: dict, steps: int, impl: str) -> dict:
     """fp32 fast vs eager cached reference at topk=1 (codes, logits); fp16/bf16 fast logits vs fp32 fast logits
     teacher-forced on the fp32 codes. TF32 is off here."""
     res = {}
     kw = dict(use_cfg=True, topk=1, cfg_scale=2.5, apply_attention_prior=True, max_decoder_steps=steps, keep_logits=True)
     t, ref = timed(lambda: model.infer_batch(req, use_kv_cache=True, **kw))
     B = req["text"].shape[0]
-    fast32 = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32)
+    fast32 = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32, attn_impl=impl)
     f = fast32.generate(req, **kw)
     same = torch.equal(ref.predicted_codes.cpu(), f.predicted_codes.cpu()) and torch.equal(ref.predicted_codes_lens, f.predicted_codes_lens)
     n = min(ref.num_steps, f.num_steps)
@@ -238,6 +245,18 @@ def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
     diverge = next((k for k in range(T) if not torch.equal(rc[:, :, k], fc[:, :, k])), None)
     upto = n if diverge is None else diverge + 1
     dl = max((a.to(b.device) - b).abs().max().item() for a, b in zip(ref.step_logits[:upto], f.step_logits[:upto]))
+    if diverge is not None:  # how close to a tie was the flip?
+        lg = ref.step_logits[diverge].cpu().view(B, -1, model.config.num_all_tokens_per_codebook)
+        bad = (rc[:, :, diverge] != fc[:, :, diverge]).nonzero()[0].tolist()
+        top2 = lg[bad[0], bad[1]].topk(2).values
+        res["fp32_divergence_top2_gap"] = (top2[0] - top2[1]).item()
+        print(f"[parity] first flip at step {diverge}, item {bad[0]} codebook {bad[1]}: eager top-2 logit gap "
+              f"{res['fp32_divergence_top2_gap']:.2e}")
+    if impl != "auto":
+        res = {f"{k}_{impl}": v for k, v in res.items()}
+        print(f"[parity] ({impl} attention) fp32 codes identical={same}, max|dlogit|={dl:.2e}, first divergence={diverge}")
+        return res
+    res["fp32_attn_impl"] = fast32.attn_impl
     res["fp32_codes_identical"] = bool(same)
     res["fp32_first_divergent_step"] = diverge
     res["fp32_max_abs_logit_diff"] = dl
@@ -249,11 +268,16 @@ def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
     codes = torch.cat([f.predicted_codes.cpu(), torch.zeros(B, f.predicted_codes.shape[1], steps)
                        .long()], 2)[:, :, :steps].to(DEV)  # fp32's own codes, padded past EOS
     codes32 = fast32.generate(req, forced_codes=codes, **kw)
+    kw_np = dict(kw, apply_attention_prior=False)
+    codes32_np = fast32.generate(req, forced_codes=codes, **kw_np)
     del fast32
-    for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)) if DEV == "cuda" else ():
+    for name, dt, prior in [(n, d, pr) for pr in (True, False) for n, d in (("fp16", torch.float16), ("bf16", torch.bfloat16))
+                            ] if DEV == "cuda" else ():
         fd = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, dt)
-        o = fd.generate(req, forced_codes=codes, **kw)
-        ref_l = torch.stack(codes32.step_logits[: o.num_steps])
+        o = fd.generate(req, forced_codes=codes, **(kw if prior else kw_np))
+        ref_l = torch.stack((codes32 if prior else codes32_np).step_logits[: o.num_steps])
+        if not prior:
+            name = name + "_noprior"
         got = torch.stack(o.step_logits[: ref_l.shape[0]])
         rel = ((got - ref_l).norm() / ref_l.norm()).item()
         mx = (got - ref_l).abs().max().item()
@@ -264,7 +288,8 @@ def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
         res[f"{name}_logit_scale"] = ref_l.abs().max().item()
         res[f"{name}_argmax_agree"] = agree
         res[f"{name}_attn_impl"] = fd.attn_impl
-        print(f"[parity] {name} ({fd.attn_impl}) vs fp32 fast, teacher-forced: rel L2={rel:.2e}, max|d|={mx:.3f} "
+        res[f"{name}_step0_rel_l2"] = ((got[0] - ref_l[0]).norm() / ref_l[0].norm()).item()
+        print(f"[parity] {name} ({fd.attn_impl}) vs fp32 fast, teacher-forced: step-0 rel L2={res[f'{name}_step0_rel_l2']:.2e}, rel L2={rel:.2e}, max|d|={mx:.3f} "
               f"(max|logit|={res[f'{name}_logit_scale']:.2f}), argmax agreement={agree:.4f}")
         del fd
     return res
@@ -306,20 +331,73 @@ def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_te
     return fd
 
 
+def run_nemo(a, model, cfg, reqs, res, t0):
+    """NeMo's loop: time its step at sampled step indices, extrapolate to 480 steps x 8 batches."""
+    if not a.skip_nemo:
+        steps = [int(s) for s in a.nemo_steps.split(",")] if not a.quick else [1, 240, 478]
+        try:
+            dec = nemo_decoder(model)
+            # sanity: NeMo's decoder with the reference's weights gives the reference decoder's output
+            r0 = {k: v[:2] for k, v in reqs[0].items()}
+            with torch.no_grad():
+                enc = model.encode_text(r0["text"], r0["text_lens"])
+                x = torch.randn(2, 40, cfg.d_model, device=DEV)
+                xm = torch.ones(2, 40, dtype=torch.bool, device=DEV)
+                a_ = model.decoder(x, xm, enc.output, enc.mask)
+                dec.reset_cache(use_cache=False)
+                b_ = dec(x, xm, cond=enc.output, cond_mask=enc.mask)["output"]
+            res["nemo_vs_reference_decoder_max_abs"] = (a_ - b_).abs().max().item()
+            print(f"[nemo] decoder output vs reference decoder (fp32, TF32 off): max|d| = "
+                  f"{res['nemo_vs_reference_decoder_max_abs']:.2e}", flush=True)
+            res["nemo"] = {}
+            for name, ad in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+                if time.time() - t0 > a.budget_s + 60:
+                    print(f"[skip] nemo {name}: budget", flush=True)
+                    continue
+                st = nemo_step_times(model, dec, reqs[0], steps, 2, ad)
+                mean_s = statistics.mean(st.values())  # the sampled steps are evenly spaced over the 480
+                r = {"step_s": {str(k): v for k, v in st.items()}, "ms_per_step": mean_s * 1e3,
+                     "frames_per_s": BATCH / mean_s, "x_realtime": BATCH / mean_s / FRAMES_PER_SECOND,
+                     "all_512_s_extrapolated": mean_s * N_FRAMES * math.ceil(N_REQ / BATCH)}
+                fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (N_FRAMES - 1) / 2, 4 if ad is None else 2, T_TEXT)
+                r["gbps_vs_floor"] = fb["total"] / mean_s / 1e9
+                res["nemo"][name] = r
+                print(f"[nemo] {name}: steps {steps}: " + ", ".join(f"{k}:{v*1e3:.1f}ms" for k, v in st.items()) +
+                      f" -> mean {mean_s*1e3:.1f} ms/step", flush=True)
+            del dec
+        except Exception as e:
+            print(f"[fail] nemo: {type(e).__name__}: {e}", flush=True)
+            res["nemo_error"] = f"{type(e).__name__}: {e}"
+
+
 def profile_fast(model, req, out_dir: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + 64, torch.bfloat16 if DEV == "cuda" else torch.float32,
-                     cuda_graphs=False)
-    kw = dict(use_cfg=True, run_all_steps=True, **dict(PARAMS, max_decoder_steps=48))
-    fd.generate(req, **kw)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-    with profile(activities=acts) as prof:
+    from reference.inference import resolve_parameters
+
+    text = ""
+    for graphs in (False, True) if DEV == "cuda" else (False,):
+        fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + N_FRAMES, torch.bfloat16 if DEV == "cuda" else torch.float32,
+                         cuda_graphs=graphs)
+        kw = dict(use_cfg=True, run_all_steps=True, **dict(PARAMS, max_decoder_steps=8))
+        fd._work(req["text"].shape[0], 2 * req["text"].shape[0], T_TEXT, N_FRAMES)  # buffers for 480 steps
         fd.generate(req, **kw)
+        w = next(iter(fd._works.values()))
+        p = resolve_parameters(model.config.inference, **dict(PARAMS, max_decoder_steps=8))
+        T_ctx = T_CTX_FRAMES + 2
+        for idx in range(8, 24):  # warm (captures the steady-state graph)
+            fd._decode(w, idx, T_ctx, p, (False, False))
         sync()
-    txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=30)
-    (out_dir / "profile.txt").write_text("bf16 fast path, eager (no graph) steps: prefill + 47 steps, 128 rows\n" + txt)
-    print(txt[:4000])
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for idx in range(24, 64):
+                fd._decode(w, idx, T_ctx, p, (False, False))
+            sync()
+        txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=40)
+        text += f"bf16 fast path, decode steps 24..63 only (40 steps, keys ~190-230 per row), 128 rows, cuda_graphs={graphs}\n{txt}\n\n"
+        del fd, w
+    (out_dir / "profile.txt").write_text(text)
+    print(text[:6000])
 
 
 def main(argv=None) -> int:
@@ -365,6 +443,8 @@ def main(argv=None) -> int:
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
     # fast path variants (TF32 stays off: fp32 numbers are true fp32)
+    import gc
+
     main_dt = torch.bfloat16 if DEV == "cuda" else torch.float32
     try:
         fd = time_fast(model, reqs, main_dt, "auto", n_batches, "fast bf16", res["fast"], bw, T_TEXT)
@@ -374,6 +454,13 @@ def main(argv=None) -> int:
 
         traceback.print_exc()
         print(f"[fail] fast bf16: {type(e).__name__}: {e}", flush=True)
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    run_nemo(a, model, cfg, reqs, res, t0)
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     variants = ((torch.float16, "auto", "fast fp16"), (torch.bfloat16, "sdpa", "fast bf16 sdpa+buckets"),
                 (torch.float32, "auto", "fast fp32")) if DEV == "cuda" else ((torch.float32, "math", "fast fp32"),)
     for dt, impl, label in variants:
@@ -384,6 +471,9 @@ def main(argv=None) -> int:
             time_fast(model, reqs, dt, impl, 1, label, res["fast"], bw, T_TEXT)
         except Exception as e:  # report, keep going
             print(f"[fail] {label}: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
     # eager reference, cached path, fp32, one batch (extrapolated to 512 requests)
@@ -402,42 +492,6 @@ def main(argv=None) -> int:
           flush=True)
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
-    # NeMo's loop
-    if not a.skip_nemo:
-        steps = [int(s) for s in a.nemo_steps.split(",")] if not a.quick else [1, 240, 478]
-        try:
-            dec = nemo_decoder(model)
-            # sanity: NeMo's decoder with the reference's weights gives the reference decoder's output
-            r0 = {k: v[:2] for k, v in reqs[0].items()}
-            with torch.no_grad():
-                enc = model.encode_text(r0["text"], r0["text_lens"])
-                x = torch.randn(2, 40, cfg.d_model, device=DEV)
-                xm = torch.ones(2, 40, dtype=torch.bool, device=DEV)
-                a_ = model.decoder(x, xm, enc.output, enc.mask)
-                dec.reset_cache(use_cache=False)
-                b_ = dec(x, xm, cond=enc.output, cond_mask=enc.mask)["output"]
-            res["nemo_vs_reference_decoder_max_abs"] = (a_ - b_).abs().max().item()
-            print(f"[nemo] decoder output vs reference decoder (fp32, TF32 off): max|d| = "
-                  f"{res['nemo_vs_reference_decoder_max_abs']:.2e}", flush=True)
-            res["nemo"] = {}
-            for name, ad in (("float32", None), ("bf16 autocast", torch.bfloat16)):
-                if time.time() - t0 > a.budget_s + 60:
-                    print(f"[skip] nemo {name}: budget", flush=True)
-                    continue
-                st = nemo_step_times(model, dec, reqs[0], steps, 2, ad)
-                mean_s = statistics.mean(st.values())  # the sampled steps are evenly spaced over the 480
-                r = {"step_s": {str(k): v for k, v in st.items()}, "ms_per_step": mean_s * 1e3,
-                     "frames_per_s": BATCH / mean_s, "x_realtime": BATCH / mean_s / FRAMES_PER_SECOND,
-                     "all_512_s_extrapolated": mean_s * N_FRAMES * math.ceil(N_REQ / BATCH)}
-                fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (N_FRAMES - 1) / 2, 4 if ad is None else 2, T_TEXT)
-                r["gbps_vs_floor"] = fb["total"] / mean_s / 1e9
-                res["nemo"][name] = r
-                print(f"[nemo] {name}: steps {steps}: " + ", ".join(f"{k}:{v*1e3:.1f}ms" for k, v in st.items()) +
-                      f" -> mean {mean_s*1e3:.1f} ms/step", flush=True)
-            del dec
-        except Exception as e:
-            print(f"[fail] nemo: {type(e).__name__}: {e}", flush=True)
-            res["nemo_error"] = f"{type(e).__name__}: {e}"
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
     if time.time() - t0 < a.budget_s + 90:
         try:

@@ -37,6 +37,7 @@ Known differences from the eager reference (documented and tested in tests/refer
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -182,7 +183,6 @@ class FastDecoder:
         self.only_eos[c.audio_eos_id] = True
         self._works: dict = {}
         self._pool = None
-        self._params = None
 
     # ------------------------------------------------------------------------------------------------------
     # buffers
@@ -263,10 +263,6 @@ class FastDecoder:
             raise InferenceError(f"forced_codes has {forced_codes.shape[2]} frames; {max_steps * S} are needed")
         T_text = batch["text"].shape[1]
         w = self._work(B, rows, T_text, max_steps)
-        if self._params != p:
-            for ww in self._works.values():
-                ww.graphs.clear()
-            self._params = p
         if keep_logits and (w.logits_buf is None or w.logits_buf.shape[0] < max_steps):
             w.logits_buf = torch.zeros(max_steps, B, C * c.num_all_tokens_per_codebook * S, device=self.device)
         if forced_codes is not None:
@@ -387,7 +383,7 @@ class FastDecoder:
         if not self.cuda_graphs:
             self._step(w, Lb, flags, p, opts)
             return
-        key = (Lb, flags, opts)
+        key = (Lb, flags, opts, dataclasses.replace(p, max_decoder_steps=0))  # graphs never freed: pool stays valid
         g = w.graphs.get(key)
         if g is not None:
             g.replay()
