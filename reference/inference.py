@@ -380,7 +380,8 @@ def infer_batch(
             out.step_logits.append(logits_t.clone())
 
         if p.apply_attention_prior and idx >= p.start_prior_after_n_audio_steps:
-            scores = cross_attention_scores(probs, p.estimate_alignment_from_layers)
+            # One device-to-host copy a step; the per-item bookkeeping below then runs on host tensors (no sync per item).
+            scores = cross_attention_scores(probs, p.estimate_alignment_from_layers).cpu()
             attended = prior_state.most_attended(scores, text_lens, p.attention_prior_lookahead_window)
             out.attended_text_positions.append(attended)
             out.attended_by_step[idx] = list(attended)
@@ -401,12 +402,13 @@ def infer_batch(
         else:
             codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
         codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos)
+        codes_next_host, codes_argmax_host = codes_next.cpu(), codes_argmax.cpu()
         for b in range(B):
             if b in end_indices:
                 continue
-            e = find_eos(codes_argmax[b], cfg.audio_eos_id, detection)
+            e = find_eos(codes_argmax_host[b], cfg.audio_eos_id, detection)
             if sampling_type == "argmax_or_multinomial":
-                e = min(e, find_eos(codes_next[b], cfg.audio_eos_id, detection))
+                e = min(e, find_eos(codes_next_host[b], cfg.audio_eos_id, detection))
             if e != float("inf"):
                 end_indices[b] = idx * S + int(e)
         if forced_codes is not None:
