@@ -147,25 +147,44 @@ class PriorState:
 # ---- sampling (NeMo: sample_codes_from_logits) ----------------------------------------------------------------
 
 
+def forbidden_tokens(cfg, forbid_audio_eos: bool) -> list[int]:
+    """NeMo's SpecialAudioToken.get_forbidden_tokens: every special token, EOS too while EOS is forbidden."""
+    return [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+
+
+def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict, forbidden: list[int]) -> torch.Tensor:
+    """NeMo's edits before sampling one codebook, in its order: EOS ban / force, forbidden specials, top-k (ties
+    kept). Edits ``lg`` (B, V) in place like NeMo, and returns the top-k-masked logits."""
+    for b in unfinished:
+        lg[b, cfg.audio_eos_id] = float("-inf")
+    for b in finished:
+        lg[b, :] = float("-inf")
+        lg[b, cfg.audio_eos_id] = 0.0
+    lg[:, forbidden] = float("-inf")
+    kth = torch.topk(lg, topk, dim=-1)[0][:, -1:]
+    return lg.masked_fill(lg < kth, float("-inf"))
+
+
+def dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask):
+    """NeMo's prepare_dummy_cond_for_cfg, appended as the unconditional rows: zero memory with only position 0
+    valid; zero context prefix, all positions valid. Returns (cond, cond_mask, ctx_emb, ctx_mask) with 2B rows."""
+    dummy_mask = torch.zeros_like(cond_mask)
+    dummy_mask[:, 0] = True
+    return (torch.cat([cond, torch.zeros_like(cond)]), torch.cat([cond_mask, dummy_mask]),
+            torch.cat([ctx_emb, torch.zeros_like(ctx_emb)]), torch.cat([ctx_mask, torch.ones_like(ctx_mask)]))
+
+
 def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
                  forbid_audio_eos: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, C*V*S) logits -> (B, C, S) codes; one multinomial draw per codebook, in NeMo's order."""
     C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
-    forbidden = [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos)
     per_stack = []
     for s in range(S):
         preds = []
         for c in range(C):
             lo = (c + C * s) * V
-            lg = logits[:, lo : lo + V].clone()
-            for b in unfinished:
-                lg[b, cfg.audio_eos_id] = float("-inf")
-            for b in finished:
-                lg[b, :] = float("-inf")
-                lg[b, cfg.audio_eos_id] = 0.0
-            lg[:, forbidden] = float("-inf")
-            kth = torch.topk(lg, topk, dim=-1)[0][:, -1:]
-            lg = lg.masked_fill(lg < kth, float("-inf"))
+            lg = restrict_logits(logits[:, lo : lo + V].clone(), cfg, topk, unfinished, finished, forbidden)
             probs = torch.softmax(lg / temperature, dim=-1)
             preds.append(torch.multinomial(probs, 1, generator=generator))
         per_stack.append(torch.cat(preds, dim=1))
@@ -187,7 +206,7 @@ def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, 
     lt = model.local_transformer
     rows = dec_last.shape[0]
     B = rows // 2 if use_cfg else rows
-    forbidden = [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos)
     x = model.local_transformer_in_projection(dec_last[:, None])  # (rows, 1, H)
     state = lt.new_state(rows, C * S + 1, None, x.device, x.dtype) if use_kv_cache else None
     new = x
@@ -201,14 +220,7 @@ def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, 
         logits = model.local_transformer_out_projections[cb](out[:, -1, :])
         if use_cfg:
             logits[:B] = cfg_scale * logits[:B] + (1.0 - cfg_scale) * logits[B:]  # NeMo's order in the LT path
-        for b in unfinished:
-            logits[b, cfg.audio_eos_id] = float("-inf")
-        for b in finished:
-            logits[b, :] = float("-inf")
-            logits[b, cfg.audio_eos_id] = 0.0
-        logits[:, forbidden] = float("-inf")
-        kth = torch.topk(logits, topk, dim=-1)[0][:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = restrict_logits(logits, cfg, topk, unfinished, finished, forbidden)
         if temperature <= 0.0:
             pred = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -306,12 +318,7 @@ def infer_batch(
     T_ctx, T_text = ctx_mask.shape[1], enc.output.shape[1]
     cond, cond_mask = enc.output, enc.mask
     if use_cfg:
-        # NeMo's prepare_dummy_cond_for_cfg: zero memory with only position 0 valid; zero context prefix, all valid.
-        dummy_mask = torch.zeros_like(cond_mask)
-        dummy_mask[:, 0] = True
-        cond, cond_mask = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([cond_mask, dummy_mask])
-        ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
-        ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+        cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
     rows = ctx_emb.shape[0]
 
     codes_in = torch.full((B, C, S), cfg.audio_bos_id, dtype=torch.long, device=device)
