@@ -77,3 +77,14 @@ def test_from_trtllm_round_trip(tmp_path):
     batch = load_batch("four_codebooks")
     with torch.no_grad():
         assert torch.equal(a.process_batch(batch)["logits"], b.process_batch(batch)["logits"])
+
+
+def test_loading_never_imports_nemo():
+    """The reference reads .nemo and .ckpt files on its own: NeMo is not imported, even where it is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from reference import MagpieTTS; "
+            f"MagpieTTS.from_nemo(r'{FIXTURES / 'released_small.nemo'}'); MagpieTTS.from_nemo(r'{FIXTURES / 'released_small.ckpt'}'); "
+            "assert not any(m == 'nemo' or m.startswith('nemo.') for m in sys.modules), 'nemo imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=FIXTURES.parent.parent)
