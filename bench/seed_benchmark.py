@@ -306,8 +306,8 @@ def _parity(model: MagpieTTS, req: dict, steps: int, impl: str) -> dict:
 # ---- the fast path ----------------------------------------------------------------------------------------------
 
 
-def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_text) -> dict:
-    fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + N_FRAMES, dtype, attn_impl=attn_impl)
+def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_text, **fast_kw) -> dict:
+    fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + N_FRAMES, dtype, attn_impl=attn_impl, **fast_kw)
     kw = dict(use_cfg=True, run_all_steps=True, **PARAMS)
     short = dict(kw, max_decoder_steps=4)
     t_first, _ = timed(lambda: fd.generate(reqs[0], **kw))  # captures the graphs
@@ -324,7 +324,8 @@ def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_te
     r = {
         "label": label, "dtype": str(dtype).split(".")[-1], "attn_impl": fd.attn_impl, "batches_timed": len(totals),
         "ms_per_step": ms_step, "prefill_and_3_steps_s": t_short, "batch_total_s": t_full, "first_batch_s": t_first,
-        "graphs": sum(len(w.graphs) for w in fd._works.values()),
+        "graphs": sum(len(w.graphs) for w in fd._works.values()), "compile": fd.compile,
+        "compile_errors": fd.compile_errors, **{k: v for k, v in fast_kw.items() if k != "compile"},
         "floor_bytes": fb["total"], "floor_ms": fb["total"] / (bw * 1e9) * 1e3,
     }
     r["gbps"] = fb["total"] / (ms_step / 1e3) / 1e9
@@ -378,15 +379,16 @@ def run_nemo(a, model, cfg, reqs, res, t0):
             res["nemo_error"] = f"{type(e).__name__}: {e}"
 
 
-def profile_fast(model, req, out_dir: Path) -> None:
+def profile_fast(model, req, out_dir: Path, fast_kw=None, graphs_list=None, fname="profile.txt") -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from reference.inference import resolve_parameters
 
     text = ""
-    for graphs in (False, True) if DEV == "cuda" else (False,):
+    fast_kw = fast_kw or {}
+    for graphs in graphs_list or ((False, True) if DEV == "cuda" else (False,)):
         fd = FastDecoder(model, BATCH, T_CTX_FRAMES + 3 + N_FRAMES, torch.bfloat16 if DEV == "cuda" else torch.float32,
-                         cuda_graphs=graphs)
+                         cuda_graphs=graphs, **fast_kw)
         kw = dict(use_cfg=True, run_all_steps=True, **dict(PARAMS, max_decoder_steps=8))
         fd._work(req["text"].shape[0], 2 * req["text"].shape[0], T_TEXT, N_FRAMES)  # buffers for 480 steps
         fd.generate(req, **kw)
@@ -402,9 +404,10 @@ def profile_fast(model, req, out_dir: Path) -> None:
                 fd._decode(w, idx, T_ctx, p, (False, False))
             sync()
         txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=40)
-        text += f"bf16 fast path, decode steps 24..63 only (40 steps, keys ~190-230 per row), 128 rows, cuda_graphs={graphs}\n{txt}\n\n"
+        text += (f"bf16 fast path {fast_kw}, attn {fd.attn_impl}, decode steps 24..63 only (40 steps, keys ~190-230 "
+                 f"per row), 128 rows, cuda_graphs={graphs}\n{txt}\n\n")
         del fd, w
-    (out_dir / "profile.txt").write_text(text)
+    (out_dir / fname).write_text(text)
     print(text[:6000])
 
 
@@ -417,7 +420,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-steps", type=int, default=None, help="default: all 480")
     ap.add_argument("--nemo-steps", default="1,80,160,240,320,400,478")
     ap.add_argument("--skip-nemo", action="store_true")
-    ap.add_argument("--parts", default="parity,fast,nemo,variants,eager,profile", help="comma-separated subset")
+    ap.add_argument("--opt-only", default="", help="comma-separated labels of OPT_VARIANTS to time (default all)")
+    ap.add_argument("--profile-attn", default="sdpa", help="attention of the profile_opt part")
+    ap.add_argument("--opt-batches", type=int, default=2, help="batches timed per speed-up variant")
+    ap.add_argument("--parts", default="parity,fast,nemo,variants,eager,profile",
+                    help="comma-separated subset; also: fast_sdpa, parity_opt, opt, eager2, profile_opt")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, times nothing")
     ap.add_argument("--budget-s", type=float, default=480, help="skip optional parts once this much time has passed")
     a = ap.parse_args(argv)
@@ -498,13 +505,32 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
+    if "parity_opt" in parts:
+        try:
+            res["parity_opt"] = parity_opt(model, reqs[0], 16 if a.quick else min(a.parity_steps, N_FRAMES))
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            print(f"[fail] parity_opt: {type(e).__name__}: {e}", flush=True)
+        print(f"[t] {time.time() - t0:.0f} s", flush=True)
+    if "opt" in parts:
+        run_opt(a, model, reqs, res, bw, t0)
     if "eager" in parts:
         run_eager(a, model, reqs, res, bw, t0)
+    if "eager2" in parts:
+        run_eager2(a, model, reqs, res, bw, t0)
     if "profile" in parts and time.time() - t0 < a.budget_s + 90:
         try:
             profile_fast(model, reqs[0], out_dir)
         except Exception as e:
             print(f"[fail] profile: {type(e).__name__}: {e}", flush=True)
+    if "profile_opt" in parts:
+        try:
+            kw = dict(attn_impl=a.profile_attn if DEV == "cuda" else "math", compile=True)
+            profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt")
+        except Exception as e:
+            print(f"[fail] profile_opt: {type(e).__name__}: {e}", flush=True)
     table = render_table(res)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out_dir / "table.md").write_text(table)
@@ -530,6 +556,197 @@ def run_eager(a, model, reqs, res, bw, t0):
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
 
+OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
+    ("fast bf16 sdpa+buckets", "sdpa", {}),
+    ("fast bf16 flash", "flash", {}),
+    ("fast bf16 triton", "triton", {}),
+    ("fast bf16 sdpa+buckets+compile", "sdpa", {"compile": True}),
+    ("fast bf16 flash+compile", "flash", {"compile": True}),
+    ("fast bf16 triton+compile", "triton", {"compile": True}),
+    ("fast bf16 triton128+compile", "triton", {"compile": True, "keys_per_split": 128}),
+]
+
+
+def run_opt(a, model, reqs, res, bw, t0):
+    """The speed-up variants, bf16, each over a.opt_batches batches x 480 steps (first batch: capture + compile)."""
+    import gc
+
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    res.setdefault("opt", [])
+    only = set(a.opt_only.split(",")) if a.opt_only else None
+    for label, impl, kw in OPT_VARIANTS:
+        if only is not None and label not in only:
+            continue
+        if DEV != "cuda":
+            impl = "math"
+        if time.time() - t0 > a.budget_s:
+            print(f"[skip] {label}: budget", flush=True)
+            continue
+        try:
+            time_fast(model, reqs, dt, impl, a.opt_batches, label, res["opt"], bw, T_TEXT, **kw)
+            r = res["opt"][-1]
+            print(f"[opt] {label}: first batch {r['first_batch_s']:.1f} s (capture/compile), compile errors "
+                  f"{r['compile_errors'] or 'none'}", flush=True)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            print(f"[fail] {label}: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    print(f"[t] {time.time() - t0:.0f} s", flush=True)
+
+
+def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
+    """fp32 (TF32 off) fast variants vs the eager cached reference at topk=1 (codes, first flip, logit gap), then
+    half-precision variants vs fp32 sdpa teacher-forced on its codes (prior off and on)."""
+    res = {}
+    B = req["text"].shape[0]
+    V = model.config.num_all_tokens_per_codebook
+    kw = dict(use_cfg=True, topk=1, cfg_scale=2.5, apply_attention_prior=True, max_decoder_steps=steps, keep_logits=True)
+    ref = model.infer_batch(req, use_kv_cache=True, **kw)
+    rc = ref.predicted_codes.cpu()
+    forced = None
+    fp32 = [("math", "math", {}), ("sdpa", "sdpa", {})]
+    if DEV == "cuda":
+        fp32 += [("triton", "triton", {}), ("sdpa+compile", "sdpa", {"compile": True}),
+                 ("triton+compile", "triton", {"compile": True})]
+    for label, impl, fkw in fp32:
+        t = time.time()
+        fd = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32, attn_impl=impl, **fkw)
+        f = fd.generate(req, **kw)
+        fc = f.predicted_codes.cpu()
+        T = min(rc.shape[2], fc.shape[2])
+        diverge = next((k for k in range(T) if not torch.equal(rc[:, :, k], fc[:, :, k])), None)
+        if diverge is None and (rc.shape != fc.shape or not torch.equal(ref.predicted_codes_lens, f.predicted_codes_lens)):
+            diverge = T
+        upto = min(ref.num_steps, f.num_steps) if diverge is None else diverge + 1
+        dl = max((x.to(y.device) - y).abs().max().item() for x, y in zip(ref.step_logits[:upto], f.step_logits[:upto]))
+        r = {"codes_identical": diverge is None, "first_divergent_step": diverge, "max_abs_logit_diff": dl,
+             "attended_identical": ref.attended_text_positions == f.attended_text_positions,
+             "compile_errors": fd.compile_errors, "s": time.time() - t}
+        if diverge is not None and diverge < len(ref.step_logits):
+            lg = ref.step_logits[diverge].cpu().view(B, -1, V)
+            bad = (rc[:, :, diverge] != fc[:, :, diverge]).nonzero()
+            if len(bad):
+                top2 = lg[bad[0, 0], bad[0, 1]].topk(2).values
+                r["flip_top2_gap"] = (top2[0] - top2[1]).item()
+        res[f"fp32_{label}"] = r
+        print(f"[parity_opt] fp32 {label} vs eager, topk=1, {B} req x {steps} steps: {r}", flush=True)
+        if label == "sdpa":
+            forced = torch.cat([fc, torch.zeros(B, fc.shape[1], steps).long()], 2)[:, :, :steps].to(DEV)
+            teacher = {pr: fd.generate(req, forced_codes=forced, **dict(kw, apply_attention_prior=pr)) for pr in (False, True)}
+        del fd
+    if DEV != "cuda":
+        return res
+    for name, dt, impl, fkw in [("fp16 flash", torch.float16, "flash", {}), ("bf16 flash", torch.bfloat16, "flash", {}),
+                                ("bf16 triton", torch.bfloat16, "triton", {}),
+                                ("bf16 triton+compile", torch.bfloat16, "triton", {"compile": True}),
+                                ("bf16 sdpa+compile", torch.bfloat16, "sdpa", {"compile": True})]:
+        fd = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, dt, attn_impl=impl, **fkw)
+        for pr in (False, True):
+            o = fd.generate(req, forced_codes=forced, **dict(kw, apply_attention_prior=pr))
+            ref_l = torch.stack(teacher[pr].step_logits[: o.num_steps])
+            got = torch.stack(o.step_logits[: ref_l.shape[0]])
+            agree = (got.view(*got.shape[:2], -1, V).argmax(-1) == ref_l.view(*ref_l.shape[:2], -1, V).argmax(-1)).float().mean().item()
+            r = {"rel_l2": ((got - ref_l).norm() / ref_l.norm()).item(), "max_abs": (got - ref_l).abs().max().item(),
+                 "step0_rel_l2": ((got[0] - ref_l[0]).norm() / ref_l[0].norm()).item(), "argmax_agree": agree,
+                 "compile_errors": fd.compile_errors}
+            res[f"{name}{'' if pr else ' noprior'}"] = r
+            print(f"[parity_opt] {name} prior={'on' if pr else 'off'} vs fp32 sdpa, teacher-forced: {r}", flush=True)
+        del fd
+    return res
+
+
+def run_eager2(a, model, reqs, res, bw, t0):
+    """Eager cached reference in fp32 and bf16 (same call), 480 steps each, then where a bf16 step's time goes."""
+    from reference.semantics import Semantics
+
+    steps = (a.eager_steps or N_FRAMES) if not a.quick else 32
+    ekw = dict(use_cfg=True, use_kv_cache=True, **dict(PARAMS, max_decoder_steps=steps))
+    res["eager2"] = {}
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        try:
+            # the eager reference runs in reduced precision through its semantics (a model cast to bf16 would be
+            # copied back to the semantics' float32 by infer_batch); the bf16 copy is made per call, in both the
+            # 4-step and the full run, so it cancels in the per-step time
+            m = model
+            ekw["semantics"] = Semantics(dtype=name)
+            m.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4))
+            t_short = statistics.median([timed(lambda: m.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4)))[0]
+                                         for _ in range(2)])
+            t_e, eo = timed(lambda: m.infer_batch(reqs[0], **ekw))
+            e_ms = (t_e - t_short) / max(1, eo.num_steps - 4) * 1e3
+            fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (eo.num_steps - 1) / 2, 4 if dt == torch.float32 else 2, T_TEXT)
+            r = {"ms_per_step": e_ms, "steps_run": eo.num_steps, "batch_s": t_e, "frames_per_s": BATCH / (e_ms / 1e3),
+                 "gbps": fb["total"] / (e_ms / 1e3) / 1e9, "floor_ms": fb["total"] / (bw * 1e9) * 1e3}
+            r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
+            if dt == torch.bfloat16 and DEV == "cuda":
+                r["split"] = eager_split(m, reqs[0], 48, ekw["semantics"])
+            res["eager2"][name] = r
+            print(f"[eager2] {name} cached: {e_ms:.2f} ms/step over {eo.num_steps} steps, {r['x_realtime']:.0f}x real time; "
+                  f"{r.get('split', '')}", flush=True)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            print(f"[fail] eager2 {name}: {type(e).__name__}: {e}", flush=True)
+    print(f"[t] {time.time() - t0:.0f} s", flush=True)
+
+
+def eager_split(m, req, steps: int, semantics=None) -> dict:
+    """torch.profiler over `steps` eager steps, the host functions of the loop wrapped in record_function:
+    wall ms/step (profiler on), GPU kernel ms/step (sum of kernel durations), host ms/step inside each wrapped
+    function, device-to-host copies + syncs per step."""
+    import reference.inference as inf
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    saved = []
+
+    def wrap(obj, name, label):
+        f = getattr(obj, name)
+        saved.append((obj, name, f, name in vars(obj)))
+
+        def g(*x, **k):
+            with record_function(label):
+                return f(*x, **k)
+
+        setattr(obj, name, g)
+
+    wrap(inf, "sample_codes", "host:sample_codes")
+    wrap(inf, "find_eos", "host:find_eos")
+    wrap(inf.PriorState, "most_attended", "host:prior.most_attended")
+    wrap(inf.PriorState, "build_prior", "host:prior.build_prior")
+    wrap(type(m.decoder), "forward_cached", "host:decoder.forward_cached")  # class level: infer_batch may copy m
+    kw = dict(use_cfg=True, use_kv_cache=True, semantics=semantics, **dict(PARAMS, max_decoder_steps=steps))
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall, out = timed(lambda: m.infer_batch(req, **kw))
+    finally:
+        for obj, name, f, own in saved:
+            if own:
+                setattr(obj, name, f)
+            else:
+                delattr(obj, name)
+    n = out.num_steps
+    ev = prof.events()
+    gpu_us = sum(e.time_range.elapsed_us() for e in ev if e.device_type == DeviceType.CUDA)
+    host = {}
+    syncs = 0
+    sync_us = 0.0
+    for e in ev:
+        if e.name.startswith("host:"):
+            host[e.name[5:]] = host.get(e.name[5:], 0.0) + e.cpu_time_total / 1e3 / n
+        if e.device_type == DeviceType.CPU and e.name in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize"):
+            syncs += 1
+            sync_us += e.time_range.elapsed_us()
+    return {"steps": n, "wall_ms_per_step_profiled": wall * 1e3 / n, "gpu_kernel_ms_per_step": gpu_us / 1e3 / n,
+            "host_ms_per_step_in": host, "memcpy_sync_calls_per_step": syncs / n, "memcpy_sync_ms_per_step": sync_us / 1e3 / n,
+            "cuda_kernels_per_step": sum(1 for e in ev if e.device_type == DeviceType.CUDA) / n}
+
+
 def render_table(res: dict) -> str:
     info = res["info"]
     lines = [f"card: {info['card']} ({info['sms']} SMs), torch {info['torch']}, {info['date']}; "
@@ -548,9 +765,13 @@ def render_table(res: dict) -> str:
         lines.append(f"| eager reference, cached | float32 | {e['ms_per_step']:.2f} | {e['frames_per_s']:.0f} | "
                      f"{e['x_realtime']:.0f} | {e['gbps']:.0f} | {e['ms_per_step']/e['floor_ms']:.1f} | 1 batch, "
                      f"{e['steps_run']} steps |")
-    for r in res["fast"]:
+    for name, e in (res.get("eager2") or {}).items():
+        lines.append(f"| eager reference, cached (run 2) | {name} | {e['ms_per_step']:.2f} | {e['frames_per_s']:.0f} | "
+                     f"{e['x_realtime']:.0f} | {e['gbps']:.0f} | {e['ms_per_step']/e['floor_ms']:.1f} | 1 batch, "
+                     f"{e['steps_run']} steps |")
+    for r in res["fast"] + res.get("opt", []):
         vs = f", {nemo_ms / r['ms_per_step']:.0f}x NeMo fp32" if nemo_ms else ""
-        lines.append(f"| FastDecoder ({r['attn_impl']}) | {r['dtype']} | {r['ms_per_step']:.3f} | {r['frames_per_s']:.0f} | "
+        lines.append(f"| {r['label']} ({r['attn_impl']}) | {r['dtype']} | {r['ms_per_step']:.3f} | {r['frames_per_s']:.0f} | "
                      f"{r['x_realtime']:.0f} | {r['gbps']:.0f} | {r['x_floor']:.2f} | {r['batches_timed']} batch(es) x 480 "
                      f"steps, {r['graphs']} graph(s){vs}; 512 requests {r['all_512_s']:.1f} s |")
     p = res.get("parity", {})

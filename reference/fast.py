@@ -67,6 +67,159 @@ def _flash_works(device, dtype) -> bool:
         return False
 
 
+def _f_pre(x, ln_w, eps: float, w_qkv):
+    """norm_self + qkv_net of one layer (the reference's ops)."""
+    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, None, eps), w_qkv)
+
+
+def _f_post(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor],
+            w_xo, ln_ff, eps_ff: float, w1, w2, scale: float, n_heads: int, d_head: int, need_prob: bool, ffn: bool):
+    """Everything of one decoder layer after the self-attention kernel: o_net + residual, cross-attention (mask,
+    softmax, prior, mask) + residual, and (kernel-1 decoders) the FFN + residual. The reference's ops in its
+    order, so the plain function gives the same numbers as before; ``compile=True`` fuses it on the GPU."""
+    rows = x.shape[0]
+    x = x + F.linear(y_sa, w_o)
+    q = F.linear(F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq), w_q).reshape(rows, 1, n_heads, d_head)
+    q = q.transpose(1, 2)
+    score = torch.matmul(q, mem_k.transpose(2, 3)) * scale
+    score = score.masked_fill(cond_neg, float("-inf"))
+    prob = F.softmax(score, dim=-1)
+    if prior is not None:
+        pr = prior[:, None, None, :] + torch.finfo(torch.float32).tiny
+        pf = prob.float() * pr
+        prob = (pf / pf.sum(dim=-1, keepdim=True)).to(prob.dtype)
+    prob = prob.masked_fill(cond_neg, 0.0)
+    y = torch.matmul(prob, mem_v).transpose(1, 2).reshape(rows, 1, -1)
+    x = x + F.linear(y, w_xo)
+    if ffn:
+        h = F.layer_norm(x, (x.shape[-1],), ln_ff, None, eps_ff)
+        a = F.gelu(F.linear(h, w1), approximate="tanh")
+        x = x + F.linear(a, w2)
+    return x, (prob.mean(dim=1) if need_prob else None)
+
+
+def _f_head(x, ln_w, eps: float, w, b):
+    """norm_out (or identity) + final_proj of the newest position."""
+    if ln_w is not None:
+        x = F.layer_norm(x, (x.shape[-1],), ln_w, None, eps)
+    return F.linear(x, w, b)[:, 0]
+
+
+class _MaybeCompiled:
+    """``torch.compile(fn, fullgraph=True, dynamic=False)`` when enabled; on a compile error (outside a CUDA-graph
+    capture) warn once and run ``fn`` itself. fullgraph: an error surfaces before anything ran, so nothing is
+    executed twice."""
+
+    def __init__(self, fn, enabled: bool):
+        self.fn = fn
+        self.error: Optional[str] = None
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False) if enabled else None
+
+    def __call__(self, *args, **kw):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kw)
+            except Exception as e:  # noqa: BLE001 - fall back to the plain function
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                import warnings
+
+                self.error = f"{type(e).__name__}: {e}"[:2000]
+                warnings.warn(f"FastDecoder compile=True: {self.fn.__name__} runs uncompiled ({self.error[:300]})")
+                self.compiled = None
+        return self.fn(*args, **kw)
+
+
+_TRITON: dict = {}
+
+
+def _triton_kernels():
+    """Split-KV ("flash-decoding") attention for one query per row over the compacted (rows, L, H, Dh) cache:
+    program (row*head, split) reads keys [split*KPS, min(len, (split+1)*KPS)) and writes a partial (max, sum,
+    unnormalised output); a second kernel combines the splits. Built on first use (Triton is GPU-only here)."""
+    if _TRITON:
+        return _TRITON
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(Q, K, V, LENS, MO, LO, OO, scale, stride_qr, stride_kr, stride_kl,
+                     H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr):
+        rh = tl.program_id(0)
+        sp = tl.program_id(1)
+        r = rh // H
+        h = rh % H
+        n = tl.load(LENS + r)
+        start = sp * KPS
+        end = tl.minimum(n, start + KPS)
+        d = tl.arange(0, D)
+        q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        kbase = K + r * stride_kr + h * D
+        vbase = V + r * stride_kr + h * D
+        for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
+            idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = idx < end
+            k = tl.load(kbase + idx[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(vbase + idx[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * scale
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
+            alpha = tl.exp(m_i - m_safe)
+            pexp = tl.exp(s - m_safe)
+            acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(pexp, axis=0)
+            m_i = m_new
+        o = rh * NSPLIT + sp
+        tl.store(MO + o, m_i)
+        tl.store(LO + o, l_i)
+        tl.store(OO + o * D + d, acc)
+
+    @triton.jit
+    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
+        rh = tl.program_id(0)
+        s = tl.arange(0, NS_P2)
+        sm = s < NSPLIT
+        m = tl.load(MO + rh * NSPLIT + s, mask=sm, other=-float("inf"))
+        l = tl.load(LO + rh * NSPLIT + s, mask=sm, other=0.0)
+        mx = tl.max(m, axis=0)  # finite: split 0 holds >= 1 key
+        wgt = tl.where(sm & (m > -float("inf")), tl.exp(m - mx), 0.0)
+        d = tl.arange(0, D)
+        acc = tl.load(OO + (rh * NSPLIT + s)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
+        num = tl.sum(acc * wgt[:, None], axis=0)
+        den = tl.sum(l * wgt, axis=0)
+        tl.store(OUT + rh * D + d, (num / den).to(OUT.dtype.element_ty))
+
+    _TRITON.update(split=split_kernel, combine=combine_kernel, next_pow2=triton.next_power_of_2)
+    return _TRITON
+
+
+def triton_decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
+                            max_keys: Optional[int] = None):
+    """q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
+    lens (rows,) int32 >= 1 keys per row, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32
+    accumulation. max_keys sets the number of splits launched (ceil(max_keys / keys_per_split))."""
+    kern = _triton_kernels()
+    rows, L, H, D = k_cache.shape
+    assert q.stride(2) == 1 and q.stride(1) == D and k_cache.stride(3) == 1 and k_cache.stride(2) == D
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(1) == H * D
+    block_n = min(block_n, keys_per_split)
+    assert keys_per_split % block_n == 0
+    ns = -(-min(L, max_keys or L) // keys_per_split)
+    mo = torch.empty(rows * H * ns, device=q.device, dtype=torch.float32)
+    lo = torch.empty_like(mo)
+    oo = torch.empty(rows * H * ns * D, device=q.device, dtype=torch.float32)
+    out = torch.empty(rows, H, D, device=q.device, dtype=q.dtype)
+    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, scale, q.stride(0), k_cache.stride(0),
+                                  k_cache.stride(1), H=H, D=D, NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n,
+                                  num_warps=4)
+    kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
+    return out
+
+
 class _StaticKV(LayerKVCache):
     """The reference's LayerKVCache over this decoder's static buffers (views (rows, H, max_len, Dh))."""
 
@@ -110,6 +263,10 @@ class _Work:
     noise: torch.Tensor  # (2 * S * C, B, V) float32: exponential noise, reference draw order
     logits_buf: Optional[torch.Tensor] = None  # (max_steps, B, C*V*S) float32 when keep_logits
     forced: Optional[torch.Tensor] = None  # (B, C, >= S * max_steps) long
+    cond_neg: Optional[torch.Tensor] = None  # (rows, 1, 1, T_text) bool: ~cond_mask, once per request
+    row_base: Optional[torch.Tensor] = None  # (rows,) long: row * max_len (flash / triton cache rows)
+    cu_q: Optional[torch.Tensor] = None  # (rows + 1,) int32
+    cu_k: Optional[torch.Tensor] = None  # (rows + 1,) int32
     graphs: dict = field(default_factory=dict)
 
 
@@ -119,8 +276,13 @@ class FastDecoder:
     model: a reference ``MagpieTTS`` (copied and cast to ``dtype``; the original is untouched).
     max_batch: requests per call (rows = 2 x max_batch with CFG). max_len: decoder positions per row
     (context frames + 2 specials + BOS... i.e. ``T_ctx + 1 + max_steps`` must fit).
-    attn_impl: "auto" (flash on CUDA for fp16/bf16, else "sdpa" on CUDA, "math" on the CPU), "flash", "sdpa", "math".
+    attn_impl: "auto" (flash on CUDA for fp16/bf16, else "sdpa" on CUDA, "math" on the CPU), "flash", "sdpa", "math",
+    or "triton" (CUDA: a split-KV decode kernel over the compacted cache, one graph for all steps).
     cuda_graphs: None = on for CUDA. nemo_unmasked_padded_keys: as in ``infer_batch``.
+    compile: torch.compile (inductor, fullgraph, static shapes) the per-layer work around the attention kernel and
+    the sampling/prior step, inside the CUDA graphs. CUDA only: elsewhere it is ignored (the plain functions run);
+    a compile error falls back to the plain function with a warning (``compile_errors``).
+    keys_per_split: keys per program of the triton attention.
     """
 
     def __init__(
@@ -135,6 +297,8 @@ class FastDecoder:
         bucket: int = 64,
         sync_every: int = 32,
         nemo_unmasked_padded_keys: bool = False,
+        compile: bool = False,
+        keys_per_split: int = 64,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -154,8 +318,14 @@ class FastDecoder:
         if attn_impl == "auto":
             half = is_cuda and dtype in (torch.float16, torch.bfloat16)
             attn_impl = "flash" if half and _flash_works(self.device, dtype) else ("sdpa" if is_cuda else "math")
-        if attn_impl not in ("flash", "sdpa", "math"):
-            raise ValueError(f"attn_impl must be auto, flash, sdpa or math, got {attn_impl!r}")
+        if attn_impl not in ("flash", "sdpa", "math", "triton"):
+            raise ValueError(f"attn_impl must be auto, flash, sdpa, math or triton, got {attn_impl!r}")
+        if attn_impl == "triton":
+            if not is_cuda:
+                raise ValueError("attn_impl='triton' needs CUDA")
+            if d.sa_d_head & (d.sa_d_head - 1):
+                raise ValueError("attn_impl='triton' needs a power-of-two head size")
+        self.keys_per_split = int(keys_per_split)
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
             raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
         self.attn_impl = attn_impl
@@ -167,7 +337,8 @@ class FastDecoder:
         # Static self-attention KV cache. flash: (rows, L, H, Dh) so that the rows pack into (rows * L, H, Dh);
         # sdpa / math: (rows, H, L, Dh) so that [:, :, :L_bucket] keeps (rows * H) one batch stride.
         H, Dh = d.sa_n_heads, d.sa_d_head
-        shape = (self.max_rows, max_len, H, Dh) if attn_impl == "flash" else (self.max_rows, H, max_len, Dh)
+        self.flat_cache = attn_impl in ("flash", "triton")
+        shape = (self.max_rows, max_len, H, Dh) if self.flat_cache else (self.max_rows, H, max_len, Dh)
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(d.n_layers)]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(d.n_layers)]
         m = self.model
@@ -183,6 +354,38 @@ class FastDecoder:
         self.only_eos[c.audio_eos_id] = True
         self._works: dict = {}
         self._pool = None
+        # per-layer weights as plain tensors (one compiled function serves every layer: no per-module guards)
+        self._layer_w = []
+        for layer in m.decoder.layers:
+            ff = layer.pos_ff
+            k1 = ff.proj.kernel_size == 1
+            self._layer_w.append(dict(
+                ln_sa=layer.norm_self.weight.detach(), eps_sa=layer.norm_self.eps,
+                qkv=layer.self_attention.qkv_net.weight.detach(), w_o=layer.self_attention.o_net.weight.detach(),
+                ln_xq=layer.norm_xattn_query.weight.detach(), eps_xq=layer.norm_xattn_query.eps,
+                w_q=layer.cross_attention.q_net.weight.detach(), w_xo=layer.cross_attention.o_net.weight.detach(),
+                ln_ff=layer.norm_pos_ff.weight.detach(), eps_ff=layer.norm_pos_ff.eps,
+                w1=ff.proj.conv.weight[:, :, 0].detach() if k1 else None,
+                w2=ff.o_net.conv.weight[:, :, 0].detach() if k1 else None))
+        no = m.decoder.norm_out
+        self._head_w = (no.weight.detach() if isinstance(no, torch.nn.LayerNorm) else None,
+                        getattr(no, "eps", 0.0), m.final_proj.weight.detach(),
+                        m.final_proj.bias.detach() if m.final_proj.bias is not None else None)
+        self.compile = bool(compile) and is_cuda
+        if self.compile:
+            import torch._dynamo as dynamo
+
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        self._fn_pre = _MaybeCompiled(_f_pre, self.compile)
+        self._fn_post = _MaybeCompiled(_f_post, self.compile)
+        self._fn_head = _MaybeCompiled(_f_head, self.compile)
+        self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)
+        self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
+
+    @property
+    def compile_errors(self) -> dict:
+        fns = dict(pre=self._fn_pre, post=self._fn_post, head=self._fn_head, post_a=self._fn_post_a, post_b=self._fn_post_b)
+        return {k: f.error for k, f in fns.items() if f.error}
 
     # ------------------------------------------------------------------------------------------------------
     # buffers
@@ -210,6 +413,9 @@ class FastDecoder:
             last=z(B, dt=L), counters=z(B, T_text + 1, dt=L), fin_present=z(B, dt=torch.bool), fin_count=z(B, dt=L),
             unfinished=z(B, dt=torch.bool), end_idx=z(B, dt=L), ended=z(B, dt=torch.bool), done_step=z(1, dt=L),
             attended=z(max_steps, B, dt=L), noise=z(2 * S * C, B, V, dt=torch.float32),
+            cond_neg=z(rows, 1, 1, T_text, dt=torch.bool), row_base=torch.arange(rows, device=dev) * self.max_len,
+            cu_q=torch.arange(rows + 1, device=dev, dtype=torch.int32),
+            cu_k=torch.arange(rows + 1, device=dev, dtype=torch.int32) * self.max_len,
         )
         self._works[key] = w
         return w
@@ -217,7 +423,7 @@ class FastDecoder:
     def _kv_views(self, i: int, rows: int):
         """(rows, H, max_len, Dh) views of layer i's cache (what the reference's LayerKVCache expects)."""
         k, v = self.k_cache[i][:rows], self.v_cache[i][:rows]
-        if self.attn_impl == "flash":
+        if self.flat_cache:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         return k, v
 
@@ -304,6 +510,7 @@ class FastDecoder:
         T_ctx = ctx_mask.shape[1]
         # reset the state (in place: graphs hold these addresses)
         w.cond_mask.copy_(cond_mask)
+        w.cond_neg.copy_(~cond_mask[:, None, None, :])
         w.text_lens.copy_(text_lens)
         w.prior.fill_(p.attention_prior_epsilon)
         w.last.fill_(1)
@@ -353,7 +560,7 @@ class FastDecoder:
             for i in range(d.n_layers):
                 for cache in (self.k_cache[i], self.v_cache[i]):
                     for j in range(bos_emb.shape[1]):
-                        if self.attn_impl == "flash":
+                        if self.flat_cache:
                             cache[r, ctx_len + j] = cache[r, T_ctx + j]
                         else:
                             cache[r, :, ctx_len + j] = cache[r, :, T_ctx + j]
@@ -401,7 +608,6 @@ class FastDecoder:
 
     def _step(self, w: _Work, Lb: int, flags: tuple, p, opts) -> None:
         m, c = self.model, self.config
-        d = c.decoder
         prior_in, _, _ = flags
         rows, B = w.rows, w.B
         C, S = c.num_audio_codebooks, c.frame_stacking_factor
@@ -417,74 +623,68 @@ class FastDecoder:
         layer_prior = p.apply_prior_to_layers
         est = p.estimate_alignment_from_layers
         new_len = w.kv_len + 1
+        # per-step attention indices, once for all layers
+        if self.flat_cache:
+            actx = (w.kv_len + w.row_base, new_len.to(torch.int32))
+        else:
+            H, Dh = c.decoder.sa_n_heads, c.decoder.sa_d_head
+            actx = (w.kv_len.view(rows, 1, 1, 1).expand(rows, H, 1, Dh),
+                    torch.arange(Lb, device=x.device)[None, :] < new_len[:, None])  # (rows, Lb)
         probs = []
         for i, layer in enumerate(m.decoder.layers):
-            x = x + self._self_attention(i, layer, x, w, new_len, Lb)
+            lw = self._layer_w[i]
+            qkv = self._fn_pre(x, lw["ln_sa"], lw["eps_sa"], lw["qkv"])
+            y_sa = self._self_attention(i, layer, qkv, w, actx, Lb)
             use_prior = prior_in and (layer_prior is None or i in layer_prior)
-            y, prob = self._cross_attention(i, layer, x, w, w.prior if use_prior else None)
-            x = x + y
-            if est is None or i in est:
+            need = est is None or i in est
+            xa = layer.cross_attention
+            k1 = lw["w1"] is not None
+            x, prob = self._fn_post(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], w.mem_k[i], w.mem_v[i],
+                                    w.cond_neg, w.prior if use_prior else None, lw["w_xo"], lw["ln_ff"], lw["eps_ff"],
+                                    lw["w1"], lw["w2"], xa.scale, xa.n_heads, xa.d_head, need, k1)
+            if need:
                 probs.append(prob)
-            x = x + self._ffn(i, layer, x, w)
-        x = m.decoder.norm_out(x)
-        logits = m.final_proj(x)[:, 0]
+            if not k1:
+                x = x + self._ffn(i, layer, x, w)
+        logits = self._fn_head(x, *self._head_w)
         w.kv_len.add_(1)
         w.pos.add_(1)
-        scores = torch.stack([pr.mean(dim=1) for pr in probs], dim=1).mean(dim=1)[:, -1, :]
+        scores = torch.stack(probs, dim=1).mean(dim=1)[:, -1, :]
         self._post(w, (logits, scores), None, p, opts, flags=flags)
 
-    def _self_attention(self, i, layer, x, w: _Work, new_len, Lb: int):
+    def _self_attention(self, i, layer, qkv, w: _Work, actx, Lb: int):
+        """Cache write of the new key/value and attention over each row's keys -> (rows, 1, H*Dh) (before o_net)."""
         sa = layer.self_attention
         rows = w.rows
         H, Dh = sa.n_heads, sa.d_head
-        h = layer.norm_self(x)
-        qkv = sa.qkv_net(h).reshape(rows, 3, H, Dh)
+        qkv = qkv.reshape(rows, 3, H, Dh)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (rows, H, Dh)
         K, Vc = self.k_cache[i], self.v_cache[i]
-        if self.attn_impl == "flash":
+        if self.flat_cache:
+            flat, seq = actx
             L = self.max_len
-            flat = w.kv_len + torch.arange(rows, device=x.device) * L
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)
-            cu_q = torch.arange(rows + 1, device=x.device, dtype=torch.int32)
-            cu_k = cu_q * L
-            y = torch.ops.aten._flash_attention_forward(
-                q.contiguous(), Kf, Vf, cu_q, cu_k, 1, L, 0.0, False, False, scale=sa.scale,
-                seqused_k=new_len.to(torch.int32),
-            )[0]  # (rows, H, Dh)
-            y = y.reshape(rows, 1, H * Dh)
-        else:
-            index = w.kv_len.view(rows, 1, 1, 1).expand(rows, H, 1, Dh)
-            K[:rows].scatter_(2, index, k.unsqueeze(2))
-            Vc[:rows].scatter_(2, index, v.unsqueeze(2))
-            Kb, Vb = K[:rows, :, :Lb], Vc[:rows, :, :Lb]
-            valid = torch.arange(Lb, device=x.device)[None, :] < new_len[:, None]  # (rows, Lb)
-            q = q.unsqueeze(2)  # (rows, H, 1, Dh)
-            if self.attn_impl == "sdpa":
-                y = F.scaled_dot_product_attention(q, Kb, Vb, attn_mask=valid[:, None, None, :], scale=sa.scale)
-            else:  # the reference's _attend, op for op
-                score = torch.matmul(q, Kb.transpose(2, 3)) * sa.scale
-                score = score.masked_fill(~valid[:, None, None, :], float("-inf"))
-                y = torch.matmul(F.softmax(score, dim=-1), Vb)
-            y = y.transpose(1, 2).reshape(rows, 1, H * Dh)
-        return sa.o_net(y)
-
-    def _cross_attention(self, i, layer, x, w: _Work, prior: Optional[torch.Tensor]):
-        xa = layer.cross_attention
-        rows = w.rows
-        q = xa.q_net(layer.norm_xattn_query(x)).reshape(rows, 1, xa.n_heads, xa.d_head).transpose(1, 2)
-        mask = w.cond_mask[:, None, None, :]
-        score = torch.matmul(q, w.mem_k[i].transpose(2, 3)) * xa.scale
-        score = score.masked_fill(~mask, float("-inf"))
-        prob = F.softmax(score, dim=-1)
-        if prior is not None:
-            pr = prior[:, None, None, :] + torch.finfo(torch.float32).tiny
-            pf = prob.float() * pr
-            prob = (pf / pf.sum(dim=-1, keepdim=True)).to(prob.dtype)
-        prob = prob.masked_fill(~mask, 0.0)
-        y = torch.matmul(prob, w.mem_v[i]).transpose(1, 2).reshape(rows, 1, -1)
-        return xa.o_net(y), prob
+            if self.attn_impl == "triton":
+                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split, max_keys=Lb)
+            else:
+                y = torch.ops.aten._flash_attention_forward(
+                    q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,
+                )[0]  # (rows, H, Dh)
+            return y.reshape(rows, 1, H * Dh)
+        index, valid = actx
+        K[:rows].scatter_(2, index, k.unsqueeze(2))
+        Vc[:rows].scatter_(2, index, v.unsqueeze(2))
+        Kb, Vb = K[:rows, :, :Lb], Vc[:rows, :, :Lb]
+        q = q.unsqueeze(2)  # (rows, H, 1, Dh)
+        if self.attn_impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, Kb, Vb, attn_mask=valid[:, None, None, :], scale=sa.scale)
+        else:  # the reference's _attend, op for op
+            score = torch.matmul(q, Kb.transpose(2, 3)) * sa.scale
+            score = score.masked_fill(~valid[:, None, None, :], float("-inf"))
+            y = torch.matmul(F.softmax(score, dim=-1), Vb)
+        return y.transpose(1, 2).reshape(rows, 1, H * Dh)
 
     def _ffn(self, i, layer, x, w: _Work):
         ff = layer.pos_ff
@@ -511,40 +711,46 @@ class FastDecoder:
         return torch.stack(per_layer, dim=1).mean(dim=1)[:, -1, :]
 
     def _post(self, w: _Work, out, idx0: Optional[int], p, opts, flags: Optional[tuple] = None) -> None:
-        c = self.config
         keep_logits, forced = opts
         if flags is None:
             flags = self._flags(idx0, p)
         _, update, forbid_eos = flags
-        B, S, C, V = w.B, c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
         logits, scores = out
+        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update)
+        # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
+        # sampled pass, then again for its argmax pass: one (2*S*C, B, V) draw is the same stream on the CPU.
+        w.noise.exponential_()  # outside any compiled function: the eager RNG stream
+        self._fn_post_b(w, lg, p, forbid_eos, forced)
+
+    def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool):
+        """CFG combine, logits record, prior state machine -> (B, S*C, V) float32 logits."""
+        c = self.config
+        B, S, C, V = w.B, c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
         logits = logits.float()
         if w.rows != B:
             logits = (1 - p.cfg_scale) * logits[B:] + p.cfg_scale * logits[:B]
-        step = w.step
         if keep_logits:
-            w.logits_buf.index_copy_(0, step, logits.unsqueeze(0))
+            w.logits_buf.index_copy_(0, w.step, logits.unsqueeze(0))
         if update:
             self._prior_update(w, scores.float(), p)
-        if p.ignore_finished_sentence_tracking:
-            finished = unfinished = None
-        else:
-            finished = w.fin_present & (w.fin_count >= 20)
-            unfinished = w.unfinished
-        lg = logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
+        return logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
+
+    def _post_b(self, w: _Work, lg, p, forbid_eos: bool, forced: bool) -> None:
+        """Special-token masks, top-k, temperature, the draw, the argmax pass, EOS bookkeeping, next input."""
+        c = self.config
+        B, S, C = w.B, c.frame_stacking_factor, c.num_audio_codebooks
+        step = w.step
         eos = c.audio_eos_id
-        if unfinished is not None:
+        if not p.ignore_finished_sentence_tracking:
+            finished = w.fin_present & (w.fin_count >= 20)
             lg = lg.clone()
-            lg[:, :, eos] = lg[:, :, eos].masked_fill(unfinished[:, None], float("-inf"))
+            lg[:, :, eos] = lg[:, :, eos].masked_fill(w.unfinished[:, None], float("-inf"))
             fin = finished[:, None, None]
             lg = torch.where(fin, torch.where(self.only_eos, 0.0, float("-inf")), lg)
         lg = lg.masked_fill(self.forbid_all if forbid_eos else self.forbid_no_eos, float("-inf"))
         kth = torch.topk(lg, p.topk, dim=-1)[0][..., -1:]
         lg_k = lg.masked_fill(lg < kth, float("-inf"))
         probs = torch.softmax(lg_k / p.temperature, dim=-1)  # (B, S*C, V)
-        # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
-        # sampled pass, then again for its argmax pass: one (2*S*C, B, V) draw is the same stream on the CPU.
-        w.noise.exponential_()
         sampled = (probs / w.noise[: S * C].transpose(0, 1)).argmax(dim=-1)  # (B, S*C)
         top1 = lg.argmax(dim=-1)  # the argmax pass (temperature 0.01, top-1)
         sampled = sampled.view(B, S, C).transpose(1, 2)  # (B, C, S)
@@ -555,7 +761,12 @@ class FastDecoder:
 
         def first_eos(codes):
             hit = codes == eos
-            per_frame = {"any": lambda: hit.any(dim=1), "all": lambda: hit.all(dim=1), "zero_cb": lambda: hit[:, 0]}[detection]()
+            if detection == "any":
+                per_frame = hit.any(dim=1)
+            elif detection == "all":
+                per_frame = hit.all(dim=1)
+            else:  # zero_cb
+                per_frame = hit[:, 0]
             return torch.where(per_frame, frames, BIG).min(dim=1).values
 
         e = first_eos(top1)
