@@ -668,9 +668,8 @@ def run_eager2(a, model, reqs, res, bw, t0):
     res["eager2"] = {}
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         try:
-            # the eager reference runs in reduced precision through its semantics (a model cast to bf16 would be
-            # copied back to the semantics' float32 by infer_batch); the bf16 copy is made per call, in both the
-            # 4-step and the full run, so it cancels in the per-step time
+            # the eager reference runs in reduced precision through its semantics; the bf16 copy is made per call,
+            # in both the 4-step and the full run, so it cancels in the per-step time
             m = model
             ekw["semantics"] = Semantics(dtype=name)
             m.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4))

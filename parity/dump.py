@@ -56,7 +56,10 @@ MANIFEST_NAME = "manifest.json"
 # Fixed header area at the start of each shard. ~130 bytes of header per tensor, so one shard holds
 # ~2000 tensors before a new shard is started; the unused part is spaces (valid safetensors padding).
 HEADER_RESERVE = 256 * 1024
-COMPACT_MAX_DATA = 16 * 2**20  # shards with at most this much data are rewritten without the header reserve
+COMPACT_MAX_DATA = 16 * 2**20
+# Every top-level manifest key a reader accepts (what DumpWriter writes).
+_MANIFEST_KEYS = {"format", "version", "source", "config_hash", "dtype", "inputs", "layout", "meta", "complete",
+                  "tensors", "files", "manifest_sha256"}  # shards with at most this much data are rewritten without the header reserve
 # Safetensors headers beyond this are corrupt, not big: refuse before allocating.
 _MAX_HEADER_BYTES = 100 * 2**20
 _MAX_MANIFEST_BYTES = 256 * 2**20
@@ -495,6 +498,10 @@ class DumpReader:
             raise self._bad(f"unsupported version {m.get('version')!r} (this reader knows {VERSION})")
         if m.get("complete") is not True:
             raise self._bad('not marked "complete": true; the dump was interrupted or is still being written')
+        unknown = set(m) - _MANIFEST_KEYS
+        if unknown:
+            # A corrupted key name (e.g. of manifest_sha256) must not silently switch a check off.
+            raise self._bad(f"unknown top-level key(s) {sorted(unknown)}")
         if "manifest_sha256" in m:
             if not isinstance(m["manifest_sha256"], str) or m["manifest_sha256"] != _manifest_digest(m):
                 raise self._bad("manifest_sha256 does not match its contents (manifest edited or corrupt)")

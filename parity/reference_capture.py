@@ -33,7 +33,8 @@ def dump_reference_infer(model, batch: dict[str, torch.Tensor], out_dir: str | P
     from parity.dump import DumpWriter
 
     inputs = {k: list(v.shape) for k, v in batch.items()}
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    sem = kw.get("semantics")
+    dtype = (sem.dtype if sem is not None and sem.dtype else None) or str(next(model.parameters()).dtype).replace("torch.", "")
     import dataclasses
 
     from reference.inference import resolve_parameters

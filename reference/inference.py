@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from reference.config import InferenceParameters
@@ -121,7 +122,9 @@ class PriorState:
     def build_prior(self, rows: int, T_text: int, text_lens: list[int], attended: list[int], epsilon: float,
                     lookahead: int, end_indices: dict, device) -> torch.Tensor:
         """(rows, 1, T_text) prior for the next step; rows past the batch (CFG unconditional) stay epsilon."""
-        prior = torch.zeros(rows, 1, T_text) + epsilon
+        # Built in numpy on the host (NeMo builds it with per-element torch indexing: the same float32 values,
+        # epsilon rounded once, at a fraction of the cost), then copied to the device once.
+        prior = np.full((rows, 1, T_text), np.float32(epsilon), dtype=np.float32)
         for b in range(len(text_lens)):
             n = text_lens[b]
             if n <= 5:
@@ -133,7 +136,7 @@ class PriorState:
                     prior[b, 0, min(attended[b] + i, n - 1)] = 1.0
             for t, count in self.counters[b].items():
                 if count >= 10:  # stuck on a position: suppress it and everything before it
-                    prior[b, 0, : t + 1] = epsilon
+                    prior[b, 0, : t + 1] = np.float32(epsilon)
             self.unfinished[b] = attended[b] < n - 3 and b not in end_indices
             if attended[b] >= n - 2 or b in end_indices:
                 self.finished_counter.setdefault(b, 0)
@@ -141,18 +144,22 @@ class PriorState:
             self.finished_counter[b] += 1
             if self.finished_counter[b] > 5:
                 self.unfinished[b] = False
-        return prior.to(device)
+        return torch.from_numpy(prior).to(device)
 
 
 # ---- sampling (NeMo: sample_codes_from_logits) ----------------------------------------------------------------
 
 
-def forbidden_tokens(cfg, forbid_audio_eos: bool) -> list[int]:
-    """NeMo's SpecialAudioToken.get_forbidden_tokens: every special token, EOS too while EOS is forbidden."""
-    return [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+def forbidden_tokens(cfg, forbid_audio_eos: bool, device=None) -> torch.Tensor:
+    """NeMo's SpecialAudioToken.get_forbidden_tokens as a (V,) bool mask: every special token, EOS too while EOS
+    is forbidden."""
+    ids = [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+    mask = torch.zeros(cfg.num_all_tokens_per_codebook, dtype=torch.bool)
+    mask[ids] = True
+    return mask.to(device) if device is not None else mask
 
 
-def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict, forbidden: list[int]) -> torch.Tensor:
+def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict, forbidden) -> torch.Tensor:
     """NeMo's edits before sampling one codebook, in its order: EOS ban / force, forbidden specials, top-k (ties
     kept). Edits ``lg`` (B, V) in place like NeMo, and returns the top-k-masked logits."""
     for b in unfinished:
@@ -160,7 +167,10 @@ def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished
     for b in finished:
         lg[b, :] = float("-inf")
         lg[b, cfg.audio_eos_id] = 0.0
-    lg[:, forbidden] = float("-inf")
+    if isinstance(forbidden, torch.Tensor):
+        lg.masked_fill_(forbidden, float("-inf"))  # a (V,) bool mask made once per step: no host-to-device copy
+    else:
+        lg[:, forbidden] = float("-inf")
     kth = torch.topk(lg, topk, dim=-1)[0][:, -1:]
     return lg.masked_fill(lg < kth, float("-inf"))
 
@@ -178,7 +188,7 @@ def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfin
                  forbid_audio_eos: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, C*V*S) logits -> (B, C, S) codes; one multinomial draw per codebook, in NeMo's order."""
     C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
-    forbidden = forbidden_tokens(cfg, forbid_audio_eos)
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
     per_stack = []
     for s in range(S):
         preds = []
@@ -206,7 +216,7 @@ def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, 
     lt = model.local_transformer
     rows = dec_last.shape[0]
     B = rows // 2 if use_cfg else rows
-    forbidden = forbidden_tokens(cfg, forbid_audio_eos)
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos, dec_last.device)
     x = model.local_transformer_in_projection(dec_last[:, None])  # (rows, 1, H)
     state = lt.new_state(rows, C * S + 1, None, x.device, x.dtype) if use_kv_cache else None
     new = x
@@ -234,11 +244,13 @@ def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, 
     return codes[:B]
 
 
-def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> float:
-    """codes (C, S) -> index within the stack of the first frame with EOS, or inf."""
+def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> list[float]:
+    """codes (B, C, S) -> per item, the index within the stack of the first frame with EOS, or inf
+    (NeMo's find_eos_frame_index, for the whole batch at once)."""
     m = codes == eos_id
-    per_frame = {"any": lambda: m.any(dim=0), "all": lambda: m.all(dim=0), "zero_cb": lambda: m[:1].any(dim=0)}[detection]()
-    return float(per_frame.nonzero()[0].item()) if per_frame.any() else float("inf")
+    per_frame = {"any": lambda: m.any(dim=1), "all": lambda: m.all(dim=1), "zero_cb": lambda: m[:, :1].any(dim=1)}[detection]()
+    first = per_frame.int().argmax(dim=1).tolist()  # argmax of a 0/1 row = its first 1
+    return [float(f) if hit else float("inf") for f, hit in zip(first, per_frame.any(dim=1).tolist())]
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -277,8 +289,7 @@ def infer_batch(
     cfg = model.config
     p = resolve_parameters(cfg.inference, **params)
     validate_batch(batch, cfg, require_audio=False)
-    if sem.dtype != "float32" or next(model.parameters()).dtype != torch.float32:
-        model = sem_mod.prepare_model(model, sem)
+    model = sem_mod.prepare_model(model, sem)
     if sem.unpadded_requests and batch["text"].shape[0] > 1:
         return _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_keys, forced_codes,
                                keep_logits, sem, dict(params, use_local_transformer_for_inference=use_local_transformer_for_inference))
@@ -409,13 +420,14 @@ def infer_batch(
         else:
             codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
         codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos)
-        codes_next_host, codes_argmax_host = codes_next.cpu(), codes_argmax.cpu()
+        eos_argmax = find_eos(codes_argmax.cpu(), cfg.audio_eos_id, detection)
+        eos_sampled = find_eos(codes_next.cpu(), cfg.audio_eos_id, detection)
         for b in range(B):
             if b in end_indices:
                 continue
-            e = find_eos(codes_argmax_host[b], cfg.audio_eos_id, detection)
+            e = eos_argmax[b]
             if sampling_type == "argmax_or_multinomial":
-                e = min(e, find_eos(codes_next_host[b], cfg.audio_eos_id, detection))
+                e = min(e, eos_sampled[b])
             if e != float("inf"):
                 end_indices[b] = idx * S + int(e)
         if forced_codes is not None:

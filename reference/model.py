@@ -71,7 +71,7 @@ def _attend(
     score = torch.matmul(q, k.transpose(2, 3)) * scale
     if key_mask is not None:
         score = score.masked_fill(key_mask == 0, float("-inf"))
-    if causal:
+    if causal and k.shape[2] - 1 > q_offset:  # some query would see a later key (never in a one-frame decode step)
         tq, tk = q.shape[2], k.shape[2]
         qpos = torch.arange(q_offset, q_offset + tq, device=q.device)[:, None]
         kpos = torch.arange(tk, device=q.device)[None, :]
@@ -176,7 +176,7 @@ class MaskedConv1d(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T); mask: (B, T)
         x = x * mask.unsqueeze(1)
-        if self.is_causal:
+        if self.is_causal and self.kernel_size > 1:
             x = F.pad(x, (self.kernel_size - 1, 0))
         return self.conv(x) * mask.unsqueeze(1)
 

@@ -64,7 +64,7 @@ class Semantics:
     encoder: str = "checkpoint"
     packed_encoder_conv: bool = False
     unpadded_requests: bool = False
-    dtype: str = "float32"
+    dtype: Optional[str] = None  # None: the model's own dtype; a name: run a copy of the model in that precision
     kernel_prior: KernelPrior = field(default_factory=KernelPrior)
 
     def __post_init__(self):
@@ -74,8 +74,8 @@ class Semantics:
             raise ValueError(f"cfg_prompt must be 'nemo' or 'zeros', got {self.cfg_prompt!r}")
         if self.encoder not in ("checkpoint", "bidirectional"):
             raise ValueError(f"encoder must be 'checkpoint' or 'bidirectional', got {self.encoder!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be None, float32, float16 or bfloat16, got {self.dtype!r}")
 
     @property
     def effective_prior(self) -> str:
@@ -119,8 +119,8 @@ def _tuple(x) -> Optional[tuple[int, ...]]:
 
 
 def prepare_model(model, sem: Semantics):
-    """A copy of ``model`` in the semantics' dtype; the original is left untouched."""
-    if sem.dtype == "float32" and next(model.parameters()).dtype == torch.float32:
+    """``model`` itself, or a copy in the semantics' dtype when it names another one; the original is untouched."""
+    if sem.dtype is None or getattr(torch, sem.dtype) == next(model.parameters()).dtype:
         return model
     # The copy keeps the module hooks (closures over the live Capture) and must share the Capture object itself,
     # not a deep copy of it (which would also copy the whole model it refers to).
