@@ -45,7 +45,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from reference.inference import EOS_METHODS, InferOutput, InferenceError, resolve_parameters
+from reference.inference import EOS_METHODS, InferOutput, InferenceError, dummy_cfg_conditioning, resolve_parameters
 from reference.model import ConvFFState, DecoderState, LayerKVCache, lengths_to_mask, validate_batch
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
@@ -502,11 +502,7 @@ class FastDecoder:
         ctx_emb, ctx_mask = m.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
         cond, cond_mask = enc.output, enc.mask
         if use_cfg:
-            dummy_mask = torch.zeros_like(cond_mask)
-            dummy_mask[:, 0] = True
-            cond, cond_mask = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([cond_mask, dummy_mask])
-            ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
-            ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+            cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
         T_ctx = ctx_mask.shape[1]
         # reset the state (in place: graphs hold these addresses)
         w.cond_mask.copy_(cond_mask)
