@@ -490,8 +490,9 @@ class MagpieTTS(nn.Module):
     def process_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Teacher-forced pass equal to NeMo's ``MagpieTTSModel.process_batch(batch)`` in eval mode.
 
-        Returns ``logits`` (B, T_audio + 1 - ... , C * V) exactly as NeMo returns them, plus the decoder output
-        and the context size. Inputs are validated first (lengths, ranges, dtypes).
+        Returns ``logits`` exactly as NeMo returns them: (B, T_in, C * V * stacking), one row per decoder input
+        position after the context (the BOS frame and the audio frames, i.e. T_audio + 1 without frame stacking),
+        plus the decoder output and the context size. Inputs are validated first (lengths, ranges, dtypes).
         """
         c = self.config
         validate_batch(batch, c, require_audio=True)
