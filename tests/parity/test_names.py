@@ -143,11 +143,11 @@ def test_nemo_paths_follow_the_model_and_nemo_capture():
             assert p.module in mods, name
 
 
+@pytest.mark.nemo
 def test_nemo_paths_match_nemo_capture_on_a_real_nemo_model():
-    pytest.importorskip("nemo")
     fx = ROOT / "fixtures" / "data" / "released_small.nemo"
     if not fx.is_file():
-        pytest.skip("fixtures/data/released_small.nemo not generated")
+        pytest.fail("fixtures/data/released_small.nemo is missing: the bundled fixtures are part of the repository")
     import sys
 
     sys.path.insert(0, str(ROOT / "fixtures"))
