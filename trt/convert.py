@@ -50,7 +50,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from reference.config import InferenceParameters, MagpieConfig, TransformerConfig
+from reference.config import MagpieConfig, TransformerConfig
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -341,16 +341,22 @@ def encoder_weights(c: MagpieConfig, sd: Mapping[str, torch.Tensor], tp: int, r:
         w["embedding.position_embedding.weight"] = _get(sd, "encoder.position_embeddings.weight", where)
     for i in range(t.n_layers):
         p, q = f"encoder.layers.{i}", f"encoder_layers.{i}"
-        w[f"{q}.attention_layernorm.weight"] = _get(sd, f"{p}.norm_self.weight", where)
-        w[f"{q}.attention.qkv.weight"] = _split_qkv(
-            _get(sd, f"{p}.self_attention.qkv_net.weight", where), t.sa_n_heads, t.sa_d_head, tp, r)
-        w[f"{q}.attention.dense.weight"] = _split_cols_by_head(
-            _get(sd, f"{p}.self_attention.o_net.weight", where), t.sa_n_heads, t.sa_d_head, tp, r)
+        _self_attn(w, sd, t, p, f"{q}.attention", tp, r, where)
         w[f"{q}.pos_ff_layernorm.weight"] = _get(sd, f"{p}.norm_pos_ff.weight", where)
         _ffn(w, sd, p, q, tp, r, ffn_split, where)
     if t.apply_norm_out:
         w["final_layernorm.weight"] = _get(sd, "encoder.norm_out.weight", where)
     return w
+
+
+def _self_attn(w, sd, t: TransformerConfig, p: str, attn: str, tp: int, r: int, where: str) -> None:
+    """NeMo's norm_self + fused qkv_net / o_net -> ``<attn>_layernorm``, ``<attn>.qkv``, ``<attn>.dense`` (the
+    encoder's ``attention`` and the decoder's ``self_attention`` use the same layout)."""
+    w[f"{attn}_layernorm.weight"] = _get(sd, f"{p}.norm_self.weight", where)
+    w[f"{attn}.qkv.weight"] = _split_qkv(
+        _get(sd, f"{p}.self_attention.qkv_net.weight", where), t.sa_n_heads, t.sa_d_head, tp, r)
+    w[f"{attn}.dense.weight"] = _split_cols_by_head(
+        _get(sd, f"{p}.self_attention.o_net.weight", where), t.sa_n_heads, t.sa_d_head, tp, r)
 
 
 def _ffn(w, sd, p, q, tp, r, ffn_split, where):
@@ -375,11 +381,7 @@ def decoder_weights(c: MagpieConfig, sd: Mapping[str, torch.Tensor], tp: int, r:
     Hx, Dx = t.xa_n_heads, t.xa_head_dim
     for i in range(t.n_layers):
         p, q = f"decoder.layers.{i}", f"decoder_layers.{i}"
-        w[f"{q}.self_attention_layernorm.weight"] = _get(sd, f"{p}.norm_self.weight", where)
-        w[f"{q}.self_attention.qkv.weight"] = _split_qkv(
-            _get(sd, f"{p}.self_attention.qkv_net.weight", where), t.sa_n_heads, t.sa_d_head, tp, r)
-        w[f"{q}.self_attention.dense.weight"] = _split_cols_by_head(
-            _get(sd, f"{p}.self_attention.o_net.weight", where), t.sa_n_heads, t.sa_d_head, tp, r)
+        _self_attn(w, sd, t, p, f"{q}.self_attention", tp, r, where)
         w[f"{q}.cross_attention_layernorm.weight"] = _get(sd, f"{p}.norm_xattn_query.weight", where)
         if t.apply_norm_to_cond:
             w[f"{q}.cross_attention_memory_layernorm.weight"] = _get(sd, f"{p}.norm_xattn_memory.weight", where)
