@@ -40,26 +40,19 @@ PARAMS = dict(cfg_scale=2.5, topk=80, temperature=0.7, apply_attention_prior=Tru
 
 
 def seed_config(tiny: bool = False) -> MagpieConfig:
+    """The released model's sizes (768 wide, 12 heads, 6 + 12 layers, xattn 1 x 128, 8 x 2016 codes), or a tiny
+    model of the same shape for the CPU smoke run."""
     if tiny:
-        enc = TransformerConfig(n_layers=1, d_model=32, d_ffn=64, sa_n_heads=2, kernel_size=3, is_causal=True,
-                                apply_norm_out=True, max_length_causal_mask=128, use_learnable_pos_emb=True)
-        dec = TransformerConfig(n_layers=2, d_model=32, d_ffn=64, sa_n_heads=2, kernel_size=1, is_causal=True,
-                                apply_norm_out=True, max_length_causal_mask=128, use_learnable_pos_emb=True,
-                                has_xattn=True, xa_d_memory=32, xa_n_heads=1, xa_d_head=16, apply_norm_to_cond=True)
-        cb = 120
-        return MagpieConfig(
-            model_type="decoder_context_tts", d_model=32, num_text_tokens=40, num_audio_codebooks=2, codebook_size=cb,
-            num_all_tokens_per_codebook=cb + 8, frame_stacking_factor=1, audio_bos_id=cb, audio_eos_id=cb + 1,
-            context_audio_bos_id=cb + 2, context_audio_eos_id=cb + 3, mask_token_id=cb + 4, encoder=enc, decoder=dec,
-            use_kv_cache_for_inference=True, inference=InferenceParameters(max_decoder_steps=N_FRAMES))
-    enc = TransformerConfig(n_layers=6, d_model=768, d_ffn=3072, sa_n_heads=12, kernel_size=3, is_causal=True,
-                            apply_norm_out=True, max_length_causal_mask=2048, use_learnable_pos_emb=True)
-    dec = TransformerConfig(n_layers=12, d_model=768, d_ffn=3072, sa_n_heads=12, kernel_size=1, is_causal=True,
-                            apply_norm_out=True, max_length_causal_mask=2048, use_learnable_pos_emb=True,
-                            has_xattn=True, xa_d_memory=768, xa_n_heads=1, xa_d_head=128, apply_norm_to_cond=True)
-    cb = 2016
+        d, heads, ffn, n_enc, n_dec, xa_head, pos, C, cb, text = 32, 2, 64, 1, 2, 16, 128, 2, 120, 40
+    else:
+        d, heads, ffn, n_enc, n_dec, xa_head, pos, C, cb, text = 768, 12, 3072, 6, 12, 128, 2048, 8, 2016, 256
+    common = dict(d_model=d, d_ffn=ffn, sa_n_heads=heads, is_causal=True, apply_norm_out=True,
+                  max_length_causal_mask=pos, use_learnable_pos_emb=True)
+    enc = TransformerConfig(n_layers=n_enc, kernel_size=3, **common)
+    dec = TransformerConfig(n_layers=n_dec, kernel_size=1, has_xattn=True, xa_d_memory=d, xa_n_heads=1,
+                            xa_d_head=xa_head, apply_norm_to_cond=True, **common)
     return MagpieConfig(
-        model_type="decoder_context_tts", d_model=768, num_text_tokens=256, num_audio_codebooks=8, codebook_size=cb,
+        model_type="decoder_context_tts", d_model=d, num_text_tokens=text, num_audio_codebooks=C, codebook_size=cb,
         num_all_tokens_per_codebook=cb + 8, frame_stacking_factor=1, audio_bos_id=cb, audio_eos_id=cb + 1,
         context_audio_bos_id=cb + 2, context_audio_eos_id=cb + 3, mask_token_id=cb + 4, encoder=enc, decoder=dec,
         use_kv_cache_for_inference=True, inference=InferenceParameters(max_decoder_steps=N_FRAMES),
