@@ -225,22 +225,29 @@ def test_cuda_graphs_equal_eager_reference_on_gpu(attn_impl):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-@pytest.mark.gpu
-def test_flash_half_precision_close_to_fp32_on_gpu():
-    """fp16/bf16 with flash attention (one graph for all steps), teacher-forced on the fp32 codes: logits within
-    a relative L2 of 2e-2 of the fp32 fast path (bf16 has 8 mantissa bits)."""
+def _rel_l2_vs_fp32_teacher_forced(dtype, **fast_kw):
+    """released_small on the GPU: the fp32 fast path's own codes, then a ``dtype`` FastDecoder (``fast_kw``)
+    teacher-forced on them. Returns (that decoder, relative L2 of its per-step logits against fp32)."""
     model = copy.deepcopy(reference_model("released_small")).cuda()
     batch = {k: v.cuda() for k, v in infer_inputs(load_batch("released_small")).items()}
     kw = dict(use_cfg=True, topk=1, keep_logits=True, max_decoder_steps=24)
     f32 = FastDecoder(model, 4, _max_len(model)).generate(batch, **kw)
     codes = torch.nn.functional.pad(f32.predicted_codes, (0, 24 - f32.predicted_codes.shape[2])).cuda()
     ref = FastDecoder(model, 4, _max_len(model)).generate(batch, forced_codes=codes, **kw)
+    fd = FastDecoder(model, 4, _max_len(model), dtype, **fast_kw)
+    out = fd.generate(batch, forced_codes=codes, **kw)
+    a, b = torch.stack(ref.step_logits), torch.stack(out.step_logits[: len(ref.step_logits)])
+    return fd, ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.gpu
+def test_flash_half_precision_close_to_fp32_on_gpu():
+    """fp16/bf16 with flash attention (one graph for all steps), teacher-forced on the fp32 codes: logits within
+    a relative L2 of 2e-2 of the fp32 fast path (bf16 has 8 mantissa bits)."""
     for dt in (torch.float16, torch.bfloat16):
-        fd = FastDecoder(model, 4, _max_len(model), dt)
+        fd, rel = _rel_l2_vs_fp32_teacher_forced(dt)
         assert fd.attn_impl == "flash"
-        out = fd.generate(batch, forced_codes=codes, **kw)
-        a, b = torch.stack(ref.step_logits), torch.stack(out.step_logits[: len(ref.step_logits)])
-        assert ((a - b).norm() / a.norm()).item() < 2e-2
+        assert rel < 2e-2
 
 
 # ---- compile=True and the triton attention ------------------------------------------------------------------
@@ -285,16 +292,8 @@ def test_compiled_and_triton_paths_on_gpu(attn_impl):
             assert torch.equal(ref.predicted_codes, out.predicted_codes.to(ref.predicted_codes.device))
             for a, b in zip(ref.step_logits, out.step_logits):
                 torch.testing.assert_close(b, a.to(b.device), atol=1e-4, rtol=0)
-        model = copy.deepcopy(reference_model("released_small")).cuda()
-        batch = {k: v.cuda() for k, v in infer_inputs(load_batch("released_small")).items()}
-        kw = dict(use_cfg=True, topk=1, keep_logits=True, max_decoder_steps=24)
-        f32 = FastDecoder(model, 4, _max_len(model)).generate(batch, **kw)
-        codes = torch.nn.functional.pad(f32.predicted_codes, (0, 24 - f32.predicted_codes.shape[2])).cuda()
-        ref = FastDecoder(model, 4, _max_len(model)).generate(batch, forced_codes=codes, **kw)
-        fd = FastDecoder(model, 4, _max_len(model), torch.bfloat16, attn_impl=attn_impl, compile=True)
-        out = fd.generate(batch, forced_codes=codes, **kw)
-        a, b = torch.stack(ref.step_logits), torch.stack(out.step_logits[: len(ref.step_logits)])
-        assert ((a - b).norm() / a.norm()).item() < 2e-2
+        _, rel = _rel_l2_vs_fp32_teacher_forced(torch.bfloat16, attn_impl=attn_impl, compile=True)
+        assert rel < 2e-2
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
