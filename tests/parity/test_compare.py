@@ -99,7 +99,10 @@ def test_streaming_equals_one_shot(pair, data):
     for f in FIELDS_EXACT:
         assert getattr(streamed, f) == getattr(whole, f), f
     for f in FIELDS_CLOSE:
-        assert getattr(streamed, f) == pytest.approx(getattr(whole, f), rel=1e-5, abs=1e-12), f
+        # cosine is a ratio of chunked float32 dot products: different chunk boundaries round differently, by up
+        # to ~sqrt(n) * 2^-24 of |a||b| (~1e-6 at n = 400), which near-orthogonal pairs make large *relative* error.
+        atol = 1e-6 if f == "cosine" else 1e-12
+        assert getattr(streamed, f) == pytest.approx(getattr(whole, f), rel=1e-5, abs=atol), f
 
 
 @SETTINGS
