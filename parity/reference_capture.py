@@ -28,8 +28,6 @@ def dump_reference_infer(model, batch: dict[str, torch.Tensor], out_dir: str | P
     """``infer_batch`` with per-step ``logits`` (B, 1, C*V), ``inference.attn_prior``,
     ``inference.attended_text_position`` and, with ``capture_layers``, every capture point each step.
     Returns the reference's :class:`~reference.inference.InferOutput`."""
-    import contextlib
-
     from parity.dump import DumpWriter
 
     inputs = {k: list(v.shape) for k, v in batch.items()}

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.inference import EOS_METHODS, InferOutput, InferenceError, dummy_cfg_conditioning, resolve_parameters
-from reference.model import ConvFFState, DecoderState, LayerKVCache, lengths_to_mask, validate_batch
+from reference.model import ConvFFState, DecoderState, LayerKVCache, validate_batch
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
 

@@ -209,10 +209,8 @@ def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, 
     dec_last: (rows, D) decoder output of the newest position (CFG: cond rows, then uncond rows). The multinomial
     draws cover every row (uncond rows included), as NeMo's do. Returns (B, C, S).
     """
-    from reference.model import LayerKVCache  # noqa: F401  (the cache type the LT state uses)
-
     cfg = model.config
-    C, S, V = cfg.num_audio_codebooks, cfg.frame_stacking_factor, cfg.num_all_tokens_per_codebook
+    C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     lt = model.local_transformer
     rows = dec_last.shape[0]
     B = rows // 2 if use_cfg else rows

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import CASES, FIXTURES, infer_inputs, load_batch, reference_model
+from conftest import FIXTURES, infer_inputs, load_batch, reference_model
 from reference.inference import InferenceError
 
 # Per-step logits: float32, same op order as NeMo's recompute path; 1e-5 allows rounding accumulated over

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 
-from conftest import FIXTURES, infer_inputs, load_batch, reference_model
+from conftest import infer_inputs, load_batch, reference_model
 from parity.reference_capture import dump_reference_infer
 from reference.semantics import Semantics
 from trt.diagnose import diagnose
