@@ -144,7 +144,10 @@ class PriorState:
             self.finished_counter[b] += 1
             if self.finished_counter[b] > 5:
                 self.unfinished[b] = False
-        return torch.from_numpy(prior).to(device)
+        host = torch.from_numpy(prior)
+        if torch.device(device).type == "cuda":  # pinned + non_blocking: no stream sync for the copy
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
 
 
 # ---- sampling (NeMo: sample_codes_from_logits) ----------------------------------------------------------------
@@ -152,26 +155,37 @@ class PriorState:
 
 def forbidden_tokens(cfg, forbid_audio_eos: bool, device=None) -> torch.Tensor:
     """NeMo's SpecialAudioToken.get_forbidden_tokens as a (V,) bool mask: every special token, EOS too while EOS
-    is forbidden."""
-    ids = [cfg.codebook_size + off for off in range(8) if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
-    mask = torch.zeros(cfg.num_all_tokens_per_codebook, dtype=torch.bool)
-    mask[ids] = True
-    return mask.to(device) if device is not None else mask
+    is forbidden. Made once per (sizes, device): a host-to-device copy per sampling pass would sync the GPU.
+    Callers must not write to it."""
+    key = (cfg.codebook_size, cfg.audio_eos_id, cfg.num_all_tokens_per_codebook, bool(forbid_audio_eos),
+           str(torch.device(device)) if device is not None else "cpu")
+    mask = _FORBIDDEN.get(key)
+    if mask is None:
+        ids = [cfg.codebook_size + off for off in range(8)
+               if forbid_audio_eos or cfg.codebook_size + off != cfg.audio_eos_id]
+        mask = torch.zeros(cfg.num_all_tokens_per_codebook, dtype=torch.bool)
+        mask[ids] = True
+        mask = _FORBIDDEN[key] = mask.to(device) if device is not None else mask
+    return mask
+
+
+_FORBIDDEN: dict = {}
 
 
 def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict, forbidden) -> torch.Tensor:
     """NeMo's edits before sampling one codebook, in its order: EOS ban / force, forbidden specials, top-k (ties
-    kept). Edits ``lg`` (B, V) in place like NeMo, and returns the top-k-masked logits."""
+    kept). Edits ``lg`` (B, V), or (B, J, V) for J codebooks at once (every edit is per codebook row, so the values
+    are the same), in place like NeMo, and returns the top-k-masked logits."""
     for b in unfinished:
-        lg[b, cfg.audio_eos_id] = float("-inf")
+        lg[b, ..., cfg.audio_eos_id] = float("-inf")
     for b in finished:
-        lg[b, :] = float("-inf")
-        lg[b, cfg.audio_eos_id] = 0.0
+        lg[b, ...] = float("-inf")
+        lg[b, ..., cfg.audio_eos_id] = 0.0
     if isinstance(forbidden, torch.Tensor):
         lg.masked_fill_(forbidden, float("-inf"))  # a (V,) bool mask made once per step: no host-to-device copy
     else:
         lg[:, forbidden] = float("-inf")
-    kth = torch.topk(lg, topk, dim=-1)[0][:, -1:]
+    kth = torch.topk(lg, topk, dim=-1)[0][..., -1:]
     return lg.masked_fill(lg < kth, float("-inf"))
 
 
@@ -184,21 +198,45 @@ def dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask):
             torch.cat([ctx_emb, torch.zeros_like(ctx_emb)]), torch.cat([ctx_mask, torch.ones_like(ctx_mask)]))
 
 
+def multinomial1(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1)`` for (B, V) probabilities, without its host-side validity checks (two
+    ``.item()`` syncs a call on a GPU). ATen draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` of
+    probs' shape from the same generator call: this is that, so the random numbers and the codes are the same on
+    the CPU and on CUDA. Validity is checked once a step instead (:func:`invalid_probabilities`)."""
+    q = torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(1, generator=generator)
+    return torch.div(probs, q, out=q).argmax(dim=-1, keepdim=True)
+
+
+def invalid_probabilities(probs: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on probs' device: True where ``torch.multinomial`` would refuse some row of these
+    softmax outputs. A softmax gives values in [0, 1], or NaN for a row with +inf/NaN logits or no finite one,
+    so "some row does not sum to > 0" covers every refusal (NaN, Inf, < 0, zero sum) in three kernels.
+    Read on the host with the step's other results, not here."""
+    return ~(probs.sum(dim=-1) > 0).all()
+
+
 def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
-                 forbid_audio_eos: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(B, C*V*S) logits -> (B, C, S) codes; one multinomial draw per codebook, in NeMo's order."""
+                 forbid_audio_eos: bool, generator: Optional[torch.Generator] = None,
+                 invalid: Optional[list] = None) -> torch.Tensor:
+    """(B, C*V*S) logits -> (B, C, S) codes; one multinomial draw per codebook, in NeMo's order.
+
+    The edits, top-k and softmax run on all codebooks at once (row-wise ops: the same values as NeMo's
+    per-codebook calls); the draws stay one call per codebook so the random stream is NeMo's. ``invalid``, if
+    given, receives :func:`invalid_probabilities` of this pass (else it is checked here, with a host sync).
+    """
     C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
+    B = logits.shape[0]
     forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
-    per_stack = []
-    for s in range(S):
-        preds = []
-        for c in range(C):
-            lo = (c + C * s) * V
-            lg = restrict_logits(logits[:, lo : lo + V].clone(), cfg, topk, unfinished, finished, forbidden)
-            probs = torch.softmax(lg / temperature, dim=-1)
-            preds.append(torch.multinomial(probs, 1, generator=generator))
-        per_stack.append(torch.cat(preds, dim=1))
-    return torch.stack(per_stack, dim=2)
+    lg = logits.reshape(B, S * C, V).clone()  # row j = c + C * s: NeMo's slice (c + C * s) * V
+    lg = restrict_logits(lg, cfg, topk, unfinished, finished, forbidden)
+    probs = torch.softmax(lg / temperature, dim=-1)
+    bad = invalid_probabilities(probs)
+    if invalid is not None:
+        invalid.append(bad)
+    elif bool(bad):
+        raise InferenceError("probability tensor contains either inf, nan or element < 0 (non-finite logits?)")
+    codes = torch.cat([multinomial1(probs[:, j], generator) for j in range(S * C)], dim=1)  # (B, S*C)
+    return codes.view(B, S, C).transpose(1, 2)  # (B, C, S)
 
 
 def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, topk: int, unfinished: dict,
@@ -333,6 +371,12 @@ def infer_batch(
     codes_in = torch.full((B, C, S), cfg.audio_bos_id, dtype=torch.long, device=device)
     max_steps = p.max_decoder_steps // S
     state = model.decoder.new_state(rows, T_ctx + max_steps + 1, cond, device, dtype) if cached else None
+    # Cached decode steps attend the valid context keys and every frame since: one mask for all steps, sliced;
+    # no mask at all where nothing is masked (NeMo's 1x1 mask of ones, or no padded context): masked_fill with
+    # an all-False mask changes nothing.
+    valid_keys = None
+    if cached and not nemo_unmasked_padded_keys and not bool(ctx_mask.all()):
+        valid_keys = torch.cat([ctx_mask, torch.ones(rows, max_steps + 1, dtype=torch.bool, device=device)], 1)
     prior_state = PriorState.new(B)
     if prior_kind == "kernel":
         prior_state.last_attended = [kp.first_focus] * B
@@ -375,16 +419,12 @@ def infer_batch(
                 x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=device)], 1)
                 key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
             else:
-                new_emb, _ = model.embed_audio_tokens(codes_in[:, :, -S:], torch.full((B,), S, device=device))
+                new_emb, _ = model.embed_audio_tokens(codes_in[:, :, -S:], None)
                 if use_cfg:
                     new_emb = torch.cat([new_emb, new_emb])
                 x = model.decoder_input(new_emb)
-                x_mask = torch.ones(rows, 1, dtype=torch.bool, device=device)
-                if nemo_unmasked_padded_keys:
-                    key_mask = torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)  # NeMo's 1x1 mask
-                else:
-                    valid = torch.cat([ctx_mask, torch.ones(rows, state.length + 1 - T_ctx, dtype=torch.bool, device=device)], 1)
-                    key_mask = valid[:, None, None, :]
+                x_mask = None  # one new, valid frame per row: NeMo's multiplications by ones are skipped
+                key_mask = None if valid_keys is None else valid_keys[:, None, None, : state.length + 1]
             dec = model.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, layer_prior, probs_out=probs)
             all_logits = sem_mod.lm_head(model, dec, sem)
         logits_t = all_logits[:, -1, :]
@@ -412,14 +452,22 @@ def infer_batch(
             finished = {k: v for k, v in prior_state.finished_counter.items() if v >= 20}
             unfinished = {k: v for k, v in prior_state.unfinished.items() if v}
         forbid_eos = idx * S < p.min_generated_frames
+        invalid: list[torch.Tensor] = []
         if use_local_transformer_for_inference:
             codes_next = sample_local_transformer(model, dec[:, -1, :], p.temperature, p.topk, unfinished, finished,
                                                   use_cfg, p.cfg_scale, p.use_LT_kv_cache, forbid_eos)
         else:
-            codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
-        codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos)
-        eos_argmax = find_eos(codes_argmax.cpu(), cfg.audio_eos_id, detection)
-        eos_sampled = find_eos(codes_next.cpu(), cfg.audio_eos_id, detection)
+            codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos,
+                                      invalid=invalid)
+        codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos, invalid=invalid)
+        # One device-to-host copy for both passes' codes and the validity flags (a GPU sync each otherwise).
+        host = torch.cat([codes_argmax.reshape(-1), codes_next.reshape(-1), torch.stack(invalid).long()]).cpu()
+        if host[2 * codes_next.numel() :].any():
+            raise InferenceError(f"step {idx}: the sampling probabilities contain NaN, Inf or negative values "
+                                 "(non-finite logits?); torch.multinomial would refuse them")
+        eos_argmax = find_eos(host[: codes_next.numel()].view(codes_argmax.shape), cfg.audio_eos_id, detection)
+        eos_sampled = find_eos(host[codes_next.numel() : 2 * codes_next.numel()].view(codes_next.shape),
+                               cfg.audio_eos_id, detection)
         for b in range(B):
             if b in end_indices:
                 continue

@@ -56,21 +56,23 @@ def _attend(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    key_mask: Optional[torch.Tensor],
+    masked: Optional[torch.Tensor],
     causal: bool,
     attn_prior: Optional[torch.Tensor],
     q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeMo's ``Attention.attn_naive`` in eval mode.
 
-    q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); key_mask: broadcastable to (B, 1|H, Tq, Tk), 0 = masked.
-    attn_prior: (B, Tq, Tk) multiplicative prior applied in probability space (NeMo 2.7+ eval maths).
+    q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh); masked: bool broadcastable to (B, 1|H, Tq, Tk), True where NeMo's
+    mask is 0 (key not attended), or None; computed once per forward by the caller, not once per layer.
+    attn_prior: (B, 1, Tq, Tk) multiplicative prior applied in probability space (NeMo 2.7+ eval maths), already
+    offset by :func:`prepare_prior`.
     q_offset: absolute position of the first query (cached decoding), for the causal mask.
     Returns y (B, H, Tq, Dh) and the probabilities (B, H, Tq, Tk).
     """
     score = torch.matmul(q, k.transpose(2, 3)) * scale
-    if key_mask is not None:
-        score = score.masked_fill(key_mask == 0, float("-inf"))
+    if masked is not None:
+        score = score.masked_fill(masked, float("-inf"))
     if causal and k.shape[2] - 1 > q_offset:  # some query would see a later key (never in a one-frame decode step)
         tq, tk = q.shape[2], k.shape[2]
         qpos = torch.arange(q_offset, q_offset + tq, device=q.device)[:, None]
@@ -78,15 +80,40 @@ def _attend(
         score = score.masked_fill(kpos > qpos, float("-inf"))
     prob = F.softmax(score, dim=-1)
     if attn_prior is not None:
-        tiny = torch.finfo(attn_prior.dtype).tiny
-        prior = attn_prior[:, None] + tiny  # (B, 1, Tq, Tk); tiny keeps an all-zero prior row a no-op
         # Reduced-precision runs renormalise in the prior's float32 (tiny underflows in fp16/bf16).
-        prob = (prob.to(prior.dtype) * prior)
+        prob = (prob.to(attn_prior.dtype) * attn_prior)
         prob = (prob / prob.sum(dim=-1, keepdim=True)).to(v.dtype)
-    if key_mask is not None:
+    if masked is not None:
         # Fully masked query rows are NaN after softmax; NeMo zeroes them here, and so do we.
-        prob = prob.masked_fill(key_mask == 0, 0.0)
+        prob = prob.masked_fill(masked, 0.0)
     return torch.matmul(prob, v), prob
+
+
+def prepare_prior(attn_prior: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, Tq, Tk) prior -> (B, 1, Tq, Tk) + tiny, as NeMo adds it inside every layer; tiny keeps an all-zero
+    prior row a no-op. Done once per forward for all layers that share the prior."""
+    if attn_prior is None:
+        return None
+    return attn_prior[:, None] + torch.finfo(attn_prior.dtype).tiny
+
+
+def _prepare_priors(attn_prior: Optional[Sequence[Optional[torch.Tensor]]], n_layers: int) -> list:
+    """Per-layer priors -> per-layer prepared priors, each distinct tensor prepared once."""
+    if attn_prior is None:
+        return [None] * n_layers
+    done: dict[int, Optional[torch.Tensor]] = {}
+    out = []
+    for p in attn_prior:
+        if id(p) not in done:
+            done[id(p)] = prepare_prior(p)
+        out.append(done[id(p)])
+    return out
+
+
+def self_attention_masked(x_mask: torch.Tensor) -> torch.Tensor:
+    """NeMo's self-attention mask = query_mask x query_mask, so padded query rows and padded keys are both
+    masked: (B, T) -> (B, 1, T, T) bool, True = not attended."""
+    return (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1) == 0
 
 
 class SelfAttention(nn.Module):
@@ -104,8 +131,11 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         x_mask: torch.Tensor,
         cache: Optional["LayerKVCache"] = None,
-        key_mask: Optional[torch.Tensor] = None,
+        masked: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """x_mask: (B, T) validity of the query positions, used without a cache when ``masked`` is None to build
+        NeMo's query x query mask; masked: precomputed (B, 1, T, T_keys) bool, True = key not attended (with a
+        cache, None = every key attended)."""
         B, T, _ = x.shape
         qkv = self.qkv_net(x).reshape(B, T, 3, self.n_heads, self.d_head)
         q, k, v = (t.squeeze(2).transpose(1, 2) for t in qkv.chunk(3, dim=2))  # each (B, H, T, Dh)
@@ -113,10 +143,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             q_offset = cache.length
             k, v = cache.append(k, v)
-        if key_mask is None:
-            # NeMo: mask = query_mask x query_mask, so padded query rows and padded keys are both masked.
-            key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)  # (B, 1, T, T)
-        y, _ = _attend(q, k, v, self.scale, key_mask, self.is_causal, None, q_offset)
+        if masked is None and x_mask is not None and cache is None:
+            masked = self_attention_masked(x_mask)
+        y, _ = _attend(q, k, v, self.scale, masked, self.is_causal, None, q_offset)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.o_net(y)
 
@@ -143,14 +172,16 @@ class CrossAttention(nn.Module):
         self,
         x: torch.Tensor,
         memory_kv: tuple[torch.Tensor, torch.Tensor],
-        memory_mask: torch.Tensor,
+        memory_masked: torch.Tensor,
         attn_prior: Optional[torch.Tensor] = None,
         probs_out: Optional[list] = None,
     ) -> torch.Tensor:
+        """memory_masked: (B, 1, 1, T_mem) bool, True at padded memory positions (``~memory_mask``);
+        attn_prior: prepared by :func:`prepare_prior`."""
         B, T, _ = x.shape
         q = self.q_net(x).reshape(B, T, self.n_heads, self.d_head).transpose(1, 2)
         k, v = memory_kv
-        y, prob = _attend(q, k, v, self.scale, memory_mask[:, None, None], False, attn_prior)
+        y, prob = _attend(q, k, v, self.scale, memory_masked, False, attn_prior)
         self.attn_probs(prob)
         if probs_out is not None:
             probs_out.append(prob)
@@ -173,12 +204,14 @@ class MaskedConv1d(nn.Module):
         padding = 0 if is_causal else (kernel_size - 1) // 2
         self.conv = nn.Conv1d(c_in, c_out, kernel_size=kernel_size, padding=padding, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, T); mask: (B, T)
-        x = x * mask.unsqueeze(1)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # x: (B, C, T); mask: (B, T), or None when every position is valid (x * 1 is x: skipped)
+        if mask is not None:
+            x = x * mask.unsqueeze(1)
         if self.is_causal and self.kernel_size > 1:
             x = F.pad(x, (self.kernel_size - 1, 0))
-        return self.conv(x) * mask.unsqueeze(1)
+        y = self.conv(x)
+        return y if mask is None else y * mask.unsqueeze(1)
 
 
 class PositionwiseConvFF(nn.Module):
@@ -187,7 +220,8 @@ class PositionwiseConvFF(nn.Module):
         self.proj = MaskedConv1d(d_model, d_ffn, kernel_size, is_causal)
         self.o_net = MaskedConv1d(d_ffn, d_model, kernel_size, is_causal)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, state: Optional["ConvFFState"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], state: Optional["ConvFFState"] = None) -> torch.Tensor:
+        """x: (B, T, C); mask: (B, T) or None (all valid)."""
         if state is None:
             h = F.gelu(self.proj(x.transpose(1, 2), mask), approximate="tanh")
             return self.o_net(h, mask).transpose(1, 2)
@@ -196,20 +230,24 @@ class PositionwiseConvFF(nn.Module):
     def _forward_cached(self, x: torch.Tensor, mask: torch.Tensor, state: "ConvFFState") -> torch.Tensor:
         """Causal conv over new positions, reading the k-1 previous (masked) inputs of each conv from ``state``.
 
-        x: (B, T_new, C); mask: (B, T_new). Equals the full-sequence causal conv at those positions.
+        x: (B, T_new, C); mask: (B, T_new) or None. Equals the full-sequence causal conv at those positions.
         """
         k = self.proj.kernel_size
         start = state.length
         end = start + x.shape[1]
-        state.ff_in[:, start:end] = x * mask.unsqueeze(-1)
+        state.ff_in[:, start:end] = x if mask is None else x * mask.unsqueeze(-1)
         lo = max(0, start - (k - 1))
         window = state.ff_in[:, lo:end].transpose(1, 2)  # (B, C, T_window)
         window = F.pad(window, (k - 1 - (start - lo), 0))
-        h = F.gelu(F.conv1d(window, self.proj.conv.weight), approximate="tanh") * mask.unsqueeze(1)
+        h = F.gelu(F.conv1d(window, self.proj.conv.weight), approximate="tanh")
+        if mask is not None:
+            h = h * mask.unsqueeze(1)
         state.ff_hidden[:, start:end] = h.transpose(1, 2)
         window = state.ff_hidden[:, lo:end].transpose(1, 2)
         window = F.pad(window, (k - 1 - (start - lo), 0))
-        y = F.conv1d(window, self.o_net.conv.weight) * mask.unsqueeze(1)
+        y = F.conv1d(window, self.o_net.conv.weight)
+        if mask is not None:
+            y = y * mask.unsqueeze(1)
         state.length = end
         return y.transpose(1, 2)
 
@@ -270,21 +308,25 @@ class TransformerLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        x_mask: torch.Tensor,
+        x_mask: Optional[torch.Tensor],
         memory_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        cond_mask: Optional[torch.Tensor] = None,
+        cond_masked: Optional[torch.Tensor] = None,
         attn_prior: Optional[torch.Tensor] = None,
         cache: Optional[LayerKVCache] = None,
-        self_key_mask: Optional[torch.Tensor] = None,
+        self_masked: Optional[torch.Tensor] = None,
         probs_out: Optional[list] = None,
         ff_state: Optional[ConvFFState] = None,
     ) -> torch.Tensor:
-        x = x * x_mask.unsqueeze(-1)
-        x = x + self.self_attention(self.norm_self(x), x_mask, cache, self_key_mask)
+        """x_mask: (B, T) validity, or None when every position is valid (a decode step: NeMo's multiplications
+        by a mask of ones are skipped, which changes no bit). cond_masked / self_masked: True = not attended,
+        built once per forward by :class:`Transformer`; attn_prior: prepared by :func:`prepare_prior`."""
+        if x_mask is not None:
+            x = x * x_mask.unsqueeze(-1)
+        x = x + self.self_attention(self.norm_self(x), x_mask, cache, self_masked)
         if self.has_xattn and memory_kv is not None:
-            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_mask, attn_prior, probs_out)
+            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_masked, attn_prior, probs_out)
         x = x + self.pos_ff(self.norm_pos_ff(x), x_mask, ff_state)
-        return x * x_mask.unsqueeze(-1)
+        return x if x_mask is None else x * x_mask.unsqueeze(-1)
 
 
 class Transformer(nn.Module):
@@ -323,10 +365,12 @@ class Transformer(nn.Module):
         probs_out, if given, receives each layer's cross-attention probabilities (B, H, T, T_mem) in order.
         """
         x = self.add_positions(x)
+        self_masked = self_attention_masked(x_mask)
+        cond_masked = cond_mask[:, None, None] == 0 if cond_mask is not None else None
+        priors = _prepare_priors(attn_prior, len(self.layers))
         for i, layer in enumerate(self.layers):
             kv = layer.memory_kv(cond) if cond is not None and layer.has_xattn else None
-            prior = attn_prior[i] if attn_prior is not None else None
-            x = layer(x, x_mask, kv, cond_mask, prior, probs_out=probs_out)
+            x = layer(x, x_mask, kv, cond_masked, priors[i], self_masked=self_masked, probs_out=probs_out)
         return self.norm_out(x)
 
     def new_state(self, batch: int, max_len: int, memory: Optional[torch.Tensor], device, dtype) -> "DecoderState":
@@ -341,25 +385,28 @@ class Transformer(nn.Module):
     def forward_cached(
         self,
         x_new: torch.Tensor,
-        x_mask_new: torch.Tensor,
+        x_mask_new: Optional[torch.Tensor],
         state: "DecoderState",
-        key_mask: torch.Tensor,
+        key_mask: Optional[torch.Tensor],
         cond_mask: Optional[torch.Tensor] = None,
         attn_prior: Optional[Sequence[Optional[torch.Tensor]]] = None,
         probs_out: Optional[list] = None,
     ) -> torch.Tensor:
         """Incremental pass over the new positions ``x_new`` (B, T_new, D), appending to ``state``.
 
-        x_mask_new: (B, T_new) validity of the new positions (the padded context prefix at step 0; ones later).
+        x_mask_new: (B, T_new) validity of the new positions (the padded context prefix at step 0), or None when
+        all are valid (decode steps).
         key_mask: (B, 1, T_new, T_total) or broadcastable; 0 = key not attended (padding; causality is added
-        inside). Returns (B, T_new, D) after norm_out.
+        inside); None = every key attended. Returns (B, T_new, D) after norm_out.
         """
         start = state.length
         x = self.add_positions(x_new, start)
+        self_masked = key_mask == 0 if key_mask is not None else None
+        cond_masked = cond_mask[:, None, None] == 0 if cond_mask is not None else None
+        priors = _prepare_priors(attn_prior, len(self.layers))
         for i, layer in enumerate(self.layers):
-            prior = attn_prior[i] if attn_prior is not None else None
-            x = layer(x, x_mask_new, state.memory_kv[i], cond_mask, prior, cache=state.kv[i], self_key_mask=key_mask,
-                      probs_out=probs_out, ff_state=state.ff[i])
+            x = layer(x, x_mask_new, state.memory_kv[i], cond_masked, priors[i], cache=state.kv[i],
+                      self_masked=self_masked, probs_out=probs_out, ff_state=state.ff[i])
         state.length = start + x_new.shape[1]
         return self.norm_out(x)
 
@@ -445,21 +492,25 @@ class MagpieTTS(nn.Module):
         out = self.encoder(x, mask)
         return EncoderOutput(out, mask)
 
-    def embed_audio_tokens(self, codes: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_audio_tokens(self, codes: torch.Tensor, lens: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """NeMo's ``embed_audio_tokens``: mean of the per-codebook (and per-stacked-frame) embeddings, masked.
 
-        codes: (B, C, T) -> (B, ceil(T / stacking), D), lengths ceil(lens / stacking).
+        codes: (B, C, T) -> (B, ceil(T / stacking), D), lengths ceil(lens / stacking). lens None: every frame is
+        valid (a decode step's new frame): the multiplication by a mask of ones is skipped (no bit changes, and no
+        host sync for the mask's width); the lengths returned are then None.
         """
         fsf = self.config.frame_stacking_factor
         B, C, T = codes.shape
         pad = (-T) % fsf
-        codes = F.pad(codes, (0, pad)).long()
+        codes = (F.pad(codes, (0, pad)) if pad else codes).long()
         emb = None
         for i in range(fsf):
             for c in range(C):
                 e = self.audio_embeddings[c + i * C](codes[:, c, i::fsf])
                 emb = e if emb is None else emb + e
         emb = emb / (C * fsf)
+        if lens is None:
+            return emb, None
         out_lens = torch.ceil(lens / fsf).long()
         return emb * lengths_to_mask(out_lens).unsqueeze(2), out_lens
 

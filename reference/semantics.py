@@ -143,7 +143,7 @@ def lm_head(model, dec_out: torch.Tensor, sem: Semantics) -> torch.Tensor:
 def encode_text(model, text: torch.Tensor, text_lens: torch.Tensor, sem: Semantics):
     """The encoder under the semantics: the model's own when nothing differs, else an explicit pass that can
     force bidirectional attention with symmetric conv padding, and convolve the packed token stream."""
-    from reference.model import EncoderOutput, _attend, lengths_to_mask
+    from reference.model import EncoderOutput, _attend, lengths_to_mask, self_attention_masked
 
     if sem.encoder == "checkpoint" and not sem.packed_encoder_conv:
         return model.encode_text(text, text_lens)
@@ -157,8 +157,7 @@ def encode_text(model, text: torch.Tensor, text_lens: torch.Tensor, sem: Semanti
         B, T, _ = x.shape
         qkv = sa.qkv_net(layer.norm_self(x)).reshape(B, T, 3, sa.n_heads, sa.d_head)
         q, k, v = (t.squeeze(2).transpose(1, 2) for t in qkv.chunk(3, dim=2))
-        key_mask = (mask.unsqueeze(1) * mask.unsqueeze(2)).unsqueeze(1)
-        y, _ = _attend(q, k, v, sa.scale, key_mask, causal, None)
+        y, _ = _attend(q, k, v, sa.scale, self_attention_masked(mask), causal, None)
         x = x + sa.o_net(y.transpose(1, 2).reshape(B, T, -1))
         h = layer.norm_pos_ff(x)
         x = x + _conv_ff(layer.pos_ff, h, mask, causal, sem.packed_encoder_conv)

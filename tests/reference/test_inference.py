@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
 from conftest import FIXTURES, infer_inputs, load_batch, reference_model
-from reference.inference import InferenceError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference.inference import InferenceError, invalid_probabilities, multinomial1
 
 # Per-step logits: float32, same op order as NeMo's recompute path; 1e-5 allows rounding accumulated over
 # up to 24 recomputed steps (observed: exact).
@@ -164,3 +168,38 @@ def test_invalid_parameters(params, match):
     model = reference_model("released_small")
     with pytest.raises(InferenceError, match=match):
         model.infer_batch(infer_inputs(load_batch("released_small")), **params)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), vocab=st.integers(1, 300), topk=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
+       temperature=st.floats(0.05, 3.0))
+def test_multinomial1_is_torch_multinomial(rows, vocab, topk, seed, temperature):
+    """The sync-free draw equals torch.multinomial(probs, 1) for the same seed and leaves the generator in the
+    same state (same numbers consumed), on top-k-masked softmax probabilities like the sampler's."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 4
+    kth = torch.topk(logits, min(topk, vocab), dim=-1)[0][:, -1:]
+    probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")) / temperature, dim=-1)
+    g1, g2 = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    assert torch.equal(multinomial1(probs, g1), torch.multinomial(probs, 1, generator=g2))
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_invalid_probabilities_flags_what_multinomial_refuses():
+    p = torch.softmax(torch.randn(3, 7), dim=-1)
+    assert not bool(invalid_probabilities(p))
+    for bad in (float("nan"), float("inf")):
+        lg = torch.randn(3, 7)
+        lg[1, 2] = bad
+        assert bool(invalid_probabilities(torch.softmax(lg, dim=-1)))
+    assert bool(invalid_probabilities(torch.softmax(torch.full((2, 5), float("-inf")), dim=-1)))
+
+
+def test_non_finite_logits_stop_inference_with_the_step():
+    """NaN logits never become codes: the step's deferred validity check raises (NeMo's multinomial would)."""
+    model = copy.deepcopy(reference_model("released_small"))  # the loaded model is shared between tests
+    with torch.no_grad():
+        model.final_proj.weight[5, 0] = float("nan")
+    for use_kv_cache in (False, True):
+        with pytest.raises(InferenceError, match="step 0: the sampling probabilities"):
+            model.infer_batch(infer_inputs(load_batch("released_small")), use_kv_cache=use_kv_cache, topk=5)
