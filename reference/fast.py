@@ -109,10 +109,10 @@ class _MaybeCompiled:
     capture) warn once and run ``fn`` itself. fullgraph: an error surfaces before anything ran, so nothing is
     executed twice."""
 
-    def __init__(self, fn, enabled: bool):
+    def __init__(self, fn, enabled: bool, mode: Optional[str] = None):
         self.fn = fn
         self.error: Optional[str] = None
-        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False) if enabled else None
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode) if enabled else None
 
     def __call__(self, *args, **kw):
         if self.compiled is not None:
@@ -142,8 +142,9 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def split_kernel(Q, K, V, LENS, MO, LO, OO, scale, stride_qr, stride_kr, stride_kl,
-                     H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, scale, stride_qr, stride_kr, stride_kl, stride_nr,
+                     H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     WRITE_NEW: tl.constexpr):
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -158,11 +159,25 @@ def _triton_kernels():
         acc = tl.zeros([D], dtype=tl.float32)
         kbase = K + r * stride_kr + h * D
         vbase = V + r * stride_kr + h * D
+        newest = n - 1
+        if WRITE_NEW:
+            # This step's key/value (position n - 1) come in KN/VN: the program whose split holds that position
+            # stores them in the cache and uses them in place of the (not yet written) cache entry; no other
+            # program reads that position, so no separate cache-write kernel is needed.
+            k_new = tl.load(KN + r * stride_nr + h * D + d)
+            v_new = tl.load(VN + r * stride_nr + h * D + d)
+            if (newest >= start) & (newest < start + KPS):
+                tl.store(kbase + newest * stride_kl + d, k_new)
+                tl.store(vbase + newest * stride_kl + d, v_new)
         for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
             idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = idx < end
             k = tl.load(kbase + idx[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
             v = tl.load(vbase + idx[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            if WRITE_NEW:
+                is_new = (idx == newest)[:, None]
+                k = tl.where(is_new, k_new.to(tl.float32)[None, :], k)
+                v = tl.where(is_new, v_new.to(tl.float32)[None, :], v)
             s = tl.sum(k * q[None, :], axis=1) * scale
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -197,10 +212,12 @@ def _triton_kernels():
 
 
 def triton_decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
-                            max_keys: Optional[int] = None):
+                            max_keys: Optional[int] = None, k_new=None, v_new=None):
     """q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
     lens (rows,) int32 >= 1 keys per row, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32
-    accumulation. max_keys sets the number of splits launched (ceil(max_keys / keys_per_split))."""
+    accumulation. max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)).
+    k_new / v_new (rows, H, Dh), same layout rules as q: this step's key and value, written into the cache at
+    position lens - 1 by the kernel itself (one kernel instead of two cache writes and the attention)."""
     kern = _triton_kernels()
     rows, L, H, D = k_cache.shape
     assert q.stride(2) == 1 and q.stride(1) == D and k_cache.stride(3) == 1 and k_cache.stride(2) == D
@@ -212,9 +229,14 @@ def triton_decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_sp
     lo = torch.empty_like(mo)
     oo = torch.empty(rows * H * ns * D, device=q.device, dtype=torch.float32)
     out = torch.empty(rows, H, D, device=q.device, dtype=q.dtype)
-    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, scale, q.stride(0), k_cache.stride(0),
-                                  k_cache.stride(1), H=H, D=D, NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n,
-                                  num_warps=4)
+    write = k_new is not None
+    if write:
+        assert v_new is not None and k_new.stride() == v_new.stride() and k_new.stride(2) == 1 and k_new.stride(1) == D
+        assert k_new.dtype == v_new.dtype == k_cache.dtype
+    kn, vn = (k_new, v_new) if write else (q, q)
+    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, scale, q.stride(0), k_cache.stride(0),
+                                  k_cache.stride(1), kn.stride(0), H=H, D=D, NSPLIT=ns, KPS=keys_per_split,
+                                  BLOCK_N=block_n, WRITE_NEW=write, num_warps=4)
     kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
 
@@ -281,7 +303,10 @@ class FastDecoder:
     compile: torch.compile (inductor, fullgraph, static shapes) the per-layer work around the attention kernel and
     the sampling/prior step, inside the CUDA graphs. CUDA only: elsewhere it is ignored (the plain functions run);
     a compile error falls back to the plain function with a warning (``compile_errors``).
-    keys_per_split: keys per program of the triton attention.
+    keys_per_split: keys per program of the triton attention. fused_kv_write: the triton kernel writes the step's
+    key/value into the cache itself (else two index_copy_ kernels a layer before it).
+    compile_mode: torch.compile's mode for compile=True (None = default; "max-autotune-no-cudagraphs" lets inductor
+    time Triton GEMM templates with fused epilogues against cuBLAS: minutes of compilation).
     """
 
     def __init__(
@@ -298,6 +323,8 @@ class FastDecoder:
         nemo_unmasked_padded_keys: bool = False,
         compile: bool = False,
         keys_per_split: int = 64,
+        fused_kv_write: bool = True,
+        compile_mode: Optional[str] = None,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -325,6 +352,7 @@ class FastDecoder:
             if d.sa_d_head & (d.sa_d_head - 1):
                 raise ValueError("attn_impl='triton' needs a power-of-two head size")
         self.keys_per_split = int(keys_per_split)
+        self.fused_kv_write = bool(fused_kv_write)
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
             raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
         self.attn_impl = attn_impl
@@ -371,14 +399,16 @@ class FastDecoder:
                         getattr(no, "eps", 0.0), m.final_proj.weight.detach(),
                         m.final_proj.bias.detach() if m.final_proj.bias is not None else None)
         self.compile = bool(compile) and is_cuda
+        self.compile_mode = compile_mode
         if self.compile:
             import torch._dynamo as dynamo
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        self._fn_pre = _MaybeCompiled(_f_pre, self.compile)
-        self._fn_post = _MaybeCompiled(_f_post, self.compile)
-        self._fn_head = _MaybeCompiled(_f_head, self.compile)
-        self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)
+        mode = self.compile_mode
+        self._fn_pre = _MaybeCompiled(_f_pre, self.compile, mode)
+        self._fn_post = _MaybeCompiled(_f_post, self.compile, mode)
+        self._fn_head = _MaybeCompiled(_f_head, self.compile, mode)
+        self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)  # no GEMMs: the default mode
         self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
 
     @property
@@ -658,6 +688,10 @@ class FastDecoder:
         if self.flat_cache:
             flat, seq = actx
             L = self.max_len
+            if self.attn_impl == "triton" and self.fused_kv_write:
+                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split, max_keys=Lb,
+                                            k_new=k, v_new=v)
+                return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)

@@ -316,3 +316,29 @@ def test_triton_decode_attention_matches_sdpa_on_gpu():
                 ref = torch.nn.functional.scaled_dot_product_attention(
                     q[r, :, None].float(), K[r, :n].transpose(0, 1).float(), V[r, :n].transpose(0, 1).float())[:, 0]
                 torch.testing.assert_close(out[r].float(), ref, atol=tol, rtol=0)
+
+
+@pytest.mark.gpu
+def test_triton_fused_cache_write_on_gpu():
+    """fused_kv_write: the kernel stores this step's key/value at position len - 1 and attends them, whatever the
+    cache held there before (stale values are overwritten, not read); every other cache entry is untouched."""
+    from reference.fast import triton_decode_attention
+
+    torch.manual_seed(1)
+    rows, L, H, D = 6, 200, 12, 64
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        K = torch.randn(rows, L, H, D, device="cuda", dtype=dt)
+        V = torch.randn(rows, L, H, D, device="cuda", dtype=dt)
+        qkv = torch.randn(rows, 3, H, D, device="cuda", dtype=dt)
+        q, k_new, v_new = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        lens = torch.tensor([1, 64, 65, 128, 129, 200], device="cuda", dtype=torch.int32)
+        K0, V0 = K.clone(), V.clone()
+        out = triton_decode_attention(q, K, V, lens, D**-0.5, 64, k_new=k_new, v_new=v_new)
+        for r, n in enumerate(lens.tolist()):
+            assert torch.equal(K[r, n - 1], k_new[r]) and torch.equal(V[r, n - 1], v_new[r])
+            keep = torch.ones(L, dtype=torch.bool, device="cuda")
+            keep[n - 1] = False
+            assert torch.equal(K[r, keep], K0[r, keep]) and torch.equal(V[r, keep], V0[r, keep])
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q[r, :, None].float(), K[r, :n].transpose(0, 1).float(), V[r, :n].transpose(0, 1).float())[:, 0]
+            torch.testing.assert_close(out[r].float(), ref, atol=tol, rtol=0)
