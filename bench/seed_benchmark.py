@@ -29,6 +29,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+if os.environ.get("REFERENCE_PATH"):  # time another copy of reference/ (e.g. the previous commit's) on the same card
+    sys.path.insert(0, os.environ["REFERENCE_PATH"])
 
 from reference.config import InferenceParameters, MagpieConfig, TransformerConfig  # noqa: E402
 from reference.fast import FastDecoder, floor_bytes  # noqa: E402
@@ -372,7 +374,7 @@ def run_nemo(a, model, cfg, reqs, res, t0):
             res["nemo_error"] = f"{type(e).__name__}: {e}"
 
 
-def profile_fast(model, req, out_dir: Path, fast_kw=None, graphs_list=None, fname="profile.txt") -> None:
+def profile_fast(model, req, out_dir: Path, fast_kw=None, graphs_list=None, fname="profile.txt", start: int = 24) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from reference.inference import resolve_parameters
@@ -388,17 +390,22 @@ def profile_fast(model, req, out_dir: Path, fast_kw=None, graphs_list=None, fnam
         w = next(iter(fd._works.values()))
         p = resolve_parameters(model.config.inference, **dict(PARAMS, max_decoder_steps=8))
         T_ctx = T_CTX_FRAMES + 2
-        for idx in range(8, min(24, N_FRAMES // 2)):  # warm (captures the steady-state graph)
+        start = min(start, N_FRAMES // 2)
+        end = min(start + 40, N_FRAMES)
+        for idx in range(8, end):  # warm: every graph the profiled steps replay is captured here
             fd._decode(w, idx, T_ctx, p, (False, False))
+        back = end - start  # rewind to step `start`: the profiled steps then read the keys a real run reads there
+        w.kv_len.sub_(back), w.pos.sub_(back), w.step.sub_(back)
         sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
         with profile(activities=acts) as prof:
-            for idx in range(min(24, N_FRAMES // 2), min(64, N_FRAMES)):
+            for idx in range(start, end):
                 fd._decode(w, idx, T_ctx, p, (False, False))
             sync()
         txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=40)
-        text += (f"bf16 fast path {fast_kw}, attn {fd.attn_impl}, decode steps 24..63 only (40 steps, keys ~190-230 "
-                 f"per row), 128 rows, cuda_graphs={graphs}\n{txt}\n\n")
+        text += (f"bf16 fast path {fast_kw}, attn {fd.attn_impl}, decode steps {start}..{end - 1} only "
+                 f"({end - start} steps, keys ~{T_ctx + 1 + start}-{T_ctx + end} per row), 128 rows, "
+                 f"cuda_graphs={graphs}\n{txt}\n\n")
         del fd, w
     (out_dir / fname).write_text(text)
     print(text[:6000])
@@ -415,6 +422,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-nemo", action="store_true")
     ap.add_argument("--opt-only", default="", help="comma-separated labels of OPT_VARIANTS to time (default all)")
     ap.add_argument("--profile-attn", default="sdpa", help="attention of the profile_opt part")
+    ap.add_argument("--profile-from", type=int, default=24, help="first decode step profiled (40 steps) by profile_opt")
     ap.add_argument("--opt-batches", type=int, default=2, help="batches timed per speed-up variant")
     ap.add_argument("--parts", default="parity,fast,nemo,variants,eager,profile",
                     help="comma-separated subset; also: fast_sdpa, parity_opt, opt, eager2, profile_opt")
@@ -521,7 +529,8 @@ def main(argv=None) -> int:
     if "profile_opt" in parts:
         try:
             kw = dict(attn_impl=a.profile_attn if DEV == "cuda" else "math", compile=True)
-            profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt")
+            profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt",
+                         start=a.profile_from)
         except Exception as e:
             print(f"[fail] profile_opt: {type(e).__name__}: {e}", flush=True)
     table = render_table(res)
@@ -557,6 +566,8 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 flash+compile", "flash", {"compile": True}),
     ("fast bf16 triton+compile", "triton", {"compile": True}),
     ("fast bf16 triton128+compile", "triton", {"compile": True, "keys_per_split": 128}),
+    ("fast bf16 triton+compile (separate kv write)", "triton", {"compile": True, "fused_kv_write": False}),
+    ("fast bf16 triton+compile+autotune", "triton", {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
 ]
 
 
