@@ -687,6 +687,7 @@ def run_eager2(a, model, reqs, res, bw, t0):
             r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
             if dt == torch.bfloat16 and DEV == "cuda":
                 r["split"] = eager_split(m, reqs[0], 48, ekw["semantics"])
+                print(r["split"].pop("kernels_table"), flush=True)
             res["eager2"][name] = r
             print(f"[eager2] {name} cached: {e_ms:.2f} ms/step over {eo.num_steps} steps, {r['x_realtime']:.0f}x real time; "
                   f"{r.get('split', '')}", flush=True)
@@ -745,7 +746,9 @@ def eager_split(m, req, steps: int, semantics=None) -> dict:
         if e.device_type == DeviceType.CPU and e.name in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize"):
             syncs += 1
             sync_us += e.time_range.elapsed_us()
-    return {"steps": n, "wall_ms_per_step_profiled": wall * 1e3 / n, "gpu_kernel_ms_per_step": gpu_us / 1e3 / n,
+    kernels = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    return {"kernels_table": kernels,
+            "steps": n, "wall_ms_per_step_profiled": wall * 1e3 / n, "gpu_kernel_ms_per_step": gpu_us / 1e3 / n,
             "host_ms_per_step_in": host, "memcpy_sync_calls_per_step": syncs / n, "memcpy_sync_ms_per_step": sync_us / 1e3 / n,
             "cuda_kernels_per_step": sum(1 for e in ev if e.device_type == DeviceType.CUDA) / n}
 
