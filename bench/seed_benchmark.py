@@ -568,6 +568,9 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 triton128+compile", "triton", {"compile": True, "keys_per_split": 128}),
     ("fast bf16 triton+compile (separate kv write)", "triton", {"compile": True, "fused_kv_write": False}),
     ("fast bf16 triton+compile+autotune", "triton", {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
+    # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
+    # of bench/attn_sweep.py
+    ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),
 ]
 
 

@@ -212,7 +212,7 @@ def _triton_kernels():
 
 
 def triton_decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
-                            max_keys: Optional[int] = None, k_new=None, v_new=None):
+                            max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 4):
     """q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
     lens (rows,) int32 >= 1 keys per row, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32
     accumulation. max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)).
@@ -236,7 +236,7 @@ def triton_decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_sp
     kn, vn = (k_new, v_new) if write else (q, q)
     kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, scale, q.stride(0), k_cache.stride(0),
                                   k_cache.stride(1), kn.stride(0), H=H, D=D, NSPLIT=ns, KPS=keys_per_split,
-                                  BLOCK_N=block_n, WRITE_NEW=write, num_warps=4)
+                                  BLOCK_N=block_n, WRITE_NEW=write, num_warps=num_warps)
     kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
 
@@ -303,7 +303,8 @@ class FastDecoder:
     compile: torch.compile (inductor, fullgraph, static shapes) the per-layer work around the attention kernel and
     the sampling/prior step, inside the CUDA graphs. CUDA only: elsewhere it is ignored (the plain functions run);
     a compile error falls back to the plain function with a warning (``compile_errors``).
-    keys_per_split: keys per program of the triton attention. fused_kv_write: the triton kernel writes the step's
+    keys_per_split, attn_block_n, attn_num_warps: the triton attention's keys per program, keys per loaded tile and
+    warps per program (bench/attn_sweep.py times a few). fused_kv_write: the triton kernel writes the step's
     key/value into the cache itself (else two index_copy_ kernels a layer before it).
     compile_mode: torch.compile's mode for compile=True (None = default; "max-autotune-no-cudagraphs" lets inductor
     time Triton GEMM templates with fused epilogues against cuBLAS: minutes of compilation).
@@ -325,6 +326,8 @@ class FastDecoder:
         keys_per_split: int = 64,
         fused_kv_write: bool = True,
         compile_mode: Optional[str] = None,
+        attn_block_n: int = 64,
+        attn_num_warps: int = 4,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -353,6 +356,7 @@ class FastDecoder:
                 raise ValueError("attn_impl='triton' needs a power-of-two head size")
         self.keys_per_split = int(keys_per_split)
         self.fused_kv_write = bool(fused_kv_write)
+        self.attn_block_n, self.attn_num_warps = int(attn_block_n), int(attn_num_warps)
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
             raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
         self.attn_impl = attn_impl
@@ -689,14 +693,16 @@ class FastDecoder:
             flat, seq = actx
             L = self.max_len
             if self.attn_impl == "triton" and self.fused_kv_write:
-                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split, max_keys=Lb,
-                                            k_new=k, v_new=v)
+                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
+                                            self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
+                                            num_warps=self.attn_num_warps)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)
             if self.attn_impl == "triton":
-                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split, max_keys=Lb)
+                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
+                                            self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps)
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,

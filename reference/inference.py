@@ -292,7 +292,7 @@ def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> list[float]:
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: less host time per op than no_grad
 def infer_batch(
     model,
     batch: dict[str, torch.Tensor],

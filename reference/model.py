@@ -72,12 +72,12 @@ def _attend(
     """
     score = torch.matmul(q, k.transpose(2, 3)) * scale
     if masked is not None:
-        score = score.masked_fill(masked, float("-inf"))
+        score = _masked_fill(score, masked, float("-inf"))
     if causal and k.shape[2] - 1 > q_offset:  # some query would see a later key (never in a one-frame decode step)
         tq, tk = q.shape[2], k.shape[2]
         qpos = torch.arange(q_offset, q_offset + tq, device=q.device)[:, None]
         kpos = torch.arange(tk, device=q.device)[None, :]
-        score = score.masked_fill(kpos > qpos, float("-inf"))
+        score = _masked_fill(score, kpos > qpos, float("-inf"))
     prob = F.softmax(score, dim=-1)
     if attn_prior is not None:
         # Reduced-precision runs renormalise in the prior's float32 (tiny underflows in fp16/bf16).
@@ -85,8 +85,14 @@ def _attend(
         prob = (prob / prob.sum(dim=-1, keepdim=True)).to(v.dtype)
     if masked is not None:
         # Fully masked query rows are NaN after softmax; NeMo zeroes them here, and so do we.
-        prob = prob.masked_fill(masked, 0.0)
+        prob = _masked_fill(prob, masked, 0.0)
     return torch.matmul(prob, v), prob
+
+
+def _masked_fill(t: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """masked_fill on a temporary of ``_attend``: in place when autograd is off (saves a copy per call, same
+    values), out of place when it records (softmax's backward needs its output unmodified)."""
+    return t.masked_fill(mask, value) if torch.is_grad_enabled() else t.masked_fill_(mask, value)
 
 
 def prepare_prior(attn_prior: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

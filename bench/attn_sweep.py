@@ -1,0 +1,56 @@
+"""The triton split-KV decode attention alone at the seed's mean step (128 rows, 12 heads x 64, ~402 keys of a
+643-key cache, bf16): microseconds per call and GB/s of K/V read, for a few (keys_per_split, block_n, num_warps).
+
+    python bench/attn_sweep.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reference.fast import triton_decode_attention  # noqa: E402
+
+CONFIGS = [(64, 64, 4), (64, 64, 2), (64, 32, 2), (64, 32, 4), (128, 64, 4), (128, 32, 4), (32, 32, 2), (32, 32, 1)]
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    rows, L, H, D, mean = 128, 643, 12, 64, 402
+    K = torch.randn(rows, L, H, D, device="cuda", dtype=torch.bfloat16)
+    V = torch.randn_like(K)
+    qkv = torch.randn(rows, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((rows,), mean, device="cuda", dtype=torch.int32)
+    Lb = -(-mean // 64) * 64  # the step's 64-key bucket, as FastDecoder launches
+    gb = rows * mean * H * D * 2 * 2 / 1e9
+    ref = None
+    best = None
+    print(f"| keys_per_split | block_n | num_warps | us/call | GB/s (K+V) | max abs vs first |\n| --- | --- | --- | --- | --- | --- |")
+    for kps, bn, nw in CONFIGS:
+        fn = lambda: triton_decode_attention(qkv[:, 0], K, V, lens, D**-0.5, kps, bn, max_keys=Lb,  # noqa: E731
+                                             k_new=qkv[:, 1], v_new=qkv[:, 2], num_warps=nw)
+        out = fn()
+        for _ in range(10):
+            fn()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        n = 200
+        e0.record()
+        for _ in range(n):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        us = e0.elapsed_time(e1) * 1e3 / n
+        ref = out if ref is None else ref
+        best = min(best or (us, kps, bn, nw), (us, kps, bn, nw))
+        print(f"| {kps} | {bn} | {nw} | {us:.1f} | {gb / (us * 1e-6):.0f} | {(out.float() - ref.float()).abs().max().item():.1e} |",
+              flush=True)
+    print(f"BEST {best[1]} {best[2]} {best[3]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
