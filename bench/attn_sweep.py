@@ -29,7 +29,7 @@ def main() -> int:
     gb = rows * mean * H * D * 2 * 2 / 1e9
     ref = None
     best = None
-    print(f"| keys_per_split | block_n | num_warps | us/call | GB/s (K+V) | max abs vs first |\n| --- | --- | --- | --- | --- | --- |")
+    print("| keys_per_split | block_n | num_warps | us/call | GB/s (K+V) | max abs vs first |\n| --- | --- | --- | --- | --- | --- |")
     for kps, bn, nw in CONFIGS:
         fn = lambda: triton_decode_attention(qkv[:, 0], K, V, lens, D**-0.5, kps, bn, max_keys=Lb,  # noqa: E731
                                              k_new=qkv[:, 1], v_new=qkv[:, 2], num_warps=nw)

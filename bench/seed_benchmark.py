@@ -150,7 +150,9 @@ def nemo_step_times(model: MagpieTTS, dec, req: dict, steps: list[int], reps: in
     For step k: reset the cache, run the prefix of T_ctx + k positions once (fills NeMo's cache, untimed), then
     time `reps` consecutive steps, each as infer_batch runs it: embed all audio codes so far, decoder over the
     whole sequence, final_proj over the whole output, CFG, prior state machine, two sampling passes, EOS scan
-    (host code: the reference's line-for-line copy of NeMo's).
+    (host code: the reference's, which gives NeMo's values; its sampler draws without NeMo's two host syncs per
+    codebook since 2026-11-25 round 3, a few ms at most against NeMo's 100+ ms step: the NeMo rows of
+    RESULTS-seed.md were timed before that).
     """
     from reference.inference import PriorState, cross_attention_scores, find_eos, sample_codes
 

@@ -200,19 +200,6 @@ class CrossAttention(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-# On CUDA a kernel-1 convolution runs as the same product through F.linear: cuDNN's conv1d over one frame per row
-# (every cached decode step) is far slower than cuBLAS (see bench/NOTES-fast.md); the values agree to float
-# rounding, not bit for bit. The CPU keeps NeMo's conv1d, so CPU results stay bit-identical to NeMo's.
-LINEAR_1X1_ON_CUDA = True
-
-
-def _conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) for x (B, C_in, T) -> (B, C_out, T)."""
-    if LINEAR_1X1_ON_CUDA and x.is_cuda and conv.kernel_size[0] == 1:
-        return F.linear(x.transpose(1, 2), conv.weight[:, :, 0]).transpose(1, 2)
-    return conv(x)
-
-
 class MaskedConv1d(nn.Module):
     """NeMo's ``ConvolutionLayer``: zero the padding, convolve (causal = left pad k-1), zero the padding again."""
 
@@ -229,7 +216,7 @@ class MaskedConv1d(nn.Module):
             x = x * mask.unsqueeze(1)
         if self.is_causal and self.kernel_size > 1:
             x = F.pad(x, (self.kernel_size - 1, 0))
-        y = _conv1d(self.conv, x)
+        y = self.conv(x)
         return y if mask is None else y * mask.unsqueeze(1)
 
 
