@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ if os.environ.get("REFERENCE_PATH"):  # time another copy of reference/ (e.g. th
 
 from reference.config import InferenceParameters, MagpieConfig, TransformerConfig  # noqa: E402
 from reference.fast import FastDecoder, floor_bytes  # noqa: E402
+from parity.nemo_capture import nemo_decoder  # noqa: E402
 from reference.model import MagpieTTS  # noqa: E402
 
 FRAMES_PER_SECOND = 21.5
@@ -109,38 +109,6 @@ def copy_bandwidth() -> float:
 
 
 # ---- NeMo's decoder, driven the way MagpieTTSModel.infer_batch drives it --------------------------------------
-
-
-def load_nemo_transformer():
-    """Import nemo.collections.tts.modules.transformer_2501 from the bare nemo-toolkit wheel (oracle README)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nemo")
-    if spec is None:
-        raise ImportError("nemo-toolkit is not installed")
-    root = Path(list(spec.submodule_search_locations)[0])
-    for name in ("nemo.collections", "nemo.collections.tts", "nemo.collections.tts.modules"):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-            sys.modules[name] = mod
-    from nemo.collections.tts.modules import transformer_2501
-
-    return transformer_2501
-
-
-def nemo_decoder(model: MagpieTTS, dtype=torch.float32):
-    t2501 = load_nemo_transformer()
-    d = model.config.decoder
-    dec = t2501.Transformer(
-        n_layers=d.n_layers, d_model=d.d_model, d_ffn=d.d_ffn, sa_n_heads=d.sa_n_heads, kernel_size=d.kernel_size,
-        p_dropout=0.0, has_xattn=True, xa_d_memory=d.xa_d_memory, xa_n_heads=d.xa_n_heads, xa_d_head=d.xa_d_head,
-        is_causal=True, apply_norm_to_cond=d.apply_norm_to_cond, apply_norm_out=d.apply_norm_out,
-        max_length_causal_mask=d.max_length_causal_mask, use_learnable_pos_emb=d.use_learnable_pos_emb,
-    )
-    missing, unexpected = dec.load_state_dict(model.decoder.state_dict(), strict=False)
-    assert not unexpected and all(k.endswith("causal_mask") for k in missing), (missing, unexpected)
-    return dec.to(device=next(model.parameters()).device).eval()
 
 
 @torch.no_grad()

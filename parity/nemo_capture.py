@@ -7,6 +7,8 @@ imports it, so this module loads anywhere.
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -157,3 +159,41 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
         writer.add("predicted_codes", out.predicted_codes, step=None)
         writer.add("predicted_codes_lens", out.predicted_codes_lens, step=None)
     return out
+
+
+def load_nemo_transformer_2501():
+    """NeMo's ``nemo.collections.tts.modules.transformer_2501`` (the MagpieTTS encoder/decoder stack) from an
+    installed nemo-toolkit wheel, without importing the collection's packages (which pull in Lightning, Hydra, ...):
+    enough to run NeMo's own decoder where only the bare wheel is installed (the GPU machine)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nemo")
+    if spec is None:
+        raise ImportError("nemo-toolkit is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for name in ("nemo.collections", "nemo.collections.tts", "nemo.collections.tts.modules"):
+        if name not in sys.modules:
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+            sys.modules[name] = mod
+    from nemo.collections.tts.modules import transformer_2501
+
+    return transformer_2501
+
+
+def nemo_decoder(model):
+    """NeMo's ``transformer_2501.Transformer`` built with a reference model's decoder config and loaded with its
+    decoder weights (NeMo's causal-mask buffers are NeMo's own), on the model's device, eval mode."""
+    t2501 = load_nemo_transformer_2501()
+    d = model.config.decoder
+    dec = t2501.Transformer(
+        n_layers=d.n_layers, d_model=d.d_model, d_ffn=d.d_ffn, sa_n_heads=d.sa_n_heads, kernel_size=d.kernel_size,
+        p_dropout=0.0, has_xattn=d.has_xattn, xa_d_memory=d.xa_d_memory, xa_n_heads=d.xa_n_heads,
+        xa_d_head=d.xa_d_head, is_causal=d.is_causal, apply_norm_to_cond=d.apply_norm_to_cond,
+        apply_norm_out=d.apply_norm_out, max_length_causal_mask=d.max_length_causal_mask,
+        use_learnable_pos_emb=d.use_learnable_pos_emb,
+    )
+    missing, unexpected = dec.load_state_dict(model.decoder.state_dict(), strict=False)
+    if unexpected or not all(k.endswith("causal_mask") for k in missing):
+        raise ValueError(f"NeMo decoder does not take the reference's weights: missing {missing}, unexpected {unexpected}")
+    return dec.to(device=next(model.parameters()).device).eval()
