@@ -64,7 +64,9 @@ def test_decoder_equals_nemo_transformer(case, device):
 def test_cached_steps_equal_nemo_full_sequence(device):
     """The reference's cached path (prefix, then one frame a step) against NeMo's decoder over the whole sequence
     at each new position. Float32 rounding only: a one-row product rounds differently from the same row inside a
-    T-row product, and the error does not grow with the steps (1e-5 on logits-sized values ~1)."""
+    T-row product (outputs up to ~3). Observed: 2.4e-7 on the CPU; 1.15e-5 on an H100 (2026-11-25), where cuBLAS
+    also picks other reduction orders (split-K) for one row than for 23 -- hence 1e-5 on the CPU, 1e-4 on the GPU
+    as for the fast path's GPU logit checks. (The GPU bound was set after that run and has not run again.)"""
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -81,6 +83,6 @@ def test_cached_steps_equal_nemo_full_sequence(device):
                                                 .expand(B, 1, prefix, prefix), enc.mask)]
             for t in range(prefix, T):
                 out.append(model.decoder.forward_cached(x[:, t : t + 1], None, state, None, enc.mask))
-            torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5 if device == "cpu" else 1e-4, rtol=0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
