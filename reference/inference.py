@@ -172,7 +172,8 @@ def forbidden_tokens(cfg, forbid_audio_eos: bool, device=None) -> torch.Tensor:
 _FORBIDDEN: dict = {}
 
 
-def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict, forbidden) -> torch.Tensor:
+def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict,
+                    forbidden: torch.Tensor) -> torch.Tensor:
     """NeMo's edits before sampling one codebook, in its order: EOS ban / force, forbidden specials, top-k (ties
     kept). Edits ``lg`` (B, V), or (B, J, V) for J codebooks at once (every edit is per codebook row, so the values
     are the same), in place like NeMo, and returns the top-k-masked logits."""
@@ -181,10 +182,7 @@ def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished
     for b in finished:
         lg[b, ...] = float("-inf")
         lg[b, ..., cfg.audio_eos_id] = 0.0
-    if isinstance(forbidden, torch.Tensor):
-        lg.masked_fill_(forbidden, float("-inf"))  # a (V,) bool mask made once per step: no host-to-device copy
-    else:
-        lg[:, forbidden] = float("-inf")
+    lg.masked_fill_(forbidden, float("-inf"))  # (V,) bool, from forbidden_tokens
     kth = torch.topk(lg, topk, dim=-1)[0][..., -1:]
     return lg.masked_fill(lg < kth, float("-inf"))
 
