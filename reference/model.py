@@ -354,8 +354,8 @@ class Transformer(nn.Module):
                 f"sequence of {end} positions exceeds the model's {self.position_embeddings.num_embeddings} "
                 "learned positions (max_length_causal_mask)"
             )
-        positions = torch.arange(start, end, device=x.device).unsqueeze(0)
-        return x + self.position_embeddings(positions)
+        # NeMo looks up arange(start, end); the same rows as a slice of the table (no index tensor, no gather)
+        return x + self.position_embeddings.weight[start:end]
 
     def forward(
         self,

@@ -88,3 +88,19 @@ def test_loading_never_imports_nemo():
             f"MagpieTTS.from_nemo(r'{FIXTURES / 'released_small.nemo'}'); MagpieTTS.from_nemo(r'{FIXTURES / 'released_small.ckpt'}'); "
             "assert not any(m == 'nemo' or m.startswith('nemo.') for m in sys.modules), 'nemo imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=FIXTURES.parent.parent)
+
+
+def test_backward_through_the_reference_works_and_matches_the_no_grad_forward():
+    """With autograd on, the attention keeps its temporaries unmodified (softmax's backward needs its output):
+    the logits equal the no-grad forward's (which fills them in place) and gradients reach the first layer."""
+    import copy
+
+    model = copy.deepcopy(reference_model("released_small"))
+    batch = load_batch("released_small")
+    with torch.no_grad():
+        ref = model.process_batch(batch)["logits"]
+    out = model.process_batch(batch)["logits"]
+    assert torch.equal(out.detach(), ref)
+    out.float().square().mean().backward()
+    g = model.decoder.layers[0].self_attention.qkv_net.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().max() > 0
