@@ -351,12 +351,11 @@ class FastDecoder:
             raise ValueError(f"attn_impl must be auto, flash, sdpa, math or triton, got {attn_impl!r}")
         if attn_impl == "triton":
             pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731 - Triton tiles are powers of two
-            if not (pow2(keys_per_split) and pow2(attn_block_n) and attn_block_n <= keys_per_split
-                    and attn_num_warps in (1, 2, 4, 8, 16)):
+            if not (pow2(keys_per_split) and pow2(attn_block_n) and attn_num_warps in (1, 2, 4, 8, 16)):
                 raise ValueError(
                     f"triton attention tiles: keys_per_split ({keys_per_split}) and attn_block_n ({attn_block_n}) must "
-                    f"be powers of two with attn_block_n <= keys_per_split, attn_num_warps ({attn_num_warps}) one of "
-                    "1, 2, 4, 8, 16")
+                    f"be powers of two (tiles of min(attn_block_n, keys_per_split) keys), attn_num_warps "
+                    f"({attn_num_warps}) one of 1, 2, 4, 8, 16")
             if not is_cuda:
                 raise ValueError("attn_impl='triton' needs CUDA")
             if d.sa_d_head & (d.sa_d_head - 1):

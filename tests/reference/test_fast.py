@@ -271,7 +271,7 @@ def test_compile_flag_is_ignored_on_cpu_and_pieces_trace_fullgraph():
     assert fd.compile_errors == {}
     with pytest.raises(ValueError, match="triton"):
         FastDecoder(model, 4, _max_len(model), attn_impl="triton")
-    for bad in (dict(keys_per_split=48), dict(attn_block_n=128), dict(attn_num_warps=3)):
+    for bad in (dict(keys_per_split=48), dict(attn_block_n=96), dict(attn_num_warps=3)):
         with pytest.raises(ValueError, match="triton attention tiles"):
             FastDecoder(model, 4, _max_len(model), attn_impl="triton", **bad)
 
