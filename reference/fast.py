@@ -44,7 +44,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from reference.inference import EOS_METHODS, InferOutput, InferenceError, dummy_cfg_conditioning, resolve_parameters
+from reference.inference import (EOS_METHODS, InferOutput, InferenceError, check_topk, dummy_cfg_conditioning,
+                                 resolve_parameters)
 from reference.model import ConvFFState, DecoderState, LayerKVCache, validate_batch
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
@@ -493,6 +494,7 @@ class FastDecoder:
             bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < c.decoder.n_layers]
             if bad:
                 raise InferenceError(f"{k} names layer(s) {bad} outside 0..{c.decoder.n_layers - 1}")
+        check_topk(p, c)
         validate_batch(batch, c, require_audio=False)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         C, S = c.num_audio_codebooks, c.frame_stacking_factor

@@ -82,6 +82,14 @@ def resolve_parameters(defaults: InferenceParameters, **overrides: Any) -> Infer
     return p
 
 
+def check_topk(p: InferenceParameters, cfg) -> None:
+    """Top-k within a codebook's tokens (torch.topk would fail deep inside sampling: "selected index k out of
+    range"); checked after the other parameters, so that their errors come first."""
+    if p.topk > cfg.num_all_tokens_per_codebook:
+        raise InferenceError(f"topk ({p.topk}) exceeds the {cfg.num_all_tokens_per_codebook} tokens of a codebook "
+                             "(num_all_tokens_per_codebook); pass a smaller topk")
+
+
 # ---- the attention-prior state machine (NeMo: get_cross_attention_scores, get_most_attended_text_timestep,
 # ---- construct_inference_prior) -------------------------------------------------------------------------------
 
@@ -348,6 +356,7 @@ def infer_batch(
             f"use_local_transformer_for_inference needs an autoregressive local transformer; this checkpoint has "
             f"local_transformer_type={cfg.local_transformer_type!r} (MaskGit sampling is not implemented)"
         )
+    check_topk(p, cfg)
     cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
     C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     device = next(model.parameters()).device

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import CASES, infer_inputs, load_batch, reference_model
 from reference.fast import BIG, FastDecoder
-from reference.inference import PriorState
+from reference.inference import InferenceError, PriorState
 
 # Per-step CFG-combined logits: the fast step runs the same float32 ops on one new row; observed <= 2e-6.
 ATOL_LOGITS = 1e-5
@@ -345,3 +345,9 @@ def test_triton_fused_cache_write_on_gpu():
             ref = torch.nn.functional.scaled_dot_product_attention(
                 q[r, :, None].float(), K[r, :n].transpose(0, 1).float(), V[r, :n].transpose(0, 1).float())[:, 0]
             torch.testing.assert_close(out[r].float(), ref, atol=tol, rtol=0)
+
+
+def test_topk_beyond_the_codebook_is_a_clear_error():
+    model = reference_model("released_small")  # its checkpoint's default topk (80) exceeds its 72 tokens
+    with pytest.raises(InferenceError, match="topk \\(80\\) exceeds the 72 tokens"):
+        FastDecoder(model, 4, _max_len(model)).generate(infer_inputs(load_batch("released_small")))

@@ -148,7 +148,7 @@ def test_nemo_cached_path_attends_padded_context_keys():
 def test_maskgit_or_missing_local_transformer_is_a_clear_error():
     model = reference_model("released_small")
     with pytest.raises(InferenceError, match="local transformer"):
-        model.infer_batch(infer_inputs(load_batch("released_small")), use_local_transformer_for_inference=True)
+        model.infer_batch(infer_inputs(load_batch("released_small")), use_local_transformer_for_inference=True, topk=5)
 
 
 @pytest.mark.parametrize(
@@ -162,6 +162,7 @@ def test_maskgit_or_missing_local_transformer_is_a_clear_error():
         (dict(apply_prior_to_layers=[0, 99]), "apply_prior_to_layers"),
         (dict(cfg_scale=float("inf")), "cfg_scale"),
         (dict(not_a_param=1), "unknown"),
+        (dict(topk=73), "topk \\(73\\) exceeds the 72 tokens"),  # the fixture's checkpoint default is 80 > 72
     ],
 )
 def test_invalid_parameters(params, match):
