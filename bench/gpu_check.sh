@@ -1,6 +1,9 @@
 #!/bin/bash
-# One device call: the fast-path tests (CPU ones and the @gpu ones) and the seed benchmark, logs under $OUT.
-#   run (device tool): bash bench/gpu_check.sh      carry: [".whl"]   (.whl: nemo_toolkit-3.0.0 wheel, see NOTES-fast.md)
+# One device call: the GPU tests of the reference (fast path, and the decoder against NeMo's own module) and the
+# seed benchmark's headline table (NeMo 3.0.0's loop fp32/bf16, eager reference fp32/bf16, the fast path's best
+# configuration over all 512 requests, parity), logs and results.json/table.md under $OUT.
+#   run (device tool): bash bench/gpu_check.sh      carry: [".whl"]
+#   .whl: nemo_toolkit-3.0.0, omegaconf-2.3.0, antlr4-python3-runtime-4.9.3 wheels (pip download --no-deps)
 set -o pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -9,5 +12,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
-[ -n "$SKIP_TESTS" ] || timeout 240 python3 -m pytest tests/reference/test_fast.py -q -p no:cacheprovider -x 2>&1 | tee "$OUT/pytest.log" | tail -15
+[ -n "$SKIP_TESTS" ] || timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
 timeout ${BENCH_TIMEOUT:-420} python3 bench/seed_benchmark.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^Decoding"
