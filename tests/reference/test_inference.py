@@ -204,3 +204,53 @@ def test_non_finite_logits_stop_inference_with_the_step():
     for use_kv_cache in (False, True):
         with pytest.raises(InferenceError, match="step 0: the sampling probabilities"):
             model.infer_batch(infer_inputs(load_batch("released_small")), use_kv_cache=use_kv_cache, topk=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), B=st.integers(1, 4), C=st.integers(1, 4), S=st.integers(1, 2), V=st.integers(10, 60),
+       seed=st.integers(0, 2**31 - 1), forbid_eos=st.booleans())
+def test_sampler_equals_the_per_codebook_loop(data, B, C, S, V, seed, forbid_eos):
+    """sample_codes (all codebooks edited at once, sync-free draws) equals NeMo's structure -- per codebook: clone,
+    EOS ban for unfinished items, forced EOS for finished ones, forbidden specials, top-k, softmax, torch.multinomial
+    -- for random logits, item sets, top-k and temperature, with the same seed (same codes, same generator state)."""
+    from types import SimpleNamespace
+
+    from reference.inference import forbidden_tokens, sample_codes
+
+    cfg = SimpleNamespace(num_audio_codebooks=C, num_all_tokens_per_codebook=V, frame_stacking_factor=S,
+                          codebook_size=V - 8, audio_eos_id=V - 7)
+    topk = data.draw(st.integers(1, V - 8))
+    temperature = data.draw(st.floats(0.05, 2.0))
+    unfinished = {b: True for b in data.draw(st.sets(st.integers(0, B - 1)))}
+    finished = {b: 20 for b in data.draw(st.sets(st.integers(0, B - 1)))}
+    logits = torch.randn(B, C * V * S, generator=torch.Generator().manual_seed(seed)) * 3
+
+    def per_codebook(g):
+        forbidden = forbidden_tokens(cfg, forbid_eos)
+        per_stack = []
+        for s in range(S):
+            preds = []
+            for c in range(C):
+                lg = logits[:, (c + C * s) * V : (c + C * s + 1) * V].clone()
+                for b in unfinished:
+                    lg[b, cfg.audio_eos_id] = float("-inf")
+                for b in finished:
+                    lg[b, :] = float("-inf")
+                    lg[b, cfg.audio_eos_id] = 0.0
+                lg[:, forbidden] = float("-inf")
+                kth = torch.topk(lg, topk, dim=-1)[0][:, -1:]
+                probs = torch.softmax(lg.masked_fill(lg < kth, float("-inf")) / temperature, dim=-1)
+                preds.append(torch.multinomial(probs, 1, generator=g))
+            per_stack.append(torch.cat(preds, dim=1))
+        return torch.stack(per_stack, dim=2)
+
+    g1, g2 = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    if finished and forbid_eos:  # a finished item may only say EOS, which is forbidden: no token left
+        with pytest.raises(RuntimeError, match="probability tensor"):
+            per_codebook(g2)
+        with pytest.raises(InferenceError, match="probability tensor"):
+            sample_codes(logits, cfg, temperature, topk, unfinished, finished, forbid_eos, generator=g1)
+        return
+    got = sample_codes(logits, cfg, temperature, topk, unfinished, finished, forbid_eos, generator=g1)
+    assert torch.equal(got, per_codebook(g2))
+    assert torch.equal(torch.rand(2, generator=g1), torch.rand(2, generator=g2))
