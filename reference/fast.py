@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.inference import (EOS_METHODS, InferOutput, InferenceError, check_topk, dummy_cfg_conditioning,
-                                 resolve_parameters)
+                                 forbidden_tokens, resolve_parameters)
 from reference.model import ConvFFState, DecoderState, LayerKVCache, validate_batch
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
@@ -384,10 +384,8 @@ class FastDecoder:
         self.emb_table = torch.cat([e.weight for e in m.audio_embeddings], 0)  # (S*C*V, D), table j = c + i*C
         self.emb_offsets = (torch.arange(C * S, device=self.device) * V).view(1, S, C).transpose(1, 2)  # (1, C, S)
         # special-token masks of the sampler: all 8 specials (EOS too while min_generated_frames are not out)
-        self.forbid_all = torch.zeros(V, dtype=torch.bool, device=self.device)
-        self.forbid_all[c.codebook_size : c.codebook_size + 8] = True
-        self.forbid_no_eos = self.forbid_all.clone()
-        self.forbid_no_eos[c.audio_eos_id] = False
+        self.forbid_all = forbidden_tokens(c, True, self.device)  # the eager sampler's masks (made once per device)
+        self.forbid_no_eos = forbidden_tokens(c, False, self.device)
         self.only_eos = torch.zeros(V, dtype=torch.bool, device=self.device)
         self.only_eos[c.audio_eos_id] = True
         self._works: dict = {}
