@@ -23,7 +23,7 @@ checkpoint loads with ``load_state_dict(strict=True)`` after the shape checks in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -60,6 +60,7 @@ def _attend(
     causal: bool,
     attn_prior: Optional[torch.Tensor],
     q_offset: int = 0,
+    fill_masked_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeMo's ``Attention.attn_naive`` in eval mode.
 
@@ -68,6 +69,8 @@ def _attend(
     attn_prior: (B, 1, Tq, Tk) multiplicative prior applied in probability space (NeMo 2.7+ eval maths), already
     offset by :func:`prepare_prior`.
     q_offset: absolute position of the first query (cached decoding), for the causal mask.
+    fill_masked_rows: False when the caller knows every query row attends at least one key; then the masked
+    probabilities are exact zeros already (exp(-inf)) and NeMo's zero fill for fully masked rows is skipped.
     Returns y (B, H, Tq, Dh) and the probabilities (B, H, Tq, Tk).
     """
     score = torch.matmul(q, k.transpose(2, 3)) * scale
@@ -81,9 +84,13 @@ def _attend(
     prob = F.softmax(score, dim=-1)
     if attn_prior is not None:
         # Reduced-precision runs renormalise in the prior's float32 (tiny underflows in fp16/bf16).
-        prob = (prob.to(attn_prior.dtype) * attn_prior)
-        prob = (prob / prob.sum(dim=-1, keepdim=True)).to(v.dtype)
-    if masked is not None:
+        if prob.dtype != attn_prior.dtype:
+            prob = prob.to(attn_prior.dtype)
+        prob = prob * attn_prior
+        prob = prob / prob.sum(dim=-1, keepdim=True)
+        if prob.dtype != v.dtype:
+            prob = prob.to(v.dtype)
+    if masked is not None and fill_masked_rows:
         # Fully masked query rows are NaN after softmax; NeMo zeroes them here, and so do we.
         prob = _masked_fill(prob, masked, 0.0)
     return torch.matmul(prob, v), prob
@@ -143,8 +150,9 @@ class SelfAttention(nn.Module):
         NeMo's query x query mask; masked: precomputed (B, 1, T, T_keys) bool, True = key not attended (with a
         cache, None = every key attended)."""
         B, T, _ = x.shape
-        qkv = self.qkv_net(x).reshape(B, T, 3, self.n_heads, self.d_head)
-        q, k, v = (t.squeeze(2).transpose(1, 2) for t in qkv.chunk(3, dim=2))  # each (B, H, T, Dh)
+        # (B, T, 3*H*Dh) -> (3, B, H, T, Dh) -> q, k, v: the views NeMo's chunk / squeeze / transpose make, in
+        # three view ops instead of eight (host time per decode step)
+        q, k, v = self.qkv_net(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
         q_offset = 0
         if cache is not None:
             q_offset = cache.length
@@ -170,8 +178,8 @@ class CrossAttention(nn.Module):
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Tk, D_mem) -> K, V each (B, H, Tk, Dh); computed once per request when decoding."""
         B, Tk, _ = memory.shape
-        kv = self.kv_net(memory).reshape(B, Tk, 2, self.n_heads, self.d_head)
-        k, v = (t.squeeze(2).transpose(1, 2) for t in kv.chunk(2, dim=2))  # K first, then V, as NeMo
+        # (B, Tk, 2*H*Dh) -> (2, B, H, Tk, Dh): K first, then V, as NeMo
+        k, v = self.kv_net(memory).view(B, Tk, 2, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
     def forward(
@@ -181,13 +189,14 @@ class CrossAttention(nn.Module):
         memory_masked: torch.Tensor,
         attn_prior: Optional[torch.Tensor] = None,
         probs_out: Optional[list] = None,
+        fill_masked_rows: bool = True,
     ) -> torch.Tensor:
         """memory_masked: (B, 1, 1, T_mem) bool, True at padded memory positions (``~memory_mask``);
-        attn_prior: prepared by :func:`prepare_prior`."""
+        attn_prior: prepared by :func:`prepare_prior`; fill_masked_rows: see :func:`_attend`."""
         B, T, _ = x.shape
         q = self.q_net(x).reshape(B, T, self.n_heads, self.d_head).transpose(1, 2)
         k, v = memory_kv
-        y, prob = _attend(q, k, v, self.scale, memory_masked, False, attn_prior)
+        y, prob = _attend(q, k, v, self.scale, memory_masked, False, attn_prior, fill_masked_rows=fill_masked_rows)
         self.attn_probs(prob)
         if probs_out is not None:
             probs_out.append(prob)
@@ -322,15 +331,18 @@ class TransformerLayer(nn.Module):
         self_masked: Optional[torch.Tensor] = None,
         probs_out: Optional[list] = None,
         ff_state: Optional[ConvFFState] = None,
+        cond_rows_nonempty: bool = False,
     ) -> torch.Tensor:
         """x_mask: (B, T) validity, or None when every position is valid (a decode step: NeMo's multiplications
         by a mask of ones are skipped, which changes no bit). cond_masked / self_masked: True = not attended,
-        built once per forward by :class:`Transformer`; attn_prior: prepared by :func:`prepare_prior`."""
+        built once per forward by :class:`Transformer`; attn_prior: prepared by :func:`prepare_prior`.
+        cond_rows_nonempty: every row of cond_masked has a False (see :func:`_attend`'s fill_masked_rows)."""
         if x_mask is not None:
             x = x * x_mask.unsqueeze(-1)
         x = x + self.self_attention(self.norm_self(x), x_mask, cache, self_masked)
         if self.has_xattn and memory_kv is not None:
-            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_masked, attn_prior, probs_out)
+            x = x + self.cross_attention(self.norm_xattn_query(x), memory_kv, cond_masked, attn_prior, probs_out,
+                                         fill_masked_rows=not cond_rows_nonempty)
         x = x + self.pos_ff(self.norm_pos_ff(x), x_mask, ff_state)
         return x if x_mask is None else x * x_mask.unsqueeze(-1)
 
@@ -408,11 +420,13 @@ class Transformer(nn.Module):
         start = state.length
         x = self.add_positions(x_new, start)
         self_masked = key_mask == 0 if key_mask is not None else None
-        cond_masked = cond_mask[:, None, None] == 0 if cond_mask is not None else None
+        # every row has a text position to attend (always, for MagpieTTS): no zero fill of masked rows needed
+        cond_masked, cond_rows_nonempty = state.memory_masks(cond_mask)
         priors = _prepare_priors(attn_prior, len(self.layers))
         for i, layer in enumerate(self.layers):
             x = layer(x, x_mask_new, state.memory_kv[i], cond_masked, priors[i], cache=state.kv[i],
-                      self_masked=self_masked, probs_out=probs_out, ff_state=state.ff[i])
+                      self_masked=self_masked, probs_out=probs_out, ff_state=state.ff[i],
+                      cond_rows_nonempty=cond_rows_nonempty)
         state.length = start + x_new.shape[1]
         return self.norm_out(x)
 
@@ -428,6 +442,20 @@ class DecoderState:
     ff: list  # ConvFFState per layer (None for kernel 1)
     memory_kv: list  # (K, V) of the cross-attention memory per layer, computed once
     length: int
+    _memory_mask: Optional[torch.Tensor] = field(default=None, repr=False)  # the cond_mask the two below are of
+    _memory_masked: Optional[torch.Tensor] = field(default=None, repr=False)
+    _memory_rows_nonempty: bool = field(default=False, repr=False)
+
+    def memory_masks(self, cond_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], bool]:
+        """cond_mask (B, T_mem), 1 = valid -> ((B, 1, 1, T_mem) bool, True = not attended; whether every row has
+        a valid memory position). Built when a mask is first seen (one host read) and reused by every step."""
+        if cond_mask is None:
+            return None, True
+        if self._memory_mask is not cond_mask:
+            self._memory_mask = cond_mask
+            self._memory_masked = cond_mask[:, None, None] == 0
+            self._memory_rows_nonempty = bool(cond_mask.any(dim=-1).all())
+        return self._memory_masked, self._memory_rows_nonempty
 
 
 @dataclass

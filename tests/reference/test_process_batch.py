@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from conftest import CASES, FIXTURES, load_batch, reference_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # Float32 on the CPU with one thread: the reference runs NeMo's op sequence, so agreement is expected to be
 # exact; 1e-6 leaves room only for BLAS kernel choices that differ between machines (values here are O(1),
@@ -104,3 +106,24 @@ def test_backward_through_the_reference_works_and_matches_the_no_grad_forward():
     out.float().square().mean().backward()
     g = model.decoder.layers[0].self_attention.qkv_net.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().max() > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 4), H=st.integers(1, 3), Tq=st.integers(1, 4), Tk=st.integers(1, 12),
+       seed=st.integers(0, 2**31 - 1), with_prior=st.booleans())
+def test_skipping_the_zero_fill_changes_nothing_when_every_row_attends_something(B, H, Tq, Tk, seed, with_prior):
+    """Cached decoding skips NeMo's zero fill of masked probabilities when every memory row has a valid position
+    (reference.model._attend, fill_masked_rows=False): softmax already gives exact zeros there, so outputs and
+    probabilities are bit-identical to the filled ones for random masks with >= 1 valid key per row."""
+    from reference.model import _attend, prepare_prior
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, t, 8, generator=g) for t in (Tq, Tk, Tk))
+    valid = torch.rand(B, Tk, generator=g) > 0.5
+    valid[torch.arange(B), torch.randint(0, Tk, (B,), generator=g)] = True  # at least one key per row
+    masked = ~valid[:, None, None, :]
+    prior = prepare_prior(torch.rand(B, Tq, Tk, generator=g)) if with_prior else None
+    y0, p0 = _attend(q, k, v, 8**-0.5, masked, False, prior)
+    y1, p1 = _attend(q, k, v, 8**-0.5, masked, False, prior, fill_masked_rows=False)
+    assert torch.equal(y0, y1) and torch.equal(p0, p1)
+    assert bool((p1[masked.expand_as(p1)] == 0).all())
