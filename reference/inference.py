@@ -96,7 +96,9 @@ def check_topk(p: InferenceParameters, cfg) -> None:
 
 def cross_attention_scores(probs: list[torch.Tensor], layers: Optional[tuple[int, ...]]) -> torch.Tensor:
     """Mean over heads, then over the chosen layers, of the last query row: (B', T_text)."""
-    per_layer = [p.mean(dim=1) for i, p in enumerate(probs) if layers is None or i in layers]
+    # the mean over one head is that head, exactly (x / 1): a view instead of a reduction per layer
+    per_layer = [p[:, 0] if p.shape[1] == 1 else p.mean(dim=1) for i, p in enumerate(probs)
+                 if layers is None or i in layers]
     return torch.stack(per_layer, dim=1).mean(dim=1)[:, -1, :]
 
 
@@ -108,30 +110,44 @@ class PriorState:
     counters: list[dict[int, int]]
     unfinished: dict[int, bool] = field(default_factory=dict)
     finished_counter: dict[int, int] = field(default_factory=dict)
+    # per item, 1 + the last position counted >= 10 times (0: none). Counts only grow, so this is where NeMo's
+    # loop over every counter ends up suppressing the prior up to; kept as the counters change.
+    stuck_end: list[int] = field(default_factory=list)
 
     @classmethod
     def new(cls, batch: int) -> "PriorState":
         return cls([1] * batch, [{} for _ in range(batch)])  # NeMo starts every item at text position 1
 
     def most_attended(self, scores: torch.Tensor, text_lens: list[int], lookahead: int) -> list[int]:
+        self._sync_stuck_end()
         attended = []
+        # numpy on the host copy: the same first-maximum index (NaN counts as the maximum in both) without a
+        # torch op per item
+        rows = scores.float().cpu().numpy()  # float32 holds every bf16/fp16 value exactly: same order
         for b in range(len(text_lens)):
             last = self.last_attended[b]
             if self.counters[b].get(last, 0) >= 8:  # an attention sink: move on by one
                 last += 1
             window_end = min(last + lookahead, text_lens[b] - 3)  # the last 3 positions are never searched
-            window = scores[b, last:window_end]
-            t = text_lens[b] - 1 if window.size(0) == 0 else int(window.argmax().item()) + last
+            window = rows[b, last:window_end]
+            t = text_lens[b] - 1 if window.shape[0] == 0 else int(window.argmax()) + last
             attended.append(t)
-            self.counters[b][t] = self.counters[b].get(t, 0) + 1
+            count = self.counters[b][t] = self.counters[b].get(t, 0) + 1
+            if count >= 10 and t + 1 > self.stuck_end[b]:
+                self.stuck_end[b] = t + 1
         self.last_attended = attended
         return attended
+
+    def _sync_stuck_end(self) -> None:
+        if len(self.stuck_end) != len(self.counters):  # counters set from outside: derive it once
+            self.stuck_end = [max((t + 1 for t, c in d.items() if c >= 10), default=0) for d in self.counters]
 
     def build_prior(self, rows: int, T_text: int, text_lens: list[int], attended: list[int], epsilon: float,
                     lookahead: int, end_indices: dict, device) -> torch.Tensor:
         """(rows, 1, T_text) prior for the next step; rows past the batch (CFG unconditional) stay epsilon."""
         # Built in numpy on the host (NeMo builds it with per-element torch indexing: the same float32 values,
         # epsilon rounded once, at a fraction of the cost), then copied to the device once.
+        self._sync_stuck_end()
         prior = np.full((rows, 1, T_text), np.float32(epsilon), dtype=np.float32)
         for b in range(len(text_lens)):
             n = text_lens[b]
@@ -142,9 +158,8 @@ class PriorState:
                 prior[b, 0, attended[b]] = 1.0
                 for i in range(1, lookahead + 1):
                     prior[b, 0, min(attended[b] + i, n - 1)] = 1.0
-            for t, count in self.counters[b].items():
-                if count >= 10:  # stuck on a position: suppress it and everything before it
-                    prior[b, 0, : t + 1] = np.float32(epsilon)
+            if self.stuck_end[b]:  # stuck on a position (>= 10 visits): suppress it and everything before it
+                prior[b, 0, : self.stuck_end[b]] = np.float32(epsilon)
             self.unfinished[b] = attended[b] < n - 3 and b not in end_indices
             if attended[b] >= n - 2 or b in end_indices:
                 self.finished_counter.setdefault(b, 0)
@@ -180,19 +195,29 @@ def forbidden_tokens(cfg, forbid_audio_eos: bool, device=None) -> torch.Tensor:
 _FORBIDDEN: dict = {}
 
 
-def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict,
-                    forbidden: torch.Tensor) -> torch.Tensor:
-    """NeMo's edits before sampling one codebook, in its order: EOS ban / force, forbidden specials, top-k (ties
-    kept). Edits ``lg`` (B, V), or (B, J, V) for J codebooks at once (every edit is per codebook row, so the values
-    are the same), in place like NeMo, and returns the top-k-masked logits."""
+def edit_logits(lg: torch.Tensor, cfg, unfinished: dict, finished: dict, forbidden: torch.Tensor) -> torch.Tensor:
+    """NeMo's edits before sampling one codebook, in its order: EOS ban for unfinished items, forced EOS for
+    finished ones, forbidden specials. Edits ``lg`` (B, V), or (B, J, V) for J codebooks at once (every edit is
+    per codebook row, so the values are the same), in place like NeMo, and returns it."""
     for b in unfinished:
         lg[b, ..., cfg.audio_eos_id] = float("-inf")
     for b in finished:
         lg[b, ...] = float("-inf")
         lg[b, ..., cfg.audio_eos_id] = 0.0
-    lg.masked_fill_(forbidden, float("-inf"))  # (V,) bool, from forbidden_tokens
+    return lg.masked_fill_(forbidden, float("-inf"))  # (V,) bool, from forbidden_tokens
+
+
+def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished: dict,
+                    forbidden: torch.Tensor) -> torch.Tensor:
+    """:func:`edit_logits` (in place), then top-k (ties kept): returns the top-k-masked logits."""
+    lg = edit_logits(lg, cfg, unfinished, finished, forbidden)
     kth = torch.topk(lg, topk, dim=-1)[0][..., -1:]
     return lg.masked_fill(lg < kth, float("-inf"))
+
+
+def _topk_probs(lg: torch.Tensor, kth: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax of the logits below the k-th largest masked out, at this temperature (NeMo's maths)."""
+    return torch.softmax(lg.masked_fill(lg < kth, float("-inf")) / temperature, dim=-1)
 
 
 def dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask):
@@ -204,21 +229,41 @@ def dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask):
             torch.cat([ctx_emb, torch.zeros_like(ctx_emb)]), torch.cat([ctx_mask, torch.ones_like(ctx_mask)]))
 
 
+def draw_codes(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``torch.multinomial(probs[:, j], 1)`` for j = 0, 1, ... in turn, for (B, J, V) probabilities -> (B, J),
+    without its host-side validity checks (two ``.item()`` syncs a call on a GPU).
+
+    ATen draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` of probs' shape. Each codebook's q is
+    still drawn by its own generator call on a contiguous (B, V) block, so the random numbers are those of J
+    multinomial calls on the CPU and on CUDA; the division and the argmax then run once for all J. Validity is
+    checked once a step instead (:func:`invalid_probabilities`, :func:`sample_step`).
+    """
+    B, J, V = probs.shape
+    q = torch.empty((J, B, V), dtype=probs.dtype, device=probs.device)
+    for j in range(J):
+        q[j].exponential_(1, generator=generator)
+    return (probs / q.transpose(0, 1)).argmax(dim=-1)
+
+
 def multinomial1(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``torch.multinomial(probs, 1)`` for (B, V) probabilities, without its host-side validity checks (two
-    ``.item()`` syncs a call on a GPU). ATen draws one sample as ``argmax(probs / q)`` with ``q ~ Exp(1)`` of
-    probs' shape from the same generator call: this is that, so the random numbers and the codes are the same on
-    the CPU and on CUDA. Validity is checked once a step instead (:func:`invalid_probabilities`)."""
-    q = torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(1, generator=generator)
-    return torch.div(probs, q, out=q).argmax(dim=-1, keepdim=True)
+    """``torch.multinomial(probs, 1)`` for (B, V) probabilities, sync-free (:func:`draw_codes`)."""
+    return draw_codes(probs.unsqueeze(1), generator)
 
 
 def invalid_probabilities(probs: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor on probs' device: True where ``torch.multinomial`` would refuse some row of these
     softmax outputs. A softmax gives values in [0, 1], or NaN for a row with +inf/NaN logits or no finite one,
-    so "some row does not sum to > 0" covers every refusal (NaN, Inf, < 0, zero sum) in three kernels.
+    so "some row does not sum to > 0" covers every refusal (NaN, Inf, < 0, zero sum).
     Read on the host with the step's other results, not here."""
-    return ~(probs.sum(dim=-1) > 0).all()
+    return ~(_min_row_sum(probs) > 0)
+
+
+def _min_row_sum(probs: torch.Tensor) -> torch.Tensor:
+    """0-dim: the smallest row sum, NaN if any row has a NaN (amin propagates it); > 0 exactly when valid."""
+    return probs.sum(dim=-1).amin()
+
+
+_INVALID_MSG = "probability tensor contains either inf, nan or element < 0 (non-finite logits?)"
 
 
 def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
@@ -227,22 +272,48 @@ def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfin
     """(B, C*V*S) logits -> (B, C, S) codes; one multinomial draw per codebook, in NeMo's order.
 
     The edits, top-k and softmax run on all codebooks at once (row-wise ops: the same values as NeMo's
-    per-codebook calls); the draws stay one call per codebook so the random stream is NeMo's. ``invalid``, if
-    given, receives :func:`invalid_probabilities` of this pass (else it is checked here, with a host sync).
+    per-codebook calls); the draws keep one generator call per codebook so the random stream is NeMo's.
+    ``invalid``, if given, receives :func:`invalid_probabilities` of this pass (else it is checked here, with a
+    host sync).
     """
     C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
     B = logits.shape[0]
     forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
-    lg = logits.reshape(B, S * C, V).clone()  # row j = c + C * s: NeMo's slice (c + C * s) * V
-    lg = restrict_logits(lg, cfg, topk, unfinished, finished, forbidden)
-    probs = torch.softmax(lg / temperature, dim=-1)
+    lg = edit_logits(logits.reshape(B, S * C, V).clone(), cfg, unfinished, finished, forbidden)  # row j = c + C*s
+    probs = _topk_probs(lg, torch.topk(lg, topk, dim=-1)[0][..., -1:], temperature)
     bad = invalid_probabilities(probs)
     if invalid is not None:
         invalid.append(bad)
     elif bool(bad):
-        raise InferenceError("probability tensor contains either inf, nan or element < 0 (non-finite logits?)")
-    codes = torch.cat([multinomial1(probs[:, j], generator) for j in range(S * C)], dim=1)  # (B, S*C)
-    return codes.view(B, S, C).transpose(1, 2)  # (B, C, S)
+        raise InferenceError(_INVALID_MSG)
+    return draw_codes(probs, generator).view(B, S, C).transpose(1, 2)  # (B, C, S)
+
+
+@dataclass
+class StepCodes:
+    sampled: torch.Tensor  # (B, C, S): the sampled pass
+    argmax: torch.Tensor  # (B, C, S): NeMo's "argmax" pass (temperature 0.01, top-1, still a multinomial draw)
+    valid: torch.Tensor  # (2,) bool on the device: each pass's probabilities were valid (read with the codes)
+
+
+def sample_step(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
+                forbid_audio_eos: bool, generator: Optional[torch.Generator] = None) -> StepCodes:
+    """NeMo's two sampling passes of a step, ``sample_codes(temperature, topk)`` then ``sample_codes(0.01, 1)``,
+    sharing what they compute alike: the two passes edit the same logits the same way, and top-1's threshold
+    is the first of top-k's sorted values (the row maximum, the same float). The draws are made in NeMo's order
+    (every codebook of the sampled pass, then every codebook of the argmax pass), so codes and generator state
+    equal the two separate calls'."""
+    C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
+    B = logits.shape[0]
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
+    lg = edit_logits(logits.reshape(B, S * C, V).clone(), cfg, unfinished, finished, forbidden)
+    top = torch.topk(lg, topk, dim=-1)[0]  # (B, S*C, topk), descending
+    probs = _topk_probs(lg, top[..., -1:], temperature)
+    probs_argmax = _topk_probs(lg, top[..., :1], 0.01)
+    valid = torch.stack([_min_row_sum(probs), _min_row_sum(probs_argmax)]) > 0
+    sampled = draw_codes(probs, generator).view(B, S, C).transpose(1, 2)
+    argmax = draw_codes(probs_argmax, generator).view(B, S, C).transpose(1, 2)
+    return StepCodes(sampled, argmax, valid)
 
 
 def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, topk: int, unfinished: dict,
@@ -459,17 +530,18 @@ def infer_batch(
             finished = {k: v for k, v in prior_state.finished_counter.items() if v >= 20}
             unfinished = {k: v for k, v in prior_state.unfinished.items() if v}
         forbid_eos = idx * S < p.min_generated_frames
-        invalid: list[torch.Tensor] = []
         if use_local_transformer_for_inference:
             codes_next = sample_local_transformer(model, dec[:, -1, :], p.temperature, p.topk, unfinished, finished,
                                                   use_cfg, p.cfg_scale, p.use_LT_kv_cache, forbid_eos)
+            invalid: list[torch.Tensor] = []
+            codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos, invalid=invalid)
+            valid = ~invalid[0].reshape(1)
         else:
-            codes_next = sample_codes(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos,
-                                      invalid=invalid)
-        codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos, invalid=invalid)
+            both = sample_step(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
+            codes_next, codes_argmax, valid = both.sampled, both.argmax, both.valid
         # One device-to-host copy for both passes' codes and the validity flags (a GPU sync each otherwise).
-        host = torch.cat([codes_argmax.reshape(-1), codes_next.reshape(-1), torch.stack(invalid).long()]).cpu()
-        if host[2 * codes_next.numel() :].any():
+        host = torch.cat([codes_argmax.reshape(-1), codes_next.reshape(-1), valid.long()]).cpu()
+        if not host[2 * codes_next.numel() :].all():
             raise InferenceError(f"step {idx}: the sampling probabilities contain NaN, Inf or negative values "
                                  "(non-finite logits?); torch.multinomial would refuse them")
         eos_argmax = find_eos(host[: codes_next.numel()].view(codes_argmax.shape), cfg.audio_eos_id, detection)

@@ -254,3 +254,111 @@ def test_sampler_equals_the_per_codebook_loop(data, B, C, S, V, seed, forbid_eos
     got = sample_codes(logits, cfg, temperature, topk, unfinished, finished, forbid_eos, generator=g1)
     assert torch.equal(got, per_codebook(g2))
     assert torch.equal(torch.rand(2, generator=g1), torch.rand(2, generator=g2))
+
+
+def _sampler_cfg(C, V, S):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_audio_codebooks=C, num_all_tokens_per_codebook=V, frame_stacking_factor=S,
+                           codebook_size=V - 8, audio_eos_id=V - 7)
+
+
+def _two_passes_equal_sample_step(logits, cfg, temperature, topk, unfinished, finished, forbid_eos, make_gen):
+    """NeMo's step makes two sample_codes calls (sampled, then argmax = temperature 0.01, top-1); sample_step
+    must give the same codes, flag the same validity and leave the generator where they leave it."""
+    from reference.inference import sample_codes, sample_step
+
+    g1, g2 = make_gen(), make_gen()
+    invalid: list = []
+    want_next = sample_codes(logits, cfg, temperature, topk, unfinished, finished, forbid_eos, generator=g1,
+                             invalid=invalid)
+    want_argmax = sample_codes(logits, cfg, 0.01, 1, unfinished, finished, forbid_eos, generator=g1, invalid=invalid)
+    got = sample_step(logits, cfg, temperature, topk, unfinished, finished, forbid_eos, generator=g2)
+    assert torch.equal(got.valid.cpu(), ~torch.stack(invalid).cpu())
+    if bool(got.valid.all()):  # with invalid probabilities the draws are garbage on both sides: never used
+        assert torch.equal(got.sampled, want_next)
+        assert torch.equal(got.argmax, want_argmax)
+    assert torch.equal(torch.rand(3, generator=g1, device=logits.device), torch.rand(3, generator=g2, device=logits.device))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), B=st.integers(1, 4), C=st.integers(1, 4), S=st.integers(1, 2), V=st.integers(10, 60),
+       seed=st.integers(0, 2**31 - 1), forbid_eos=st.booleans())
+def test_sample_step_equals_the_two_sampling_passes(data, B, C, S, V, seed, forbid_eos):
+    """The shared-work step sampler (one edit, one top-k, 2 x C*S draws) equals NeMo's two separate passes for
+    random logits, item sets, top-k and temperature, ties included (logits rounded to a coarse grid)."""
+    cfg = _sampler_cfg(C, V, S)
+    topk = data.draw(st.integers(1, V - 8))
+    temperature = data.draw(st.floats(0.05, 2.0))
+    unfinished = {b: True for b in data.draw(st.sets(st.integers(0, B - 1)))}
+    finished = {b: 20 for b in data.draw(st.sets(st.integers(0, B - 1)))}
+    # scale 0.02: logits within a few hundredths, so the argmax pass (temperature 0.01) draws more than the maximum
+    scale = data.draw(st.sampled_from([3.0, 0.02]))
+    logits = torch.randn(B, C * V * S, generator=torch.Generator().manual_seed(seed)) * scale
+    if data.draw(st.booleans()):
+        logits = (logits / scale).round() * scale  # many equal logits: ties at the k-th value and at the maximum
+    _two_passes_equal_sample_step(logits, cfg, temperature, topk, unfinished, finished, forbid_eos,
+                                  lambda: torch.Generator().manual_seed(seed + 1))
+
+
+@pytest.mark.gpu
+def test_sample_step_and_draws_equal_torch_multinomial_on_cuda():
+    """On CUDA too (Philox offsets follow each call's size): the per-codebook draws of draw_codes equal
+    torch.multinomial call by call, and sample_step equals the two passes, at the seed benchmark's sizes."""
+    from reference.inference import draw_codes
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for B, C, V in ((64, 8, 2024), (3, 4, 40)):
+        cfg = _sampler_cfg(C, V, 1)
+        logits = torch.randn(B, C * V, generator=g, device=dev) * 3
+        kth = torch.topk(logits.view(B, C, V), 80 if V > 80 else 5, dim=-1)[0][..., -1:]
+        probs = torch.softmax(logits.view(B, C, V).masked_fill(logits.view(B, C, V) < kth, float("-inf")) / 0.7, -1)
+        g1, g2 = (torch.Generator(device=dev).manual_seed(B) for _ in range(2))
+        want = torch.cat([torch.multinomial(probs[:, j], 1, generator=g1) for j in range(C)], dim=1)
+        assert torch.equal(draw_codes(probs, g2), want)
+        assert torch.equal(torch.rand(5, generator=g1, device=dev), torch.rand(5, generator=g2, device=dev))
+        _two_passes_equal_sample_step(logits, cfg, 0.7, 80 if V > 80 else 5, {0: True}, {}, False,
+                                      lambda: torch.Generator(device=dev).manual_seed(7))
+
+
+def _naive_prior(counters, attended, text_lens, T_text, epsilon, lookahead):
+    """NeMo's construct_inference_prior, loop for loop: the window around the attended position, then every
+    position counted >= 10 times suppresses the prior up to and including itself."""
+    prior = torch.full((len(counters), T_text), epsilon, dtype=torch.float32)
+    for b, d in enumerate(counters):
+        n, a = text_lens[b], attended[b]
+        if n <= 5:
+            prior[b, :] = 1.0
+        else:
+            prior[b, max(1, a - 1)] = 1.0
+            prior[b, a] = 1.0
+            for i in range(1, lookahead + 1):
+                prior[b, min(a + i, n - 1)] = 1.0
+        for t, count in d.items():
+            if count >= 10:
+                prior[b, : t + 1] = epsilon
+    return prior
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 4), n=st.integers(8, 24), steps=st.integers(1, 60), seed=st.integers(0, 2**31 - 1),
+       split=st.integers(0, 60))
+def test_prior_state_stuck_positions_equal_nemos_counter_loop(B, n, steps, seed, split):
+    """PriorState keeps 'the last position visited >= 10 times' as the counters grow instead of looping over all
+    counters each step; the prior it builds suppresses the same positions as NeMo's loop, including when the
+    counters were filled from outside (a state copied mid-run)."""
+    from reference.inference import PriorState
+
+    g = torch.Generator().manual_seed(seed)
+    st_ = PriorState.new(B)
+    text_lens = [n] * B
+    for i in range(steps):
+        if i == split:  # a state rebuilt from its counters mid-run derives the same marks
+            st_ = PriorState(list(st_.last_attended), [dict(d) for d in st_.counters])
+        scores = torch.rand(B, n, generator=g)
+        scores[:, : n // 3] += 2 * (torch.rand(B, 1, generator=g) > 0.5)  # often stuck near the start
+        attended = st_.most_attended(scores, text_lens, 3)
+        prior = st_.build_prior(B, n, text_lens, attended, 1e-3, 3, {}, "cpu")[:, 0]
+        assert torch.equal(prior, _naive_prior(st_.counters, attended, text_lens, n, 1e-3, 3))
+        assert st_.stuck_end == [max((t + 1 for t, c in d.items() if c >= 10), default=0) for d in st_.counters]

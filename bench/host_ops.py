@@ -1,0 +1,81 @@
+"""Host-side cost of the eager reference's decode step, measured on the CPU without a GPU.
+
+The eager step on the lent H100 is bound by the host (run I: 3.4 ms of kernels in a ~10.9 ms step), so its time
+follows the number of ops the loop dispatches. This runs the seed workload's *shape* (12 decoder layers, 8 x 2024
+codes, 64 requests with CFG = 128 rows, prior on, top-k 80) with tiny widths on the CPU, where each op costs about
+its dispatch, and prints the ops per decode step by name and the wall time per step. A change that removes ops
+shows up here before device time is spent on it.
+
+    python bench/host_ops.py [--steps 24] [--width 16] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.seed_benchmark import PARAMS, T_CTX_FRAMES, T_TEXT, seed_config  # noqa: E402
+from reference.model import MagpieTTS  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24, help="decode steps per run (the first 4 are not counted)")
+    ap.add_argument("--width", type=int, default=16, help="d_model of the tiny model (seed: 768)")
+    ap.add_argument("--rows", type=int, default=64, help="requests per batch (x2 rows with CFG)")
+    ap.add_argument("--top", type=int, default=25, help="op names listed")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # dispatch cost, not the CPU's parallel maths
+    d = a.width
+    cfg = seed_config()
+    narrow = dict(d_model=d, d_ffn=2 * d, sa_n_heads=2)
+    cfg = dataclasses.replace(cfg, d_model=d, encoder=dataclasses.replace(cfg.encoder, **narrow),
+                              decoder=dataclasses.replace(cfg.decoder, xa_d_memory=d, xa_d_head=d, **narrow))
+    model = MagpieTTS(cfg).eval()
+    T_text, T_ctx, B = T_TEXT, T_CTX_FRAMES, a.rows
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, cfg.num_text_tokens - 2, (B, T_text), generator=g)
+    text[:, -1] = cfg.text_eos_id
+    req = {"text": text, "text_lens": torch.full((B,), T_text),
+           "context_audio_codes": torch.randint(0, cfg.codebook_size, (B, cfg.num_audio_codebooks, T_ctx), generator=g),
+           "context_audio_codes_lens": torch.full((B,), T_ctx)}
+    kw = dict(use_cfg=True, use_kv_cache=True, **dict(PARAMS, max_decoder_steps=a.steps))
+
+    def run(steps):
+        t = time.perf_counter()
+        out = model.infer_batch(req, **dict(kw, max_decoder_steps=steps))
+        return time.perf_counter() - t, out
+
+    run(4)
+    t_short = min(run(4)[0] for _ in range(3))
+    t_long, out = min((run(a.steps) for _ in range(3)), key=lambda r: r[0])
+    n = out.num_steps - 4
+    ms = (t_long - t_short) / n * 1e3
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = collections.Counter()
+    for steps, sign in ((a.steps, 1), (4, -1)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(steps)
+        for e in prof.events():
+            if e.name.startswith("aten::") and e.cpu_parent is None:  # top-level ops: one dispatch each
+                counts[e.name] += sign
+    total = sum(counts.values())
+    print(f"rows {2 * B}, width {d}, {n} decode steps counted: {ms:.2f} ms/step on the CPU (1 thread), "
+          f"{total / n:.1f} top-level aten ops/step")
+    for name, c in counts.most_common(a.top):
+        print(f"  {c / n:8.1f}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
