@@ -48,11 +48,12 @@ def main(argv=None) -> int:
     req = {"text": text, "text_lens": torch.full((B,), T_text),
            "context_audio_codes": torch.randint(0, cfg.codebook_size, (B, cfg.num_audio_codebooks, T_ctx), generator=g),
            "context_audio_codes_lens": torch.full((B,), T_ctx)}
-    kw = dict(use_cfg=True, use_kv_cache=True, **dict(PARAMS, max_decoder_steps=a.steps))
+    # EOS forbidden throughout: every run decodes all its steps, so the two runs differ by exactly steps - 4
+    kw = dict(use_cfg=True, use_kv_cache=True, **PARAMS)
 
     def run(steps):
         t = time.perf_counter()
-        out = model.infer_batch(req, **dict(kw, max_decoder_steps=steps))
+        out = model.infer_batch(req, **dict(kw, max_decoder_steps=steps, min_generated_frames=steps))
         return time.perf_counter() - t, out
 
     run(4)

@@ -387,6 +387,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer batches and steps (smoke test)")
     ap.add_argument("--parity-steps", type=int, default=96)
     ap.add_argument("--eager-steps", type=int, default=None, help="default: all 480")
+    ap.add_argument("--eager-reps", type=int, default=3, help="runs of each eager dtype (eager2 part), interleaved")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="only merge the results.json of these earlier runs into one table under --out")
     ap.add_argument("--nemo-steps", default="1,80,160,240,320,400,478")
     ap.add_argument("--skip-nemo", action="store_true")
     ap.add_argument("--opt-only", default="", help="comma-separated labels of OPT_VARIANTS to time (default all)")
@@ -402,6 +405,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if a.merge:
+        return merge_results([Path(d) for d in a.merge], out_dir)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if a.cpu_smoke:  # a tiny model and workload, to check the script without a GPU
@@ -435,21 +440,19 @@ def main(argv=None) -> int:
     import gc
 
     main_dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-    try:
-        if "fast" not in parts:
-            raise RuntimeError("not asked for")
-        # the best configuration measured (NOTES-fast.md): split-KV Triton attention + compiled layer work
-        if DEV == "cuda":
-            fd = time_fast(model, reqs, main_dt, "triton", n_batches, "fast bf16 triton+compile", res["fast"], bw,
-                           T_TEXT, compile=True)
-        else:
-            fd = time_fast(model, reqs, main_dt, "auto", n_batches, "fast", res["fast"], bw, T_TEXT)
-        del fd
-    except Exception as e:
-        import traceback
+    if "fast" in parts:
+        try:
+            # the best configuration measured (NOTES-fast.md): split-KV Triton attention + compiled layer work
+            if DEV == "cuda":
+                time_fast(model, reqs, main_dt, "triton", n_batches, "fast bf16 triton+compile", res["fast"], bw,
+                          T_TEXT, compile=True)
+            else:
+                time_fast(model, reqs, main_dt, "auto", n_batches, "fast", res["fast"], bw, T_TEXT)
+        except Exception as e:
+            import traceback
 
-        traceback.print_exc()
-        print(f"[fail] fast bf16: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+            print(f"[fail] fast bf16: {type(e).__name__}: {e}", flush=True)
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -642,38 +645,58 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
 
 
 def run_eager2(a, model, reqs, res, bw, t0):
-    """Eager cached reference in fp32 and bf16 (same call), 480 steps each, then where a bf16 step's time goes."""
+    """Eager cached reference in fp32 and bf16, 480 steps a run, ``--eager-reps`` runs of each interleaved
+    (fp32, bf16, fp32, ...): the host-bound step drifts with the lent host by tens of percent within minutes, so
+    the table gives the median and the range. Then where a bf16 step's time goes (profiled)."""
     from reference.semantics import Semantics
 
     steps = (a.eager_steps or N_FRAMES) if not a.quick else 32
-    ekw = dict(use_cfg=True, use_kv_cache=True, **dict(PARAMS, max_decoder_steps=steps))
+    base = dict(use_cfg=True, use_kv_cache=True, **dict(PARAMS, max_decoder_steps=steps))
     res["eager2"] = {}
-    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    import gc
+
+    if os.environ.get("EAGER_GC") == "freeze":  # round 6's experiment: every object so far out of the collector's sight
+        gc.collect()
+        gc.freeze()
+    print(f"[eager2] python objects tracked by gc: {len(gc.get_objects())}, modules: {len(sys.modules)}", flush=True)
+    # the eager reference runs in reduced precision through its semantics; the bf16 copy is made per call, in both
+    # the 4-step and the full run, so it cancels in the per-step time
+    kws = {name: dict(base, semantics=Semantics(dtype=name)) for name in ("float32", "bfloat16")}
+    runs: dict[str, list] = {name: [] for name in kws}
+    t_short = {}
+    for name, kw in kws.items():
         try:
-            # the eager reference runs in reduced precision through its semantics; the bf16 copy is made per call,
-            # in both the 4-step and the full run, so it cancels in the per-step time
-            m = model
-            ekw["semantics"] = Semantics(dtype=name)
-            m.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4))
-            t_short = statistics.median([timed(lambda: m.infer_batch(reqs[1], **dict(ekw, max_decoder_steps=4)))[0]
-                                         for _ in range(2)])
-            t_e, eo = timed(lambda: m.infer_batch(reqs[0], **ekw))
-            e_ms = (t_e - t_short) / max(1, eo.num_steps - 4) * 1e3
-            fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (eo.num_steps - 1) / 2, 4 if dt == torch.float32 else 2, T_TEXT)
-            r = {"ms_per_step": e_ms, "steps_run": eo.num_steps, "batch_s": t_e, "frames_per_s": BATCH / (e_ms / 1e3),
-                 "gbps": fb["total"] / (e_ms / 1e3) / 1e9, "floor_ms": fb["total"] / (bw * 1e9) * 1e3}
-            r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
-            if dt == torch.bfloat16 and DEV == "cuda":
-                r["split"] = eager_split(m, reqs[0], 48, ekw["semantics"])
-                print(r["split"].pop("kernels_table"), flush=True)
-            res["eager2"][name] = r
-            print(f"[eager2] {name} cached: {e_ms:.2f} ms/step over {eo.num_steps} steps, {r['x_realtime']:.0f}x real time; "
-                  f"{r.get('split', '')}", flush=True)
+            model.infer_batch(reqs[1], **dict(kw, max_decoder_steps=4))
+            t_short[name] = statistics.median(
+                [timed(lambda: model.infer_batch(reqs[1], **dict(kw, max_decoder_steps=4)))[0] for _ in range(2)])
         except Exception as e:
             import traceback
 
             traceback.print_exc()
             print(f"[fail] eager2 {name}: {type(e).__name__}: {e}", flush=True)
+    for rep in range(max(1, a.eager_reps)):
+        for name, kw in kws.items():
+            if name not in t_short:
+                continue
+            t_e, eo = timed(lambda: model.infer_batch(reqs[0], **kw))
+            runs[name].append(((t_e - t_short[name]) / max(1, eo.num_steps - 4) * 1e3, eo.num_steps, t_e))
+            print(f"[eager2] {name} rep {rep + 1}: {runs[name][-1][0]:.2f} ms/step", flush=True)
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if not runs[name]:
+            continue
+        ms = [r[0] for r in runs[name]]
+        e_ms, n_steps = statistics.median(ms), runs[name][0][1]
+        fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (n_steps - 1) / 2, 4 if dt == torch.float32 else 2, T_TEXT)
+        r = {"ms_per_step": e_ms, "ms_per_step_runs": ms, "steps_run": n_steps, "batch_s": runs[name][0][2],
+             "frames_per_s": BATCH / (e_ms / 1e3), "gbps": fb["total"] / (e_ms / 1e3) / 1e9,
+             "floor_ms": fb["total"] / (bw * 1e9) * 1e3}
+        r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
+        if dt == torch.bfloat16 and DEV == "cuda":
+            r["split"] = eager_split(model, reqs[0], 48, kws[name]["semantics"])
+            print(r["split"].pop("kernels_table"), flush=True)
+        res["eager2"][name] = r
+        print(f"[eager2] {name} cached: {e_ms:.2f} ms/step (median of {len(ms)}: {', '.join(f'{x:.2f}' for x in ms)}) "
+              f"over {n_steps} steps, {r['x_realtime']:.0f}x real time; {r.get('split', '')}", flush=True)
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
 
@@ -698,6 +721,8 @@ def eager_split(m, req, steps: int, semantics=None) -> dict:
         setattr(obj, name, g)
 
     wrap(inf, "sample_codes", "host:sample_codes")
+    if hasattr(inf, "sample_step"):  # both sampling passes of a step (third session on)
+        wrap(inf, "sample_step", "host:sample_step")
     wrap(inf, "find_eos", "host:find_eos")
     wrap(inf.PriorState, "most_attended", "host:prior.most_attended")
     wrap(inf.PriorState, "build_prior", "host:prior.build_prior")
@@ -720,18 +745,39 @@ def eager_split(m, req, steps: int, semantics=None) -> dict:
     host = {}
     syncs = 0
     sync_us = 0.0
+    sync_from: dict[str, int] = {}
     for e in ev:
         if e.name.startswith("host:"):
             host[e.name[5:]] = host.get(e.name[5:], 0.0) + e.cpu_time_total / 1e3 / n
         if e.device_type == DeviceType.CPU and e.name in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize"):
             syncs += 1
             sync_us += e.time_range.elapsed_us()
+            # which op asked for it (the runtime call's enclosing aten op, if any), per step
+            parent = e.cpu_parent.name if e.cpu_parent is not None else "(no op)"
+            sync_from[f"{e.name} <- {parent}"] = sync_from.get(f"{e.name} <- {parent}", 0) + 1
     kernels = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     return {"kernels_table": kernels,
             "steps": n, "wall_ms_per_step_profiled": wall * 1e3 / n, "gpu_kernel_ms_per_step": gpu_us / 1e3 / n,
             "host_ms_per_step_in": host, "memcpy_sync_calls_per_step": syncs / n, "memcpy_sync_ms_per_step": sync_us / 1e3 / n,
+            "memcpy_sync_per_step_by_caller": {k: round(v / n, 2) for k, v in sorted(sync_from.items(), key=lambda kv: -kv[1])},
             "cuda_kernels_per_step": sum(1 for e in ev if e.device_type == DeviceType.CUDA
                                          and not e.name.startswith("host:")) / n}
+
+
+def merge_results(dirs: list[Path], out_dir: Path) -> int:
+    """One table from runs made in separate processes (gpu_check.sh times the eager reference in a fresh one):
+    later runs add their parts; their fast rows are appended."""
+    res: dict = {}
+    for d in dirs:
+        part = json.loads((d / "results.json").read_text())
+        fast = res.get("fast", []) + part.pop("fast", [])
+        res.update(part)
+        res["fast"] = fast
+    table = render_table(res)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out_dir / "table.md").write_text(table)
+    print(table)
+    return 0
 
 
 def render_table(res: dict) -> str:
@@ -753,9 +799,13 @@ def render_table(res: dict) -> str:
                      f"{e['x_realtime']:.0f} | {e['gbps']:.0f} | {e['ms_per_step']/e['floor_ms']:.1f} | 1 batch, "
                      f"{e['steps_run']} steps |")
     for name, e in (res.get("eager2") or {}).items():
+        ms = e.get("ms_per_step_runs") or [e["ms_per_step"]]
+        xrt = lambda t: e["x_realtime"] * e["ms_per_step"] / t  # noqa: E731  (frames per step fixed)
+        spread = (f"median of {len(ms)} runs ({min(ms):.2f}-{max(ms):.2f} ms/step = {xrt(max(ms)):.0f}-{xrt(min(ms)):.0f}x)"
+                  if len(ms) > 1 else "1 run")
         lines.append(f"| eager reference, cached | {name} | {e['ms_per_step']:.2f} | {e['frames_per_s']:.0f} | "
-                     f"{e['x_realtime']:.0f} | {e['gbps']:.0f} | {e['ms_per_step']/e['floor_ms']:.1f} | 1 batch, "
-                     f"{e['steps_run']} steps |")
+                     f"{e['x_realtime']:.0f} | {e['gbps']:.0f} | {e['ms_per_step']/e['floor_ms']:.1f} | 1 batch x "
+                     f"{e['steps_run']} steps, {spread} |")
     for r in res["fast"] + res.get("opt", []):
         vs = f", {nemo_ms / r['ms_per_step']:.0f}x NeMo fp32" if nemo_ms else ""
         lines.append(f"| {r['label']} ({r['attn_impl']}) | {r['dtype']} | {r['ms_per_step']:.3f} | {r['frames_per_s']:.0f} | "
