@@ -462,6 +462,18 @@ def infer_batch(
     end_indices: dict[int, int] = {}
     predictions: list[torch.Tensor] = []
     out = InferOutput(torch.empty(0), torch.empty(0), 0)
+    def next_prior(scores_host: torch.Tensor, idx: int) -> torch.Tensor:
+        """NeMo's prior bookkeeping after step idx -> the prior of step idx + 1."""
+        attended = prior_state.most_attended(scores_host, text_lens, p.attention_prior_lookahead_window)
+        out.attended_text_positions.append(attended)
+        out.attended_by_step[idx] = list(attended)
+        built = prior_state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
+                                        p.attention_prior_lookahead_window, end_indices, device)
+        if prior_kind == "kernel":
+            built = sem_mod.kernel_prior_rows(rows, T_text, attended, kp, device)
+        out.built_priors[idx] = built
+        return built
+
     steps = range(max_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -513,17 +525,19 @@ def infer_batch(
         if keep_logits:
             out.step_logits.append(logits_t.clone())
 
-        if p.apply_attention_prior and idx >= p.start_prior_after_n_audio_steps:
-            # One device-to-host copy a step; the per-item bookkeeping below then runs on host tensors (no sync per item).
-            scores = cross_attention_scores(probs, p.estimate_alignment_from_layers).cpu()
-            attended = prior_state.most_attended(scores, text_lens, p.attention_prior_lookahead_window)
-            out.attended_text_positions.append(attended)
-            out.attended_by_step[idx] = list(attended)
-            prior = prior_state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
-                                            p.attention_prior_lookahead_window, end_indices, device)
-            if prior_kind == "kernel":
-                prior = sem_mod.kernel_prior_rows(rows, T_text, attended, kp, device)
-            out.built_priors[idx] = prior
+        prior_due = p.apply_attention_prior and idx >= p.start_prior_after_n_audio_steps
+        scores_host = None
+        if prior_due:
+            # The per-item bookkeeping runs on a host copy of the scores (no sync per item). With sentence tracking
+            # this step's sampling depends on it, so it is read now (a sync). Without (NeMo's default) the sampling
+            # does not, so the copy is queued and read with the codes' copy below: one sync a step, and the host
+            # launches the sampling while the GPU is still finishing the decoder. The bookkeeping itself still
+            # runs before this step's EOS detection, as in NeMo.
+            scores = cross_attention_scores(probs, p.estimate_alignment_from_layers)
+            if p.ignore_finished_sentence_tracking:
+                scores_host = scores.to("cpu", non_blocking=True)  # pinned on CUDA: ready after the sync below
+            else:
+                prior = next_prior(scores.cpu(), idx)
         if p.ignore_finished_sentence_tracking:
             finished, unfinished = {}, {}
         else:
@@ -544,6 +558,8 @@ def infer_batch(
         if not host[2 * codes_next.numel() :].all():
             raise InferenceError(f"step {idx}: the sampling probabilities contain NaN, Inf or negative values "
                                  "(non-finite logits?); torch.multinomial would refuse them")
+        if scores_host is not None:
+            prior = next_prior(scores_host, idx)
         eos_argmax = find_eos(host[: codes_next.numel()].view(codes_argmax.shape), cfg.audio_eos_id, detection)
         eos_sampled = find_eos(host[codes_next.numel() : 2 * codes_next.numel()].view(codes_next.shape),
                                cfg.audio_eos_id, detection)
