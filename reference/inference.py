@@ -436,7 +436,7 @@ def infer_batch(
     sampling_type, detection = EOS_METHODS[p.eos_detection_method]
 
     text_lens_t = batch["text_lens"]
-    text_lens = [int(n) for n in text_lens_t]
+    text_lens = [int(n) for n in text_lens_t.tolist()]  # one device read, not one per item
     B = len(text_lens)
     enc = encoder_output if encoder_output is not None else sem_mod.encode_text(model, batch["text"], text_lens_t, sem)
     ctx_emb, ctx_mask = model.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])

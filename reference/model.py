@@ -554,8 +554,8 @@ class MagpieTTS(nn.Module):
         lens = lens + num_bos
         codes = F.pad(codes, (0, 1), value=0)
         lens = lens + 1
-        for b in range(codes.shape[0]):
-            codes[b, :, lens[b] - 1] = eos
+        for b, n in enumerate(lens.tolist()):  # one device read, not one per item
+            codes[b, :, n - 1] = eos
         return codes, lens
 
     def context_embedding(self, context_codes: torch.Tensor, context_lens: torch.Tensor):
