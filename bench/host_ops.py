@@ -26,6 +26,52 @@ from bench.seed_benchmark import PARAMS, T_CTX_FRAMES, T_TEXT, seed_config  # no
 from reference.model import MagpieTTS  # noqa: E402
 
 
+def count_step_ops(steps: int = 24, width: int = 16, rows: int = 64) -> tuple[float, int, collections.Counter]:
+    """-> (CPU ms per decode step, decode steps counted, top-level ATen calls over those steps by name).
+
+    The counted steps are the difference between a run of ``steps`` and one of 4 steps (encoder, prefill and the
+    first steps cancel); EOS is forbidden throughout so that both runs decode every step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # dispatch cost, not the CPU's parallel maths
+    try:
+        torch.manual_seed(0)
+        cfg = seed_config()
+        narrow = dict(d_model=width, d_ffn=2 * width, sa_n_heads=2)
+        cfg = dataclasses.replace(cfg, d_model=width, encoder=dataclasses.replace(cfg.encoder, **narrow),
+                                  decoder=dataclasses.replace(cfg.decoder, xa_d_memory=width, xa_d_head=width, **narrow))
+        model = MagpieTTS(cfg).eval()
+        g = torch.Generator().manual_seed(0)
+        text = torch.randint(0, cfg.num_text_tokens - 2, (rows, T_TEXT), generator=g)
+        text[:, -1] = cfg.text_eos_id
+        req = {"text": text, "text_lens": torch.full((rows,), T_TEXT),
+               "context_audio_codes": torch.randint(0, cfg.codebook_size, (rows, cfg.num_audio_codebooks, T_CTX_FRAMES),
+                                                    generator=g),
+               "context_audio_codes_lens": torch.full((rows,), T_CTX_FRAMES)}
+        kw = dict(use_cfg=True, use_kv_cache=True, **PARAMS)
+
+        def run(n):
+            t = time.perf_counter()
+            out = model.infer_batch(req, **dict(kw, max_decoder_steps=n, min_generated_frames=n))
+            return time.perf_counter() - t, out
+
+        run(4)
+        t_short = min(run(4)[0] for _ in range(3))
+        t_long, out = min((run(steps) for _ in range(3)), key=lambda r: r[0])
+        n = out.num_steps - 4
+        from torch.profiler import ProfilerActivity, profile
+
+        counts: collections.Counter = collections.Counter()
+        for n_run, sign in ((steps, 1), (4, -1)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(n_run)
+            for e in prof.events():
+                if e.name.startswith("aten::") and e.cpu_parent is None:  # top-level ops: one dispatch each
+                    counts[e.name] += sign
+        return (t_long - t_short) / n * 1e3, n, counts
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24, help="decode steps per run (the first 4 are not counted)")
@@ -33,46 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=64, help="requests per batch (x2 rows with CFG)")
     ap.add_argument("--top", type=int, default=25, help="op names listed")
     a = ap.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # dispatch cost, not the CPU's parallel maths
-    d = a.width
-    cfg = seed_config()
-    narrow = dict(d_model=d, d_ffn=2 * d, sa_n_heads=2)
-    cfg = dataclasses.replace(cfg, d_model=d, encoder=dataclasses.replace(cfg.encoder, **narrow),
-                              decoder=dataclasses.replace(cfg.decoder, xa_d_memory=d, xa_d_head=d, **narrow))
-    model = MagpieTTS(cfg).eval()
-    T_text, T_ctx, B = T_TEXT, T_CTX_FRAMES, a.rows
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(0, cfg.num_text_tokens - 2, (B, T_text), generator=g)
-    text[:, -1] = cfg.text_eos_id
-    req = {"text": text, "text_lens": torch.full((B,), T_text),
-           "context_audio_codes": torch.randint(0, cfg.codebook_size, (B, cfg.num_audio_codebooks, T_ctx), generator=g),
-           "context_audio_codes_lens": torch.full((B,), T_ctx)}
-    # EOS forbidden throughout: every run decodes all its steps, so the two runs differ by exactly steps - 4
-    kw = dict(use_cfg=True, use_kv_cache=True, **PARAMS)
-
-    def run(steps):
-        t = time.perf_counter()
-        out = model.infer_batch(req, **dict(kw, max_decoder_steps=steps, min_generated_frames=steps))
-        return time.perf_counter() - t, out
-
-    run(4)
-    t_short = min(run(4)[0] for _ in range(3))
-    t_long, out = min((run(a.steps) for _ in range(3)), key=lambda r: r[0])
-    n = out.num_steps - 4
-    ms = (t_long - t_short) / n * 1e3
-    from torch.profiler import ProfilerActivity, profile
-
-    counts = collections.Counter()
-    for steps, sign in ((a.steps, 1), (4, -1)):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run(steps)
-        for e in prof.events():
-            if e.name.startswith("aten::") and e.cpu_parent is None:  # top-level ops: one dispatch each
-                counts[e.name] += sign
-    total = sum(counts.values())
-    print(f"rows {2 * B}, width {d}, {n} decode steps counted: {ms:.2f} ms/step on the CPU (1 thread), "
-          f"{total / n:.1f} top-level aten ops/step")
+    ms, n, counts = count_step_ops(a.steps, a.width, a.rows)
+    print(f"rows {2 * a.rows}, width {a.width}, {n} decode steps counted: {ms:.2f} ms/step on the CPU (1 thread), "
+          f"{sum(counts.values()) / n:.1f} top-level aten ops/step")
     for name, c in counts.most_common(a.top):
         print(f"  {c / n:8.1f}  {name}")
     return 0
