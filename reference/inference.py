@@ -215,6 +215,13 @@ def restrict_logits(lg: torch.Tensor, cfg, topk: int, unfinished: dict, finished
     return lg.masked_fill(lg < kth, float("-inf"))
 
 
+def _edited_logits(logits: torch.Tensor, cfg, unfinished: dict, finished: dict, forbid_audio_eos: bool) -> torch.Tensor:
+    """(B, C*V*S) logits -> an edited copy (B, S*C, V); row j = c + C*s is NeMo's slice (c + C*s) * V."""
+    C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
+    return edit_logits(logits.reshape(logits.shape[0], S * C, V).clone(), cfg, unfinished, finished, forbidden)
+
+
 def _topk_probs(lg: torch.Tensor, kth: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax of the logits below the k-th largest masked out, at this temperature (NeMo's maths)."""
     return torch.softmax(lg.masked_fill(lg < kth, float("-inf")) / temperature, dim=-1)
@@ -263,9 +270,6 @@ def _min_row_sum(probs: torch.Tensor) -> torch.Tensor:
     return probs.sum(dim=-1).amin()
 
 
-_INVALID_MSG = "probability tensor contains either inf, nan or element < 0 (non-finite logits?)"
-
-
 def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
                  forbid_audio_eos: bool, generator: Optional[torch.Generator] = None,
                  invalid: Optional[list] = None) -> torch.Tensor:
@@ -276,16 +280,14 @@ def sample_codes(logits: torch.Tensor, cfg, temperature: float, topk: int, unfin
     ``invalid``, if given, receives :func:`invalid_probabilities` of this pass (else it is checked here, with a
     host sync).
     """
-    C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
-    B = logits.shape[0]
-    forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
-    lg = edit_logits(logits.reshape(B, S * C, V).clone(), cfg, unfinished, finished, forbidden)  # row j = c + C*s
+    B, S, C = logits.shape[0], cfg.frame_stacking_factor, cfg.num_audio_codebooks
+    lg = _edited_logits(logits, cfg, unfinished, finished, forbid_audio_eos)
     probs = _topk_probs(lg, torch.topk(lg, topk, dim=-1)[0][..., -1:], temperature)
     bad = invalid_probabilities(probs)
     if invalid is not None:
         invalid.append(bad)
     elif bool(bad):
-        raise InferenceError(_INVALID_MSG)
+        raise InferenceError("probability tensor contains either inf, nan or element < 0 (non-finite logits?)")
     return draw_codes(probs, generator).view(B, S, C).transpose(1, 2)  # (B, C, S)
 
 
@@ -303,10 +305,8 @@ def sample_step(logits: torch.Tensor, cfg, temperature: float, topk: int, unfini
     is the first of top-k's sorted values (the row maximum, the same float). The draws are made in NeMo's order
     (every codebook of the sampled pass, then every codebook of the argmax pass), so codes and generator state
     equal the two separate calls'."""
-    C, V, S = cfg.num_audio_codebooks, cfg.num_all_tokens_per_codebook, cfg.frame_stacking_factor
-    B = logits.shape[0]
-    forbidden = forbidden_tokens(cfg, forbid_audio_eos, logits.device)
-    lg = edit_logits(logits.reshape(B, S * C, V).clone(), cfg, unfinished, finished, forbidden)
+    B, S, C = logits.shape[0], cfg.frame_stacking_factor, cfg.num_audio_codebooks
+    lg = _edited_logits(logits, cfg, unfinished, finished, forbid_audio_eos)
     top = torch.topk(lg, topk, dim=-1)[0]  # (B, S*C, topk), descending
     probs = _topk_probs(lg, top[..., -1:], temperature)
     probs_argmax = _topk_probs(lg, top[..., :1], 0.01)
@@ -462,6 +462,7 @@ def infer_batch(
     end_indices: dict[int, int] = {}
     predictions: list[torch.Tensor] = []
     out = InferOutput(torch.empty(0), torch.empty(0), 0)
+
     def next_prior(scores_host: torch.Tensor, idx: int) -> torch.Tensor:
         """NeMo's prior bookkeeping after step idx -> the prior of step idx + 1."""
         attended = prior_state.most_attended(scores_host, text_lens, p.attention_prior_lookahead_window)
