@@ -247,6 +247,7 @@ class _StaticKV(LayerKVCache):
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):  # noqa: D107 - no allocation, unlike the parent
         self.k, self.v, self.length = k, v, 0
+        self.kv = None  # two buffers of their own: written with two copies
 
 
 class _StaticFF(ConvFFState):

@@ -152,11 +152,12 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         # (B, T, 3*H*Dh) -> (3, B, H, T, Dh) -> q, k, v: the views NeMo's chunk / squeeze / transpose make, in
         # three view ops instead of eight (host time per decode step)
-        q, k, v = self.qkv_net(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv_net(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         q_offset = 0
         if cache is not None:
             q_offset = cache.length
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v, kv=qkv[1:])
         if masked is None and x_mask is not None and cache is None:
             masked = self_attention_masked(x_mask)
         y, _ = _attend(q, k, v, self.scale, masked, self.is_causal, None, q_offset)
@@ -273,20 +274,29 @@ class PositionwiseConvFF(nn.Module):
 
 
 class LayerKVCache:
-    """Self-attention keys and values of one layer for cached decoding: a static buffer filled left to right."""
+    """Self-attention keys and values of one layer for cached decoding: a static buffer filled left to right.
+
+    K and V live in one (2, B, H, max_len, Dh) buffer, so a step writes both with one copy; each is a
+    (B, H, max_len, Dh) slice laid out exactly as a buffer of its own, so attention reads the same layout."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, d_head: int, device, dtype):
-        self.k = torch.zeros(batch, n_heads, max_len, d_head, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.kv: Optional[torch.Tensor] = torch.zeros(2, batch, n_heads, max_len, d_head, device=device, dtype=dtype)
+        self.k, self.v = self.kv.unbind(0)
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, k: torch.Tensor, v: torch.Tensor, kv: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, H, T, Dh) new positions; kv: optionally the same two as one (2, B, H, T, Dh) view (one copy
+        instead of two). Returns all keys and values so far."""
         t = k.shape[2]
         end = self.length + t
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        if kv is not None and self.kv is not None:
+            self.kv[:, :, :, self.length : end] = kv
+        else:
+            self.k[:, :, self.length : end] = k
+            self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 

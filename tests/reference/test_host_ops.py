@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.host_ops import count_step_ops  # noqa: E402
 
-# 688 top-level calls a step at the seed's shape (12 decoder layers, 8 codebooks, CFG, prior on) after the third
+# 676 top-level calls a step at the seed's shape (12 decoder layers, 8 codebooks, CFG, prior on) after the third
 # session, 1086 before; the budget leaves room for a few calls, not for a per-item or per-codebook loop (each
 # of those adds >= 8 a step).
 STEP_OP_BUDGET = 700

@@ -127,3 +127,23 @@ def test_skipping_the_zero_fill_changes_nothing_when_every_row_attends_something
     y1, p1 = _attend(q, k, v, 8**-0.5, masked, False, prior, fill_masked_rows=False)
     assert torch.equal(y0, y1) and torch.equal(p0, p1)
     assert bool((p1[masked.expand_as(p1)] == 0).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), H=st.integers(1, 3), steps=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+       seed=st.integers(0, 2**31 - 1))
+def test_kv_cache_one_copy_write_equals_two(B, H, steps, seed):
+    """LayerKVCache writes K and V with one copy from the (2, B, H, T, Dh) view of the fused projection; the cache,
+    what it returns and the layout of the K and V it hands to attention equal the two-copy write's."""
+    from reference.model import LayerKVCache
+
+    g = torch.Generator().manual_seed(seed)
+    one, two = (LayerKVCache(B, H, sum(steps) + 2, 8, "cpu", torch.float32) for _ in range(2))
+    for t in steps:
+        qkv = torch.randn(B, t, 3, H, 8, generator=g).permute(2, 0, 3, 1, 4)  # as SelfAttention makes it
+        _, k, v = qkv.unbind(0)
+        k1, v1 = one.append(k, v, kv=qkv[1:])
+        k2, v2 = two.append(k, v)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert k1.stride() == k2.stride() and v1.stride() == v2.stride()
+    assert torch.equal(one.kv, two.kv) and one.length == two.length == sum(steps)
