@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.seed_benchmark import PARAMS, T_CTX_FRAMES, T_TEXT, seed_config  # noqa: E402
+from bench.seed_benchmark import BATCH, PARAMS, make_requests, seed_config  # noqa: E402
 from reference.model import MagpieTTS  # noqa: E402
 
 
@@ -31,6 +31,8 @@ def count_step_ops(steps: int = 24, width: int = 16, rows: int = 64) -> tuple[fl
 
     The counted steps are the difference between a run of ``steps`` and one of 4 steps (encoder, prefill and the
     first steps cancel); EOS is forbidden throughout so that both runs decode every step."""
+    if not 1 <= rows <= BATCH:
+        raise ValueError(f"rows must lie in [1, {BATCH}] (one batch of the seed workload), got {rows}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # dispatch cost, not the CPU's parallel maths
     try:
@@ -40,13 +42,7 @@ def count_step_ops(steps: int = 24, width: int = 16, rows: int = 64) -> tuple[fl
         cfg = dataclasses.replace(cfg, d_model=width, encoder=dataclasses.replace(cfg.encoder, **narrow),
                                   decoder=dataclasses.replace(cfg.decoder, xa_d_memory=width, xa_d_head=width, **narrow))
         model = MagpieTTS(cfg).eval()
-        g = torch.Generator().manual_seed(0)
-        text = torch.randint(0, cfg.num_text_tokens - 2, (rows, T_TEXT), generator=g)
-        text[:, -1] = cfg.text_eos_id
-        req = {"text": text, "text_lens": torch.full((rows,), T_TEXT),
-               "context_audio_codes": torch.randint(0, cfg.codebook_size, (rows, cfg.num_audio_codebooks, T_CTX_FRAMES),
-                                                    generator=g),
-               "context_audio_codes_lens": torch.full((rows,), T_CTX_FRAMES)}
+        req = make_requests(cfg, rows)[0]  # the seed's requests: 128 text tokens, 160 context frames
         kw = dict(use_cfg=True, use_kv_cache=True, **PARAMS)
 
         def run(n):
