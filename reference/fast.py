@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from reference import kernels
 from reference.inference import (EOS_METHODS, InferOutput, InferenceError, check_topk, dummy_cfg_conditioning,
                                  forbidden_tokens, resolve_parameters)
 from reference.model import ConvFFState, DecoderState, LayerKVCache, validate_batch
@@ -72,15 +73,16 @@ def _f_pre(x, ln_w, eps: float, w_qkv):
     return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, None, eps), w_qkv)
 
 
-def _f_post(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor],
-            w_xo, ln_ff, eps_ff: float, w1, w2, scale: float, n_heads: int, d_head: int, need_prob: bool, ffn: bool):
-    """Everything of one decoder layer after the self-attention kernel: o_net + residual, cross-attention (mask,
-    softmax, prior, mask) + residual, and (kernel-1 decoders) the FFN + residual. The reference's ops in its
-    order, so the plain function gives the same numbers as before; ``compile=True`` fuses it on the GPU."""
-    rows = x.shape[0]
+def _f_xq(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, n_cond: int):
+    """o_net + residual, then the cross-attention query of the first ``n_cond`` rows (norm_xattn_query + q_net)."""
     x = x + F.linear(y_sa, w_o)
-    q = F.linear(F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq), w_q).reshape(rows, 1, n_heads, d_head)
-    q = q.transpose(1, 2)
+    return x, F.linear(F.layer_norm(x[:n_cond], (x.shape[-1],), ln_xq, None, eps_xq), w_q)
+
+
+def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: float, n_heads: int, d_head: int):
+    """The reference's cross-attention core (mask, softmax, prior, mask) for one query per row -> (y, prob)."""
+    rows = q.shape[0]
+    q = q.reshape(rows, 1, n_heads, d_head).transpose(1, 2)
     score = torch.matmul(q, mem_k.transpose(2, 3)) * scale
     score = score.masked_fill(cond_neg, float("-inf"))
     prob = F.softmax(score, dim=-1)
@@ -90,11 +92,32 @@ def _f_post(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, mem_k, mem_v, cond_neg, pri
         prob = (pf / pf.sum(dim=-1, keepdim=True)).to(prob.dtype)
     prob = prob.masked_fill(cond_neg, 0.0)
     y = torch.matmul(prob, mem_v).transpose(1, 2).reshape(rows, 1, -1)
-    x = x + F.linear(y, w_xo)
+    return y, prob
+
+
+def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool):
+    """Cross-attention o_net + residual for the first ``len(y)`` rows (the others attend no memory: CFG's
+    unconditional rows, whose memory is zero, get exactly 0 from it), then (kernel-1 decoders) the FFN + residual."""
+    n_cond = y.shape[0]
+    xc = x[:n_cond] + F.linear(y, w_xo)
+    x = xc if n_cond == x.shape[0] else torch.cat([xc, x[n_cond:]])
     if ffn:
         h = F.layer_norm(x, (x.shape[-1],), ln_ff, None, eps_ff)
         a = F.gelu(F.linear(h, w1), approximate="tanh")
         x = x + F.linear(a, w2)
+    return x
+
+
+def _f_post(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor],
+            w_xo, ln_ff, eps_ff: float, w1, w2, scale: float, n_heads: int, d_head: int, need_prob: bool, ffn: bool,
+            n_cond: int):
+    """Everything of one decoder layer after the self-attention kernel: o_net + residual, cross-attention (mask,
+    softmax, prior, mask) + residual, and (kernel-1 decoders) the FFN + residual. The reference's ops in its
+    order (for ``n_cond`` = all rows, the same numbers as the reference); ``compile=True`` fuses it on the GPU.
+    Only the first ``n_cond`` rows attend the memory (see ``_f_xo_ffn``); mem_k/mem_v/cond_neg/prior cover them."""
+    x, q = _f_xq(x, y_sa, w_o, ln_xq, eps_xq, w_q, n_cond)
+    y, prob = _xattn(q, mem_k, mem_v, cond_neg, prior, scale, n_heads, d_head)
+    x = _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff, w1, w2, ffn)
     return x, (prob.mean(dim=1) if need_prob else None)
 
 
@@ -130,116 +153,8 @@ class _MaybeCompiled:
         return self.fn(*args, **kw)
 
 
-_TRITON: dict = {}
-
-
-def _triton_kernels():
-    """Split-KV ("flash-decoding") attention for one query per row over the compacted (rows, L, H, Dh) cache:
-    program (row*head, split) reads keys [split*KPS, min(len, (split+1)*KPS)) and writes a partial (max, sum,
-    unnormalised output); a second kernel combines the splits. Built on first use (Triton is GPU-only here)."""
-    if _TRITON:
-        return _TRITON
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, scale, stride_qr, stride_kr, stride_kl, stride_nr,
-                     H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     WRITE_NEW: tl.constexpr):
-        rh = tl.program_id(0)
-        sp = tl.program_id(1)
-        r = rh // H
-        h = rh % H
-        n = tl.load(LENS + r)
-        start = sp * KPS
-        end = tl.minimum(n, start + KPS)
-        d = tl.arange(0, D)
-        q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
-        m_i = -float("inf")
-        l_i = 0.0
-        acc = tl.zeros([D], dtype=tl.float32)
-        kbase = K + r * stride_kr + h * D
-        vbase = V + r * stride_kr + h * D
-        newest = n - 1
-        if WRITE_NEW:
-            # This step's key/value (position n - 1) come in KN/VN: the program whose split holds that position
-            # stores them in the cache and uses them in place of the (not yet written) cache entry; no other
-            # program reads that position, so no separate cache-write kernel is needed.
-            k_new = tl.load(KN + r * stride_nr + h * D + d)
-            v_new = tl.load(VN + r * stride_nr + h * D + d)
-            if (newest >= start) & (newest < start + KPS):
-                tl.store(kbase + newest * stride_kl + d, k_new)
-                tl.store(vbase + newest * stride_kl + d, v_new)
-        for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
-            idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = idx < end
-            k = tl.load(kbase + idx[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(vbase + idx[:, None] * stride_kl + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            if WRITE_NEW:
-                is_new = (idx == newest)[:, None]
-                k = tl.where(is_new, k_new.to(tl.float32)[None, :], k)
-                v = tl.where(is_new, v_new.to(tl.float32)[None, :], v)
-            s = tl.sum(k * q[None, :], axis=1) * scale
-            s = tl.where(valid, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
-            alpha = tl.exp(m_i - m_safe)
-            pexp = tl.exp(s - m_safe)
-            acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(pexp, axis=0)
-            m_i = m_new
-        o = rh * NSPLIT + sp
-        tl.store(MO + o, m_i)
-        tl.store(LO + o, l_i)
-        tl.store(OO + o * D + d, acc)
-
-    @triton.jit
-    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
-        rh = tl.program_id(0)
-        s = tl.arange(0, NS_P2)
-        sm = s < NSPLIT
-        m = tl.load(MO + rh * NSPLIT + s, mask=sm, other=-float("inf"))
-        l = tl.load(LO + rh * NSPLIT + s, mask=sm, other=0.0)
-        mx = tl.max(m, axis=0)  # finite: split 0 holds >= 1 key
-        wgt = tl.where(sm & (m > -float("inf")), tl.exp(m - mx), 0.0)
-        d = tl.arange(0, D)
-        acc = tl.load(OO + (rh * NSPLIT + s)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
-        num = tl.sum(acc * wgt[:, None], axis=0)
-        den = tl.sum(l * wgt, axis=0)
-        tl.store(OUT + rh * D + d, (num / den).to(OUT.dtype.element_ty))
-
-    _TRITON.update(split=split_kernel, combine=combine_kernel, next_pow2=triton.next_power_of_2)
-    return _TRITON
-
-
-def triton_decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
-                            max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 4):
-    """q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
-    lens (rows,) int32 >= 1 keys per row, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32
-    accumulation. max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)).
-    k_new / v_new (rows, H, Dh), same layout rules as q: this step's key and value, written into the cache at
-    position lens - 1 by the kernel itself (one kernel instead of two cache writes and the attention)."""
-    kern = _triton_kernels()
-    rows, L, H, D = k_cache.shape
-    assert q.stride(2) == 1 and q.stride(1) == D and k_cache.stride(3) == 1 and k_cache.stride(2) == D
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(1) == H * D
-    block_n = min(block_n, keys_per_split)
-    assert keys_per_split % block_n == 0
-    ns = -(-min(L, max_keys or L) // keys_per_split)
-    mo = torch.empty(rows * H * ns, device=q.device, dtype=torch.float32)
-    lo = torch.empty_like(mo)
-    oo = torch.empty(rows * H * ns * D, device=q.device, dtype=torch.float32)
-    out = torch.empty(rows, H, D, device=q.device, dtype=q.dtype)
-    write = k_new is not None
-    if write:
-        assert v_new is not None and k_new.stride() == v_new.stride() and k_new.stride(2) == 1 and k_new.stride(1) == D
-        assert k_new.dtype == v_new.dtype == k_cache.dtype
-    kn, vn = (k_new, v_new) if write else (q, q)
-    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, scale, q.stride(0), k_cache.stride(0),
-                                  k_cache.stride(1), kn.stride(0), H=H, D=D, NSPLIT=ns, KPS=keys_per_split,
-                                  BLOCK_N=block_n, WRITE_NEW=write, num_warps=num_warps)
-    kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
-    return out
+# the split-KV kernel's old name (bench/attn_sweep.py and earlier tests import it from here)
+triton_decode_attention = kernels.decode_attention
 
 
 class _StaticKV(LayerKVCache):
@@ -290,6 +205,7 @@ class _Work:
     row_base: Optional[torch.Tensor] = None  # (rows,) long: row * max_len (flash / triton cache rows)
     cu_q: Optional[torch.Tensor] = None  # (rows + 1,) int32
     cu_k: Optional[torch.Tensor] = None  # (rows + 1,) int32
+    pre_len: Optional[torch.Tensor] = None  # (rows,) int32: leading keys read from row B (share_uncond_prefix)
     graphs: dict = field(default_factory=dict)
 
 
@@ -310,6 +226,17 @@ class FastDecoder:
     key/value into the cache itself (else two index_copy_ kernels a layer before it).
     compile_mode: torch.compile's mode for compile=True (None = default; "max-autotune-no-cudagraphs" lets inductor
     time Triton GEMM templates with fused epilogues against cuBLAS: minutes of compilation).
+
+    Structural savings with CFG (both exact in what they skip; see NOTES-fast.md round 5):
+    skip_uncond_xattn: the unconditional rows' memory is zero and no layer has a bias, so their cross-attention
+    adds exactly 0: decode steps run the cross-attention (query, scores, prior, o_net) on the conditional rows only.
+    share_uncond_prefix (triton attention): the unconditional rows all start with the same inputs (zero context,
+    every position valid, then BOS), so their first ``T_ctx + 1`` keys/values are the same; the kernel reads them
+    from one row (which stays in L2) instead of each row's own copy.
+    Kernels (reference/kernels.py; None = on with ``attn_impl="triton"``): xattn_kernel -- the cross-attention core
+    (scores, mask, softmax, prior, weighted values) in one kernel instead of two batched products and a fused
+    softmax chain; topk_kernel -- the sampler's k-th largest logit by a bitwise search instead of torch.topk's sort
+    (the same float: exact).
     """
 
     def __init__(
@@ -330,6 +257,10 @@ class FastDecoder:
         compile_mode: Optional[str] = None,
         attn_block_n: int = 64,
         attn_num_warps: int = 4,
+        skip_uncond_xattn: bool = True,
+        share_uncond_prefix: bool = True,
+        xattn_kernel: Optional[bool] = None,
+        topk_kernel: Optional[bool] = None,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -358,8 +289,8 @@ class FastDecoder:
                     f"triton attention tiles: keys_per_split ({keys_per_split}) and attn_block_n ({attn_block_n}) must "
                     f"be powers of two (tiles of min(attn_block_n, keys_per_split) keys), attn_num_warps "
                     f"({attn_num_warps}) one of 1, 2, 4, 8, 16")
-            if not is_cuda:
-                raise ValueError("attn_impl='triton' needs CUDA")
+            if not kernels.usable(self.device):
+                raise ValueError("attn_impl='triton' needs CUDA and triton (or, on the CPU, TRITON_INTERPRET=1)")
             if d.sa_d_head & (d.sa_d_head - 1):
                 raise ValueError("attn_impl='triton' needs a power-of-two head size")
         self.keys_per_split = int(keys_per_split)
@@ -371,6 +302,14 @@ class FastDecoder:
         self.cuda_graphs = is_cuda if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and not is_cuda:
             raise ValueError("cuda_graphs needs a CUDA device")
+        self.skip_uncond_xattn = bool(skip_uncond_xattn)
+        self.share_uncond_prefix = bool(share_uncond_prefix) and attn_impl == "triton"
+        use_k = lambda v: attn_impl == "triton" if v is None else bool(v)  # noqa: E731
+        self.xattn_kernel, self.topk_kernel = use_k(xattn_kernel), use_k(topk_kernel)
+        if (self.xattn_kernel or self.topk_kernel) and not kernels.usable(self.device):
+            raise ValueError("xattn_kernel / topk_kernel need CUDA and triton (or, on the CPU, TRITON_INTERPRET=1)")
+        if self.xattn_kernel and d.xa_head_dim & (d.xa_head_dim - 1):
+            raise ValueError(f"xattn_kernel needs a power-of-two cross-attention head size, got {d.xa_head_dim}")
         self.bucket = max(1, int(bucket))
         self.sync_every = max(1, int(sync_every))
         # Static self-attention KV cache. flash: (rows, L, H, Dh) so that the rows pack into (rows * L, H, Dh);
@@ -417,13 +356,16 @@ class FastDecoder:
         mode = self.compile_mode
         self._fn_pre = _MaybeCompiled(_f_pre, self.compile, mode)
         self._fn_post = _MaybeCompiled(_f_post, self.compile, mode)
+        self._fn_xq = _MaybeCompiled(_f_xq, self.compile, mode)  # the two halves around xattn_kernel
+        self._fn_xo_ffn = _MaybeCompiled(_f_xo_ffn, self.compile, mode)
         self._fn_head = _MaybeCompiled(_f_head, self.compile, mode)
         self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)  # no GEMMs: the default mode
         self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
 
     @property
     def compile_errors(self) -> dict:
-        fns = dict(pre=self._fn_pre, post=self._fn_post, head=self._fn_head, post_a=self._fn_post_a, post_b=self._fn_post_b)
+        fns = dict(pre=self._fn_pre, post=self._fn_post, xq=self._fn_xq, xo_ffn=self._fn_xo_ffn, head=self._fn_head,
+                   post_a=self._fn_post_a, post_b=self._fn_post_b)
         return {k: f.error for k, f in fns.items() if f.error}
 
     # ------------------------------------------------------------------------------------------------------
@@ -455,6 +397,7 @@ class FastDecoder:
             cond_neg=z(rows, 1, 1, T_text, dt=torch.bool), row_base=torch.arange(rows, device=dev) * self.max_len,
             cu_q=torch.arange(rows + 1, device=dev, dtype=torch.int32),
             cu_k=torch.arange(rows + 1, device=dev, dtype=torch.int32) * self.max_len,
+            pre_len=z(rows, dt=torch.int32),
         )
         self._works[key] = w
         return w
@@ -601,6 +544,11 @@ class FastDecoder:
                         else:
                             cache[r, :, ctx_len + j] = cache[r, :, T_ctx + j]
             w.kv_len.copy_(ctx_len + bos_emb.shape[1])
+        # CFG's unconditional rows: the same inputs up to and including BOS (zero context, all positions valid),
+        # hence the same T_new keys in every layer; the triton kernel reads them from row B
+        w.pre_len.zero_()
+        if use_cfg and self.share_uncond_prefix:
+            w.pre_len[B:] = T_new
         w.pos.fill_(T_new)
         self._prefill_out = (logits, scores)
 
@@ -667,6 +615,7 @@ class FastDecoder:
             actx = (w.kv_len.view(rows, 1, 1, 1).expand(rows, H, 1, Dh),
                     torch.arange(Lb, device=x.device)[None, :] < new_len[:, None])  # (rows, Lb)
         probs = []
+        nc = B if self.skip_uncond_xattn else rows  # rows that attend the memory (module docstring)
         for i, layer in enumerate(m.decoder.layers):
             lw = self._layer_w[i]
             qkv = self._fn_pre(x, lw["ln_sa"], lw["eps_sa"], lw["qkv"])
@@ -675,9 +624,18 @@ class FastDecoder:
             need = est is None or i in est
             xa = layer.cross_attention
             k1 = lw["w1"] is not None
-            x, prob = self._fn_post(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], w.mem_k[i], w.mem_v[i],
-                                    w.cond_neg, w.prior if use_prior else None, lw["w_xo"], lw["ln_ff"], lw["eps_ff"],
-                                    lw["w1"], lw["w2"], xa.scale, xa.n_heads, xa.d_head, need, k1)
+            prior = w.prior[:nc] if use_prior else None
+            if self.xattn_kernel:
+                x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc)
+                y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
+                                                  prior, xa.scale)
+                x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"], k1)
+                prob = prob.mean(dim=1)[:, None, :] if need else None  # (nc, 1, T_text), as the torch path's
+            else:
+                x, prob = self._fn_post(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], w.mem_k[i][:nc],
+                                        w.mem_v[i][:nc], w.cond_neg[:nc], prior, lw["w_xo"], lw["ln_ff"],
+                                        lw["eps_ff"], lw["w1"], lw["w2"], xa.scale, xa.n_heads, xa.d_head, need, k1,
+                                        nc)
             if need:
                 probs.append(prob)
             if not k1:
@@ -700,16 +658,20 @@ class FastDecoder:
             flat, seq = actx
             L = self.max_len
             if self.attn_impl == "triton" and self.fused_kv_write:
-                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
-                                            self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
-                                            num_warps=self.attn_num_warps)
+                shared = self.share_uncond_prefix and rows > w.B
+                y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
+                                             self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
+                                             num_warps=self.attn_num_warps,
+                                             prefix_len=w.pre_len if shared else None, prefix_row=w.B)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)
             if self.attn_impl == "triton":
-                y = triton_decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
-                                            self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps)
+                shared = self.share_uncond_prefix and rows > w.B
+                y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
+                                             self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps,
+                                             prefix_len=w.pre_len if shared else None, prefix_row=w.B)
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,
@@ -758,14 +720,16 @@ class FastDecoder:
             flags = self._flags(idx0, p)
         _, update, forbid_eos = flags
         logits, scores = out
-        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update)
+        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos)
+        # the top-k threshold: the k-th largest logit of each (item, codebook), the same float either way
+        kth = kernels.topk_threshold(lg, p.topk) if self.topk_kernel else None
         # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
         # sampled pass, then again for its argmax pass: one (2*S*C, B, V) draw is the same stream on the CPU.
         w.noise.exponential_()  # outside any compiled function: the eager RNG stream
-        self._fn_post_b(w, lg, p, forbid_eos, forced)
+        self._fn_post_b(w, lg, kth, p, forced)
 
-    def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool):
-        """CFG combine, logits record, prior state machine -> (B, S*C, V) float32 logits."""
+    def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool, forbid_eos: bool):
+        """CFG combine, logits record, prior state machine, special-token masks -> (B, S*C, V) float32 logits."""
         c = self.config
         B, S, C, V = w.B, c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
         logits = logits.float()
@@ -775,22 +739,25 @@ class FastDecoder:
             w.logits_buf.index_copy_(0, w.step, logits.unsqueeze(0))
         if update:
             self._prior_update(w, scores.float(), p)
-        return logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
-
-    def _post_b(self, w: _Work, lg, p, forbid_eos: bool, forced: bool) -> None:
-        """Special-token masks, top-k, temperature, the draw, the argmax pass, EOS bookkeeping, next input."""
-        c = self.config
-        B, S, C = w.B, c.frame_stacking_factor, c.num_audio_codebooks
-        step = w.step
-        eos = c.audio_eos_id
+        lg = logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
         if not p.ignore_finished_sentence_tracking:
+            eos = c.audio_eos_id
             finished = w.fin_present & (w.fin_count >= 20)
             lg = lg.clone()
             lg[:, :, eos] = lg[:, :, eos].masked_fill(w.unfinished[:, None], float("-inf"))
             fin = finished[:, None, None]
             lg = torch.where(fin, torch.where(self.only_eos, 0.0, float("-inf")), lg)
-        lg = lg.masked_fill(self.forbid_all if forbid_eos else self.forbid_no_eos, float("-inf"))
-        kth = torch.topk(lg, p.topk, dim=-1)[0][..., -1:]
+        return lg.masked_fill(self.forbid_all if forbid_eos else self.forbid_no_eos, float("-inf"))
+
+    def _post_b(self, w: _Work, lg, kth: Optional[torch.Tensor], p, forced: bool) -> None:
+        """Top-k (kth: the k-th largest logit per row, if already known), temperature, the draw, the argmax pass,
+        EOS bookkeeping, next input."""
+        c = self.config
+        B, S, C = w.B, c.frame_stacking_factor, c.num_audio_codebooks
+        step = w.step
+        eos = c.audio_eos_id
+        if kth is None:
+            kth = torch.topk(lg, p.topk, dim=-1)[0][..., -1:]
         lg_k = lg.masked_fill(lg < kth, float("-inf"))
         probs = torch.softmax(lg_k / p.temperature, dim=-1)  # (B, S*C, V)
         sampled = (probs / w.noise[: S * C].transpose(0, 1)).argmax(dim=-1)  # (B, S*C)

@@ -264,13 +264,15 @@ def test_compile_flag_is_ignored_on_cpu_and_pieces_trace_fullgraph():
     fd = FastDecoder(model, 4, _max_len(model), compile=True)
     assert not fd.compile
     _compare(ref, fd.generate(batch, **kw))
-    for name in ("_fn_pre", "_fn_post", "_fn_head", "_fn_post_a", "_fn_post_b"):
+    for name in ("_fn_pre", "_fn_post", "_fn_xq", "_fn_xo_ffn", "_fn_head", "_fn_post_a", "_fn_post_b"):
         f = getattr(fd, name)
         f.compiled = torch.compile(f.fn, fullgraph=True, dynamic=False, backend="eager")
     _compare(ref, fd.generate(batch, **kw))
     assert fd.compile_errors == {}
-    with pytest.raises(ValueError, match="triton"):
-        FastDecoder(model, 4, _max_len(model), attn_impl="triton")
+    with pytest.MonkeyPatch.context() as mp:  # the CPU without Triton's interpreter: a clear error
+        mp.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="triton"):
+            FastDecoder(model, 4, _max_len(model), attn_impl="triton")
     for bad in (dict(keys_per_split=48), dict(attn_block_n=96), dict(attn_num_warps=3)):
         with pytest.raises(ValueError, match="triton attention tiles"):
             FastDecoder(model, 4, _max_len(model), attn_impl="triton", **bad)

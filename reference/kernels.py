@@ -1,0 +1,287 @@
+"""Triton kernels of the fast decode step (reference/fast.py, ``attn_impl="triton"``).
+
+Each kernel has a plain-PyTorch statement of what it computes in its docstring and a test against that statement
+(tests/reference/test_kernels.py). On a CUDA device they compile with Triton; on the CPU they run under Triton's
+interpreter when ``TRITON_INTERPRET=1`` is set before the first call (that is how CI checks them: slow, exact
+semantics, no GPU). Kernels are built on first use, so importing this module needs no Triton.
+
+* :func:`decode_attention` -- split-KV ("flash-decoding") self-attention for one query per row over the compacted
+  ``(rows, L, H, Dh)`` cache, optionally writing this step's key/value itself, optionally reading each row's first
+  ``prefix_len[r]`` keys from one shared row (CFG's unconditional rows all start with the same prefix).
+* :func:`cross_attention` -- one query per row against the text memory: masked softmax, the attention prior
+  (multiply and renormalise), the weighted sum of values; returns the probabilities too.
+* :func:`topk_threshold` -- the k-th largest value of each row (``torch.topk(x, k).values[..., -1]``), found by a
+  bitwise search over the floats' order-preserving integer images instead of a sort.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_BUILT: dict = {}
+
+# float32's smallest normal, added to the prior as NeMo does (``prior + torch.finfo(torch.float32).tiny``)
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def interpreted() -> bool:
+    """Whether Triton runs in its interpreter (``TRITON_INTERPRET=1``): kernels then take CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def usable(device: torch.device | str) -> bool:
+    """Whether these kernels can run on ``device`` here (CUDA with Triton, or the interpreter on the CPU)."""
+    dev = torch.device(device)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return dev.type == "cuda" or (dev.type == "cpu" and interpreted())
+
+
+def _kernels() -> dict:
+    key = interpreted()
+    if key in _BUILT:
+        return _BUILT[key]
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as e:  # a missing optional backend: say which and why
+        raise RuntimeError("the triton kernels of reference.kernels need the 'triton' package (CUDA builds of torch "
+                           "ship it; on the CPU install it and set TRITON_INTERPRET=1)") from e
+
+    @triton.jit
+    def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, prefix_off, scale, stride_qr, stride_kr, stride_kl,
+                     stride_nr, H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, SHARED: tl.constexpr):
+        rh = tl.program_id(0)
+        sp = tl.program_id(1)
+        r = rh // H
+        h = rh % H
+        n = tl.load(LENS + r)
+        start = sp * KPS
+        end = tl.minimum(n, start + KPS)
+        d = tl.arange(0, D)
+        q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        own = r.to(tl.int64) * stride_kr + h * D
+        newest = n - 1
+        if WRITE_NEW:
+            # This step's key/value (position n - 1) come in KN/VN: the program whose split holds that position
+            # stores them in the cache and uses them in place of the (not yet written) cache entry; no other
+            # program reads that position, so no separate cache-write kernel is needed.
+            k_new = tl.load(KN + r * stride_nr + h * D + d)
+            v_new = tl.load(VN + r * stride_nr + h * D + d)
+            if (newest >= start) & (newest < start + KPS):
+                tl.store(K + own + newest * stride_kl + d, k_new)
+                tl.store(V + own + newest * stride_kl + d, v_new)
+        if SHARED:
+            pre = tl.load(PRE + r)
+            shared = prefix_off + h * D  # prefix_off: the shared row's offset (host int, int64 if large)
+        for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
+            idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = idx < end
+            if SHARED:
+                # keys [0, pre) of this row are those of row prefix_row (the same inputs gave the same keys): all
+                # rows that share them read one copy, which stays in L2
+                base = tl.where(idx < pre, shared, own)
+            else:
+                base = own + tl.zeros([BLOCK_N], dtype=tl.int64)
+            off = base[:, None] + idx[:, None].to(tl.int64) * stride_kl + d[None, :]
+            k = tl.load(K + off, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + off, mask=valid[:, None], other=0.0).to(tl.float32)
+            if WRITE_NEW:
+                is_new = (idx == newest)[:, None]
+                k = tl.where(is_new, k_new.to(tl.float32)[None, :], k)
+                v = tl.where(is_new, v_new.to(tl.float32)[None, :], v)
+            s = tl.sum(k * q[None, :], axis=1) * scale
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
+            alpha = tl.exp(m_i - m_safe)
+            pexp = tl.exp(s - m_safe)
+            acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(pexp, axis=0)
+            m_i = m_new
+        o = rh * NSPLIT + sp
+        tl.store(MO + o, m_i)
+        tl.store(LO + o, l_i)
+        tl.store(OO + o * D + d, acc)
+
+    @triton.jit
+    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
+        rh = tl.program_id(0)
+        s = tl.arange(0, NS_P2)
+        sm = s < NSPLIT
+        m = tl.load(MO + rh * NSPLIT + s, mask=sm, other=-float("inf"))
+        l = tl.load(LO + rh * NSPLIT + s, mask=sm, other=0.0)
+        mx = tl.max(m, axis=0)  # finite: split 0 holds >= 1 key
+        wgt = tl.where(sm & (m > -float("inf")), tl.exp(m - mx), 0.0)
+        d = tl.arange(0, D)
+        acc = tl.load(OO + (rh * NSPLIT + s)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
+        num = tl.sum(acc * wgt[:, None], axis=0)
+        den = tl.sum(l * wgt, axis=0)
+        tl.store(OUT + rh * D + d, (num / den).to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def xattn_kernel(Q, K, V, VALID, PRIOR, OUT, PROB, T, scale, tiny, stride_qr, stride_kr, stride_kh, stride_kt,
+                     stride_vr, stride_vh, stride_vt, stride_mr, stride_pr, stride_or,
+                     H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_PRIOR: tl.constexpr):
+        rh = tl.program_id(0)
+        r = rh // H
+        h = rh % H
+        t = tl.arange(0, BLOCK_T)
+        d = tl.arange(0, D)
+        tin = t < T
+        valid = (tl.load(VALID + r * stride_mr + t, mask=tin, other=0) != 0) & tin
+        q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
+        k = tl.load(K + r * stride_kr + h * stride_kh + t[:, None] * stride_kt + d[None, :], mask=tin[:, None],
+                    other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        s = tl.where(valid, s, -float("inf"))
+        mx = tl.max(s, axis=0)
+        e = tl.where(valid, tl.exp(s - tl.where(mx == -float("inf"), 0.0, mx)), 0.0)
+        if HAS_PRIOR:
+            # softmax, times (prior + tiny), renormalised: the softmax's own denominator cancels
+            e = e * (tl.load(PRIOR + r * stride_pr + t, mask=tin, other=0.0) + tiny)
+        den = tl.sum(e, axis=0)
+        p = e / tl.where(den > 0, den, 1.0)  # a row with no valid key: zeros, as NeMo's masked_fill leaves it
+        v = tl.load(V + r * stride_vr + h * stride_vh + t[:, None] * stride_vt + d[None, :], mask=tin[:, None],
+                    other=0.0).to(tl.float32)
+        y = tl.sum(p[:, None] * v, axis=0)
+        tl.store(OUT + r * stride_or + h * D + d, y.to(OUT.dtype.element_ty))
+        tl.store(PROB + rh * T + t, p, mask=tin)
+
+    @triton.jit
+    def kth_kernel(X, OUT, N, k, stride_r, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        inb = c < N
+        x = tl.load(X + r * stride_r + c, mask=inb, other=0.0).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True)
+        # order-preserving image in int32: a negative float's magnitude bits are flipped, so larger floats give
+        # larger integers (-0.0 sits just below +0.0; +NaN above +inf, as torch.topk orders NaN first)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        # the k-th largest key = the largest t with count(key >= t) >= k, built bit by bit from the sign down
+        n_nonneg = tl.sum(tl.where(inb & (key >= 0), 1, 0), axis=0)
+        t = tl.where(n_nonneg >= k, 0, -2147483647 - 1)
+        for i in tl.static_range(31):
+            cand = t + (1 << (30 - i))
+            cnt = tl.sum(tl.where(inb & (key >= cand), 1, 0), axis=0)
+            t = tl.where(cnt >= k, cand, t)
+        out = tl.where(t < 0, t ^ 0x7FFFFFFF, t)
+        tl.store(OUT + r, out.to(tl.float32, bitcast=True))
+
+    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel,
+                       next_pow2=triton.next_power_of_2)
+    return _BUILT[key]
+
+
+def _check_device(*ts: torch.Tensor) -> None:
+    dev = ts[0].device
+    if not usable(dev):
+        raise RuntimeError(f"reference.kernels: tensors on {dev} need CUDA with triton, or TRITON_INTERPRET=1 on "
+                           "the CPU")
+    for t in ts:
+        if t.device != dev:
+            raise ValueError(f"reference.kernels: tensors on {t.device} and {dev}")
+
+
+def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
+                     max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 4,
+                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0):
+    """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
+
+    q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
+    lens (rows,) int32 >= 1, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32 accumulation.
+    max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)).
+    k_new / v_new (rows, H, Dh), same layout rules as q: this step's key and value, written into the cache at
+    position lens - 1 by the kernel itself (one kernel instead of two cache writes and the attention).
+    prefix_len (rows,) int32: row r's keys [0, prefix_len[r]) are read from row ``prefix_row`` instead of its own
+    (0 = none); the caller vouches that those keys are equal.
+
+    Equals, per row r and head h: ``softmax(q[r, h] @ K[r, :lens[r], h].T * scale) @ V[r, :lens[r], h]`` with
+    K[r, j] replaced by K[prefix_row, j] for j < prefix_len[r], after the k_new/v_new write.
+    """
+    kern = _kernels()
+    _check_device(q, k_cache, v_cache, lens)
+    rows, L, H, D = k_cache.shape
+    assert q.stride(2) == 1 and q.stride(1) == D and k_cache.stride(3) == 1 and k_cache.stride(2) == D
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(1) == H * D
+    assert lens.dtype == torch.int32 and lens.shape == (rows,)
+    block_n = min(block_n, keys_per_split)
+    assert keys_per_split % block_n == 0
+    ns = -(-min(L, max_keys or L) // keys_per_split)
+    mo = torch.empty(rows * H * ns, device=q.device, dtype=torch.float32)
+    lo = torch.empty_like(mo)
+    oo = torch.empty(rows * H * ns * D, device=q.device, dtype=torch.float32)
+    out = torch.empty(rows, H, D, device=q.device, dtype=q.dtype)
+    write = k_new is not None
+    if write:
+        assert v_new is not None and k_new.stride() == v_new.stride() and k_new.stride(2) == 1 and k_new.stride(1) == D
+        assert k_new.dtype == v_new.dtype == k_cache.dtype
+    kn, vn = (k_new, v_new) if write else (q, q)
+    shared = prefix_len is not None
+    if shared:
+        assert prefix_len.dtype == torch.int32 and prefix_len.shape == (rows,) and 0 <= prefix_row < rows
+    pre = prefix_len if shared else lens
+    prefix_off = int(prefix_row) * k_cache.stride(0)
+    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, prefix_off, scale,
+                                  q.stride(0), k_cache.stride(0), k_cache.stride(1), kn.stride(0), H=H, D=D,
+                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
+                                  num_warps=num_warps)
+    kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
+    return out
+
+
+def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale: float, num_warps: int = 4):
+    """Cross-attention of one query per row: q (rows, H*Dh), mem_k / mem_v (rows, H, T, Dh) (any strides with a
+    contiguous last dim), valid (rows, T) bool, prior (rows, T) float32 or None
+    -> (out (rows, H*Dh) in q's dtype, prob (rows, H, T) float32).
+
+    Per row r and head h, in float32: ``s = q[r, h] @ mem_k[r, h].T * scale``, masked to -inf where not valid;
+    ``p = softmax(s)``; with a prior ``p = p * (prior[r] + tiny) / sum(p * (prior[r] + tiny))``; p = 0 where not
+    valid (a row with no valid key gives zeros); ``out[r, h] = p @ mem_v[r, h]``. This is the reference's
+    ``_f_post`` cross-attention, which runs the same steps in the model's dtype.
+    """
+    kern = _kernels()
+    _check_device(q, mem_k, mem_v, valid)
+    rows, H, T, D = mem_k.shape
+    if D & (D - 1):
+        raise ValueError(f"cross_attention needs a power-of-two head size, got {D}")
+    assert q.shape == (rows, H * D) and q.stride(1) == 1 and mem_k.stride(3) == 1 and mem_v.stride(3) == 1
+    assert mem_v.shape == mem_k.shape and valid.shape == (rows, T) and valid.dtype == torch.bool
+    if prior is not None:
+        assert prior.shape == (rows, T) and prior.dtype == torch.float32 and prior.stride(1) == 1
+    vm = valid.view(torch.uint8)
+    assert vm.stride(1) == 1
+    out = torch.empty(rows, H * D, device=q.device, dtype=q.dtype)
+    prob = torch.empty(rows, H, T, device=q.device, dtype=torch.float32)
+    pr = prior if prior is not None else prob
+    kern["xattn"][(rows * H,)](q, mem_k, mem_v, vm, pr, out, prob, T, scale, _TINY, q.stride(0), mem_k.stride(0),
+                               mem_k.stride(1), mem_k.stride(2), mem_v.stride(0), mem_v.stride(1), mem_v.stride(2),
+                               vm.stride(0), pr.stride(0), out.stride(0), H=H, D=D,
+                               BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None, num_warps=num_warps)
+    return out, prob
+
+
+def topk_threshold(x: torch.Tensor, k: int, num_warps: int = 4) -> torch.Tensor:
+    """``torch.topk(x, k, dim=-1).values[..., -1:]`` for float32 x (..., V) with a contiguous last dim: the k-th
+    largest value of each row (ties counted with their multiplicity), the same float; -> (..., 1) float32."""
+    kern = _kernels()
+    _check_device(x)
+    V = x.shape[-1]
+    if x.dtype != torch.float32:
+        raise ValueError(f"topk_threshold takes float32, got {x.dtype}")
+    if not 1 <= k <= V:
+        raise ValueError(f"topk_threshold: k={k} outside 1..{V}")
+    x2 = x.reshape(-1, V)
+    assert x2.stride(1) == 1
+    out = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
+    kern["kth"][(x2.shape[0],)](x2, out, V, int(k), x2.stride(0), BLOCK=kern["next_pow2"](V), num_warps=num_warps)
+    return out.view(*x.shape[:-1], 1)

@@ -1,0 +1,209 @@
+"""reference/kernels.py against the plain-PyTorch statements in its docstrings, on fresh random inputs.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before the first kernel is
+built): the same kernel source and semantics, executed with numpy. With a GPU they are compiled and run on it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' brings it on Linux "
+                                              "x86-64); the kernels need it, on the CPU through its interpreter")
+
+from conftest import infer_inputs, load_batch, reference_model  # noqa: E402
+from reference import kernels  # noqa: E402
+from reference.fast import FastDecoder  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU conftest.py has set TRITON_INTERPRET=1
+
+# float32 throughout: the kernels accumulate in float32 in another order than torch's products, so results agree
+# to a few float32 ulps of the O(1) outputs (observed <= 6e-7); 2e-6 leaves room without hiding a wrong term.
+ATOL32 = 2e-6
+HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _attention_ref(q, K, V, lens, scale, prefix_len=None, prefix_row=0):
+    out = []
+    for r, n in enumerate(lens.tolist()):
+        k, v = K[r, :n].clone(), V[r, :n].clone()
+        if prefix_len is not None:
+            p = int(prefix_len[r])
+            k[:p], v[:p] = K[prefix_row, :p], V[prefix_row, :p]
+        s = torch.einsum("hd,lhd->hl", q[r].double(), k.double()) * scale
+        out.append(torch.einsum("hl,lhd->hd", s.softmax(-1), v.double()))
+    return torch.stack(out).float()
+
+
+@HYP
+@given(data=st.data())
+def test_decode_attention_with_shared_prefix_and_cache_write(data):
+    """Every row's softmax attention over its first lens[r] keys; keys [0, prefix_len[r]) come from the shared row;
+    with k_new/v_new the kernel stores them at lens - 1 first and leaves every other cache entry as it was."""
+    rows = data.draw(st.integers(2, 5))
+    H = data.draw(st.sampled_from([1, 2, 3]))
+    D = data.draw(st.sampled_from([8, 16]))
+    kps = data.draw(st.sampled_from([8, 16, 32]))
+    L = data.draw(st.integers(1, 70))
+    lens = torch.tensor(data.draw(st.lists(st.integers(1, L), min_size=rows, max_size=rows)), dtype=torch.int32)
+    shared = data.draw(st.booleans())
+    prow = data.draw(st.integers(0, rows - 1))
+    write = data.draw(st.booleans())
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    K, V = (torch.randn(rows, L, H, D, generator=g) for _ in range(2))
+    qkv = torch.randn(rows, 3, H, D, generator=g)
+    pre = None
+    if shared:  # no longer than the row or the shared row, and (with a write) short of the keys being written
+        hi = [max(0, min(n, int(lens[prow])) - (1 if write else 0)) for n in lens.tolist()]
+        pre = torch.tensor([data.draw(st.integers(0, h)) for h in hi], dtype=torch.int32)
+    K0, V0 = K.clone(), V.clone()
+    if write:  # the reference: write first, then attend
+        Kr, Vr = K0.clone(), V0.clone()
+        for r, n in enumerate(lens.tolist()):
+            Kr[r, n - 1], Vr[r, n - 1] = qkv[r, 1], qkv[r, 2]
+    else:
+        Kr, Vr = K0, V0
+    dv = lambda t: t.to(DEV)  # noqa: E731
+    Kd, Vd = dv(K), dv(V)
+    out = kernels.decode_attention(dv(qkv)[:, 0], Kd, Vd, dv(lens), D**-0.5, kps, min(8, kps),
+                                   k_new=dv(qkv)[:, 1] if write else None, v_new=dv(qkv)[:, 2] if write else None,
+                                   prefix_len=dv(pre) if shared else None, prefix_row=prow)
+    ref = _attention_ref(qkv[:, 0], Kr, Vr, lens, D**-0.5, pre, prow)
+    torch.testing.assert_close(out.cpu(), ref, atol=ATOL32, rtol=0)
+    assert torch.equal(Kd.cpu(), Kr) and torch.equal(Vd.cpu(), Vr)
+
+
+def test_shared_prefix_reads_the_shared_row_not_its_own():
+    """A row whose own prefix holds other values gets the shared row's prefix attended (a mutation reading its
+    own keys would give the first result)."""
+    g = torch.Generator().manual_seed(3)
+    K, V = torch.randn(3, 40, 2, 16, generator=g), torch.randn(3, 40, 2, 16, generator=g)
+    q = torch.randn(3, 2, 16, generator=g)
+    lens = torch.tensor([40, 33, 21], dtype=torch.int32)
+    pre = torch.tensor([0, 20, 20], dtype=torch.int32)
+    own = kernels.decode_attention(q.to(DEV), K.to(DEV), V.to(DEV), lens.to(DEV), 0.25, 16, 8)
+    sh = kernels.decode_attention(q.to(DEV), K.to(DEV), V.to(DEV), lens.to(DEV), 0.25, 16, 8,
+                                  prefix_len=pre.to(DEV), prefix_row=0)
+    torch.testing.assert_close(sh.cpu()[0], own.cpu()[0], atol=0, rtol=0)
+    assert (sh.cpu()[1:] - own.cpu()[1:]).abs().max() > 1e-3
+    torch.testing.assert_close(sh.cpu(), _attention_ref(q, K, V, lens, 0.25, pre, 0), atol=ATOL32, rtol=0)
+
+
+def _xattn_ref(q, mk, mv, valid, prior, scale):
+    """reference.fast._xattn's steps in float64 (the reference module's own order)."""
+    rows, H, T, D = mk.shape
+    s = torch.einsum("rhd,rhtd->rht", q.view(rows, H, D).double(), mk.double()) * scale
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    p = s.softmax(-1)
+    if prior is not None:
+        p = p * (prior.double()[:, None, :] + torch.finfo(torch.float32).tiny)
+        p = p / p.sum(-1, keepdim=True)
+    p = p.masked_fill(~valid[:, None, :], 0.0)
+    return torch.einsum("rht,rhtd->rhd", p, mv.double()).reshape(rows, H * D).float(), p.float()
+
+
+@HYP
+@given(data=st.data())
+def test_cross_attention_matches_the_reference_steps(data):
+    rows = data.draw(st.integers(1, 4))
+    H = data.draw(st.sampled_from([1, 2, 4]))
+    D = data.draw(st.sampled_from([4, 16]))
+    T = data.draw(st.integers(1, 40))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    q = torch.randn(rows, H * D, generator=g)
+    mk, mv = torch.randn(rows, H, T, D, generator=g), torch.randn(rows, H, T, D, generator=g)
+    valid = torch.rand(rows, T, generator=g) < 0.7
+    valid[:, 0] |= data.draw(st.booleans())  # rows with no valid key happen too (then: zeros)
+    prior = None
+    if data.draw(st.booleans()):  # NeMo's prior: 1 in a window, epsilon elsewhere
+        prior = torch.where(torch.rand(rows, T, generator=g) < 0.3, 1.0, 1e-8).float()
+    y, p = kernels.cross_attention(q.to(DEV), mk.to(DEV), mv.to(DEV), valid.to(DEV),
+                                   prior.to(DEV) if prior is not None else None, D**-0.5)
+    y_ref, p_ref = _xattn_ref(q, mk, mv, valid, prior, D**-0.5)
+    torch.testing.assert_close(y.cpu(), y_ref, atol=ATOL32, rtol=0)
+    torch.testing.assert_close(p.cpu(), p_ref, atol=ATOL32, rtol=0)
+    assert torch.isfinite(y).all()
+
+
+@HYP
+@given(data=st.data())
+def test_topk_threshold_is_torch_topk_kth_value(data):
+    """The same float as torch.topk's k-th value, with ties, -inf (masked tokens), signed zeros and tiny values."""
+    n_rows = data.draw(st.integers(1, 6))
+    V = data.draw(st.integers(1, 300))
+    k = data.draw(st.integers(1, V))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    kind = data.draw(st.sampled_from(["normal", "ties", "specials"]))
+    x = torch.randn(n_rows, V, generator=g) * data.draw(st.sampled_from([1e-30, 1.0, 1e30]))
+    if kind == "ties":
+        x = torch.randint(-3, 4, (n_rows, V), generator=g).float()
+    elif kind == "specials":
+        pick = torch.randint(0, 5, (n_rows, V), generator=g)
+        x = torch.where(pick == 0, float("-inf"), x)
+        x = torch.where(pick == 1, 0.0, x)
+        x = torch.where(pick == 2, -0.0, x)
+    out = kernels.topk_threshold(x.to(DEV), k).cpu()
+    ref = torch.topk(x, k, dim=-1).values[..., -1:]
+    assert torch.equal(out, ref), (out, ref)
+
+
+def test_topk_threshold_rejects_bad_k_and_dtype():
+    x = torch.randn(2, 10, device=DEV)
+    with pytest.raises(ValueError, match="k=11"):
+        kernels.topk_threshold(x, 11)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.topk_threshold(x.double(), 3)
+
+
+# ---- the whole fast path with these kernels (on the CPU: interpreted) ---------------------------------------------
+
+ATOL_LOGITS = 1e-5  # as tests/reference/test_fast.py: the step's float32 ops in another order, observed <= 2e-6
+
+
+@pytest.mark.parametrize("case", ["released_small", "multihead_xattn", "four_codebooks"])
+def test_fast_path_with_triton_kernels_equals_eager(case):
+    """attn_impl="triton" with every new piece on (shared unconditional prefix, cross-attention and top-k kernels,
+    unconditional rows skipping the cross-attention): the eager reference's codes, lengths, attended positions at
+    topk=1, per-step logits within 1e-5; sampled codes (topk 20) equal for the same seed."""
+    model = copy.deepcopy(reference_model(case)).to(DEV)
+    batch = {k: v.to(DEV) for k, v in infer_inputs(load_batch(case)).items()}
+    kw = dict(use_cfg=True, topk=1, keep_logits=True)
+    ref = model.infer_batch(batch, use_kv_cache=True, **kw)
+    # 32 keys a split in two 16-key tiles: the fixtures' ~20-40 keys span splits and tiles (fewer interpreted programs)
+    fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask, attn_impl="triton", keys_per_split=32,
+                     attn_block_n=16, cuda_graphs=False)
+    assert fd.share_uncond_prefix and fd.xattn_kernel and fd.topk_kernel and fd.skip_uncond_xattn
+    out = fd.generate(batch, **kw)
+    assert torch.equal(ref.predicted_codes, out.predicted_codes)
+    assert torch.equal(ref.predicted_codes_lens, out.predicted_codes_lens)
+    assert ref.attended_text_positions == out.attended_text_positions
+    for a, b in zip(ref.step_logits, out.step_logits):
+        torch.testing.assert_close(b, a, atol=ATOL_LOGITS, rtol=0)
+    if case == "released_small":  # sampling: one case (interpreted kernels are slow)
+        torch.manual_seed(5)
+        ref_s = model.infer_batch(batch, use_kv_cache=True, use_cfg=True, topk=20, max_decoder_steps=12)
+        torch.manual_seed(5)
+        out_s = fd.generate(batch, use_cfg=True, topk=20, max_decoder_steps=12)
+        assert torch.equal(ref_s.predicted_codes, out_s.predicted_codes)
+
+
+def test_unconditional_prefix_keys_are_the_same_in_every_row():
+    """What share_uncond_prefix relies on: after step 0 the unconditional rows' first T_ctx + 1 keys and values
+    are equal in every layer (same inputs, row-independent maths), here checked on the reference's own prefill."""
+    model = reference_model("four_codebooks")  # mixed context lengths: the conditional rows differ in length
+    batch = infer_inputs(load_batch("four_codebooks"))
+    fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask)  # math: no sharing, every row its own
+    fd.generate(batch, use_cfg=True, topk=1, max_decoder_steps=4)
+    B = batch["text"].shape[0]
+    w = next(iter(fd._works.values()))
+    n = int(batch["context_audio_codes_lens"].max()) + 2 + 1  # context + its two specials + BOS
+    for i in range(model.config.decoder.n_layers):
+        for cache in (fd.k_cache[i], fd.v_cache[i]):  # (rows, H, L, Dh)
+            for r in range(B + 1, 2 * B):
+                assert torch.equal(cache[r, :, :n], cache[B, :, :n])
+    assert int(w.kv_len[B]) >= n
