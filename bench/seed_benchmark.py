@@ -536,6 +536,9 @@ def run_eager(a, model, reqs, res, bw, t0):
     print(f"[t] {time.time() - t0:.0f} s", flush=True)
 
 
+# FastDecoder's round-5 options all off: the round-4 fast path
+R4_OFF = dict(skip_uncond_xattn=False, share_uncond_prefix=False, xattn_kernel=False, topk_kernel=False)
+
 OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 sdpa+buckets", "sdpa", {}),
     ("fast bf16 flash", "flash", {}),
@@ -546,6 +549,15 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 triton128+compile", "triton", {"compile": True, "keys_per_split": 128}),
     ("fast bf16 triton+compile (separate kv write)", "triton", {"compile": True, "fused_kv_write": False}),
     ("fast bf16 triton+compile+autotune", "triton", {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}),
+    # round 5 (NOTES-fast.md), cumulative: round 4's configuration, then each CFG saving / kernel added in turn; the
+    # last equals "fast bf16 triton+compile" (the defaults)
+    ("R5.0 triton+compile as round 4", "triton", {"compile": True, **R4_OFF}),
+    ("R5.1 + uncond rows skip xattn", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True)}),
+    ("R5.2 + shared uncond prefix", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
+                                                                        share_uncond_prefix=True)}),
+    ("R5.3 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True, share_uncond_prefix=True,
+                                                                xattn_kernel=True)}),
+    ("R5.4 + topk kernel (= defaults)", "triton", {"compile": True}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),
