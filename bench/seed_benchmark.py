@@ -553,11 +553,13 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     # last equals "fast bf16 triton+compile" (the defaults)
     ("R5.0 triton+compile as round 4", "triton", {"compile": True, **R4_OFF}),
     ("R5.1 + uncond rows skip xattn", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True)}),
-    ("R5.2 + shared uncond prefix", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
-                                                                        share_uncond_prefix=True)}),
-    ("R5.3 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True, share_uncond_prefix=True,
-                                                                xattn_kernel=True)}),
-    ("R5.4 + topk kernel (= defaults)", "triton", {"compile": True}),
+    ("R5.2 + shared uncond prefix (rows)", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
+                                                                              share_uncond_prefix="rows")}),
+    ("R5.3 + shared uncond prefix (grouped)", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
+                                                                                 share_uncond_prefix="grouped")}),
+    ("R5.4 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
+                                                                share_uncond_prefix="grouped", xattn_kernel=True)}),
+    ("R5.5 + topk kernel (= defaults)", "triton", {"compile": True}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

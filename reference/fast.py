@@ -231,8 +231,9 @@ class FastDecoder:
     skip_uncond_xattn: the unconditional rows' memory is zero and no layer has a bias, so their cross-attention
     adds exactly 0: decode steps run the cross-attention (query, scores, prior, o_net) on the conditional rows only.
     share_uncond_prefix (triton attention): the unconditional rows all start with the same inputs (zero context,
-    every position valid, then BOS), so their first ``T_ctx + 1`` keys/values are the same; the kernel reads them
-    from one row (which stays in L2) instead of each row's own copy.
+    every position valid, then BOS), so their first ``T_ctx + 1`` keys/values are the same. "grouped" (True, where
+    tiles fit): one program per (head, 64 keys) multiplies all unconditional queries by the one shared copy, and
+    each row's own programs start after the prefix; "rows": each row's programs read the shared copy (in L2).
     Kernels (reference/kernels.py; None = on with ``attn_impl="triton"``): xattn_kernel -- the cross-attention core
     (scores, mask, softmax, prior, weighted values) in one kernel instead of two batched products and a fused
     softmax chain; topk_kernel -- the sampler's k-th largest logit by a bitwise search instead of torch.topk's sort
@@ -258,7 +259,7 @@ class FastDecoder:
         attn_block_n: int = 64,
         attn_num_warps: int = 4,
         skip_uncond_xattn: bool = True,
-        share_uncond_prefix: bool = True,
+        share_uncond_prefix: bool | str = True,
         xattn_kernel: Optional[bool] = None,
         topk_kernel: Optional[bool] = None,
     ):
@@ -303,7 +304,7 @@ class FastDecoder:
         if self.cuda_graphs and not is_cuda:
             raise ValueError("cuda_graphs needs a CUDA device")
         self.skip_uncond_xattn = bool(skip_uncond_xattn)
-        self.share_uncond_prefix = bool(share_uncond_prefix) and attn_impl == "triton"
+        self.share_uncond_prefix = self._prefix_mode(share_uncond_prefix, attn_impl, d.sa_d_head)
         use_k = lambda v: attn_impl == "triton" if v is None else bool(v)  # noqa: E731
         self.xattn_kernel, self.topk_kernel = use_k(xattn_kernel), use_k(topk_kernel)
         if (self.xattn_kernel or self.topk_kernel) and not kernels.usable(self.device):
@@ -361,6 +362,19 @@ class FastDecoder:
         self._fn_head = _MaybeCompiled(_f_head, self.compile, mode)
         self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)  # no GEMMs: the default mode
         self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
+
+    def _prefix_mode(self, share, attn_impl: str, d_head: int) -> Optional[str]:
+        """share_uncond_prefix -> None, "rows" or "grouped" (True: grouped where its products fit, else rows)."""
+        if share is False or share is None or attn_impl != "triton":
+            return None
+        fits = self.keys_per_split >= 16 and d_head >= 16  # tl.dot tiles: >= 16 keys and dims
+        mode = ("grouped" if fits else "rows") if share is True else share
+        if mode not in ("rows", "grouped"):
+            raise ValueError(f"share_uncond_prefix must be a bool, 'rows' or 'grouped', got {share!r}")
+        if mode == "grouped" and not fits:
+            raise ValueError(f"share_uncond_prefix='grouped' needs keys_per_split >= 16 and a head size >= 16, got "
+                             f"{self.keys_per_split} and {d_head}")
+        return mode
 
     @property
     def compile_errors(self) -> dict:
@@ -547,7 +561,7 @@ class FastDecoder:
         # CFG's unconditional rows: the same inputs up to and including BOS (zero context, all positions valid),
         # hence the same T_new keys in every layer; the triton kernel reads them from row B
         w.pre_len.zero_()
-        if use_cfg and self.share_uncond_prefix:
+        if use_cfg and self.share_uncond_prefix is not None:
             w.pre_len[B:] = T_new
         w.pos.fill_(T_new)
         self._prefill_out = (logits, scores)
@@ -630,7 +644,8 @@ class FastDecoder:
                 y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
                                                   prior, xa.scale)
                 x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"], k1)
-                prob = prob.mean(dim=1)[:, None, :] if need else None  # (nc, 1, T_text), as the torch path's
+                if need:  # (nc, 1, T_text), as the torch path's; one head: a view, not a reduction kernel
+                    prob = prob if prob.shape[1] == 1 else prob.mean(dim=1, keepdim=True)
             else:
                 x, prob = self._fn_post(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], w.mem_k[i][:nc],
                                         w.mem_v[i][:nc], w.cond_neg[:nc], prior, lw["w_xo"], lw["ln_ff"],
@@ -658,20 +673,21 @@ class FastDecoder:
             flat, seq = actx
             L = self.max_len
             if self.attn_impl == "triton" and self.fused_kv_write:
-                shared = self.share_uncond_prefix and rows > w.B
+                shared = self.share_uncond_prefix is not None and rows > w.B
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
-                                             num_warps=self.attn_num_warps,
-                                             prefix_len=w.pre_len if shared else None, prefix_row=w.B)
+                                             num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
+                                             prefix_row=w.B, prefix_mode=self.share_uncond_prefix or "rows")
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)
             if self.attn_impl == "triton":
-                shared = self.share_uncond_prefix and rows > w.B
+                shared = self.share_uncond_prefix is not None and rows > w.B
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps,
-                                             prefix_len=w.pre_len if shared else None, prefix_row=w.B)
+                                             prefix_len=w.pre_len if shared else None, prefix_row=w.B,
+                                             prefix_mode=self.share_uncond_prefix or "rows")
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,

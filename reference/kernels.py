@@ -56,20 +56,28 @@ def _kernels() -> dict:
     @triton.jit
     def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, prefix_off, scale, stride_qr, stride_kr, stride_kl,
                      stride_nr, H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, SHARED: tl.constexpr):
+                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, MODE: tl.constexpr, I64: tl.constexpr):
+        # MODE 0: row r's keys [0, n); 1: keys [0, pre) read from the shared row, [pre, n) from row r's own;
+        # 2: only row r's own keys [pre, n) (prefix_kernel attends the shared prefix for all rows at once)
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
         h = rh % H
         n = tl.load(LENS + r)
-        start = sp * KPS
+        if MODE == 2:
+            start = tl.load(PRE + r) + sp * KPS
+        else:
+            start = sp * KPS
         end = tl.minimum(n, start + KPS)
         d = tl.arange(0, D)
         q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
-        own = r.to(tl.int64) * stride_kr + h * D
+        if I64:  # caches of >= 2**31 elements: 64-bit offsets (else 32-bit: cheaper per element)
+            own = r.to(tl.int64) * stride_kr + h * D
+        else:
+            own = r * stride_kr + h * D
         newest = n - 1
         if WRITE_NEW:
             # This step's key/value (position n - 1) come in KN/VN: the program whose split holds that position
@@ -80,19 +88,18 @@ def _kernels() -> dict:
             if (newest >= start) & (newest < start + KPS):
                 tl.store(K + own + newest * stride_kl + d, k_new)
                 tl.store(V + own + newest * stride_kl + d, v_new)
-        if SHARED:
+        if MODE == 1:
             pre = tl.load(PRE + r)
-            shared = prefix_off + h * D  # prefix_off: the shared row's offset (host int, int64 if large)
+            shared = prefix_off + h * D  # prefix_off: the shared row's offset (host int)
         for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
             idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = idx < end
-            if SHARED:
-                # keys [0, pre) of this row are those of row prefix_row (the same inputs gave the same keys): all
+            if MODE == 1:
+                # keys [0, pre) of this row are those of the shared row (the same inputs gave the same keys): all
                 # rows that share them read one copy, which stays in L2
-                base = tl.where(idx < pre, shared, own)
+                off = tl.where(idx < pre, shared, own)[:, None] + idx[:, None] * stride_kl + d[None, :]
             else:
-                base = own + tl.zeros([BLOCK_N], dtype=tl.int64)
-            off = base[:, None] + idx[:, None].to(tl.int64) * stride_kl + d[None, :]
+                off = own + idx[:, None] * stride_kl + d[None, :]
             k = tl.load(K + off, mask=valid[:, None], other=0.0).to(tl.float32)
             v = tl.load(V + off, mask=valid[:, None], other=0.0).to(tl.float32)
             if WRITE_NEW:
@@ -114,36 +121,88 @@ def _kernels() -> dict:
         tl.store(OO + o * D + d, acc)
 
     @triton.jit
-    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
+    def prefix_kernel(Q, K, V, PRE, MO, LO, OO, first_row, n_rows, prefix_off, scale, stride_qr, stride_kl,
+                      H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+        # rows first_row .. first_row + n_rows - 1 all attend the same prefix keys [0, P) of the shared row (at
+        # prefix_off): program (head, split, row block) multiplies BLOCK_R queries by one tile of KPS keys, float32
+        # products ("ieee": no TF32), and writes each row's partial (max, sum, unnormalised output) of that split
+        h = tl.program_id(0)
+        sp = tl.program_id(1)
+        rb = tl.program_id(2)
+        P = tl.load(PRE + first_row)
+        ri = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        rin = ri < n_rows
+        rows = first_row + ri
+        d = tl.arange(0, D)
+        kk = sp * KPS + tl.arange(0, KPS)
+        kin = kk < P
+        q = tl.load(Q + rows[:, None] * stride_qr + h * D + d[None, :], mask=rin[:, None], other=0.0).to(tl.float32)
+        koff = prefix_off + kk[:, None] * stride_kl + h * D + d[None, :]
+        k = tl.load(K + koff, mask=kin[:, None], other=0.0).to(tl.float32)
+        v = tl.load(V + koff, mask=kin[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_R, KPS)
+        s = tl.where(kin[None, :], s, -float("inf"))
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == -float("inf"), 0.0, m)
+        pexp = tl.exp(s - m_safe[:, None])
+        l = tl.sum(pexp, axis=1)
+        acc = tl.dot(pexp, v, input_precision="ieee")  # (BLOCK_R, D)
+        o = (rows * H + h) * NSPLIT + sp
+        tl.store(MO + o, m, mask=rin)
+        tl.store(LO + o, l, mask=rin)
+        tl.store(OO + o[:, None] * D + d[None, :], acc, mask=rin[:, None])
+
+    @triton.jit
+    def combine_kernel(MO, LO, OO, OUT, MP, LP, OP, PRE, H: tl.constexpr, NSPLIT: tl.constexpr,
+                       NS_P2: tl.constexpr, NSP: tl.constexpr, NSP_P2: tl.constexpr, D: tl.constexpr,
+                       GROUPED: tl.constexpr):
+        # merges a (row, head)'s split partials (and, GROUPED, its prefix partials when the row has a prefix)
         rh = tl.program_id(0)
         s = tl.arange(0, NS_P2)
         sm = s < NSPLIT
+        d = tl.arange(0, D)
         m = tl.load(MO + rh * NSPLIT + s, mask=sm, other=-float("inf"))
         l = tl.load(LO + rh * NSPLIT + s, mask=sm, other=0.0)
-        mx = tl.max(m, axis=0)  # finite: split 0 holds >= 1 key
-        wgt = tl.where(sm & (m > -float("inf")), tl.exp(m - mx), 0.0)
-        d = tl.arange(0, D)
         acc = tl.load(OO + (rh * NSPLIT + s)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
+        mx = tl.max(m, axis=0)
+        if GROUPED:
+            sp = tl.arange(0, NSP_P2)
+            spm = (sp < NSP) & (tl.load(PRE + rh // H) > 0)
+            m2 = tl.load(MP + rh * NSP + sp, mask=spm, other=-float("inf"))
+            l2 = tl.load(LP + rh * NSP + sp, mask=spm, other=0.0)
+            acc2 = tl.load(OP + (rh * NSP + sp)[:, None] * D + d[None, :], mask=spm[:, None], other=0.0)
+            mx = tl.maximum(mx, tl.max(m2, axis=0))
+        # mx is finite: every row has >= 1 key somewhere
+        wgt = tl.where(m > -float("inf"), tl.exp(m - mx), 0.0)
         num = tl.sum(acc * wgt[:, None], axis=0)
         den = tl.sum(l * wgt, axis=0)
+        if GROUPED:
+            wgt2 = tl.where(m2 > -float("inf"), tl.exp(m2 - mx), 0.0)
+            num += tl.sum(acc2 * wgt2[:, None], axis=0)
+            den += tl.sum(l2 * wgt2, axis=0)
         tl.store(OUT + rh * D + d, (num / den).to(OUT.dtype.element_ty))
 
     @triton.jit
     def xattn_kernel(Q, K, V, VALID, PRIOR, OUT, PROB, T, scale, tiny, stride_qr, stride_kr, stride_kh, stride_kt,
                      stride_vr, stride_vh, stride_vt, stride_mr, stride_pr, stride_or,
-                     H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_PRIOR: tl.constexpr):
+                     H: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BLOCK_T: tl.constexpr,
+                     HAS_PRIOR: tl.constexpr):
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
         t = tl.arange(0, BLOCK_T)
-        d = tl.arange(0, D)
+        dc = tl.arange(0, DC)
         tin = t < T
         valid = (tl.load(VALID + r * stride_mr + t, mask=tin, other=0) != 0) & tin
-        q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
-        k = tl.load(K + r * stride_kr + h * stride_kh + t[:, None] * stride_kt + d[None, :], mask=tin[:, None],
-                    other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], axis=1) * scale
-        s = tl.where(valid, s, -float("inf"))
+        # the head's D dims in chunks of DC: a (BLOCK_T, DC) tile at a time stays in registers
+        s = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for c in tl.static_range(D // DC):
+            q = tl.load(Q + r * stride_qr + h * D + c * DC + dc).to(tl.float32)
+            k = tl.load(K + r * stride_kr + h * stride_kh + t[:, None] * stride_kt + (c * DC + dc)[None, :],
+                        mask=tin[:, None], other=0.0).to(tl.float32)
+            s += tl.sum(k * q[None, :], axis=1)
+        s = tl.where(valid, s * scale, -float("inf"))
         mx = tl.max(s, axis=0)
         e = tl.where(valid, tl.exp(s - tl.where(mx == -float("inf"), 0.0, mx)), 0.0)
         if HAS_PRIOR:
@@ -151,11 +210,12 @@ def _kernels() -> dict:
             e = e * (tl.load(PRIOR + r * stride_pr + t, mask=tin, other=0.0) + tiny)
         den = tl.sum(e, axis=0)
         p = e / tl.where(den > 0, den, 1.0)  # a row with no valid key: zeros, as NeMo's masked_fill leaves it
-        v = tl.load(V + r * stride_vr + h * stride_vh + t[:, None] * stride_vt + d[None, :], mask=tin[:, None],
-                    other=0.0).to(tl.float32)
-        y = tl.sum(p[:, None] * v, axis=0)
-        tl.store(OUT + r * stride_or + h * D + d, y.to(OUT.dtype.element_ty))
         tl.store(PROB + rh * T + t, p, mask=tin)
+        for c in tl.static_range(D // DC):
+            v = tl.load(V + r * stride_vr + h * stride_vh + t[:, None] * stride_vt + (c * DC + dc)[None, :],
+                        mask=tin[:, None], other=0.0).to(tl.float32)
+            y = tl.sum(p[:, None] * v, axis=0)
+            tl.store(OUT + r * stride_or + h * D + c * DC + dc, y.to(OUT.dtype.element_ty))
 
     @triton.jit
     def kth_kernel(X, OUT, N, k, stride_r, BLOCK: tl.constexpr):
@@ -177,7 +237,8 @@ def _kernels() -> dict:
         out = tl.where(t < 0, t ^ 0x7FFFFFFF, t)
         tl.store(OUT + r, out.to(tl.float32, bitcast=True))
 
-    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel,
+    _BUILT[key] = dict(split=split_kernel, prefix=prefix_kernel, combine=combine_kernel, xattn=xattn_kernel,
+                       kth=kth_kernel,
                        next_pow2=triton.next_power_of_2)
     return _BUILT[key]
 
@@ -194,7 +255,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 4,
-                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0):
+                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, prefix_mode: str = "rows"):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
@@ -203,7 +264,10 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     k_new / v_new (rows, H, Dh), same layout rules as q: this step's key and value, written into the cache at
     position lens - 1 by the kernel itself (one kernel instead of two cache writes and the attention).
     prefix_len (rows,) int32: row r's keys [0, prefix_len[r]) are read from row ``prefix_row`` instead of its own
-    (0 = none); the caller vouches that those keys are equal.
+    (0 = none; the caller vouches that those keys are equal, and that lens - 1 lies past the prefix when writing).
+    prefix_mode "rows": each row's programs read the shared keys (one copy, L2-resident); "grouped": rows
+    prefix_row.. all have the same prefix length (rows before prefix_row none), and one program per (head, split)
+    multiplies all their queries by a tile of shared keys; each row's own programs then start after the prefix.
 
     Equals, per row r and head h: ``softmax(q[r, h] @ K[r, :lens[r], h].T * scale) @ V[r, :lens[r], h]`` with
     K[r, j] replaced by K[prefix_row, j] for j < prefix_len[r], after the k_new/v_new write.
@@ -217,25 +281,44 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     block_n = min(block_n, keys_per_split)
     assert keys_per_split % block_n == 0
     ns = -(-min(L, max_keys or L) // keys_per_split)
-    mo = torch.empty(rows * H * ns, device=q.device, dtype=torch.float32)
+    dev = q.device
+    mo = torch.empty(rows * H * ns, device=dev, dtype=torch.float32)
     lo = torch.empty_like(mo)
-    oo = torch.empty(rows * H * ns * D, device=q.device, dtype=torch.float32)
-    out = torch.empty(rows, H, D, device=q.device, dtype=q.dtype)
+    oo = torch.empty(rows * H * ns * D, device=dev, dtype=torch.float32)
+    out = torch.empty(rows, H, D, device=dev, dtype=q.dtype)
     write = k_new is not None
     if write:
         assert v_new is not None and k_new.stride() == v_new.stride() and k_new.stride(2) == 1 and k_new.stride(1) == D
         assert k_new.dtype == v_new.dtype == k_cache.dtype
     kn, vn = (k_new, v_new) if write else (q, q)
-    shared = prefix_len is not None
-    if shared:
+    mode = 0
+    if prefix_len is not None:
+        if prefix_mode not in ("rows", "grouped"):
+            raise ValueError(f"prefix_mode must be 'rows' or 'grouped', got {prefix_mode!r}")
         assert prefix_len.dtype == torch.int32 and prefix_len.shape == (rows,) and 0 <= prefix_row < rows
-    pre = prefix_len if shared else lens
+        mode = 1 if prefix_mode == "rows" else 2
+    pre = prefix_len if mode else lens
     prefix_off = int(prefix_row) * k_cache.stride(0)
+    i64 = k_cache.numel() >= 2**31 or q.numel() >= 2**31
     kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, prefix_off, scale,
                                   q.stride(0), k_cache.stride(0), k_cache.stride(1), kn.stride(0), H=H, D=D,
-                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
-                                  num_warps=num_warps)
-    kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
+                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, MODE=mode,
+                                  I64=i64, num_warps=num_warps)
+    mp, lp, op, nsp = mo, lo, oo, 1
+    if mode == 2:
+        # the prefix splits: as many as the own splits (the graph's grid is static; the prefix is < max_keys)
+        nsp = ns
+        mp, lp = torch.empty_like(mo), torch.empty_like(mo)
+        op = torch.empty_like(oo)
+        n_pre = rows - prefix_row
+        block_r = max(16, min(64, kern["next_pow2"](n_pre)))
+        kern["prefix"][(H, nsp, -(-n_pre // block_r))](q, k_cache, v_cache, pre, mp, lp, op, int(prefix_row), n_pre,
+                                                        prefix_off, scale, q.stride(0), k_cache.stride(1), H=H, D=D,
+                                                        NSPLIT=nsp, KPS=keys_per_split, BLOCK_R=block_r,
+                                                        num_warps=8)
+    p2 = kern["next_pow2"]
+    kern["combine"][(rows * H,)](mo, lo, oo, out, mp, lp, op, pre, H=H, NSPLIT=ns, NS_P2=p2(ns), NSP=nsp,
+                                 NSP_P2=p2(nsp), D=D, GROUPED=mode == 2, num_warps=2)
     return out
 
 
@@ -266,7 +349,8 @@ def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale
     kern["xattn"][(rows * H,)](q, mem_k, mem_v, vm, pr, out, prob, T, scale, _TINY, q.stride(0), mem_k.stride(0),
                                mem_k.stride(1), mem_k.stride(2), mem_v.stride(0), mem_v.stride(1), mem_v.stride(2),
                                vm.stride(0), pr.stride(0), out.stride(0), H=H, D=D,
-                               BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None, num_warps=num_warps)
+                               DC=min(D, 32), BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None,
+                               num_warps=num_warps)
     return out, prob
 
 
