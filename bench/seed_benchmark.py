@@ -507,6 +507,8 @@ def main(argv=None) -> int:
     if "profile_opt" in parts:
         try:
             kw = dict(attn_impl=a.profile_attn if DEV == "cuda" else "math", compile=True)
+            if kw["attn_impl"] == "triton":  # the sweeps' best tiles, when given (bench/gpu_round7.sh)
+                kw.update(**json.loads(os.environ.get("ATTN_KW") or "{}"), **json.loads(os.environ.get("XATTN_KW") or "{}"))
             profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt",
                          start=a.profile_from)
         except Exception as e:
@@ -537,7 +539,8 @@ def run_eager(a, model, reqs, res, bw, t0):
 
 
 # FastDecoder's round-5 options all off: the round-4 fast path
-R4_OFF = dict(skip_uncond_xattn=False, share_uncond_prefix=False, xattn_kernel=False, topk_kernel=False)
+R4_OFF = dict(skip_uncond_xattn=False, share_uncond_prefix=False, xattn_kernel=False, topk_kernel=False,
+              attn_num_warps=4)
 
 OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 sdpa+buckets", "sdpa", {}),
@@ -552,14 +555,17 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     # round 5 (NOTES-fast.md), cumulative: round 4's configuration, then each CFG saving / kernel added in turn; the
     # last equals "fast bf16 triton+compile" (the defaults)
     ("R5.0 triton+compile as round 4", "triton", {"compile": True, **R4_OFF}),
-    ("R5.1 + uncond rows skip xattn", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True)}),
-    ("R5.2 + shared uncond prefix (rows)", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
-                                                                              share_uncond_prefix="rows")}),
-    ("R5.3 + shared uncond prefix (grouped)", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
-                                                                                 share_uncond_prefix="grouped")}),
-    ("R5.4 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, skip_uncond_xattn=True,
-                                                                share_uncond_prefix="grouped", xattn_kernel=True)}),
+    ("R5.1 + 2 warps", "triton", {"compile": True, **dict(R4_OFF, attn_num_warps=2)}),
+    ("R5.2 + uncond rows skip xattn", "triton", {"compile": True, **dict(R4_OFF, attn_num_warps=2,
+                                                                         skip_uncond_xattn=True)}),
+    ("R5.3 + shared uncond prefix", "triton", {"compile": True, **dict(R4_OFF, attn_num_warps=2, skip_uncond_xattn=True,
+                                                                       share_uncond_prefix=True)}),
+    ("R5.4 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, attn_num_warps=2, skip_uncond_xattn=True,
+                                                                share_uncond_prefix=True, xattn_kernel=True)}),
     ("R5.5 + topk kernel (= defaults)", "triton", {"compile": True}),
+    # the defaults with the best of bench/attn_sweep.py ($ATTN_KW) and bench/xattn_sweep.py ($XATTN_KW), JSON
+    ("R5.6 defaults + ATTN_KW + XATTN_KW", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}"),
+                                                      **json.loads(os.environ.get("XATTN_KW") or "{}")}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

@@ -221,9 +221,11 @@ class FastDecoder:
     compile: torch.compile (inductor, fullgraph, static shapes) the per-layer work around the attention kernel and
     the sampling/prior step, inside the CUDA graphs. CUDA only: elsewhere it is ignored (the plain functions run);
     a compile error falls back to the plain function with a warning (``compile_errors``).
-    keys_per_split, attn_block_n, attn_num_warps: the triton attention's keys per program, keys per loaded tile and
-    warps per program (bench/attn_sweep.py times a few). fused_kv_write: the triton kernel writes the step's
-    key/value into the cache itself (else two index_copy_ kernels a layer before it).
+    keys_per_split, attn_block_n, attn_num_warps, attn_num_stages: the triton attention's keys per program, keys per
+    loaded tile, warps per program and software-pipeline stages (None: Triton's default) (bench/attn_sweep.py times
+    a few). fused_kv_write: the triton kernel writes the step's key/value into the cache itself (else two
+    index_copy_ kernels a layer before it). xattn_num_warps, xattn_d_chunk: the cross-attention kernel's warps and
+    head dims per tile (None: all).
     compile_mode: torch.compile's mode for compile=True (None = default; "max-autotune-no-cudagraphs" lets inductor
     time Triton GEMM templates with fused epilogues against cuBLAS: minutes of compilation).
 
@@ -231,9 +233,8 @@ class FastDecoder:
     skip_uncond_xattn: the unconditional rows' memory is zero and no layer has a bias, so their cross-attention
     adds exactly 0: decode steps run the cross-attention (query, scores, prior, o_net) on the conditional rows only.
     share_uncond_prefix (triton attention): the unconditional rows all start with the same inputs (zero context,
-    every position valid, then BOS), so their first ``T_ctx + 1`` keys/values are the same. "grouped" (True, where
-    tiles fit): one program per (head, 64 keys) multiplies all unconditional queries by the one shared copy, and
-    each row's own programs start after the prefix; "rows": each row's programs read the shared copy (in L2).
+    every position valid, then BOS), so their first ``T_ctx + 1`` keys/values are the same; the kernel reads them
+    from one row (which stays in L2) instead of each row's own copy.
     Kernels (reference/kernels.py; None = on with ``attn_impl="triton"``): xattn_kernel -- the cross-attention core
     (scores, mask, softmax, prior, weighted values) in one kernel instead of two batched products and a fused
     softmax chain; topk_kernel -- the sampler's k-th largest logit by a bitwise search instead of torch.topk's sort
@@ -257,9 +258,12 @@ class FastDecoder:
         fused_kv_write: bool = True,
         compile_mode: Optional[str] = None,
         attn_block_n: int = 64,
-        attn_num_warps: int = 4,
+        attn_num_warps: int = 2,
+        attn_num_stages: Optional[int] = None,
+        xattn_num_warps: int = 4,
+        xattn_d_chunk: Optional[int] = None,
         skip_uncond_xattn: bool = True,
-        share_uncond_prefix: bool | str = True,
+        share_uncond_prefix: bool = True,
         xattn_kernel: Optional[bool] = None,
         topk_kernel: Optional[bool] = None,
     ):
@@ -297,6 +301,8 @@ class FastDecoder:
         self.keys_per_split = int(keys_per_split)
         self.fused_kv_write = bool(fused_kv_write)
         self.attn_block_n, self.attn_num_warps = int(attn_block_n), int(attn_num_warps)
+        self.attn_num_stages = attn_num_stages
+        self.xattn_num_warps, self.xattn_d_chunk = int(xattn_num_warps), xattn_d_chunk
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
             raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
         self.attn_impl = attn_impl
@@ -304,7 +310,7 @@ class FastDecoder:
         if self.cuda_graphs and not is_cuda:
             raise ValueError("cuda_graphs needs a CUDA device")
         self.skip_uncond_xattn = bool(skip_uncond_xattn)
-        self.share_uncond_prefix = self._prefix_mode(share_uncond_prefix, attn_impl, d.sa_d_head)
+        self.share_uncond_prefix = bool(share_uncond_prefix) and attn_impl == "triton"
         use_k = lambda v: attn_impl == "triton" if v is None else bool(v)  # noqa: E731
         self.xattn_kernel, self.topk_kernel = use_k(xattn_kernel), use_k(topk_kernel)
         if (self.xattn_kernel or self.topk_kernel) and not kernels.usable(self.device):
@@ -362,19 +368,6 @@ class FastDecoder:
         self._fn_head = _MaybeCompiled(_f_head, self.compile, mode)
         self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)  # no GEMMs: the default mode
         self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
-
-    def _prefix_mode(self, share, attn_impl: str, d_head: int) -> Optional[str]:
-        """share_uncond_prefix -> None, "rows" or "grouped" (True: grouped where its products fit, else rows)."""
-        if share is False or share is None or attn_impl != "triton":
-            return None
-        fits = self.keys_per_split >= 16 and d_head >= 16  # tl.dot tiles: >= 16 keys and dims
-        mode = ("grouped" if fits else "rows") if share is True else share
-        if mode not in ("rows", "grouped"):
-            raise ValueError(f"share_uncond_prefix must be a bool, 'rows' or 'grouped', got {share!r}")
-        if mode == "grouped" and not fits:
-            raise ValueError(f"share_uncond_prefix='grouped' needs keys_per_split >= 16 and a head size >= 16, got "
-                             f"{self.keys_per_split} and {d_head}")
-        return mode
 
     @property
     def compile_errors(self) -> dict:
@@ -561,7 +554,7 @@ class FastDecoder:
         # CFG's unconditional rows: the same inputs up to and including BOS (zero context, all positions valid),
         # hence the same T_new keys in every layer; the triton kernel reads them from row B
         w.pre_len.zero_()
-        if use_cfg and self.share_uncond_prefix is not None:
+        if use_cfg and self.share_uncond_prefix:
             w.pre_len[B:] = T_new
         w.pos.fill_(T_new)
         self._prefill_out = (logits, scores)
@@ -642,7 +635,7 @@ class FastDecoder:
             if self.xattn_kernel:
                 x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc)
                 y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
-                                                  prior, xa.scale)
+                                                  prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
                 x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"], k1)
                 if need:  # (nc, 1, T_text), as the torch path's; one head: a view, not a reduction kernel
                     prob = prob if prob.shape[1] == 1 else prob.mean(dim=1, keepdim=True)
@@ -673,21 +666,21 @@ class FastDecoder:
             flat, seq = actx
             L = self.max_len
             if self.attn_impl == "triton" and self.fused_kv_write:
-                shared = self.share_uncond_prefix is not None and rows > w.B
+                shared = self.share_uncond_prefix and rows > w.B
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
                                              num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
-                                             prefix_row=w.B, prefix_mode=self.share_uncond_prefix or "rows")
+                                             prefix_row=w.B, num_stages=self.attn_num_stages)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)
             if self.attn_impl == "triton":
-                shared = self.share_uncond_prefix is not None and rows > w.B
+                shared = self.share_uncond_prefix and rows > w.B
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps,
                                              prefix_len=w.pre_len if shared else None, prefix_row=w.B,
-                                             prefix_mode=self.share_uncond_prefix or "rows")
+                                             num_stages=self.attn_num_stages)
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,

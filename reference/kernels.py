@@ -56,18 +56,16 @@ def _kernels() -> dict:
     @triton.jit
     def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, prefix_off, scale, stride_qr, stride_kr, stride_kl,
                      stride_nr, H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, MODE: tl.constexpr, I64: tl.constexpr):
-        # MODE 0: row r's keys [0, n); 1: keys [0, pre) read from the shared row, [pre, n) from row r's own;
-        # 2: only row r's own keys [pre, n) (prefix_kernel attends the shared prefix for all rows at once)
+                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, SHARED: tl.constexpr, I64: tl.constexpr,
+                     OUT_DIRECT: tl.constexpr):
+        # SHARED: keys [0, pre) are read from the shared row, [pre, n) from row r's own. OUT_DIRECT (one split):
+        # MO is the output, written normalised (no combine kernel)
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
         h = rh % H
         n = tl.load(LENS + r)
-        if MODE == 2:
-            start = tl.load(PRE + r) + sp * KPS
-        else:
-            start = sp * KPS
+        start = sp * KPS
         end = tl.minimum(n, start + KPS)
         d = tl.arange(0, D)
         q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
@@ -88,13 +86,13 @@ def _kernels() -> dict:
             if (newest >= start) & (newest < start + KPS):
                 tl.store(K + own + newest * stride_kl + d, k_new)
                 tl.store(V + own + newest * stride_kl + d, v_new)
-        if MODE == 1:
+        if SHARED:
             pre = tl.load(PRE + r)
             shared = prefix_off + h * D  # prefix_off: the shared row's offset (host int)
         for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
             idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = idx < end
-            if MODE == 1:
+            if SHARED:
                 # keys [0, pre) of this row are those of the shared row (the same inputs gave the same keys): all
                 # rows that share them read one copy, which stays in L2
                 off = tl.where(idx < pre, shared, own)[:, None] + idx[:, None] * stride_kl + d[None, :]
@@ -115,72 +113,27 @@ def _kernels() -> dict:
             acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(pexp, axis=0)
             m_i = m_new
-        o = rh * NSPLIT + sp
-        tl.store(MO + o, m_i)
-        tl.store(LO + o, l_i)
-        tl.store(OO + o * D + d, acc)
+        if OUT_DIRECT:
+            tl.store(MO + rh * D + d, (acc / l_i).to(MO.dtype.element_ty))
+        else:
+            o = rh * NSPLIT + sp
+            tl.store(MO + o, m_i)
+            tl.store(LO + o, l_i)
+            tl.store(OO + o * D + d, acc)
 
     @triton.jit
-    def prefix_kernel(Q, K, V, PRE, MO, LO, OO, first_row, n_rows, prefix_off, scale, stride_qr, stride_kl,
-                      H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
-        # rows first_row .. first_row + n_rows - 1 all attend the same prefix keys [0, P) of the shared row (at
-        # prefix_off): program (head, split, row block) multiplies BLOCK_R queries by one tile of KPS keys, float32
-        # products ("ieee": no TF32), and writes each row's partial (max, sum, unnormalised output) of that split
-        h = tl.program_id(0)
-        sp = tl.program_id(1)
-        rb = tl.program_id(2)
-        P = tl.load(PRE + first_row)
-        ri = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-        rin = ri < n_rows
-        rows = first_row + ri
-        d = tl.arange(0, D)
-        kk = sp * KPS + tl.arange(0, KPS)
-        kin = kk < P
-        q = tl.load(Q + rows[:, None] * stride_qr + h * D + d[None, :], mask=rin[:, None], other=0.0).to(tl.float32)
-        koff = prefix_off + kk[:, None] * stride_kl + h * D + d[None, :]
-        k = tl.load(K + koff, mask=kin[:, None], other=0.0).to(tl.float32)
-        v = tl.load(V + koff, mask=kin[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_R, KPS)
-        s = tl.where(kin[None, :], s, -float("inf"))
-        m = tl.max(s, axis=1)
-        m_safe = tl.where(m == -float("inf"), 0.0, m)
-        pexp = tl.exp(s - m_safe[:, None])
-        l = tl.sum(pexp, axis=1)
-        acc = tl.dot(pexp, v, input_precision="ieee")  # (BLOCK_R, D)
-        o = (rows * H + h) * NSPLIT + sp
-        tl.store(MO + o, m, mask=rin)
-        tl.store(LO + o, l, mask=rin)
-        tl.store(OO + o[:, None] * D + d[None, :], acc, mask=rin[:, None])
-
-    @triton.jit
-    def combine_kernel(MO, LO, OO, OUT, MP, LP, OP, PRE, H: tl.constexpr, NSPLIT: tl.constexpr,
-                       NS_P2: tl.constexpr, NSP: tl.constexpr, NSP_P2: tl.constexpr, D: tl.constexpr,
-                       GROUPED: tl.constexpr):
-        # merges a (row, head)'s split partials (and, GROUPED, its prefix partials when the row has a prefix)
+    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
         rh = tl.program_id(0)
         s = tl.arange(0, NS_P2)
         sm = s < NSPLIT
-        d = tl.arange(0, D)
         m = tl.load(MO + rh * NSPLIT + s, mask=sm, other=-float("inf"))
         l = tl.load(LO + rh * NSPLIT + s, mask=sm, other=0.0)
+        mx = tl.max(m, axis=0)  # finite: split 0 holds >= 1 key
+        wgt = tl.where(sm & (m > -float("inf")), tl.exp(m - mx), 0.0)
+        d = tl.arange(0, D)
         acc = tl.load(OO + (rh * NSPLIT + s)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
-        mx = tl.max(m, axis=0)
-        if GROUPED:
-            sp = tl.arange(0, NSP_P2)
-            spm = (sp < NSP) & (tl.load(PRE + rh // H) > 0)
-            m2 = tl.load(MP + rh * NSP + sp, mask=spm, other=-float("inf"))
-            l2 = tl.load(LP + rh * NSP + sp, mask=spm, other=0.0)
-            acc2 = tl.load(OP + (rh * NSP + sp)[:, None] * D + d[None, :], mask=spm[:, None], other=0.0)
-            mx = tl.maximum(mx, tl.max(m2, axis=0))
-        # mx is finite: every row has >= 1 key somewhere
-        wgt = tl.where(m > -float("inf"), tl.exp(m - mx), 0.0)
         num = tl.sum(acc * wgt[:, None], axis=0)
         den = tl.sum(l * wgt, axis=0)
-        if GROUPED:
-            wgt2 = tl.where(m2 > -float("inf"), tl.exp(m2 - mx), 0.0)
-            num += tl.sum(acc2 * wgt2[:, None], axis=0)
-            den += tl.sum(l2 * wgt2, axis=0)
         tl.store(OUT + rh * D + d, (num / den).to(OUT.dtype.element_ty))
 
     @triton.jit
@@ -237,8 +190,7 @@ def _kernels() -> dict:
         out = tl.where(t < 0, t ^ 0x7FFFFFFF, t)
         tl.store(OUT + r, out.to(tl.float32, bitcast=True))
 
-    _BUILT[key] = dict(split=split_kernel, prefix=prefix_kernel, combine=combine_kernel, xattn=xattn_kernel,
-                       kth=kth_kernel,
+    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel,
                        next_pow2=triton.next_power_of_2)
     return _BUILT[key]
 
@@ -254,20 +206,19 @@ def _check_device(*ts: torch.Tensor) -> None:
 
 
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
-                     max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 4,
-                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, prefix_mode: str = "rows"):
+                     max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
+                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
     lens (rows,) int32 >= 1, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32 accumulation.
-    max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)).
+    max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)); with one split the kernel
+    writes the output itself (no combine kernel).
     k_new / v_new (rows, H, Dh), same layout rules as q: this step's key and value, written into the cache at
     position lens - 1 by the kernel itself (one kernel instead of two cache writes and the attention).
     prefix_len (rows,) int32: row r's keys [0, prefix_len[r]) are read from row ``prefix_row`` instead of its own
-    (0 = none; the caller vouches that those keys are equal, and that lens - 1 lies past the prefix when writing).
-    prefix_mode "rows": each row's programs read the shared keys (one copy, L2-resident); "grouped": rows
-    prefix_row.. all have the same prefix length (rows before prefix_row none), and one program per (head, split)
-    multiplies all their queries by a tile of shared keys; each row's own programs then start after the prefix.
+    (0 = none; the caller vouches that those keys are equal, and that lens - 1 lies past the prefix when writing);
+    the rows that share them read one copy, which stays in L2.
 
     Equals, per row r and head h: ``softmax(q[r, h] @ K[r, :lens[r], h].T * scale) @ V[r, :lens[r], h]`` with
     K[r, j] replaced by K[prefix_row, j] for j < prefix_len[r], after the k_new/v_new write.
@@ -282,50 +233,39 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     assert keys_per_split % block_n == 0
     ns = -(-min(L, max_keys or L) // keys_per_split)
     dev = q.device
-    mo = torch.empty(rows * H * ns, device=dev, dtype=torch.float32)
-    lo = torch.empty_like(mo)
-    oo = torch.empty(rows * H * ns * D, device=dev, dtype=torch.float32)
     out = torch.empty(rows, H, D, device=dev, dtype=q.dtype)
+    if ns == 1:
+        mo = lo = oo = out
+    else:
+        mo = torch.empty(rows * H * ns, device=dev, dtype=torch.float32)
+        lo = torch.empty_like(mo)
+        oo = torch.empty(rows * H * ns * D, device=dev, dtype=torch.float32)
     write = k_new is not None
     if write:
         assert v_new is not None and k_new.stride() == v_new.stride() and k_new.stride(2) == 1 and k_new.stride(1) == D
         assert k_new.dtype == v_new.dtype == k_cache.dtype
     kn, vn = (k_new, v_new) if write else (q, q)
-    mode = 0
-    if prefix_len is not None:
-        if prefix_mode not in ("rows", "grouped"):
-            raise ValueError(f"prefix_mode must be 'rows' or 'grouped', got {prefix_mode!r}")
+    shared = prefix_len is not None
+    if shared:
         assert prefix_len.dtype == torch.int32 and prefix_len.shape == (rows,) and 0 <= prefix_row < rows
-        mode = 1 if prefix_mode == "rows" else 2
-    pre = prefix_len if mode else lens
+    pre = prefix_len if shared else lens
     prefix_off = int(prefix_row) * k_cache.stride(0)
     i64 = k_cache.numel() >= 2**31 or q.numel() >= 2**31
+    stages = {} if num_stages is None else {"num_stages": int(num_stages)}
     kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, prefix_off, scale,
                                   q.stride(0), k_cache.stride(0), k_cache.stride(1), kn.stride(0), H=H, D=D,
-                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, MODE=mode,
-                                  I64=i64, num_warps=num_warps)
-    mp, lp, op, nsp = mo, lo, oo, 1
-    if mode == 2:
-        # the prefix splits: as many as the own splits (the graph's grid is static; the prefix is < max_keys)
-        nsp = ns
-        mp, lp = torch.empty_like(mo), torch.empty_like(mo)
-        op = torch.empty_like(oo)
-        n_pre = rows - prefix_row
-        block_r = max(16, min(64, kern["next_pow2"](n_pre)))
-        kern["prefix"][(H, nsp, -(-n_pre // block_r))](q, k_cache, v_cache, pre, mp, lp, op, int(prefix_row), n_pre,
-                                                        prefix_off, scale, q.stride(0), k_cache.stride(1), H=H, D=D,
-                                                        NSPLIT=nsp, KPS=keys_per_split, BLOCK_R=block_r,
-                                                        num_warps=8)
-    p2 = kern["next_pow2"]
-    kern["combine"][(rows * H,)](mo, lo, oo, out, mp, lp, op, pre, H=H, NSPLIT=ns, NS_P2=p2(ns), NSP=nsp,
-                                 NSP_P2=p2(nsp), D=D, GROUPED=mode == 2, num_warps=2)
+                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
+                                  I64=i64, OUT_DIRECT=ns == 1, num_warps=num_warps, **stages)
+    if ns > 1:
+        kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
 
 
-def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale: float, num_warps: int = 4):
+def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale: float, num_warps: int = 4,
+                    d_chunk: Optional[int] = None):
     """Cross-attention of one query per row: q (rows, H*Dh), mem_k / mem_v (rows, H, T, Dh) (any strides with a
     contiguous last dim), valid (rows, T) bool, prior (rows, T) float32 or None
-    -> (out (rows, H*Dh) in q's dtype, prob (rows, H, T) float32).
+    -> (out (rows, H*Dh) in q's dtype, prob (rows, H, T) float32). d_chunk: head dims a tile holds (default all).
 
     Per row r and head h, in float32: ``s = q[r, h] @ mem_k[r, h].T * scale``, masked to -inf where not valid;
     ``p = softmax(s)``; with a prior ``p = p * (prior[r] + tiny) / sum(p * (prior[r] + tiny))``; p = 0 where not
@@ -349,7 +289,7 @@ def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale
     kern["xattn"][(rows * H,)](q, mem_k, mem_v, vm, pr, out, prob, T, scale, _TINY, q.stride(0), mem_k.stride(0),
                                mem_k.stride(1), mem_k.stride(2), mem_v.stride(0), mem_v.stride(1), mem_v.stride(2),
                                vm.stride(0), pr.stride(0), out.stride(0), H=H, D=D,
-                               DC=min(D, 32), BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None,
+                               DC=min(D, d_chunk or D), BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None,
                                num_warps=num_warps)
     return out, prob
 
