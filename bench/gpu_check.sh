@@ -1,5 +1,6 @@
 #!/bin/bash
-# One device call: the GPU tests of the reference (fast path, and the decoder against NeMo's own module) and the
+# One device call: the GPU tests of the reference (fast path, its Triton kernels, and the decoder against NeMo's own
+# module) and the
 # seed benchmark's headline table (NeMo 3.0.0's loop fp32/bf16, eager reference fp32/bf16 as the median of 3
 # interleaved runs each, the fast path's best configuration over all 512 requests, parity), logs and
 # results.json/table.md under $OUT.
@@ -13,7 +14,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
-[ -n "$SKIP_TESTS" ] || timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+if [ -z "$SKIP_TESTS" ]; then
+  timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+  # reference/kernels.py compiled on the card (on the CPU these tests run the same kernels interpreted)
+  timeout 120 python3 -m pytest tests/reference/test_kernels.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-kernels.log" | tail -3
+fi
 # the eager reference first, in a fresh process (host-bound: nothing else loaded, nothing compiled yet), then the
 # other parts in a second process, then one table of both
 timeout ${EAGER_TIMEOUT:-150} python3 bench/seed_benchmark.py --out "$OUT/eager" --parts eager2 "$@" 2>&1 \
