@@ -16,6 +16,13 @@ decoder's static buffers; every later step is one new frame per row, written her
   fp16/bf16 on CUDA, one graph for every step) or, for ``"sdpa"`` / ``"math"``, a key-length mask over a
   bucket ``[:, :, :L_bucket]`` (``bucket`` positions granularity, one CUDA graph per bucket).
 * **cross-attention** K/V are computed once per request (``layer.memory_kv``) into static buffers.
+* **CFG's unconditional half** (NeMo's ``prepare_dummy_cond_for_cfg``): its memory is zero and no layer has a bias,
+  so its cross-attention adds exactly 0 -- decode steps run the cross-attention on the conditional rows only
+  (``skip_uncond_xattn``); and its rows all start with the same inputs (zero context, every position valid, BOS), so
+  they share one copy of those T_ctx + 1 keys (``share_uncond_prefix``, triton attention).
+* ``attn_impl="triton"``: the attention, the cross-attention core and the sampler's top-k threshold are Triton
+  kernels (reference/kernels.py, each tested against a plain-PyTorch statement; on the CPU under Triton's
+  interpreter).
 * **sampling** on the device: CFG combine, special-token masks, top-k, temperature, and the draw as
   ``argmax(p / Exp(1))`` -- exactly what ``torch.multinomial(p, 1)`` computes, without its host-side validity
   checks (which sync). The exponential noise is drawn in the reference's order and shape (per step: sampled
