@@ -540,7 +540,7 @@ def run_eager(a, model, reqs, res, bw, t0):
 
 # FastDecoder's round-5 options all off: the round-4 fast path
 R4_OFF = dict(skip_uncond_xattn=False, share_uncond_prefix=False, xattn_kernel=False, topk_kernel=False,
-              attn_num_warps=4)
+              attn_num_warps=4, fuse_layer_tails=False)
 
 OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 sdpa+buckets", "sdpa", {}),
@@ -562,9 +562,10 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
                                                                        share_uncond_prefix=True)}),
     ("R5.4 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, attn_num_warps=2, skip_uncond_xattn=True,
                                                                 share_uncond_prefix=True, xattn_kernel=True)}),
-    ("R5.5 + topk kernel (= defaults)", "triton", {"compile": True}),
+    ("R5.5 + topk kernel", "triton", {"compile": True, "fuse_layer_tails": False}),
+    ("R5.6 + fused layer tails (= defaults)", "triton", {"compile": True}),
     # the defaults with the best of bench/attn_sweep.py ($ATTN_KW) and bench/xattn_sweep.py ($XATTN_KW), JSON
-    ("R5.6 defaults + ATTN_KW + XATTN_KW", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}"),
+    ("R5.7 defaults + ATTN_KW + XATTN_KW", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}"),
                                                       **json.loads(os.environ.get("XATTN_KW") or "{}")}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py

@@ -81,9 +81,10 @@ def _f_pre(x, ln_w, eps: float, w_qkv):
 
 
 def _f_xq(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, n_cond: int):
-    """o_net + residual, then the cross-attention query of the first ``n_cond`` rows (norm_xattn_query + q_net)."""
+    """o_net + residual, then the cross-attention query of the first ``n_cond`` rows (norm_xattn_query + q_net).
+    The norm runs over every row and is sliced after (row-wise: the same values), so it fuses with the add."""
     x = x + F.linear(y_sa, w_o)
-    return x, F.linear(F.layer_norm(x[:n_cond], (x.shape[-1],), ln_xq, None, eps_xq), w_q)
+    return x, F.linear(F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq)[:n_cond], w_q)
 
 
 def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: float, n_heads: int, d_head: int):
@@ -102,9 +103,12 @@ def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: floa
     return y, prob
 
 
-def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool):
+def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool, ln_next=None, eps_next: float = 0.0, w_next=None,
+              b_next=None):
     """Cross-attention o_net + residual for the first ``len(y)`` rows (the others attend no memory: CFG's
-    unconditional rows, whose memory is zero, get exactly 0 from it), then (kernel-1 decoders) the FFN + residual."""
+    unconditional rows, whose memory is zero, get exactly 0 from it), then (kernel-1 decoders) the FFN + residual.
+    With ``w_next``: also what follows the layer -- the next layer's norm_self + qkv_net, or norm_out (``ln_next``
+    None: none) + final_proj -- so the residual add and that norm fuse into one kernel; returns (x, projection)."""
     n_cond = y.shape[0]
     xc = x[:n_cond] + F.linear(y, w_xo)
     x = xc if n_cond == x.shape[0] else torch.cat([xc, x[n_cond:]])
@@ -112,7 +116,10 @@ def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool):
         h = F.layer_norm(x, (x.shape[-1],), ln_ff, None, eps_ff)
         a = F.gelu(F.linear(h, w1), approximate="tanh")
         x = x + F.linear(a, w2)
-    return x
+    if w_next is None:
+        return x
+    h = x if ln_next is None else F.layer_norm(x, (x.shape[-1],), ln_next, None, eps_next)
+    return x, F.linear(h, w_next, b_next)
 
 
 def _f_post(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor],
@@ -232,7 +239,9 @@ class FastDecoder:
     loaded tile, warps per program and software-pipeline stages (None: Triton's default) (bench/attn_sweep.py times
     a few). fused_kv_write: the triton kernel writes the step's key/value into the cache itself (else two
     index_copy_ kernels a layer before it). xattn_num_warps, xattn_d_chunk: the cross-attention kernel's warps and
-    head dims per tile (None: all).
+    head dims per tile (None: all). fuse_layer_tails (with xattn_kernel, kernel-1 FFN): each layer's compiled tail
+    also computes the next layer's norm + qkv (the last: norm_out + final_proj), so the residual add and that norm
+    are one kernel under compile=True; the same ops in the same order either way.
     compile_mode: torch.compile's mode for compile=True (None = default; "max-autotune-no-cudagraphs" lets inductor
     time Triton GEMM templates with fused epilogues against cuBLAS: minutes of compilation).
 
@@ -269,6 +278,7 @@ class FastDecoder:
         attn_num_stages: Optional[int] = None,
         xattn_num_warps: int = 4,
         xattn_d_chunk: Optional[int] = None,
+        fuse_layer_tails: bool = True,
         skip_uncond_xattn: bool = True,
         share_uncond_prefix: bool = True,
         xattn_kernel: Optional[bool] = None,
@@ -310,6 +320,7 @@ class FastDecoder:
         self.attn_block_n, self.attn_num_warps = int(attn_block_n), int(attn_num_warps)
         self.attn_num_stages = attn_num_stages
         self.xattn_num_warps, self.xattn_d_chunk = int(xattn_num_warps), xattn_d_chunk
+        self.fuse_layer_tails = bool(fuse_layer_tails)
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
             raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
         self.attn_impl = attn_impl
@@ -630,10 +641,14 @@ class FastDecoder:
                     torch.arange(Lb, device=x.device)[None, :] < new_len[:, None])  # (rows, Lb)
         probs = []
         nc = B if self.skip_uncond_xattn else rows  # rows that attend the memory (module docstring)
+        n_layers = len(m.decoder.layers)
+        qkv = logits = None
         for i, layer in enumerate(m.decoder.layers):
             lw = self._layer_w[i]
-            qkv = self._fn_pre(x, lw["ln_sa"], lw["eps_sa"], lw["qkv"])
+            if qkv is None:  # else the previous layer's compiled tail computed it
+                qkv = self._fn_pre(x, lw["ln_sa"], lw["eps_sa"], lw["qkv"])
             y_sa = self._self_attention(i, layer, qkv, w, actx, Lb)
+            qkv = None
             use_prior = prior_in and (layer_prior is None or i in layer_prior)
             need = est is None or i in est
             xa = layer.cross_attention
@@ -643,7 +658,21 @@ class FastDecoder:
                 x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc)
                 y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
                                                   prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
-                x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"], k1)
+                if k1 and self.fuse_layer_tails:  # the layer's tail + the next layer's norm and qkv (or the head)
+                    if i + 1 < n_layers:
+                        nw = self._layer_w[i + 1]
+                        nxt = (nw["ln_sa"], nw["eps_sa"], nw["qkv"], None)
+                    else:
+                        nxt = self._head_w
+                    x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"],
+                                              lw["w2"], True, *nxt)
+                    if i + 1 < n_layers:
+                        qkv = proj
+                    else:
+                        logits = proj[:, 0]
+                else:
+                    x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"],
+                                        k1)
                 if need:  # (nc, 1, T_text), as the torch path's; one head: a view, not a reduction kernel
                     prob = prob if prob.shape[1] == 1 else prob.mean(dim=1, keepdim=True)
             else:
@@ -655,7 +684,8 @@ class FastDecoder:
                 probs.append(prob)
             if not k1:
                 x = x + self._ffn(i, layer, x, w)
-        logits = self._fn_head(x, *self._head_w)
+        if logits is None:
+            logits = self._fn_head(x, *self._head_w)
         w.kv_len.add_(1)
         w.pos.add_(1)
         scores = torch.stack(probs, dim=1).mean(dim=1)[:, -1, :]
@@ -741,7 +771,13 @@ class FastDecoder:
         kth = kernels.topk_threshold(lg, p.topk) if self.topk_kernel else None
         # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
         # sampled pass, then again for its argmax pass: one (2*S*C, B, V) draw is the same stream on the CPU.
-        w.noise.exponential_()  # outside any compiled function: the eager RNG stream
+        # outside any compiled function: the eager RNG stream. On CUDA only the sampled pass's half: the argmax pass
+        # draws nothing here, and CUDA's stream differs from the reference's per-codebook draws anyway
+        if self.device.type == "cuda":
+            c = self.config
+            w.noise[: c.frame_stacking_factor * c.num_audio_codebooks].exponential_()
+        else:
+            w.noise.exponential_()
         self._fn_post_b(w, lg, kth, p, forced)
 
     def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool, forbid_eos: bool):

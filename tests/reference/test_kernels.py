@@ -177,7 +177,7 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("case", ["released_small", "multihead_xattn", "four_codebooks"])
+@pytest.mark.parametrize("case", ["released_small", "multihead_xattn", "four_codebooks", "decoder_kernel3"])
 def test_fast_path_with_triton_kernels_equals_eager(case):
     """attn_impl="triton" with every new piece on (shared unconditional prefix, cross-attention and top-k kernels,
     unconditional rows skipping the cross-attention): the eager reference's codes, lengths, attended positions at
@@ -196,6 +196,19 @@ def test_fast_path_with_triton_kernels_equals_eager(case):
     assert ref.attended_text_positions == out.attended_text_positions
     for a, b in zip(ref.step_logits, out.step_logits):
         torch.testing.assert_close(b, a, atol=ATOL_LOGITS, rtol=0)
+    if case == "released_small" and DEV == "cpu":
+        # what compile=True traces on a GPU (the layer tail fused with the next layer's norm + qkv, or with
+        # norm_out + final_proj): one graph per function (fullgraph, eager backend), the same codes and logits
+        fns = ("_fn_pre", "_fn_xq", "_fn_xo_ffn", "_fn_head", "_fn_post_a", "_fn_post_b")
+        for name in fns:
+            f = getattr(fd, name)
+            f.compiled = torch.compile(f.fn, fullgraph=True, dynamic=False, backend="eager")
+        out_c = fd.generate(batch, **kw)
+        assert fd.compile_errors == {} and torch.equal(out_c.predicted_codes, out.predicted_codes)
+        for a, b in zip(out.step_logits, out_c.step_logits):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+        for name in fns:
+            getattr(fd, name).compiled = None
     # sampling: one case (interpreted kernels are slow), on the CPU only: there the one (2*S*C, B, V) noise draw is
     # the reference's per-codebook stream; CUDA's Philox offsets differ by draw shape (reference/fast.py docstring)
     if case == "released_small" and DEV == "cpu":
