@@ -17,6 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reference.fast import triton_decode_attention  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import replay_us  # noqa: E402
+
 # (keys_per_split, block_n, num_warps, num_stages or None = Triton's default); 512 keys a split = one split at the
 # mean step (no combine kernel), the loop over 64-key tiles software-pipelined
 CONFIGS = [(64, 64, 4, None), (64, 64, 2, None), (32, 32, 1, None), (32, 32, 2, None), (128, 64, 2, None),
@@ -44,23 +47,7 @@ def main() -> int:
                                              k_new=qkv[:, 1], v_new=qkv[:, 2], num_warps=nw,
                                              prefix_len=pre if mode else None, prefix_row=rows // 2, num_stages=st)
         out = fn()
-        for _ in range(3):
-            fn()
-        # replayed as a CUDA graph of 20 calls, as the fast path runs it: no host launch time in the figure
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(20):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        n = 10
-        e0.record()
-        for _ in range(n):
-            g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        us = e0.elapsed_time(e1) * 1e3 / (n * 20)
+        us = replay_us(lambda i: fn(), calls=20, reps=10)  # graph replays, as the fast path runs it
         if mode is None:
             ref = out if ref is None else ref
         else:  # the fast path shares the prefix: pick the best of those

@@ -13,9 +13,13 @@ measurement for NOTES-fast.md, not used by the fast path.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import replay_us  # noqa: E402
 
 # (name, rows M, N out, K in) of one decoder layer at the seed's sizes, and final_proj
 SHAPES = [("qkv_net", 128, 2304, 768), ("o_net", 128, 768, 768), ("xattn q_net", 64, 128, 768),
@@ -51,22 +55,8 @@ def _kernel():
 
 
 def _time(fn, copies: int, n=200) -> float:
-    for _ in range(5):
-        fn(0)
-    g = torch.cuda.CUDAGraph()  # the real step replays graphs: launch gaps as there
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = max(1, n // copies)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / (reps * copies)
+    """us per call, the weight copies used in turn (one graph of ``copies`` calls, replayed ~n/copies times)."""
+    return replay_us(fn, calls=copies, reps=max(1, n // copies), warmup=5)
 
 
 def main() -> int:

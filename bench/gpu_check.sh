@@ -1,18 +1,12 @@
 #!/bin/bash
 # One device call: the GPU tests of the reference (fast path, its Triton kernels, and the decoder against NeMo's own
-# module) and the
-# seed benchmark's headline table (NeMo 3.0.0's loop fp32/bf16, eager reference fp32/bf16 as the median of 3
+# module) and the seed benchmark's headline table (NeMo 3.0.0's loop fp32/bf16, eager reference fp32/bf16 as the median of 3
 # interleaved runs each, the fast path's best configuration over all 512 requests, parity), logs and
 # results.json/table.md under $OUT.
 #   run (device tool): bash bench/gpu_check.sh      carry: [".whl"]
 #   .whl: nemo_toolkit-3.0.0, omegaconf-2.3.0, antlr4-python3-runtime-4.9.3 wheels (pip download --no-deps)
 set -o pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
 if [ -z "$SKIP_TESTS" ]; then
   timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15

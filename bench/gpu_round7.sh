@@ -5,12 +5,7 @@
 # steps each), a profile of the best configuration at steps 220..259; GEMM=1 adds the cuBLAS-vs-Triton GEMM sweep,
 # PARITY=1 the fp32 parity of the fast variants.   run (device tool): bash bench/gpu_round7.sh   carry: [".whl"]
 set -o pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 if [ -z "$SKIP_TESTS" ]; then
