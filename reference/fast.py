@@ -167,10 +167,6 @@ class _MaybeCompiled:
         return self.fn(*args, **kw)
 
 
-# the split-KV kernel's old name (bench/attn_sweep.py and earlier tests import it from here)
-triton_decode_attention = kernels.decode_attention
-
-
 class _StaticKV(LayerKVCache):
     """The reference's LayerKVCache over this decoder's static buffers (views (rows, H, max_len, Dh))."""
 
@@ -659,13 +655,8 @@ class FastDecoder:
                 y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
                                                   prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
                 if k1 and self.fuse_layer_tails:  # the layer's tail + the next layer's norm and qkv (or the head)
-                    if i + 1 < n_layers:
-                        nw = self._layer_w[i + 1]
-                        nxt = (nw["ln_sa"], nw["eps_sa"], nw["qkv"], None)
-                    else:
-                        nxt = self._head_w
                     x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"],
-                                              lw["w2"], True, *nxt)
+                                              lw["w2"], True, *self._after_layer(i))
                     if i + 1 < n_layers:
                         qkv = proj
                     else:
@@ -690,6 +681,14 @@ class FastDecoder:
         w.pos.add_(1)
         scores = torch.stack(probs, dim=1).mean(dim=1)[:, -1, :]
         self._post(w, (logits, scores), None, p, opts, flags=flags)
+
+    def _after_layer(self, i: int) -> tuple:
+        """(norm weight or None, eps, projection weight, bias or None) of what follows decoder layer i: the next
+        layer's norm_self + qkv_net, or after the last layer norm_out + final_proj."""
+        if i + 1 < len(self._layer_w):
+            nw = self._layer_w[i + 1]
+            return nw["ln_sa"], nw["eps_sa"], nw["qkv"], None
+        return self._head_w
 
     def _self_attention(self, i, layer, qkv, w: _Work, actx, Lb: int):
         """Cache write of the new key/value and attention over each row's keys -> (rows, 1, H*Dh) (before o_net)."""

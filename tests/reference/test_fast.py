@@ -306,7 +306,7 @@ def test_compiled_and_triton_paths_on_gpu(attn_impl):
 @pytest.mark.gpu
 def test_triton_decode_attention_matches_sdpa_on_gpu():
     """The split-KV kernel against sdpa per row, fresh random data, lengths at and around split boundaries."""
-    from reference.fast import triton_decode_attention
+    from reference.kernels import decode_attention as triton_decode_attention
 
     torch.manual_seed(0)
     rows, L, H, D = 7, 300, 12, 64
@@ -327,7 +327,7 @@ def test_triton_decode_attention_matches_sdpa_on_gpu():
 def test_triton_fused_cache_write_on_gpu():
     """fused_kv_write: the kernel stores this step's key/value at position len - 1 and attends them, whatever the
     cache held there before (stale values are overwritten, not read); every other cache entry is untouched."""
-    from reference.fast import triton_decode_attention
+    from reference.kernels import decode_attention as triton_decode_attention
 
     torch.manual_seed(1)
     rows, L, H, D = 6, 200, 12, 64
