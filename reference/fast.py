@@ -630,7 +630,10 @@ class FastDecoder:
         new_len = w.kv_len + 1
         # per-step attention indices, once for all layers
         if self.flat_cache:
-            actx = (w.kv_len + w.row_base, new_len.to(torch.int32))
+            # the flat cache index of the new key: only the separate cache writes use it (the fused triton write
+            # stores at lens - 1 itself)
+            fused = self.attn_impl == "triton" and self.fused_kv_write
+            actx = (None if fused else w.kv_len + w.row_base, new_len.to(torch.int32))
         else:
             H, Dh = c.decoder.sa_n_heads, c.decoder.sa_d_head
             actx = (w.kv_len.view(rows, 1, 1, 1).expand(rows, H, 1, Dh),

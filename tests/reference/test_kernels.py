@@ -179,8 +179,9 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("case", ["released_small", "multihead_xattn", "four_codebooks", "decoder_kernel3"])
-def test_fast_path_with_triton_kernels_equals_eager(case):
+@pytest.mark.parametrize("case,fused_kv_write", [("released_small", True), ("multihead_xattn", True),
+                                                 ("four_codebooks", False), ("decoder_kernel3", True)])
+def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write):
     """attn_impl="triton" with every new piece on (shared unconditional prefix, cross-attention and top-k kernels,
     unconditional rows skipping the cross-attention): the eager reference's codes, lengths, attended positions at
     topk=1, per-step logits within 1e-5; sampled codes (topk 20) equal for the same seed."""
@@ -190,7 +191,8 @@ def test_fast_path_with_triton_kernels_equals_eager(case):
     ref = model.infer_batch(batch, use_kv_cache=True, **kw)
     # 32 keys a split in two 16-key tiles: the fixtures' ~20-40 keys span splits and tiles (fewer interpreted programs)
     fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask, attn_impl="triton", keys_per_split=32,
-                     attn_block_n=16, cuda_graphs=False, xattn_d_chunk=8)  # 8: two chunks of the fixtures' 16 dims
+                     attn_block_n=16, cuda_graphs=False, xattn_d_chunk=8,  # 8: two chunks of the fixtures' 16 dims
+                     fused_kv_write=fused_kv_write)  # False: the cache written by index_copy_ at the flat index
     assert fd.share_uncond_prefix and fd.xattn_kernel and fd.topk_kernel and fd.skip_uncond_xattn
     out = fd.generate(batch, **kw)
     assert torch.equal(ref.predicted_codes, out.predicted_codes)
