@@ -80,11 +80,23 @@ def _f_pre(x, ln_w, eps: float, w_qkv):
     return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, None, eps), w_qkv)
 
 
-def _f_xq(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, n_cond: int):
+def _lin(x, w, tile: Optional[tuple]):
+    """``F.linear(x, w)``; with a tile (BLOCK_N, BLOCK_K, split_k, warps, stages) the Triton split-K product
+    (``kernels.linear_partials``), its float32 partials summed here (under compile: inside the next fused kernel)."""
+    if tile is None:
+        return F.linear(x, w)
+    p = kernels.linear_partials(x.reshape(-1, x.shape[-1]), w, tile[2], tile[0], tile[1], tile[3], tile[4])
+    y = p[0] if p.shape[0] == 1 else p.sum(0).to(x.dtype)  # (M, N)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _f_xq(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, n_cond: int, tiles: Optional[dict] = None):
     """o_net + residual, then the cross-attention query of the first ``n_cond`` rows (norm_xattn_query + q_net).
-    The norm runs over every row and is sliced after (row-wise: the same values), so it fuses with the add."""
-    x = x + F.linear(y_sa, w_o)
-    return x, F.linear(F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq)[:n_cond], w_q)
+    The norm runs over every row and is sliced after (row-wise: the same values), so it fuses with the add.
+    tiles: Triton split-K tiles for "o_net" / "xq" (``_lin``), else cuBLAS."""
+    t = tiles or {}
+    x = x + _lin(y_sa, w_o, t.get("o_net"))
+    return x, _lin(F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq)[:n_cond], w_q, t.get("xq"))
 
 
 def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: float, n_heads: int, d_head: int):
@@ -104,18 +116,20 @@ def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: floa
 
 
 def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool, ln_next=None, eps_next: float = 0.0, w_next=None,
-              b_next=None):
+              b_next=None, tiles: Optional[dict] = None):
     """Cross-attention o_net + residual for the first ``len(y)`` rows (the others attend no memory: CFG's
     unconditional rows, whose memory is zero, get exactly 0 from it), then (kernel-1 decoders) the FFN + residual.
     With ``w_next``: also what follows the layer -- the next layer's norm_self + qkv_net, or norm_out (``ln_next``
-    None: none) + final_proj -- so the residual add and that norm fuse into one kernel; returns (x, projection)."""
+    None: none) + final_proj -- so the residual add and that norm fuse into one kernel; returns (x, projection).
+    tiles: Triton split-K tiles for "xo" / "ffn_out" (``_lin``), else cuBLAS."""
+    t = tiles or {}
     n_cond = y.shape[0]
-    xc = x[:n_cond] + F.linear(y, w_xo)
+    xc = x[:n_cond] + _lin(y, w_xo, t.get("xo"))
     x = xc if n_cond == x.shape[0] else torch.cat([xc, x[n_cond:]])
     if ffn:
         h = F.layer_norm(x, (x.shape[-1],), ln_ff, None, eps_ff)
         a = F.gelu(F.linear(h, w1), approximate="tanh")
-        x = x + F.linear(a, w2)
+        x = x + _lin(a, w2, t.get("ffn_out"))
     if w_next is None:
         return x
     h = x if ln_next is None else F.layer_norm(x, (x.shape[-1],), ln_next, None, eps_next)
@@ -251,7 +265,33 @@ class FastDecoder:
     (scores, mask, softmax, prior, weighted values) in one kernel instead of two batched products and a fused
     softmax chain; topk_kernel -- the sampler's k-th largest logit by a bitwise search instead of torch.topk's sort
     (the same float: exact).
+    kv_cache_dtype: None (the model's dtype: the exact path above) or ``torch.float8_e4m3fn`` (``attn_impl="triton"``
+    with fused_kv_write): the self-attention cache holds float8 e4m3 keys/values, each (position, head) vector with
+    its own power-of-two scale (``kernels.fp8_quantize``): half the bytes the attention reads in bf16. **Not exact**:
+    every cached key/value is rounded to 3 mantissa bits (relative error <= 2**-4), so the logits move (tolerance
+    measured and tested in tests/reference/test_kernels.py; bench/RESULTS-seed.md for the seed workload). Step 0
+    (prefill) attends its unrounded keys, as a TensorRT-LLM context phase with an FP8 KV cache does; every later step
+    reads them rounded, the newest key included.
+    kv_head_major (None = on with ``attn_impl="triton"`` and fused_kv_write, the only paths that can take it): the
+    cache is stored (rows, H, L, Dh) -- each head's keys contiguous -- instead of (rows, L, H, Dh); ``k_cache[i]``
+    stays a (rows, L, H, Dh) view either way. Each tile then reads one contiguous block (a float8 head vector is 64
+    bytes, half a cache line); bench/attn_sweep.py: 55.1 vs 56.1 us a layer in bf16, 38.3 vs 39.9 in float8 (H100).
+    The attention tiles' defaults (32 keys a split and a tile, 1 warp) are the sweeps' best on an H100 (run X).
+    gemm_kernel (off by default; needs the cross-attention kernel): four of a layer's GEMMs -- o_net, the
+    cross-attention's q_net and o_net, the FFN's o_net -- run as Triton split-K products (``kernels.linear_partials``:
+    float32 partials over K slices, summed in a fixed order) instead of cuBLAS. Alone they are faster
+    (bench/gemm_sweep.py, run Y, weights from HBM: 4.2 -> 3.4, 3.9 -> 2.3, 3.0 -> 2.2, 7.4 -> 5.7 us), but in the
+    compiled step they were not (run Z: 1.352 ms/step vs 1.296-1.303 without; the float32 partials, up to 3 MB a
+    product, are written and read back, and the sums did not all fuse): kept as an option for other cards and
+    sizes, measured, not the default. qkv, the FFN's first product and final_proj always use cuBLAS. gemm_tiles:
+    per-product (BLOCK_N, BLOCK_K, split_k, warps, stages) overriding ``GEMM_TILES``. In float32 the products are
+    IEEE float32, not TF32.
     """
+
+    # the best tiles of bench/gemm_sweep.py on an H100 (run Y) at the released sizes: (BLOCK_N, BLOCK_K, split_k,
+    # warps, stages)
+    GEMM_TILES = {"o_net": (32, 64, 4, 4, 4), "xq": (16, 64, 8, 4, 3), "xo": (16, 64, 2, 4, 3),
+                  "ffn_out": (64, 128, 8, 4, 3)}
 
     def __init__(
         self,
@@ -266,11 +306,11 @@ class FastDecoder:
         sync_every: int = 32,
         nemo_unmasked_padded_keys: bool = False,
         compile: bool = False,
-        keys_per_split: int = 64,
+        keys_per_split: int = 32,
         fused_kv_write: bool = True,
         compile_mode: Optional[str] = None,
-        attn_block_n: int = 64,
-        attn_num_warps: int = 2,
+        attn_block_n: int = 32,
+        attn_num_warps: int = 1,
         attn_num_stages: Optional[int] = None,
         xattn_num_warps: int = 4,
         xattn_d_chunk: Optional[int] = None,
@@ -279,6 +319,10 @@ class FastDecoder:
         share_uncond_prefix: bool = True,
         xattn_kernel: Optional[bool] = None,
         topk_kernel: Optional[bool] = None,
+        kv_cache_dtype: Optional[torch.dtype] = None,
+        kv_head_major: Optional[bool] = None,
+        gemm_kernel: bool = False,
+        gemm_tiles: Optional[dict] = None,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -331,6 +375,24 @@ class FastDecoder:
             raise ValueError("xattn_kernel / topk_kernel need CUDA and triton (or, on the CPU, TRITON_INTERPRET=1)")
         if self.xattn_kernel and d.xa_head_dim & (d.xa_head_dim - 1):
             raise ValueError(f"xattn_kernel needs a power-of-two cross-attention head size, got {d.xa_head_dim}")
+        if kv_cache_dtype not in (None, dtype, torch.float8_e4m3fn):
+            raise ValueError(f"kv_cache_dtype must be None, the model dtype or torch.float8_e4m3fn, got {kv_cache_dtype}")
+        self.kv_fp8 = kv_cache_dtype == torch.float8_e4m3fn
+        if self.kv_fp8 and not (attn_impl == "triton" and self.fused_kv_write):
+            raise ValueError(f"kv_cache_dtype=float8_e4m3fn needs attn_impl='triton' with fused_kv_write=True (the "
+                             f"kernel quantizes what it writes), got attn_impl={attn_impl!r}, "
+                             f"fused_kv_write={self.fused_kv_write}")
+        if kv_head_major is None:
+            kv_head_major = attn_impl == "triton" and self.fused_kv_write
+        self.kv_head_major = bool(kv_head_major)
+        if self.kv_head_major and not (attn_impl == "triton" and self.fused_kv_write):
+            raise ValueError(f"kv_head_major needs attn_impl='triton' with fused_kv_write=True (the other paths view "
+                             f"the cache as (rows * L, H, Dh)), got attn_impl={attn_impl!r}, "
+                             f"fused_kv_write={self.fused_kv_write}")
+        self.gemm_kernel = bool(gemm_kernel)
+        if self.gemm_kernel and not (self.xattn_kernel and kernels.usable(self.device)):
+            raise ValueError("gemm_kernel needs xattn_kernel and CUDA with triton (or, on the CPU, TRITON_INTERPRET=1)")
+        self._gemm_tiles = dict(self.GEMM_TILES, **(gemm_tiles or {})) if self.gemm_kernel else None
         self.bucket = max(1, int(bucket))
         self.sync_every = max(1, int(sync_every))
         # Static self-attention KV cache. flash: (rows, L, H, Dh) so that the rows pack into (rows * L, H, Dh);
@@ -338,8 +400,20 @@ class FastDecoder:
         H, Dh = d.sa_n_heads, d.sa_d_head
         self.flat_cache = attn_impl in ("flash", "triton")
         shape = (self.max_rows, max_len, H, Dh) if self.flat_cache else (self.max_rows, H, max_len, Dh)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(d.n_layers)]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(d.n_layers)]
+        cdt = torch.float8_e4m3fn if self.kv_fp8 else dtype
+        if self.kv_head_major:  # (rows, H, L, Dh) storage seen as (rows, L, H, Dh)
+            hm = (self.max_rows, H, max_len, Dh)
+            self.k_cache = [torch.zeros(hm, device=self.device, dtype=cdt).transpose(1, 2) for _ in range(d.n_layers)]
+            self.v_cache = [torch.zeros(hm, device=self.device, dtype=cdt).transpose(1, 2) for _ in range(d.n_layers)]
+        else:
+            self.k_cache = [torch.zeros(shape, device=self.device, dtype=cdt) for _ in range(d.n_layers)]
+            self.v_cache = [torch.zeros(shape, device=self.device, dtype=cdt) for _ in range(d.n_layers)]
+        # float8 cache: the biased exponent of each (row, head, position)'s power-of-two scale (kernels.fp8_quantize)
+        e_shape = (self.max_rows, H, max_len)
+        self.k_exp = [torch.zeros(e_shape, device=self.device, dtype=torch.uint8) for _ in range(d.n_layers)] \
+            if self.kv_fp8 else None
+        self.v_exp = [torch.zeros(e_shape, device=self.device, dtype=torch.uint8) for _ in range(d.n_layers)] \
+            if self.kv_fp8 else None
         m = self.model
         C, S, V = c.num_audio_codebooks, c.frame_stacking_factor, c.num_all_tokens_per_codebook
         self.emb_table = torch.cat([e.weight for e in m.audio_embeddings], 0)  # (S*C*V, D), table j = c + i*C
@@ -422,13 +496,6 @@ class FastDecoder:
         )
         self._works[key] = w
         return w
-
-    def _kv_views(self, i: int, rows: int):
-        """(rows, H, max_len, Dh) views of layer i's cache (what the reference's LayerKVCache expects)."""
-        k, v = self.k_cache[i][:rows], self.v_cache[i][:rows]
-        if self.flat_cache:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        return k, v
 
     # ------------------------------------------------------------------------------------------------------
     # public API
@@ -526,12 +593,29 @@ class FastDecoder:
         kv = []
         ff = []
         memory_kv = []
+        codes_in = torch.full((B, c.num_audio_codebooks, S), c.audio_bos_id, dtype=torch.long, device=dev)
+        bos_emb, _ = m.embed_audio_tokens(codes_in, torch.full((B,), S, device=dev))  # (B, 1, D): S codes, 1 frame
+        if use_cfg:
+            bos_emb = torch.cat([bos_emb, bos_emb])
+        T_new = T_ctx + bos_emb.shape[1]  # context, then BOS
+        # (rows, T_new, H, Dh) caches of the prefill itself: the static ones, or with a float8 cache model-dtype
+        # buffers that are quantized into it below (step 0 attends its unrounded keys)
+        if self.kv_fp8:
+            H, Dh = d.sa_n_heads, d.sa_d_head
+            pre_k = [torch.zeros(rows, T_new, H, Dh, device=dev, dtype=self.dtype) for _ in range(d.n_layers)]
+            pre_v = [torch.zeros_like(t) for t in pre_k]
+        else:
+            pre_k = [c[:rows] for c in self.k_cache]
+            pre_v = [c[:rows] for c in self.v_cache]
         for i, layer in enumerate(m.decoder.layers):
             mk, mv = layer.memory_kv(cond)
             w.mem_k[i].copy_(mk)
             w.mem_v[i].copy_(mv)
             memory_kv.append((w.mem_k[i], w.mem_v[i]))
-            kv.append(_StaticKV(*self._kv_views(i, rows)))
+            if self.flat_cache:  # (rows, H, L, Dh) views, what the reference's LayerKVCache expects
+                kv.append(_StaticKV(pre_k[i].transpose(1, 2), pre_v[i].transpose(1, 2)))
+            else:
+                kv.append(_StaticKV(pre_k[i], pre_v[i]))
             if d.kernel_size > 1:
                 w.ff_in[i].zero_()
                 w.ff_hidden[i].zero_()
@@ -539,10 +623,6 @@ class FastDecoder:
             else:
                 ff.append(None)
         state = DecoderState(kv, ff, memory_kv, 0)
-        codes_in = torch.full((B, c.num_audio_codebooks, S), c.audio_bos_id, dtype=torch.long, device=dev)
-        bos_emb, _ = m.embed_audio_tokens(codes_in, torch.full((B,), S, device=dev))
-        if use_cfg:
-            bos_emb = torch.cat([bos_emb, bos_emb])
         x = m.decoder_input(torch.cat([ctx_emb, bos_emb], dim=1))
         x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=dev)], 1)
         key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
@@ -551,20 +631,26 @@ class FastDecoder:
         logits = m.final_proj(dec[:, -1:])[:, 0]
         scores = self._scores([pr[:, :, -1:] for pr in probs], p)
         # Compact the keys: row r keeps its ctx_len valid context keys, then the BOS key (position T_ctx).
-        T_new = T_ctx + bos_emb.shape[1]
         if self.nemo_unmasked:
             w.kv_len.fill_(T_new)
         else:
             ctx_len = ctx_mask.sum(1)  # contiguous prefix (lengths_to_mask)
             r = torch.arange(rows, device=dev)
             for i in range(d.n_layers):
-                for cache in (self.k_cache[i], self.v_cache[i]):
+                for cache in (pre_k[i], pre_v[i]):
                     for j in range(bos_emb.shape[1]):
                         if self.flat_cache:
                             cache[r, ctx_len + j] = cache[r, T_ctx + j]
                         else:
                             cache[r, :, ctx_len + j] = cache[r, :, T_ctx + j]
             w.kv_len.copy_(ctx_len + bos_emb.shape[1])
+        if self.kv_fp8:  # positions past a row's kv_len hold stale keys: never read
+            for i in range(d.n_layers):
+                for src, cache, exp in ((pre_k[i], self.k_cache[i], self.k_exp[i]),
+                                        (pre_v[i], self.v_cache[i], self.v_exp[i])):
+                    q8, e = kernels.fp8_quantize(src)  # (rows, T_new, H, Dh), (rows, T_new, H)
+                    cache[:rows, :T_new] = q8
+                    exp[:rows, :, :T_new] = e.transpose(1, 2)
         # CFG's unconditional rows: the same inputs up to and including BOS (zero context, all positions valid),
         # hence the same T_new keys in every layer; the triton kernel reads them from row B
         w.pre_len.zero_()
@@ -654,19 +740,19 @@ class FastDecoder:
             k1 = lw["w1"] is not None
             prior = w.prior[:nc] if use_prior else None
             if self.xattn_kernel:
-                x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc)
+                x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc, self._gemm_tiles)
                 y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
                                                   prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
                 if k1 and self.fuse_layer_tails:  # the layer's tail + the next layer's norm and qkv (or the head)
                     x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"],
-                                              lw["w2"], True, *self._after_layer(i))
+                                              lw["w2"], True, *self._after_layer(i), tiles=self._gemm_tiles)
                     if i + 1 < n_layers:
                         qkv = proj
                     else:
                         logits = proj[:, 0]
                 else:
                     x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"],
-                                        k1)
+                                        k1, tiles=self._gemm_tiles)
                 if need:  # (nc, 1, T_text), as the torch path's; one head: a view, not a reduction kernel
                     prob = prob if prob.shape[1] == 1 else prob.mean(dim=1, keepdim=True)
             else:
@@ -706,10 +792,11 @@ class FastDecoder:
             L = self.max_len
             if self.attn_impl == "triton" and self.fused_kv_write:
                 shared = self.share_uncond_prefix and rows > w.B
+                fp8 = dict(k_exp=self.k_exp[i][:rows], v_exp=self.v_exp[i][:rows]) if self.kv_fp8 else {}
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
                                              num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
-                                             prefix_row=w.B, num_stages=self.attn_num_stages)
+                                             prefix_row=w.B, num_stages=self.attn_num_stages, **fp8)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
@@ -895,13 +982,17 @@ class FastDecoder:
         return out
 
 
-def floor_bytes(model, rows: int, mean_keys: float, dtype_bytes: int, T_text: int) -> dict:
+def floor_bytes(model, rows: int, mean_keys: float, dtype_bytes: int, T_text: int,
+                kv_bytes: Optional[float] = None) -> dict:
     """Bytes one decode step must move at least: every decoder weight and final_proj read once, each row's
-    self-attention K and V at the mean length read once per layer, the cross-attention K/V read once."""
+    self-attention K and V at the mean length read once per layer, the cross-attention K/V read once.
+    kv_bytes: bytes per cached self-attention element (default dtype_bytes; the float8 cache: 1 + 1/d_head, its
+    values and one scale exponent per head vector)."""
     d = model.config.decoder
     weights = sum(p.numel() for n, p in model.decoder.named_parameters() if "position_embeddings" not in n)
     weights += model.final_proj.weight.numel()
     kv = d.n_layers * rows * mean_keys * 2 * d.d_model
     xkv = d.n_layers * rows * T_text * 2 * d.xa_n_heads * d.xa_head_dim
-    return {"weights": weights * dtype_bytes, "kv": kv * dtype_bytes, "xkv": xkv * dtype_bytes,
-            "total": (weights + kv + xkv) * dtype_bytes}
+    kvb = dtype_bytes if kv_bytes is None else kv_bytes
+    return {"weights": weights * dtype_bytes, "kv": kv * kvb, "xkv": xkv * dtype_bytes,
+            "total": (weights + xkv) * dtype_bytes + kv * kvb}

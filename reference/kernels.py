@@ -12,6 +12,8 @@ semantics, no GPU). Kernels are built on first use, so importing this module nee
   (multiply and renormalise), the weighted sum of values; returns the probabilities too.
 * :func:`topk_threshold` -- the k-th largest value of each row (``torch.topk(x, k).values[..., -1]``), found by a
   bitwise search over the floats' order-preserving integer images instead of a sort.
+* :func:`fp8_quantize` / :func:`fp8_dequantize` (plain PyTorch) -- the float8 K/V cache's format: e4m3 values with
+  one power-of-two scale per (position, head); decode_attention reads it and writes new entries in it.
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ def _kernels() -> dict:
                            "ship it; on the CPU install it and set TRITON_INTERPRET=1)") from e
 
     @triton.jit
-    def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, prefix_off, scale, stride_qr, stride_kr, stride_kl,
-                     stride_nr, H: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, SHARED: tl.constexpr, I64: tl.constexpr,
-                     OUT_DIRECT: tl.constexpr):
+    def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
+                     stride_kr, stride_kl, stride_kh, stride_nr, stride_er, H: tl.constexpr, D: tl.constexpr,
+                     NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
+                     SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr):
         # SHARED: keys [0, pre) are read from the shared row, [pre, n) from row r's own. OUT_DIRECT (one split):
-        # MO is the output, written normalised (no combine kernel)
+        # MO is the output, written normalised (no combine kernel). FP8: K/V hold float8 e4m3 values, KE/VE
+        # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -73,9 +76,11 @@ def _kernels() -> dict:
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
         if I64:  # caches of >= 2**31 elements: 64-bit offsets (else 32-bit: cheaper per element)
-            own = r.to(tl.int64) * stride_kr + h * D
+            own = r.to(tl.int64) * stride_kr + h * stride_kh
+            own_e = r.to(tl.int64) * stride_er + h * (stride_er // H)
         else:
-            own = r * stride_kr + h * D
+            own = r * stride_kr + h * stride_kh
+            own_e = r * stride_er + h * (stride_er // H)
         newest = n - 1
         if WRITE_NEW:
             # This step's key/value (position n - 1) come in KN/VN: the program whose split holds that position
@@ -83,12 +88,37 @@ def _kernels() -> dict:
             # program reads that position, so no separate cache-write kernel is needed.
             k_new = tl.load(KN + r * stride_nr + h * D + d)
             v_new = tl.load(VN + r * stride_nr + h * D + d)
+            if FP8:  # stored and used as the cache holds them: float8 values and their scales' exponents
+                # bits of the power-of-two scale 2**(E - 7), E = floor(log2(max |x|)) (fp8_quantize): x / scale lies
+                # in (-256, 256), inside e4m3's +-448, and the division is exact; an all-zero vector: 2**-126
+                kb = tl.max(tl.abs(k_new.to(tl.float32)), axis=0).to(tl.int32, bitcast=True) & 0x7F800000
+                vb = tl.max(tl.abs(v_new.to(tl.float32)), axis=0).to(tl.int32, bitcast=True) & 0x7F800000
+                kb = tl.maximum(kb - (7 << 23), 1 << 23)
+                vb = tl.maximum(vb - (7 << 23), 1 << 23)
+                kx = k_new.to(tl.float32) * ((254 << 23) - kb).to(tl.float32, bitcast=True)  # x / scale, exact
+                vx = v_new.to(tl.float32) * ((254 << 23) - vb).to(tl.float32, bitcast=True)
+                # Rounded to e4m3 (nearest, ties to even) in float32 arithmetic, so that the conversion below is
+                # exact: Triton 3.6's interpreter rounds e.g. 127 to 64 when the rounding carries into the exponent.
+                # Normal e4m3 (|x| >= 2**-6): keep 3 of the 23 mantissa bits; subnormal: multiples of 2**-9, by
+                # adding and removing 1.5 * 2**14 (whose float32 ulp is 2**-9), the sign kept from x.
+                kx_b = kx.to(tl.int32, bitcast=True)
+                vx_b = vx.to(tl.int32, bitcast=True)
+                k_sub = ((tl.abs(kx) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (kx_b & -0x80000000)
+                v_sub = ((tl.abs(vx) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (vx_b & -0x80000000)
+                k_rn = tl.where(tl.abs(kx) >= 0.015625, (kx_b + 0x7FFFF + ((kx_b >> 20) & 1)) & -0x100000, k_sub)
+                v_rn = tl.where(tl.abs(vx) >= 0.015625, (vx_b + 0x7FFFF + ((vx_b >> 20) & 1)) & -0x100000, v_sub)
+                k_new = k_rn.to(tl.float32, bitcast=True).to(K.dtype.element_ty)
+                v_new = v_rn.to(tl.float32, bitcast=True).to(V.dtype.element_ty)
             if (newest >= start) & (newest < start + KPS):
                 tl.store(K + own + newest * stride_kl + d, k_new)
                 tl.store(V + own + newest * stride_kl + d, v_new)
+                if FP8:
+                    tl.store(KE + own_e + newest, (kb >> 23).to(tl.uint8))
+                    tl.store(VE + own_e + newest, (vb >> 23).to(tl.uint8))
         if SHARED:
             pre = tl.load(PRE + r)
-            shared = prefix_off + h * D  # prefix_off: the shared row's offset (host int)
+            shared = prefix_off + h * stride_kh  # prefix_off: the shared row's offset (host int)
+            shared_e = prefix_off_e + h * (stride_er // H)
         for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
             idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = idx < end
@@ -104,13 +134,28 @@ def _kernels() -> dict:
                 is_new = (idx == newest)[:, None]
                 k = tl.where(is_new, k_new.to(tl.float32)[None, :], k)
                 v = tl.where(is_new, v_new.to(tl.float32)[None, :], v)
-            s = tl.sum(k * q[None, :], axis=1) * scale
-            s = tl.where(valid, s, -float("inf"))
+            s = tl.sum(k * q[None, :], axis=1)
+            if FP8:
+                # each key's and value's scale 2**(e - 127), applied to its dot product / its softmax weight
+                if SHARED:
+                    off_e = tl.where(idx < pre, shared_e, own_e) + idx
+                else:
+                    off_e = own_e + idx
+                ke = tl.load(KE + off_e, mask=valid, other=127).to(tl.int32)
+                ve = tl.load(VE + off_e, mask=valid, other=127).to(tl.int32)
+                if WRITE_NEW:
+                    ke = tl.where(idx == newest, kb >> 23, ke)
+                    ve = tl.where(idx == newest, vb >> 23, ve)
+                s = s * (ke << 23).to(tl.float32, bitcast=True)
+            s = tl.where(valid, s * scale, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
             alpha = tl.exp(m_i - m_safe)
             pexp = tl.exp(s - m_safe)
-            acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
+            if FP8:
+                acc = acc * alpha + tl.sum((pexp * (ve << 23).to(tl.float32, bitcast=True))[:, None] * v, axis=0)
+            else:
+                acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(pexp, axis=0)
             m_i = m_new
         if OUT_DIRECT:
@@ -190,7 +235,28 @@ def _kernels() -> dict:
         out = tl.where(t < 0, t ^ 0x7FFFFFFF, t)
         tl.store(OUT + r, out.to(tl.float32, bitcast=True))
 
-    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel,
+    @triton.jit
+    def mm_kernel(X, W, OUT, M, N, K, stride_xm, stride_wn, stride_os, stride_om, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, PREC: tl.constexpr):
+        # program (pn, ps): OUT[ps, :, pn-th BLOCK_N columns] = X[:, ps-th K_SPLIT slice] @ W[columns, slice].T
+        pn = tl.program_id(0)
+        ps = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_lo = ps * K_SPLIT
+        for k0 in range(0, K_SPLIT, BLOCK_K):  # static trip count; columns past K are masked
+            kk = k_lo + k0 + rk
+            a = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)
+            b = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
+                        other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        tl.store(OUT + ps * stride_os + rm[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel, mm=mm_kernel,
                        next_pow2=triton.next_power_of_2)
     return _BUILT[key]
 
@@ -207,10 +273,13 @@ def _check_device(*ts: torch.Tensor) -> None:
 
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
-                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None):
+                     prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None,
+                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
-    q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) contiguous in (L, H, Dh),
+    q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) with a contiguous last dim
+    and equal strides: position-major storage (rows, L, H, Dh), or head-major (rows, H, L, Dh) passed as its
+    ``transpose(1, 2)`` view (each head's keys then contiguous: whole cache lines per tile, which matters for float8),
     lens (rows,) int32 >= 1, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32 accumulation.
     max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)); with one split the kernel
     writes the output itself (no combine kernel).
@@ -220,15 +289,29 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     (0 = none; the caller vouches that those keys are equal, and that lens - 1 lies past the prefix when writing);
     the rows that share them read one copy, which stays in L2.
 
+    float8 cache: k/v_cache of dtype float8_e4m3fn and k_exp / v_exp (rows, H, L) uint8 contiguous, the biased
+    exponents of each (position, head)'s power-of-two scale (see :func:`fp8_quantize`); K and V are then the
+    dequantized ``fp8_dequantize`` values, and k_new / v_new (in q's dtype) are quantized by the kernel before it
+    stores and uses them, exactly as ``fp8_quantize`` does.
+
     Equals, per row r and head h: ``softmax(q[r, h] @ K[r, :lens[r], h].T * scale) @ V[r, :lens[r], h]`` with
     K[r, j] replaced by K[prefix_row, j] for j < prefix_len[r], after the k_new/v_new write.
     """
     kern = _kernels()
     _check_device(q, k_cache, v_cache, lens)
     rows, L, H, D = k_cache.shape
-    assert q.stride(2) == 1 and q.stride(1) == D and k_cache.stride(3) == 1 and k_cache.stride(2) == D
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(1) == H * D
+    assert q.stride(2) == 1 and q.stride(1) == D and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    assert (k_cache.stride(1), k_cache.stride(2)) in ((H * D, D), (D, L * D)) and k_cache.stride(0) == L * H * D
     assert lens.dtype == torch.int32 and lens.shape == (rows,)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 != (k_exp is not None) or (k_exp is None) != (v_exp is None) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"decode_attention: a float8_e4m3fn cache needs k_exp and v_exp (and only it): got caches of "
+                         f"{k_cache.dtype} / {v_cache.dtype}, k_exp {k_exp is not None}, v_exp {v_exp is not None}")
+    if fp8:
+        for name, e in (("k_exp", k_exp), ("v_exp", v_exp)):
+            if e.shape != (rows, H, L) or e.dtype != torch.uint8 or not e.is_contiguous():
+                raise ValueError(f"decode_attention: {name} must be a contiguous uint8 ({rows}, {H}, {L}) tensor, got "
+                                 f"{e.dtype} {tuple(e.shape)}")
     block_n = min(block_n, keys_per_split)
     assert keys_per_split % block_n == 0
     ns = -(-min(L, max_keys or L) // keys_per_split)
@@ -243,22 +326,77 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     write = k_new is not None
     if write:
         assert v_new is not None and k_new.stride() == v_new.stride() and k_new.stride(2) == 1 and k_new.stride(1) == D
-        assert k_new.dtype == v_new.dtype == k_cache.dtype
+        assert k_new.dtype == v_new.dtype == (q.dtype if fp8 else k_cache.dtype)
     kn, vn = (k_new, v_new) if write else (q, q)
     shared = prefix_len is not None
     if shared:
         assert prefix_len.dtype == torch.int32 and prefix_len.shape == (rows,) and 0 <= prefix_row < rows
     pre = prefix_len if shared else lens
     prefix_off = int(prefix_row) * k_cache.stride(0)
+    ke, ve = (k_exp, v_exp) if fp8 else (lens, lens)  # unused without FP8
+    stride_er = ke.stride(0) if fp8 else H
     i64 = k_cache.numel() >= 2**31 or q.numel() >= 2**31
     stages = {} if num_stages is None else {"num_stages": int(num_stages)}
-    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, prefix_off, scale,
-                                  q.stride(0), k_cache.stride(0), k_cache.stride(1), kn.stride(0), H=H, D=D,
-                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
-                                  I64=i64, OUT_DIRECT=ns == 1, num_warps=num_warps, **stages)
+    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, ke, ve, prefix_off,
+                                  int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
+                                  k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, H=H, D=D, NSPLIT=ns,
+                                  KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared, I64=i64,
+                                  OUT_DIRECT=ns == 1, FP8=fp8, num_warps=num_warps, **stages)
     if ns > 1:
         kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
+
+
+def linear_partials(x: torch.Tensor, w: torch.Tensor, split_k: int = 1, block_n: int = 32, block_k: int = 128,
+                    num_warps: int = 4, num_stages: Optional[int] = None) -> torch.Tensor:
+    """``x @ w.T`` for few rows (x (M, K), M <= 128; w (N, K), both with a contiguous last dim), in ``split_k``
+    slices of K: -> (split_k, M, N), each slice's product accumulated in float32 (float32 inputs: IEEE products,
+    not TF32), stored in x's dtype when split_k == 1, else in float32 for the caller to sum (``.sum(0)``, fused
+    into whatever follows under torch.compile): a fixed order, so the result is deterministic.
+
+    Why: a decode step's GEMMs have 64-128 rows and read 0.2-5 MB of weights; cuBLAS gives them few, long-running
+    programs (3-7 us, a fraction of HBM speed). Narrow column blocks times K slices put every SM to work on the
+    weight stream. bench/gemm_sweep.py times it against cuBLAS.
+    """
+    kern = _kernels()
+    _check_device(x, w)
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K or x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"linear_partials: x {tuple(x.shape)} / w {tuple(w.shape)} need a shared, contiguous K")
+    if not 1 <= M <= 128:
+        raise ValueError(f"linear_partials: 1..128 rows, got {M}")
+    k_split = -(-K // split_k)
+    k_split = -(-k_split // block_k) * block_k  # whole tiles per slice; the last slice masks past K
+    n_split = -(-K // k_split)
+    out = torch.empty(n_split, M, N, device=x.device, dtype=x.dtype if n_split == 1 else torch.float32)
+    stages = {} if num_stages is None else {"num_stages": int(num_stages)}
+    kern["mm"][(-(-N // block_n), n_split)](x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
+                                            out.stride(1), BLOCK_M=max(16, kern["next_pow2"](M)), BLOCK_N=block_n,
+                                            BLOCK_K=block_k, K_SPLIT=k_split,
+                                            PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps,
+                                            **stages)
+    return out
+
+
+def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) -> (float8_e4m3fn (..., D), uint8 (...)): each D-vector divided by its own power-of-two scale
+    ``2 ** (e - 127)`` (e the returned biased exponent), ``2 ** (floor(log2(max |x|)) - 7)``, and rounded to float8
+    e4m3 (to nearest even). The quotients lie in (-256, 256), so nothing saturates, and dividing by a power of two is
+    exact: the only error is float8's rounding (3 mantissa bits: relative 2**-4 at most; values below the vector's
+    max / 2**14 lose more as float8 subnormals). An all-zero vector gets scale 2**-126. The fast path's float8 K/V
+    cache stores this (``FastDecoder(kv_cache_dtype=torch.float8_e4m3fn)``); the attention kernel quantizes the new
+    key and value the same way, bit for bit."""
+    xf = x.float()
+    field = xf.abs().amax(-1).view(torch.int32) & 0x7F800000
+    bits = torch.clamp(field - (7 << 23), min=1 << 23)
+    inv = ((254 << 23) - bits).view(torch.float32)  # 1 / scale, exact
+    return (xf * inv[..., None]).to(torch.float8_e4m3fn), (bits >> 23).to(torch.uint8)
+
+
+def fp8_dequantize(q8: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
+    """The float32 values ``fp8_quantize`` stands for: q8 (..., D) float8_e4m3fn times 2 ** (exp (...) - 127)."""
+    return q8.float() * (exp.to(torch.int32) << 23).view(torch.float32)[..., None]
 
 
 def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale: float, num_warps: int = 4,

@@ -55,6 +55,7 @@ def test_decode_attention_with_shared_prefix_and_cache_write(data):
     lens = torch.tensor(data.draw(st.lists(st.integers(1, L), min_size=rows, max_size=rows)), dtype=torch.int32)
     prow = data.draw(st.integers(0, rows - 1))
     write = data.draw(st.booleans())
+    head_major = data.draw(st.booleans())  # (rows, H, L, D) storage passed as its (rows, L, H, D) view
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     K, V = (torch.randn(rows, L, H, D, generator=g) for _ in range(2))
     qkv = torch.randn(rows, 3, H, D, generator=g)
@@ -71,6 +72,8 @@ def test_decode_attention_with_shared_prefix_and_cache_write(data):
         Kr, Vr = K0, V0
     dv = lambda t: t.to(DEV)  # noqa: E731
     Kd, Vd = dv(K), dv(V)
+    if head_major:
+        Kd, Vd = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (Kd, Vd))
     out = kernels.decode_attention(dv(qkv)[:, 0], Kd, Vd, dv(lens), D**-0.5, kps, min(8, kps),
                                    k_new=dv(qkv)[:, 1] if write else None, v_new=dv(qkv)[:, 2] if write else None,
                                    prefix_len=dv(pre) if shared else None, prefix_row=prow)
@@ -93,6 +96,120 @@ def test_shared_prefix_reads_the_shared_row_not_its_own():
     torch.testing.assert_close(sh.cpu()[:2], own.cpu()[:2], atol=ATOL32, rtol=0)
     assert (sh.cpu()[2:] - own.cpu()[2:]).abs().max() > 1e-3
     torch.testing.assert_close(sh.cpu(), _attention_ref(q, K, V, lens, 0.25, pre, 1), atol=ATOL32, rtol=0)
+
+
+def _fp8_draw(g, *shape):
+    """Values over 12 binades (per-vector magnitudes 1e-3..1e3, a few exact zeros): roundings that carry into the
+    next binade, float8 subnormals and all-zero vectors all occur."""
+    x = torch.randn(*shape, generator=g) * 10 ** (torch.rand(*shape[:-1], 1, generator=g) * 6 - 3)
+    x[torch.rand(*shape, generator=g) < 0.02] = 0.0
+    if x.dim() > 1:
+        x.view(-1, shape[-1])[0] = 0.0  # one all-zero vector
+    return x
+
+
+@HYP
+@given(seed=st.integers(0, 2**31), D=st.sampled_from([4, 16, 64]))
+def test_fp8_quantize_format_and_error_bound(seed, D):
+    """Scale 2**(floor(log2 max|x|) - 7) per vector; |x / scale| < 256 (no saturation); the dequantized value is x
+    rounded to float8 e4m3: within 2**-4 relative for normal quotients, 2**-10 * scale absolute for subnormal ones;
+    zero stays zero; a power of two times a float8 value comes back exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = _fp8_draw(g, 7, D)
+    q8, e = kernels.fp8_quantize(x)
+    assert q8.dtype == torch.float8_e4m3fn and e.dtype == torch.uint8 and q8.shape == x.shape and e.shape == (7,)
+    amax = x.abs().amax(-1)
+    nz = amax > 0
+    assert torch.equal(e[nz].int() - 127 + 7, torch.floor(torch.log2(amax[nz])).int())
+    assert (e[~nz] == 1).all()
+    scale = (e.int() << 23).view(torch.float32)[:, None]
+    quot = x / scale
+    assert quot.abs().max() < 256 and torch.equal(q8.float(), quot.to(torch.float8_e4m3fn).float())
+    err = (kernels.fp8_dequantize(q8, e) - x).abs()
+    normal = quot.abs() >= 2**-6
+    assert (err[normal] <= 2**-4 * x.abs()[normal]).all()
+    assert (err[~normal] <= 2**-10 * scale.expand_as(x)[~normal]).all()
+    assert (kernels.fp8_dequantize(q8, e)[x == 0] == 0).all()
+    exact = q8.float() * 2.0**-5  # float8 values, scaled: representable, so they round-trip
+    assert torch.equal(kernels.fp8_dequantize(*kernels.fp8_quantize(exact)), exact)
+
+
+@HYP
+@given(data=st.data())
+def test_decode_attention_float8_cache(data):
+    """float8 cache: the kernel quantizes k_new / v_new bit for bit as fp8_quantize does (values and scale
+    exponents, across binade carries and subnormals), stores them at lens - 1, leaves every other entry, and
+    attends the dequantized keys (the shared row's for the prefix) as the float64 statement does."""
+    shared = data.draw(st.booleans())
+    rows = data.draw(st.integers(2, 4))
+    H = data.draw(st.sampled_from([1, 3]))
+    D = data.draw(st.sampled_from([8, 16]))
+    kps = data.draw(st.sampled_from([8, 32, 128]))
+    L = data.draw(st.integers(2, 50))
+    lens = torch.tensor(data.draw(st.lists(st.integers(1, L), min_size=rows, max_size=rows)), dtype=torch.int32)
+    prow = data.draw(st.integers(0, rows - 1))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    head_major = data.draw(st.booleans())
+    (k8, ke), (v8, ve) = (kernels.fp8_quantize(_fp8_draw(g, rows, L, H, D)) for _ in range(2))
+    ke, ve = ke.transpose(1, 2).contiguous(), ve.transpose(1, 2).contiguous()  # (rows, H, L)
+    kn, vn = _fp8_draw(g, rows, H, D), _fp8_draw(g, rows, H, D)
+    # scores of O(1): with keys up to 1e3 a float32 score's rounding (~1e-4 absolute at |s| ~ 1e3) would move the
+    # softmax more than the tolerance below allows on the GPU (seen: 6e-5 relative), whatever the kernel's maths
+    kmax = max(kernels.fp8_dequantize(k8, ke.transpose(1, 2)).abs().max().item(), kn.abs().max().item(), 1.0)
+    q = torch.randn(rows, H, D, generator=g) / kmax
+    pre = None
+    if shared:
+        hi = [max(0, min(n, int(lens[prow])) - 1) for n in lens.tolist()]
+        pre = torch.tensor([data.draw(st.integers(0, h)) for h in hi], dtype=torch.int32)
+    r, pos = torch.arange(rows), lens.long() - 1
+    want = [t.clone() for t in (k8, v8, ke, ve)]
+    (kq, kqe), (vq, vqe) = kernels.fp8_quantize(kn), kernels.fp8_quantize(vn)
+    want[0][r, pos], want[1][r, pos] = kq, vq
+    want[2].transpose(1, 2)[r, pos], want[3].transpose(1, 2)[r, pos] = kqe, vqe
+    got = [t.to(DEV) for t in (k8, v8, ke, ve)]
+    if head_major:
+        got[0], got[1] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in got[:2])
+    out = kernels.decode_attention(q.to(DEV), got[0], got[1], lens.to(DEV), D**-0.5, kps, min(8, kps),
+                                   k_new=kn.to(DEV), v_new=vn.to(DEV), k_exp=got[2], v_exp=got[3],
+                                   prefix_len=pre.to(DEV) if shared else None, prefix_row=prow)
+    for a, b in zip(got, want):  # bit for bit (float8 compared as bytes: -0 and +0 differ)
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+    Kd = kernels.fp8_dequantize(want[0], want[2].transpose(1, 2))
+    Vd = kernels.fp8_dequantize(want[1], want[3].transpose(1, 2))
+    # values here reach 1e3 (magnitudes over 12 binades) and outputs are weighted sums of them: float32's rounding
+    # scales with the largest value, so ATOL32 is applied per unit of max |V| (observed 2.9e-6 at max |V| ~ 1e3)
+    torch.testing.assert_close(out.cpu(), _attention_ref(q, Kd, Vd, lens, D**-0.5, pre, prow),
+                               atol=ATOL32 * max(1.0, Vd.abs().max().item()), rtol=0)
+
+
+def test_decode_attention_float8_needs_its_exponents():
+    K = torch.zeros(2, 4, 1, 8, dtype=torch.float8_e4m3fn, device=DEV)
+    q, lens = torch.randn(2, 1, 8, device=DEV), torch.ones(2, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="needs k_exp and v_exp"):
+        kernels.decode_attention(q, K, K.clone(), lens, 1.0)
+    bad = torch.zeros(2, 4, 1, dtype=torch.uint8, device=DEV)  # (rows, L, H), not (rows, H, L)
+    with pytest.raises(ValueError, match=r"k_exp must be a contiguous uint8 \(2, 1, 4\)"):
+        kernels.decode_attention(q, K, K.clone(), lens, 1.0, k_exp=bad, v_exp=bad)
+
+
+@HYP
+@given(data=st.data())
+def test_linear_partials_sum_to_the_product(data):
+    """The split-K product's slices sum to x @ w.T (float64 statement); one slice comes back in x's dtype."""
+    M = data.draw(st.integers(1, 128))
+    N = data.draw(st.integers(1, 70))
+    K = data.draw(st.integers(1, 200))
+    sk = data.draw(st.integers(1, 5))
+    bn = data.draw(st.sampled_from([16, 32]))
+    bk = data.draw(st.sampled_from([16, 32, 64]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    p = kernels.linear_partials(x.to(DEV), w.to(DEV), sk, bn, bk).cpu()
+    k_split = -(-(-(-K // sk)) // bk) * bk  # ceil(K / sk) rounded up to whole bk tiles
+    n_split = -(-K // k_split)
+    assert p.shape == (n_split, M, N) and p.dtype == torch.float32
+    # float32 sums of K <= 200 products of N(0, 1) values (|x @ w.T| ~ 14): a few float32 ulps of the sums' size
+    torch.testing.assert_close(p.sum(0), (x.double() @ w.double().T).float(), atol=2e-5 * max(1.0, K**0.5), rtol=0)
 
 
 def _xattn_ref(q, mk, mv, valid, prior, scale):
@@ -179,9 +296,11 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("case,fused_kv_write", [("released_small", True), ("multihead_xattn", True),
-                                                 ("four_codebooks", False), ("decoder_kernel3", True)])
-def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write):
+@pytest.mark.parametrize("case,fused_kv_write,head_major,gemm", [("released_small", True, False, True),
+                                                                 ("multihead_xattn", True, True, True),
+                                                                 ("four_codebooks", False, False, False),
+                                                                 ("decoder_kernel3", True, False, False)])
+def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_major, gemm):
     """attn_impl="triton" with every new piece on (shared unconditional prefix, cross-attention and top-k kernels,
     unconditional rows skipping the cross-attention): the eager reference's codes, lengths, attended positions at
     topk=1, per-step logits within 1e-5; sampled codes (topk 20) equal for the same seed."""
@@ -192,7 +311,11 @@ def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write):
     # 32 keys a split in two 16-key tiles: the fixtures' ~20-40 keys span splits and tiles (fewer interpreted programs)
     fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask, attn_impl="triton", keys_per_split=32,
                      attn_block_n=16, cuda_graphs=False, xattn_d_chunk=8,  # 8: two chunks of the fixtures' 16 dims
-                     fused_kv_write=fused_kv_write)  # False: the cache written by index_copy_ at the flat index
+                     fused_kv_write=fused_kv_write,  # False: the cache written by index_copy_ at the flat index
+                     kv_head_major=head_major,  # (rows, H, L, Dh) storage
+                     gemm_kernel=gemm, gemm_tiles={k: (16, 16, 3, 4, None) for k in FastDecoder.GEMM_TILES})
+    # gemm tiles: 16 columns x 16-deep K tiles in 3 slices -- several column blocks and slices at the fixtures' sizes
+    assert fd.gemm_kernel == gemm
     assert fd.share_uncond_prefix and fd.xattn_kernel and fd.topk_kernel and fd.skip_uncond_xattn
     out = fd.generate(batch, **kw)
     assert torch.equal(ref.predicted_codes, out.predicted_codes)
@@ -204,6 +327,10 @@ def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write):
         # what compile=True traces on a GPU (the layer tail fused with the next layer's norm + qkv, or with
         # norm_out + final_proj): one graph per function (fullgraph, eager backend), the same codes and logits
         fns = ("_fn_pre", "_fn_xq", "_fn_xo_ffn", "_fn_head", "_fn_post_a", "_fn_post_b")
+        # dynamo cannot trace the Triton *interpreter's* launches (UntypedStorage.data_ptr): the split-K GEMM is
+        # traced compiled on a GPU only (test_fast.py::test_compiled_and_triton_paths_on_gpu); here cuBLAS's place
+        fd._gemm_tiles = None
+        out = fd.generate(batch, **kw)
         for name in fns:
             f = getattr(fd, name)
             f.compiled = torch.compile(f.fn, fullgraph=True, dynamic=False, backend="eager")
@@ -238,3 +365,37 @@ def test_unconditional_prefix_keys_are_the_same_in_every_row():
             for r in range(B + 1, 2 * B):
                 assert torch.equal(cache[r, :, :n], cache[B, :, :n])
     assert int(w.kv_len[B]) >= n
+
+
+def test_fast_path_float8_kv_cache_tracks_eager():
+    """kv_cache_dtype=float8_e4m3fn, teacher-forced on the eager reference's codes: step 0 (which attends the
+    unrounded prefill keys) within ATOL_LOGITS of eager; later steps move, but little."""
+    case = "released_small"
+    model = copy.deepcopy(reference_model(case)).to(DEV)
+    batch = {k: v.to(DEV) for k, v in infer_inputs(load_batch(case)).items()}
+    kw = dict(use_cfg=True, topk=1, keep_logits=True)
+    ref = model.infer_batch(batch, use_kv_cache=True, **kw)
+    fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask, attn_impl="triton", keys_per_split=32,
+                     attn_block_n=16, cuda_graphs=False, kv_cache_dtype=torch.float8_e4m3fn, kv_head_major=True)
+    assert fd.k_cache[0].dtype == torch.float8_e4m3fn and fd.k_exp[0].dtype == torch.uint8
+    assert fd.k_cache[0].transpose(1, 2).is_contiguous()  # head-major storage
+    codes = ref.predicted_codes
+    forced = torch.cat([codes, codes.new_zeros(*codes.shape[:2], ref.num_steps * 2)], 2)
+    out = fd.generate(batch, forced_codes=forced, **kw)
+    a, b = torch.stack(ref.step_logits), torch.stack(out.step_logits[: ref.num_steps])
+    torch.testing.assert_close(b[0], a[0], atol=ATOL_LOGITS, rtol=0)
+    rel = ((b[1:] - a[1:]).norm() / a[1:].norm()).item()
+    # Each cached key/value is rounded to 3 mantissa bits (<= 2**-4 relative); on this fixture the logits move by
+    # 1.9e-4 relative L2 (CPU, interpreted). The bound is 10x that: loose for roundings that average out, tight
+    # enough to catch a wrong scale (a factor-2 exponent error moves them by > 1e-1). > 0: the cache is rounded.
+    assert 0 < rel < 2e-3, rel
+
+
+def test_float8_and_head_major_caches_need_the_fused_triton_write():
+    model = reference_model("released_small")
+    with pytest.raises(ValueError, match="needs attn_impl='triton' with fused_kv_write=True"):
+        FastDecoder(model, 2, 64, attn_impl="math", kv_cache_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        FastDecoder(model, 2, 64, attn_impl="math", kv_cache_dtype=torch.float16)
+    with pytest.raises(ValueError, match="kv_head_major needs attn_impl='triton' with fused_kv_write=True"):
+        FastDecoder(model, 2, 64, attn_impl="math", kv_head_major=True)
