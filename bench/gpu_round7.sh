@@ -18,7 +18,7 @@ if [ -z "$SKIP_SWEEPS" ]; then
 fi
 export ATTN_KW=${ATTN_KW:-$(grep -s "^BEST " "$OUT/attn_sweep.md" | cut -c6-)} XATTN_KW=${XATTN_KW:-$(grep -s "^BEST " "$OUT/xattn_sweep.md" | cut -c6-)}
 echo "ATTN_KW=$ATTN_KW XATTN_KW=$XATTN_KW"
-O=${OPT_ONLY:-"R5.0 triton+compile as round 4,R5.1 + 2 warps,R5.2 + uncond rows skip xattn,R5.3 + shared uncond prefix,R5.4 + xattn kernel,R5.5 + topk kernel,R5.6 + fused layer tails (= defaults),R5.7 defaults + ATTN_KW + XATTN_KW"}
+O=${OPT_ONLY:-"R5.0 triton+compile as round 4,R5.1 + 2 warps,R5.2 + uncond rows skip xattn,R5.3 + shared uncond prefix,R5.4 + xattn kernel,R5.5 + topk kernel,R5.6 + fused layer tails (= round-5 defaults),R5.7 defaults + ATTN_KW + XATTN_KW"}
 timeout ${BENCH_TIMEOUT:-240} python3 bench/seed_benchmark.py --out "$OUT/opt" --parts opt,profile_opt --opt-batches 3 \
   --opt-only "$O" --profile-attn triton --profile-from 220 2>&1 | tee "$OUT/opt.log" | grep -E "^\[(fast|fail|skip)\]"
 [ -n "$GEMM" ] && timeout 90 python3 bench/gemm_sweep.py 2>&1 | tee "$OUT/gemm_sweep.md"

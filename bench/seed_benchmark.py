@@ -284,22 +284,30 @@ def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_te
     ms_step = (t_full - t_short) / (N_FRAMES - 4) * 1e3
     rows = 2 * BATCH
     mean_keys = T_CTX_FRAMES + 2 + 1 + (N_FRAMES - 1) / 2
-    fb = floor_bytes(fd.model, rows, mean_keys, torch.finfo(dtype).bits // 8, T_text)
+    db = torch.finfo(dtype).bits // 8
+    fb = floor_bytes(fd.model, rows, mean_keys, db, T_text)  # the issue's floor: K/V in the model's dtype
+    # a float8 cache moves fewer bytes: its own floor too (values + one scale exponent per head vector)
+    fb_own = floor_bytes(fd.model, rows, mean_keys, db, T_text, 1 + 1 / fd.config.decoder.sa_d_head) if fd.kv_fp8 \
+        else fb
     r = {
         "label": label, "dtype": str(dtype).split(".")[-1], "attn_impl": fd.attn_impl, "batches_timed": len(totals),
         "ms_per_step": ms_step, "prefill_and_3_steps_s": t_short, "batch_total_s": t_full, "first_batch_s": t_first,
         "graphs": sum(len(w.graphs) for w in fd._works.values()), "compile": fd.compile,
-        "compile_errors": fd.compile_errors, **{k: v for k, v in fast_kw.items() if k != "compile"},
+        "compile_errors": fd.compile_errors,
+        **{k: str(v) if isinstance(v, torch.dtype) else v for k, v in fast_kw.items() if k != "compile"},
         "floor_bytes": fb["total"], "floor_ms": fb["total"] / (bw * 1e9) * 1e3,
+        "floor_ms_own_cache": fb_own["total"] / (bw * 1e9) * 1e3,
     }
-    r["gbps"] = fb["total"] / (ms_step / 1e3) / 1e9
+    r["gbps"] = fb_own["total"] / (ms_step / 1e3) / 1e9  # the bytes this configuration must move
     r["x_floor"] = ms_step / r["floor_ms"]
     r["frames_per_s"] = BATCH / (ms_step / 1e3)
     r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
     r["all_512_s"] = t_full * math.ceil(N_REQ / BATCH)
     results.append(r)
+    own = (f", {ms_step / r['floor_ms_own_cache']:.2f}x its float8-cache floor ({r['floor_ms_own_cache']:.3f} ms)"
+           if fd.kv_fp8 else "")
     print(f"[fast] {label}: {ms_step:.3f} ms/step, {r['frames_per_s']:.0f} frames/s, {r['x_realtime']:.0f}x real time, "
-          f"{r['gbps']:.0f} GB/s = {r['x_floor']:.2f}x floor ({r['floor_ms']:.3f} ms); batch {t_full:.2f} s "
+          f"{r['gbps']:.0f} GB/s = {r['x_floor']:.2f}x floor ({r['floor_ms']:.3f} ms){own}; batch {t_full:.2f} s "
           f"(prefill+3 steps {t_short:.3f} s), {len(totals)} batches timed", flush=True)
     return fd
 
@@ -398,7 +406,7 @@ def main(argv=None) -> int:
     ap.add_argument("--opt-batches", type=int, default=2, help="batches timed per speed-up variant")
     ap.add_argument("--parts", default="parity,fast,nemo,eager2",
                     help="comma-separated subset (default: the headline table); also: variants, eager (fp32 only), "
-                         "profile, fast_sdpa, parity_opt, opt, profile_opt")
+                         "profile, fast_sdpa, fast_fp8, parity_opt, opt, profile_opt")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU: checks the script, times nothing")
     ap.add_argument("--budget-s", type=float, default=480, help="skip optional parts once this much time has passed")
     a = ap.parse_args(argv)
@@ -456,6 +464,19 @@ def main(argv=None) -> int:
     gc.collect()
     if DEV == "cuda":
         torch.cuda.empty_cache()
+    if "fast_fp8" in parts:  # the float8 K/V cache over all batches, with the tiles of $ATTN_KW_FP8 (attn_sweep --fp8)
+        try:
+            time_fast(model, reqs, main_dt, "triton", n_batches, "fast bf16 triton+compile, float8 K/V cache",
+                      res["fast"], bw, T_TEXT, compile=True, kv_cache_dtype=torch.float8_e4m3fn,
+                      **json.loads(os.environ.get("ATTN_KW_FP8") or "{}"))
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            print(f"[fail] fast fp8: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     if "fast_sdpa" in parts:  # the bucketed sdpa path over all batches too
         try:
             time_fast(model, reqs, main_dt, "sdpa", n_batches, "fast bf16 sdpa+buckets", res["fast"], bw, T_TEXT)
@@ -507,7 +528,9 @@ def main(argv=None) -> int:
     if "profile_opt" in parts:
         try:
             kw = dict(attn_impl=a.profile_attn if DEV == "cuda" else "math", compile=True)
-            if kw["attn_impl"] == "triton":  # the sweeps' best tiles, when given (bench/gpu_round7.sh)
+            if kw["attn_impl"] == "triton" and os.environ.get("PROFILE_FP8"):  # the float8 cache (gpu_round8.sh)
+                kw.update(kv_cache_dtype=torch.float8_e4m3fn, **json.loads(os.environ.get("ATTN_KW_FP8") or "{}"))
+            elif kw["attn_impl"] == "triton":  # the sweeps' best tiles, when given (bench/gpu_round7.sh)
                 kw.update(**json.loads(os.environ.get("ATTN_KW") or "{}"), **json.loads(os.environ.get("XATTN_KW") or "{}"))
             profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt",
                          start=a.profile_from)
@@ -540,7 +563,9 @@ def run_eager(a, model, reqs, res, bw, t0):
 
 # FastDecoder's round-5 options all off: the round-4 fast path
 R4_OFF = dict(skip_uncond_xattn=False, share_uncond_prefix=False, xattn_kernel=False, topk_kernel=False,
-              attn_num_warps=4, fuse_layer_tails=False)
+              attn_num_warps=4, fuse_layer_tails=False, keys_per_split=64, attn_block_n=64, kv_head_major=False)
+# round 5's attention tiles and cache layout (the defaults until round 6 made 32/32/1 and head-major the defaults)
+R5_TILES = dict(keys_per_split=64, attn_block_n=64, attn_num_warps=2, kv_head_major=False)
 
 OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("fast bf16 sdpa+buckets", "sdpa", {}),
@@ -562,11 +587,25 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
                                                                        share_uncond_prefix=True)}),
     ("R5.4 + xattn kernel", "triton", {"compile": True, **dict(R4_OFF, attn_num_warps=2, skip_uncond_xattn=True,
                                                                 share_uncond_prefix=True, xattn_kernel=True)}),
-    ("R5.5 + topk kernel", "triton", {"compile": True, "fuse_layer_tails": False}),
-    ("R5.6 + fused layer tails (= defaults)", "triton", {"compile": True}),
+    ("R5.5 + topk kernel", "triton", {"compile": True, "fuse_layer_tails": False, **R5_TILES}),
+    ("R5.6 + fused layer tails (= round-5 defaults)", "triton", {"compile": True, **R5_TILES}),
     # the defaults with the best of bench/attn_sweep.py ($ATTN_KW) and bench/xattn_sweep.py ($XATTN_KW), JSON
-    ("R5.7 defaults + ATTN_KW + XATTN_KW", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}"),
+    ("R5.7 defaults + ATTN_KW + XATTN_KW", "triton", {"compile": True, **R5_TILES,
+                                                      **json.loads(os.environ.get("ATTN_KW") or "{}"),
                                                       **json.loads(os.environ.get("XATTN_KW") or "{}")}),
+    # round 6: the float8 K/V cache (not exact: NOTES-fast.md), with the defaults' tiles and with the best of
+    # bench/attn_sweep.py --fp8 ($ATTN_KW_FP8)
+    ("R6.0 defaults + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
+                                                    **R5_TILES}),
+    ("R6.1 float8 K/V cache + ATTN_KW_FP8", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn, **R5_TILES,
+                                                        **json.loads(os.environ.get("ATTN_KW_FP8") or "{}")}),
+    ("R6.2 defaults + head-major cache + ATTN_KW", "triton", {"compile": True, **dict(R5_TILES, kv_head_major=True),
+                                                              **json.loads(os.environ.get("ATTN_KW") or "{}")}),
+    # the defaults since round 6 (32-key splits and tiles, 1 warp, head-major cache), exact; with the float8 cache;
+    # with split-K Triton GEMMs for four products a layer (labels: no commas, --opt-only splits on them)
+    ("R6.3 defaults (round 6)", "triton", {"compile": True}),
+    ("R6.4 defaults (round 6) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
+    ("R6.5 defaults (round 6) + split-K Triton GEMMs", "triton", {"compile": True, "gemm_kernel": True}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),
@@ -614,11 +653,16 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
     ref = model.infer_batch(req, use_kv_cache=True, **kw)
     rc = ref.predicted_codes.cpu()
     forced = None
+    # $PARITY_ONLY: comma-separated labels of the variants below to run (default all; fp32 sdpa always runs: it
+    # gives the teacher-forcing codes and logits)
+    only = set(filter(None, os.environ.get("PARITY_ONLY", "").split(",")))
     fp32 = [("math", "math", {}), ("sdpa", "sdpa", {})]
     if DEV == "cuda":
         fp32 += [("triton", "triton", {}), ("sdpa+compile", "sdpa", {"compile": True}),
                  ("triton+compile", "triton", {"compile": True})]
     for label, impl, fkw in fp32:
+        if only and label != "sdpa" and f"fp32 {label}" not in only:
+            continue
         t = time.time()
         fd = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32, attn_impl=impl, **fkw)
         f = fd.generate(req, **kw)
@@ -649,7 +693,14 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
     for name, dt, impl, fkw in [("fp16 flash", torch.float16, "flash", {}), ("bf16 flash", torch.bfloat16, "flash", {}),
                                 ("bf16 triton", torch.bfloat16, "triton", {}),
                                 ("bf16 triton+compile", torch.bfloat16, "triton", {"compile": True}),
-                                ("bf16 sdpa+compile", torch.bfloat16, "sdpa", {"compile": True})]:
+                                ("bf16 sdpa+compile", torch.bfloat16, "sdpa", {"compile": True}),
+                                # the float8 K/V cache alone (fp32 elsewhere), then with bf16
+                                ("fp32 triton+compile fp8 K/V", torch.float32, "triton",
+                                 {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
+                                ("bf16 triton+compile fp8 K/V", torch.bfloat16, "triton",
+                                 {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn})]:
+        if only and name not in only:
+            continue
         fd = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, dt, attn_impl=impl, **fkw)
         for pr in (False, True):
             o = fd.generate(req, forced_codes=forced, **dict(kw, apply_attention_prior=pr))
@@ -801,6 +852,13 @@ def merge_results(dirs: list[Path], out_dir: Path) -> int:
     return 0
 
 
+def own_floor(r: dict) -> str:
+    """A float8-cache row's speed against the floor of the bytes it moves (the x floor column: the issue's)."""
+    own = r.get("floor_ms_own_cache")
+    return "" if own is None or abs(own - r["floor_ms"]) < 1e-9 else \
+        f"; {r['ms_per_step'] / own:.2f}x its own floor ({own:.3f} ms, float8 K/V)"
+
+
 def render_table(res: dict) -> str:
     info = res["info"]
     lines = [f"card: {info['card']} ({info['sms']} SMs), torch {info['torch']}, {info['date']}; "
@@ -831,7 +889,7 @@ def render_table(res: dict) -> str:
         vs = f", {nemo_ms / r['ms_per_step']:.0f}x NeMo fp32" if nemo_ms else ""
         lines.append(f"| {r['label']} ({r['attn_impl']}) | {r['dtype']} | {r['ms_per_step']:.3f} | {r['frames_per_s']:.0f} | "
                      f"{r['x_realtime']:.0f} | {r['gbps']:.0f} | {r['x_floor']:.2f} | {r['batches_timed']} batch(es) x 480 "
-                     f"steps, {r['graphs']} graph(s){vs}; 512 requests {r['all_512_s']:.1f} s |")
+                     f"steps, {r['graphs']} graph(s){vs}; 512 requests {r['all_512_s']:.1f} s{own_floor(r)} |")
     p = res.get("parity", {})
     if p:
         lines += ["", f"parity (TF32 off): fp32 fast vs eager cached at topk=1, 64 requests x {p['steps']} steps: codes "
