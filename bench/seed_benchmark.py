@@ -606,13 +606,6 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("R6.3 defaults (round 6)", "triton", {"compile": True}),
     ("R6.4 defaults (round 6) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
     ("R6.5 defaults (round 6) + split-K Triton GEMMs", "triton", {"compile": True, "gemm_kernel": True}),
-    # tensor-core attention (attn_mma), with the best tiles of bench/attn_sweep.py --mma [--fp8] ($ATTN_KW_MMA,
-    # $ATTN_KW_FP8_MMA; they carry attn_mma=true)
-    ("R6.6 defaults + tensor-core attention", "triton", {"compile": True, "attn_mma": True,
-                                                         **json.loads(os.environ.get("ATTN_KW_MMA") or "{}")}),
-    ("R6.7 float8 K/V cache + tensor-core attention", "triton", {"compile": True, "attn_mma": True,
-                                                                 "kv_cache_dtype": torch.float8_e4m3fn,
-                                                                 **json.loads(os.environ.get("ATTN_KW_FP8_MMA") or "{}")}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

@@ -59,13 +59,10 @@ def _kernels() -> dict:
     def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
                      stride_kr, stride_kl, stride_kh, stride_nr, stride_er, H: tl.constexpr, D: tl.constexpr,
                      NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
-                     SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr,
-                     MMA: tl.constexpr):
+                     SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr):
         # SHARED: keys [0, pre) are read from the shared row, [pre, n) from row r's own. OUT_DIRECT (one split):
         # MO is the output, written normalised (no combine kernel). FP8: K/V hold float8 e4m3 values, KE/VE
-        # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales. MMA (fp16/bf16
-        # queries): both products on tensor cores, the query padded to 16 rows of which 15 are zero, the softmax
-        # weights rounded to the query's dtype for the second product (as flash attention does)
+        # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -122,8 +119,6 @@ def _kernels() -> dict:
             pre = tl.load(PRE + r)
             shared = prefix_off + h * stride_kh  # prefix_off: the shared row's offset (host int)
             shared_e = prefix_off_e + h * (stride_er // H)
-        if MMA:
-            q16 = tl.where((tl.arange(0, 16) == 0)[:, None], q[None, :], 0.0).to(Q.dtype.element_ty)  # exact
         for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
             idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = idx < end
@@ -133,18 +128,13 @@ def _kernels() -> dict:
                 off = tl.where(idx < pre, shared, own)[:, None] + idx[:, None] * stride_kl + d[None, :]
             else:
                 off = own + idx[:, None] * stride_kl + d[None, :]
-            # float32 tiles, or (MMA) tiles in the query's dtype: float8 and the query's own dtype convert exactly
-            kv_dt = Q.dtype.element_ty if MMA else tl.float32
-            k = tl.load(K + off, mask=valid[:, None], other=0.0).to(kv_dt)
-            v = tl.load(V + off, mask=valid[:, None], other=0.0).to(kv_dt)
+            k = tl.load(K + off, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(V + off, mask=valid[:, None], other=0.0).to(tl.float32)
             if WRITE_NEW:
                 is_new = (idx == newest)[:, None]
-                k = tl.where(is_new, k_new.to(kv_dt)[None, :], k)
-                v = tl.where(is_new, v_new.to(kv_dt)[None, :], v)
-            if MMA:
-                s = tl.sum(tl.dot(q16, tl.trans(k)), axis=0)  # rows 1..15 hold zeros: row 0's scores, exactly
-            else:
-                s = tl.sum(k * q[None, :], axis=1)
+                k = tl.where(is_new, k_new.to(tl.float32)[None, :], k)
+                v = tl.where(is_new, v_new.to(tl.float32)[None, :], v)
+            s = tl.sum(k * q[None, :], axis=1)
             if FP8:
                 # each key's and value's scale 2**(e - 127), applied to its dot product / its softmax weight
                 if SHARED:
@@ -162,12 +152,10 @@ def _kernels() -> dict:
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
             alpha = tl.exp(m_i - m_safe)
             pexp = tl.exp(s - m_safe)
-            pv = pexp * (ve << 23).to(tl.float32, bitcast=True) if FP8 else pexp
-            if MMA:
-                p16 = tl.where((tl.arange(0, 16) == 0)[:, None], pv[None, :], 0.0).to(Q.dtype.element_ty)
-                acc = acc * alpha + tl.sum(tl.dot(p16, v), axis=0)
+            if FP8:
+                acc = acc * alpha + tl.sum((pexp * (ve << 23).to(tl.float32, bitcast=True))[:, None] * v, axis=0)
             else:
-                acc = acc * alpha + tl.sum(pv[:, None] * v, axis=0)
+                acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(pexp, axis=0)
             m_i = m_new
         if OUT_DIRECT:
@@ -286,7 +274,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
                      prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None,
-                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None, mma: bool = False):
+                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) with a contiguous last dim
@@ -300,10 +288,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     prefix_len (rows,) int32: row r's keys [0, prefix_len[r]) are read from row ``prefix_row`` instead of its own
     (0 = none; the caller vouches that those keys are equal, and that lens - 1 lies past the prefix when writing);
     the rows that share them read one copy, which stays in L2.
-
-    mma (fp16/bf16 q, block_n >= 16): the two products on tensor cores; the softmax weights are rounded to q's dtype
-    for the second (relative 2**-9 in bf16), so the result is no longer the float32-weights statement's to float32
-    rounding, but within bf16's. The products themselves are exact (half values multiply exactly in float32).
 
     float8 cache: k/v_cache of dtype float8_e4m3fn and k_exp / v_exp (rows, H, L) uint8 contiguous, the biased
     exponents of each (position, head)'s power-of-two scale (see :func:`fp8_quantize`); K and V are then the
@@ -320,9 +304,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     assert (k_cache.stride(1), k_cache.stride(2)) in ((H * D, D), (D, L * D)) and k_cache.stride(0) == L * H * D
     assert lens.dtype == torch.int32 and lens.shape == (rows,)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    if mma and (q.dtype not in (torch.float16, torch.bfloat16) or min(block_n, keys_per_split) < 16 or D < 16):
-        raise ValueError(f"decode_attention: mma needs fp16/bf16 queries, >= 16 keys a tile and a head size >= 16; got "
-                         f"{q.dtype}, {min(block_n, keys_per_split)} keys, head size {D}")
     if fp8 != (k_exp is not None) or (k_exp is None) != (v_exp is None) or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"decode_attention: a float8_e4m3fn cache needs k_exp and v_exp (and only it): got caches of "
                          f"{k_cache.dtype} / {v_cache.dtype}, k_exp {k_exp is not None}, v_exp {v_exp is not None}")
@@ -360,7 +341,7 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
                                   int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
                                   k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, H=H, D=D, NSPLIT=ns,
                                   KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared, I64=i64,
-                                  OUT_DIRECT=ns == 1, FP8=fp8, MMA=bool(mma), num_warps=num_warps, **stages)
+                                  OUT_DIRECT=ns == 1, FP8=fp8, num_warps=num_warps, **stages)
     if ns > 1:
         kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out

@@ -182,49 +182,6 @@ def test_decode_attention_float8_cache(data):
                                atol=ATOL32 * max(1.0, Vd.abs().max().item()), rtol=0)
 
 
-@HYP
-@given(data=st.data())
-def test_decode_attention_on_tensor_cores(data):
-    """mma=True (fp16 here: Triton 3.6's interpreter multiplies bf16 tiles wrongly; the kernel code is dtype-generic
-    and the GPU run covers bf16): the float64 statement within fp16's rounding, with and without the float8 cache,
-    shared prefix and head-major storage."""
-    fp8, shared, head_major = (data.draw(st.booleans()) for _ in range(3))
-    rows, H, D = data.draw(st.integers(2, 4)), data.draw(st.sampled_from([1, 2])), 16
-    kps = data.draw(st.sampled_from([16, 32, 64]))
-    L = data.draw(st.integers(2, 60))
-    lens = torch.tensor(data.draw(st.lists(st.integers(1, L), min_size=rows, max_size=rows)), dtype=torch.int32)
-    prow = data.draw(st.integers(0, rows - 1))
-    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    K, V = (torch.randn(rows, L, H, D, generator=g).half() for _ in range(2))
-    q, kn, vn = (torch.randn(rows, H, D, generator=g).half() for _ in range(3))
-    pre = None
-    if shared:
-        pre = torch.tensor([data.draw(st.integers(0, max(0, min(n, int(lens[prow])) - 1))) for n in lens.tolist()],
-                           dtype=torch.int32)
-    r, pos = torch.arange(rows), lens.long() - 1
-    ex = {}
-    if fp8:
-        (K, ke), (V, ve) = kernels.fp8_quantize(K), kernels.fp8_quantize(V)
-        ex = dict(k_exp=ke.transpose(1, 2).contiguous().to(DEV), v_exp=ve.transpose(1, 2).contiguous().to(DEV))
-        Kd, Vd = kernels.fp8_dequantize(K, ke), kernels.fp8_dequantize(V, ve)
-        Kd[r, pos], Vd[r, pos] = kernels.fp8_dequantize(*kernels.fp8_quantize(kn)), kernels.fp8_dequantize(
-            *kernels.fp8_quantize(vn))
-    else:
-        Kd, Vd = K.float(), V.float()
-        Kd[r, pos], Vd[r, pos] = kn.float(), vn.float()
-    Kg, Vg = K.to(DEV), V.to(DEV)
-    if head_major:
-        Kg, Vg = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (Kg, Vg))
-    out = kernels.decode_attention(q.to(DEV), Kg, Vg, lens.to(DEV), D**-0.5, kps, 16, k_new=kn.to(DEV),
-                                   v_new=vn.to(DEV), prefix_len=pre.to(DEV) if shared else None, prefix_row=prow,
-                                   mma=True, **ex)
-    assert out.dtype == torch.float16
-    # fp16 softmax weights (2**-11 relative) and an fp16 output (2**-11 relative) of O(1) values: 4e-3 absolute
-    # bounds both with room; a dropped or misplaced key moves an output by about 1/n of a value (n <= 60 keys)
-    torch.testing.assert_close(out.cpu().float(), _attention_ref(q.float(), Kd, Vd, lens, D**-0.5, pre, prow),
-                               atol=4e-3, rtol=0)
-
-
 def test_decode_attention_float8_needs_its_exponents():
     K = torch.zeros(2, 4, 1, 8, dtype=torch.float8_e4m3fn, device=DEV)
     q, lens = torch.randn(2, 1, 8, device=DEV), torch.ones(2, dtype=torch.int32, device=DEV)
