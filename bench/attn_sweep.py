@@ -5,10 +5,9 @@ grouped; GB/s counts the bytes of the unshared kernel, so the rows compare as sp
 ``--fp8``: the float8 K/V cache instead (``FastDecoder(kv_cache_dtype=torch.float8_e4m3fn)``: 1-byte values and a
 1-byte scale exponent per 64; GB/s counts those bytes), shared prefix only, with tiles of up to 128 keys.
 ``--head-major``: the cache stored (rows, H, L, Dh) (``kv_head_major=True``; the BEST line then says so); with
-``--short`` only the three fastest bf16 tiles of earlier runs; ``--defer``: the weighted values summed over keys once
-a split (``attn_defer_sum=True``), with longer splits.
+``--short`` only the three fastest bf16 tiles of earlier runs.
 
-    python bench/attn_sweep.py [--fp8] [--head-major] [--short] [--defer]
+    python bench/attn_sweep.py [--fp8] [--head-major] [--short]
 """
 
 from __future__ import annotations
@@ -36,12 +35,10 @@ CONFIGS = [(64, 64, 4, None), (64, 64, 2, None), (32, 32, 1, None), (32, 32, 2, 
 CONFIGS_FP8 = [(64, 64, 2, None), (64, 64, 1, None), (32, 32, 1, None), (128, 128, 2, None), (128, 64, 1, None),
                (256, 64, 2, 3)]
 CONFIGS_SHORT = [(64, 64, 2, None), (32, 32, 1, None), (32, 32, 2, None)]
-CONFIGS_DEFER = [(32, 32, 1, None), (64, 32, 1, None), (128, 32, 1, None), (256, 32, 1, None), (128, 16, 1, None),
-                 (64, 64, 1, None), (128, 64, 1, None), (256, 64, 2, None), (128, 32, 2, None)]
 
 
 def _isolated(configs) -> tuple:
-    """--fp8 / --defer: each tile in a process of its own (Triton 3.6's LLVM aborts compiling some float8 tiles -- an SLP
+    """--fp8: each tile in a process of its own (Triton 3.6's LLVM aborts compiling some float8 tiles -- an SLP
     vectorizer assertion, seen with 64/64/4 warps on an H200 --, which would end the sweep); -> best (us, kps, bn, nw,
     st) or None."""
     import subprocess
@@ -49,8 +46,8 @@ def _isolated(configs) -> tuple:
     best = None
     for c in configs:
         arg = ",".join("-" if x is None else str(x) for x in c)
-        extra = [f for f in ("--fp8", "--head-major", "--defer") if f in sys.argv]
-        p = subprocess.run([sys.executable, __file__, "--one", arg, *extra], capture_output=True, text=True,
+        extra = ["--head-major"] if "--head-major" in sys.argv else []
+        p = subprocess.run([sys.executable, __file__, "--fp8", "--one", arg, *extra], capture_output=True, text=True,
                            timeout=120)
         rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| keys")]
         if p.returncode != 0 or not rows:
@@ -66,16 +63,14 @@ def _isolated(configs) -> tuple:
 def main() -> int:
     fp8 = "--fp8" in sys.argv[1:]
     head_major = "--head-major" in sys.argv[1:]
-    defer = "--defer" in sys.argv[1:]
     one = sys.argv[sys.argv.index("--one") + 1] if "--one" in sys.argv else None
-    if (fp8 or defer) and one is None:
+    if fp8 and one is None:
         print("| keys_per_split | block_n | num_warps | num_stages | shared prefix | us/call | GB/s (K+V) | max abs vs "
               "first |\n| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
-        best = _isolated(CONFIGS_DEFER if defer else CONFIGS_FP8)
+        best = _isolated(CONFIGS_FP8)
         if best is not None:
             print("BEST " + json.dumps(dict(keys_per_split=best[1], attn_block_n=best[2], attn_num_warps=best[3],
-                                            attn_num_stages=best[4], **({"kv_head_major": True} if head_major else {}),
-                                            **({"attn_defer_sum": True} if defer else {}))))
+                                            attn_num_stages=best[4], **({"kv_head_major": True} if head_major else {}))))
             print(f"BEST_US {best[0]:.2f}")
         return 0
     torch.manual_seed(0)
@@ -102,13 +97,13 @@ def main() -> int:
     if one is not None:
         configs = [tuple(None if x == "-" else int(x) for x in one.split(","))]
     else:
-        configs = CONFIGS_DEFER if defer else CONFIGS_FP8 if fp8 else (CONFIGS_SHORT if "--short" in sys.argv else CONFIGS)
+        configs = CONFIGS_FP8 if fp8 else (CONFIGS_SHORT if "--short" in sys.argv else CONFIGS)
     runs = [(c, "rows") for c in configs] if fp8 else [(c, m) for c in configs for m in (None, "rows")]
     for (kps, bn, nw, st), mode in runs:
         fn = lambda: triton_decode_attention(qkv[:, 0], K, V, lens, D**-0.5, kps, bn, max_keys=Lb,  # noqa: E731
                                              k_new=qkv[:, 1], v_new=qkv[:, 2], num_warps=nw,
                                              prefix_len=pre if mode else None, prefix_row=rows // 2, num_stages=st,
-                                             defer_sum=defer, **exps)
+                                             **exps)
         out = fn()
         us = replay_us(lambda i: fn(), calls=20, reps=10)  # graph replays, as the fast path runs it
         if ref is None and (mode is None or fp8):  # the first unshared row (bf16) or the first row (fp8)
@@ -120,8 +115,7 @@ def main() -> int:
               flush=True)
     # one line for FastDecoder keywords (bench/gpu_round7.sh passes it on as ATTN_KW)
     print("BEST " + json.dumps(dict(keys_per_split=best[1], attn_block_n=best[2], attn_num_warps=best[3],
-                                    attn_num_stages=best[4], **({"kv_head_major": True} if head_major else {}),
-                                            **({"attn_defer_sum": True} if defer else {}))))
+                                    attn_num_stages=best[4], **({"kv_head_major": True} if head_major else {}))))
     print(f"BEST_US {best[0]:.2f}")
     return 0
 

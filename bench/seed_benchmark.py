@@ -606,13 +606,6 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("R6.3 defaults (round 6)", "triton", {"compile": True}),
     ("R6.4 defaults (round 6) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
     ("R6.5 defaults (round 6) + split-K Triton GEMMs", "triton", {"compile": True, "gemm_kernel": True}),
-    # values summed over keys once a split (attn_defer_sum), with the best tiles of bench/attn_sweep.py --defer
-    # [--fp8] ($ATTN_KW_DEFER, $ATTN_KW_FP8_DEFER; they carry attn_defer_sum=true)
-    ("R6.6 defaults + deferred value sums", "triton", {"compile": True, "attn_defer_sum": True,
-                                                       **json.loads(os.environ.get("ATTN_KW_DEFER") or "{}")}),
-    ("R6.7 float8 K/V cache + deferred value sums", "triton", {"compile": True, "attn_defer_sum": True,
-                                                               "kv_cache_dtype": torch.float8_e4m3fn,
-                                                               **json.loads(os.environ.get("ATTN_KW_FP8_DEFER") or "{}")}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

@@ -277,8 +277,6 @@ class FastDecoder:
     stays a (rows, L, H, Dh) view either way. Each tile then reads one contiguous block (a float8 head vector is 64
     bytes, half a cache line); bench/attn_sweep.py: 55.1 vs 56.1 us a layer in bf16, 38.3 vs 39.9 in float8 (H100).
     The attention tiles' defaults (32 keys a split and a tile, 1 warp) are the sweeps' best on an H100 (run X).
-    attn_defer_sum (triton attention): the kernel sums each split's weighted values over its keys once, after its
-    tiles, instead of once a tile (``kernels.decode_attention`` defer_sum).
     gemm_kernel (off by default; needs the cross-attention kernel): four of a layer's GEMMs -- o_net, the
     cross-attention's q_net and o_net, the FFN's o_net -- run as Triton split-K products (``kernels.linear_partials``:
     float32 partials over K slices, summed in a fixed order) instead of cuBLAS. Alone they are faster
@@ -324,7 +322,6 @@ class FastDecoder:
         kv_cache_dtype: Optional[torch.dtype] = None,
         kv_head_major: Optional[bool] = None,
         gemm_kernel: bool = False,
-        attn_defer_sum: bool = False,
         gemm_tiles: Optional[dict] = None,
     ):
         if device is None:
@@ -393,7 +390,6 @@ class FastDecoder:
                              f"the cache as (rows * L, H, Dh)), got attn_impl={attn_impl!r}, "
                              f"fused_kv_write={self.fused_kv_write}")
         self.gemm_kernel = bool(gemm_kernel)
-        self.attn_defer_sum = bool(attn_defer_sum)
         if self.gemm_kernel and not (self.xattn_kernel and kernels.usable(self.device)):
             raise ValueError("gemm_kernel needs xattn_kernel and CUDA with triton (or, on the CPU, TRITON_INTERPRET=1)")
         self._gemm_tiles = dict(self.GEMM_TILES, **(gemm_tiles or {})) if self.gemm_kernel else None
@@ -800,8 +796,7 @@ class FastDecoder:
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
                                              num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
-                                             prefix_row=w.B, num_stages=self.attn_num_stages,
-                                             defer_sum=self.attn_defer_sum, **fp8)
+                                             prefix_row=w.B, num_stages=self.attn_num_stages, **fp8)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
@@ -811,7 +806,7 @@ class FastDecoder:
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps,
                                              prefix_len=w.pre_len if shared else None, prefix_row=w.B,
-                                             num_stages=self.attn_num_stages, defer_sum=self.attn_defer_sum)
+                                             num_stages=self.attn_num_stages)
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,

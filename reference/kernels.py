@@ -59,13 +59,10 @@ def _kernels() -> dict:
     def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
                      stride_kr, stride_kl, stride_kh, stride_nr, stride_er, H: tl.constexpr, D: tl.constexpr,
                      NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
-                     SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr,
-                     DEFER: tl.constexpr):
+                     SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr):
         # SHARED: keys [0, pre) are read from the shared row, [pre, n) from row r's own. OUT_DIRECT (one split):
         # MO is the output, written normalised (no combine kernel). FP8: K/V hold float8 e4m3 values, KE/VE
-        # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales. DEFER: the
-        # weighted values accumulate per key slot in a (BLOCK_N, D) tile and are summed over keys once, after the
-        # loop, instead of once a tile (cross-thread reductions once a split)
+        # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -77,10 +74,7 @@ def _kernels() -> dict:
         q = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
         m_i = -float("inf")
         l_i = 0.0
-        if DEFER:
-            acc = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        else:
-            acc = tl.zeros([D], dtype=tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
         if I64:  # caches of >= 2**31 elements: 64-bit offsets (else 32-bit: cheaper per element)
             own = r.to(tl.int64) * stride_kr + h * stride_kh
             own_e = r.to(tl.int64) * stride_er + h * (stride_er // H)
@@ -158,15 +152,12 @@ def _kernels() -> dict:
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
             alpha = tl.exp(m_i - m_safe)
             pexp = tl.exp(s - m_safe)
-            pv = pexp * (ve << 23).to(tl.float32, bitcast=True) if FP8 else pexp
-            if DEFER:
-                acc = acc * alpha + pv[:, None] * v
+            if FP8:
+                acc = acc * alpha + tl.sum((pexp * (ve << 23).to(tl.float32, bitcast=True))[:, None] * v, axis=0)
             else:
-                acc = acc * alpha + tl.sum(pv[:, None] * v, axis=0)
+                acc = acc * alpha + tl.sum(pexp[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(pexp, axis=0)
             m_i = m_new
-        if DEFER:
-            acc = tl.sum(acc, axis=0)
         if OUT_DIRECT:
             tl.store(MO + rh * D + d, (acc / l_i).to(MO.dtype.element_ty))
         else:
@@ -283,8 +274,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
                      prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None,
-                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None,
-                     defer_sum: bool = False):
+                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) with a contiguous last dim
@@ -298,9 +288,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     prefix_len (rows,) int32: row r's keys [0, prefix_len[r]) are read from row ``prefix_row`` instead of its own
     (0 = none; the caller vouches that those keys are equal, and that lens - 1 lies past the prefix when writing);
     the rows that share them read one copy, which stays in L2.
-
-    defer_sum: the weighted values are summed over keys once a split instead of once a tile (the same terms,
-    another float32 order).
 
     float8 cache: k/v_cache of dtype float8_e4m3fn and k_exp / v_exp (rows, H, L) uint8 contiguous, the biased
     exponents of each (position, head)'s power-of-two scale (see :func:`fp8_quantize`); K and V are then the
@@ -354,7 +341,7 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
                                   int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
                                   k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, H=H, D=D, NSPLIT=ns,
                                   KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared, I64=i64,
-                                  OUT_DIRECT=ns == 1, FP8=fp8, DEFER=bool(defer_sum), num_warps=num_warps, **stages)
+                                  OUT_DIRECT=ns == 1, FP8=fp8, num_warps=num_warps, **stages)
     if ns > 1:
         kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out

@@ -56,7 +56,6 @@ def test_decode_attention_with_shared_prefix_and_cache_write(data):
     prow = data.draw(st.integers(0, rows - 1))
     write = data.draw(st.booleans())
     head_major = data.draw(st.booleans())  # (rows, H, L, D) storage passed as its (rows, L, H, D) view
-    defer = data.draw(st.booleans())  # values summed over keys once a split
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     K, V = (torch.randn(rows, L, H, D, generator=g) for _ in range(2))
     qkv = torch.randn(rows, 3, H, D, generator=g)
@@ -77,7 +76,7 @@ def test_decode_attention_with_shared_prefix_and_cache_write(data):
         Kd, Vd = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (Kd, Vd))
     out = kernels.decode_attention(dv(qkv)[:, 0], Kd, Vd, dv(lens), D**-0.5, kps, min(8, kps),
                                    k_new=dv(qkv)[:, 1] if write else None, v_new=dv(qkv)[:, 2] if write else None,
-                                   prefix_len=dv(pre) if shared else None, prefix_row=prow, defer_sum=defer)
+                                   prefix_len=dv(pre) if shared else None, prefix_row=prow)
     ref = _attention_ref(qkv[:, 0], Kr, Vr, lens, D**-0.5, pre, prow)
     torch.testing.assert_close(out.cpu(), ref, atol=ATOL32, rtol=0)
     assert torch.equal(Kd.cpu(), Kr) and torch.equal(Vd.cpu(), Vr)
@@ -150,7 +149,7 @@ def test_decode_attention_float8_cache(data):
     lens = torch.tensor(data.draw(st.lists(st.integers(1, L), min_size=rows, max_size=rows)), dtype=torch.int32)
     prow = data.draw(st.integers(0, rows - 1))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    head_major, defer = data.draw(st.booleans()), data.draw(st.booleans())
+    head_major = data.draw(st.booleans())
     (k8, ke), (v8, ve) = (kernels.fp8_quantize(_fp8_draw(g, rows, L, H, D)) for _ in range(2))
     ke, ve = ke.transpose(1, 2).contiguous(), ve.transpose(1, 2).contiguous()  # (rows, H, L)
     kn, vn = _fp8_draw(g, rows, H, D), _fp8_draw(g, rows, H, D)
@@ -172,7 +171,7 @@ def test_decode_attention_float8_cache(data):
         got[0], got[1] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in got[:2])
     out = kernels.decode_attention(q.to(DEV), got[0], got[1], lens.to(DEV), D**-0.5, kps, min(8, kps),
                                    k_new=kn.to(DEV), v_new=vn.to(DEV), k_exp=got[2], v_exp=got[3],
-                                   prefix_len=pre.to(DEV) if shared else None, prefix_row=prow, defer_sum=defer)
+                                   prefix_len=pre.to(DEV) if shared else None, prefix_row=prow)
     for a, b in zip(got, want):  # bit for bit (float8 compared as bytes: -0 and +0 differ)
         assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
     Kd = kernels.fp8_dequantize(want[0], want[2].transpose(1, 2))
