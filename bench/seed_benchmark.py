@@ -448,43 +448,34 @@ def main(argv=None) -> int:
     import gc
 
     main_dt = torch.bfloat16 if DEV == "cuda" else torch.float32
-    if "fast" in parts:
+
+    def attempt(name: str, fn) -> None:
+        """Run one fast-path timing; a failure is printed (traceback and a [fail] line), not raised."""
         try:
-            # the best configuration measured (NOTES-fast.md): split-KV Triton attention + compiled layer work
-            if DEV == "cuda":
-                time_fast(model, reqs, main_dt, "triton", n_batches, "fast bf16 triton+compile", res["fast"], bw,
-                          T_TEXT, compile=True)
-            else:
-                time_fast(model, reqs, main_dt, "auto", n_batches, "fast", res["fast"], bw, T_TEXT)
+            fn()
         except Exception as e:
             import traceback
 
             traceback.print_exc()
-            print(f"[fail] fast bf16: {type(e).__name__}: {e}", flush=True)
-    gc.collect()
-    if DEV == "cuda":
-        torch.cuda.empty_cache()
+            print(f"[fail] {name}: {type(e).__name__}: {e}", flush=True)
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+    if "fast" in parts:  # the defaults (NOTES-fast.md): split-KV Triton attention + compiled layer work
+        if DEV == "cuda":
+            attempt("fast bf16", lambda: time_fast(model, reqs, main_dt, "triton", n_batches, "fast bf16 triton+compile",
+                                                   res["fast"], bw, T_TEXT, compile=True))
+        else:
+            attempt("fast", lambda: time_fast(model, reqs, main_dt, "auto", n_batches, "fast", res["fast"], bw, T_TEXT))
     if "fast_fp8" in parts:  # the float8 K/V cache over all batches, with the tiles of $ATTN_KW_FP8 (attn_sweep --fp8)
-        try:
-            time_fast(model, reqs, main_dt, "triton", n_batches, "fast bf16 triton+compile, float8 K/V cache",
-                      res["fast"], bw, T_TEXT, compile=True, kv_cache_dtype=torch.float8_e4m3fn,
-                      **json.loads(os.environ.get("ATTN_KW_FP8") or "{}"))
-        except Exception as e:
-            import traceback
-
-            traceback.print_exc()
-            print(f"[fail] fast fp8: {type(e).__name__}: {e}", flush=True)
-        gc.collect()
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
+        attempt("fast fp8", lambda: time_fast(model, reqs, main_dt, "triton", n_batches,
+                                              "fast bf16 triton+compile, float8 K/V cache", res["fast"], bw, T_TEXT,
+                                              compile=True, kv_cache_dtype=torch.float8_e4m3fn,
+                                              **json.loads(os.environ.get("ATTN_KW_FP8") or "{}")))
     if "fast_sdpa" in parts:  # the bucketed sdpa path over all batches too
-        try:
-            time_fast(model, reqs, main_dt, "sdpa", n_batches, "fast bf16 sdpa+buckets", res["fast"], bw, T_TEXT)
-        except Exception as e:
-            print(f"[fail] fast bf16 sdpa: {type(e).__name__}: {e}", flush=True)
-        gc.collect()
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
+        attempt("fast bf16 sdpa", lambda: time_fast(model, reqs, main_dt, "sdpa", n_batches, "fast bf16 sdpa+buckets",
+                                                    res["fast"], bw, T_TEXT))
     if "nemo" in parts:
         run_nemo(a, model, cfg, reqs, res, t0)
     gc.collect()

@@ -276,7 +276,8 @@ class FastDecoder:
     cache is stored (rows, H, L, Dh) -- each head's keys contiguous -- instead of (rows, L, H, Dh); ``k_cache[i]``
     stays a (rows, L, H, Dh) view either way. Each tile then reads one contiguous block (a float8 head vector is 64
     bytes, half a cache line); bench/attn_sweep.py: 55.1 vs 56.1 us a layer in bf16, 38.3 vs 39.9 in float8 (H100).
-    The attention tiles' defaults (32 keys a split and a tile, 1 warp) are the sweeps' best on an H100 (run X).
+    The attention tiles' defaults (None) are the sweeps' best on an H100: 32 keys a split and a tile, 1 warp (run X);
+    with the float8 cache 64 keys, 1 warp (run AE: 31.4 vs 34.2 us a layer).
     gemm_kernel (off by default; needs the cross-attention kernel): four of a layer's GEMMs -- o_net, the
     cross-attention's q_net and o_net, the FFN's o_net -- run as Triton split-K products (``kernels.linear_partials``:
     float32 partials over K slices, summed in a fixed order) instead of cuBLAS. Alone they are faster
@@ -306,11 +307,11 @@ class FastDecoder:
         sync_every: int = 32,
         nemo_unmasked_padded_keys: bool = False,
         compile: bool = False,
-        keys_per_split: int = 32,
+        keys_per_split: Optional[int] = None,
         fused_kv_write: bool = True,
         compile_mode: Optional[str] = None,
-        attn_block_n: int = 32,
-        attn_num_warps: int = 1,
+        attn_block_n: Optional[int] = None,
+        attn_num_warps: Optional[int] = None,
         attn_num_stages: Optional[int] = None,
         xattn_num_warps: int = 4,
         xattn_d_chunk: Optional[int] = None,
@@ -344,6 +345,10 @@ class FastDecoder:
             attn_impl = "flash" if half and _flash_works(self.device, dtype) else ("sdpa" if is_cuda else "math")
         if attn_impl not in ("flash", "sdpa", "math", "triton"):
             raise ValueError(f"attn_impl must be auto, flash, sdpa, math or triton, got {attn_impl!r}")
+        fp8_tiles = kv_cache_dtype == torch.float8_e4m3fn
+        keys_per_split = (64 if fp8_tiles else 32) if keys_per_split is None else keys_per_split
+        attn_block_n = (64 if fp8_tiles else 32) if attn_block_n is None else attn_block_n
+        attn_num_warps = 1 if attn_num_warps is None else attn_num_warps
         if attn_impl == "triton":
             pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731 - Triton tiles are powers of two
             if not (pow2(keys_per_split) and pow2(attn_block_n) and attn_num_warps in (1, 2, 4, 8, 16)):
