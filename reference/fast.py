@@ -282,8 +282,8 @@ class FastDecoder:
     cross-attention's q_net and o_net, the FFN's o_net -- run as Triton split-K products (``kernels.linear_partials``:
     float32 partials over K slices, summed in a fixed order) instead of cuBLAS. Alone they are faster
     (bench/gemm_sweep.py, run Y, weights from HBM: 4.2 -> 3.4, 3.9 -> 2.3, 3.0 -> 2.2, 7.4 -> 5.7 us), but in the
-    compiled step they were not (run Z: 1.352 ms/step vs 1.296-1.303 without; the float32 partials, up to 3 MB a
-    product, are written and read back, and the sums did not all fuse): kept as an option for other cards and
+    compiled step they were not (run AB, one process: 1.381 ms/step vs 1.299 without; the float32 partials, up to
+    3 MB a product, are written and read back, and the sums did not all fuse): kept as an option for other cards and
     sizes, measured, not the default. qkv, the FFN's first product and final_proj always use cuBLAS. gemm_tiles:
     per-product (BLOCK_N, BLOCK_K, split_k, warps, stages) overriding ``GEMM_TILES``. In float32 the products are
     IEEE float32, not TF32.
