@@ -57,7 +57,7 @@ def _kernels() -> dict:
 
     @triton.jit
     def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
-                     stride_kr, stride_kl, stride_kh, stride_nr, stride_er, H: tl.constexpr, D: tl.constexpr,
+                     stride_kr, stride_kl, stride_kh, stride_nr, stride_er, stride_eh, H: tl.constexpr, D: tl.constexpr,
                      NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
                      SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr,
                      NEW_APART: tl.constexpr):
@@ -81,10 +81,10 @@ def _kernels() -> dict:
         acc = tl.zeros([D], dtype=tl.float32)
         if I64:  # caches of >= 2**31 elements: 64-bit offsets (else 32-bit: cheaper per element)
             own = r.to(tl.int64) * stride_kr + h * stride_kh
-            own_e = r.to(tl.int64) * stride_er + h * (stride_er // H)
+            own_e = r.to(tl.int64) * stride_er + h * stride_eh
         else:
             own = r * stride_kr + h * stride_kh
-            own_e = r * stride_er + h * (stride_er // H)
+            own_e = r * stride_er + h * stride_eh
         newest = n - 1
         if WRITE_NEW:
             # This step's key/value (position n - 1) come in KN/VN: the program whose split holds that position
@@ -127,7 +127,7 @@ def _kernels() -> dict:
         if SHARED:
             pre = tl.load(PRE + r)
             shared = prefix_off + h * stride_kh  # prefix_off: the shared row's offset (host int)
-            shared_e = prefix_off_e + h * (stride_er // H)
+            shared_e = prefix_off_e + h * stride_eh
         for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
             idx = start + j * BLOCK_N + tl.arange(0, BLOCK_N)
             valid = idx < end
@@ -349,15 +349,15 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     pre = prefix_len if shared else lens
     prefix_off = int(prefix_row) * k_cache.stride(0)
     ke, ve = (k_exp, v_exp) if fp8 else (lens, lens)  # unused without FP8
-    stride_er = ke.stride(0) if fp8 else H
+    stride_er, stride_eh = (ke.stride(0), ke.stride(1)) if fp8 else (H, 1)
     i64 = k_cache.numel() >= 2**31 or q.numel() >= 2**31
     stages = {} if num_stages is None else {"num_stages": int(num_stages)}
     kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, ke, ve, prefix_off,
                                   int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
-                                  k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, H=H, D=D, NSPLIT=ns,
-                                  KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared, I64=i64,
-                                  OUT_DIRECT=ns == 1, FP8=fp8, NEW_APART=write and fp8, num_warps=num_warps,
-                                  **stages)
+                                  k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, stride_eh, H=H, D=D,
+                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
+                                  I64=i64, OUT_DIRECT=ns == 1, FP8=fp8, NEW_APART=write and fp8,
+                                  num_warps=num_warps, **stages)
     if ns > 1:
         kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
