@@ -345,9 +345,12 @@ class FastDecoder:
             attn_impl = "flash" if half and _flash_works(self.device, dtype) else ("sdpa" if is_cuda else "math")
         if attn_impl not in ("flash", "sdpa", "math", "triton"):
             raise ValueError(f"attn_impl must be auto, flash, sdpa, math or triton, got {attn_impl!r}")
-        fp8_tiles = kv_cache_dtype == torch.float8_e4m3fn
-        keys_per_split = (64 if fp8_tiles else 32) if keys_per_split is None else keys_per_split
-        attn_block_n = (64 if fp8_tiles else 32) if attn_block_n is None else attn_block_n
+        if kv_cache_dtype not in (None, dtype, torch.float8_e4m3fn):
+            raise ValueError(f"kv_cache_dtype must be None, the model dtype or torch.float8_e4m3fn, "
+                             f"got {kv_cache_dtype}")
+        self.kv_fp8 = kv_cache_dtype == torch.float8_e4m3fn
+        keys_per_split = (64 if self.kv_fp8 else 32) if keys_per_split is None else keys_per_split
+        attn_block_n = (64 if self.kv_fp8 else 32) if attn_block_n is None else attn_block_n
         attn_num_warps = 1 if attn_num_warps is None else attn_num_warps
         if attn_impl == "triton":
             pow2 = lambda n: n >= 1 and not n & (n - 1)  # noqa: E731 - Triton tiles are powers of two
@@ -380,9 +383,6 @@ class FastDecoder:
             raise ValueError("xattn_kernel / topk_kernel need CUDA and triton (or, on the CPU, TRITON_INTERPRET=1)")
         if self.xattn_kernel and d.xa_head_dim & (d.xa_head_dim - 1):
             raise ValueError(f"xattn_kernel needs a power-of-two cross-attention head size, got {d.xa_head_dim}")
-        if kv_cache_dtype not in (None, dtype, torch.float8_e4m3fn):
-            raise ValueError(f"kv_cache_dtype must be None, the model dtype or torch.float8_e4m3fn, got {kv_cache_dtype}")
-        self.kv_fp8 = kv_cache_dtype == torch.float8_e4m3fn
         if self.kv_fp8 and not (attn_impl == "triton" and self.fused_kv_write):
             raise ValueError(f"kv_cache_dtype=float8_e4m3fn needs attn_impl='triton' with fused_kv_write=True (the "
                              f"kernel quantizes what it writes), got attn_impl={attn_impl!r}, "
