@@ -5,10 +5,9 @@ grouped; GB/s counts the bytes of the unshared kernel, so the rows compare as sp
 ``--fp8``: the float8 K/V cache instead (``FastDecoder(kv_cache_dtype=torch.float8_e4m3fn)``: 1-byte values and a
 1-byte scale exponent per 64; GB/s counts those bytes), shared prefix only, with tiles of up to 128 keys.
 ``--head-major``: the cache stored (rows, H, L, Dh) (``kv_head_major=True``; the BEST line then says so); with
-``--short`` only the three fastest bf16 tiles of earlier runs. ``--no-fold``: the splits combined by the separate
-combine kernel instead of their last program (``fold_combine=False``). ``--one kps,bn,warps,stages``: that tile only.
+``--short`` only the three fastest bf16 tiles of earlier runs.
 
-    python bench/attn_sweep.py [--fp8] [--head-major] [--short] [--no-fold] [--one 64,64,1,-]
+    python bench/attn_sweep.py [--fp8] [--head-major] [--short]
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def _isolated(configs) -> tuple:
     best = None
     for c in configs:
         arg = ",".join("-" if x is None else str(x) for x in c)
-        extra = [f for f in ("--head-major", "--no-fold") if f in sys.argv]
+        extra = ["--head-major"] if "--head-major" in sys.argv else []
         p = subprocess.run([sys.executable, __file__, "--fp8", "--one", arg, *extra], capture_output=True, text=True,
                            timeout=120)
         rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| keys")]
@@ -64,9 +63,7 @@ def _isolated(configs) -> tuple:
 def main() -> int:
     fp8 = "--fp8" in sys.argv[1:]
     head_major = "--head-major" in sys.argv[1:]
-    variant = dict(fold_combine="--no-fold" not in sys.argv[1:])
     one = sys.argv[sys.argv.index("--one") + 1] if "--one" in sys.argv else None
-    print(f"variant: {variant}", flush=True)
     if fp8 and one is None:
         print("| keys_per_split | block_n | num_warps | num_stages | shared prefix | us/call | GB/s (K+V) | max abs vs "
               "first |\n| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
@@ -82,7 +79,6 @@ def main() -> int:
     V = torch.randn_like(K)
     qkv = torch.randn(rows, 3, H, D, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((rows,), mean, device="cuda", dtype=torch.int32)
-    variant["counters"] = torch.zeros(rows * H, device="cuda", dtype=torch.int32)  # as FastDecoder keeps one
     Lb = -(-mean // 64) * 64  # the step's 64-key bucket, as FastDecoder launches
     gb = rows * mean * H * D * 2 * 2 / 1e9
     exps = {}
@@ -107,7 +103,7 @@ def main() -> int:
         fn = lambda: triton_decode_attention(qkv[:, 0], K, V, lens, D**-0.5, kps, bn, max_keys=Lb,  # noqa: E731
                                              k_new=qkv[:, 1], v_new=qkv[:, 2], num_warps=nw,
                                              prefix_len=pre if mode else None, prefix_row=rows // 2, num_stages=st,
-                                             **variant, **exps)
+                                             **exps)
         out = fn()
         us = replay_us(lambda i: fn(), calls=20, reps=10)  # graph replays, as the fast path runs it
         if ref is None and (mode is None or fp8):  # the first unshared row (bf16) or the first row (fp8)

@@ -597,18 +597,6 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("R6.3 defaults (round 6)", "triton", {"compile": True}),
     ("R6.4 defaults (round 6) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
     ("R6.5 defaults (round 6) + split-K Triton GEMMs", "triton", {"compile": True, "gemm_kernel": True}),
-    # round 7: the splits combined by their last program (attn_fold_combine: on by default with the float8 cache)
-    # and the cross-attention's q_net / core / o_net in one kernel (xattn_fused, on by default with the triton
-    # attention); each without, for the ablation
-    ("R7.0 defaults (round 7)", "triton", {"compile": True}),
-    ("R7.1 defaults (round 7) + folded combine", "triton", {"compile": True, "attn_fold_combine": True}),
-    ("R7.2 defaults (round 7) without xattn_fused", "triton", {"compile": True, "xattn_fused": False}),
-    ("R7.3 defaults (round 7) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
-    ("R7.4 float8 K/V cache without the folded combine", "triton", {"compile": True,
-                                                                    "kv_cache_dtype": torch.float8_e4m3fn,
-                                                                    "attn_fold_combine": False}),
-    ("R7.5 float8 K/V cache without xattn_fused", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
-                                                             "xattn_fused": False}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

@@ -91,14 +91,12 @@ def _lin(x, w, tile: Optional[tuple]):
 
 
 def _f_xq(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, n_cond: int, tiles: Optional[dict] = None):
-    """o_net + residual, then the cross-attention query of the first ``n_cond`` rows (norm_xattn_query + q_net;
-    w_q None: the normed rows, for ``kernels.cross_attention_block`` to project). The norm runs over every row and is
-    sliced after (row-wise: the same values), so it fuses with the add.
+    """o_net + residual, then the cross-attention query of the first ``n_cond`` rows (norm_xattn_query + q_net).
+    The norm runs over every row and is sliced after (row-wise: the same values), so it fuses with the add.
     tiles: Triton split-K tiles for "o_net" / "xq" (``_lin``), else cuBLAS."""
     t = tiles or {}
     x = x + _lin(y_sa, w_o, t.get("o_net"))
-    h = F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq)[:n_cond]
-    return x, (h if w_q is None else _lin(h, w_q, t.get("xq")))
+    return x, _lin(F.layer_norm(x, (x.shape[-1],), ln_xq, None, eps_xq)[:n_cond], w_q, t.get("xq"))
 
 
 def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: float, n_heads: int, d_head: int):
@@ -120,14 +118,13 @@ def _xattn(q, mem_k, mem_v, cond_neg, prior: Optional[torch.Tensor], scale: floa
 def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool, ln_next=None, eps_next: float = 0.0, w_next=None,
               b_next=None, tiles: Optional[dict] = None):
     """Cross-attention o_net + residual for the first ``len(y)`` rows (the others attend no memory: CFG's
-    unconditional rows, whose memory is zero, get exactly 0 from it; w_xo None: y is o_net's output already), then
-    (kernel-1 decoders) the FFN + residual.
+    unconditional rows, whose memory is zero, get exactly 0 from it), then (kernel-1 decoders) the FFN + residual.
     With ``w_next``: also what follows the layer -- the next layer's norm_self + qkv_net, or norm_out (``ln_next``
     None: none) + final_proj -- so the residual add and that norm fuse into one kernel; returns (x, projection).
     tiles: Triton split-K tiles for "xo" / "ffn_out" (``_lin``), else cuBLAS."""
     t = tiles or {}
     n_cond = y.shape[0]
-    xc = x[:n_cond] + (y if w_xo is None else _lin(y, w_xo, t.get("xo")))
+    xc = x[:n_cond] + _lin(y, w_xo, t.get("xo"))
     x = xc if n_cond == x.shape[0] else torch.cat([xc, x[n_cond:]])
     if ffn:
         h = F.layer_norm(x, (x.shape[-1],), ln_ff, None, eps_ff)
@@ -279,12 +276,6 @@ class FastDecoder:
     cache is stored (rows, H, L, Dh) -- each head's keys contiguous -- instead of (rows, L, H, Dh); ``k_cache[i]``
     stays a (rows, L, H, Dh) view either way. Each tile then reads one contiguous block (a float8 head vector is 64
     bytes, half a cache line); bench/attn_sweep.py: 55.1 vs 56.1 us a layer in bf16, 38.3 vs 39.9 in float8 (H100).
-    xattn_fused (None = with xattn_kernel): the cross-attention's q_net, core and o_net in one kernel, one program a
-    row (``kernels.cross_attention_block``) instead of a cuBLAS GEMM, the core kernel and a cuBLAS GEMM; the same
-    maths with float32 accumulation in another order (gemm_kernel's "xq" / "xo" tiles then go unused).
-    attn_fold_combine (triton attention; None = on with the float8 cache): the last program of each (row, head)
-    combines the splits (``kernels.decode_attention``'s fold_combine): no combine kernel a layer (3.1 us), for 0.5 us
-    more in the float8 kernel but 3.4 us more in the bf16 one (bench/attn_sweep.py, H100, run AH).
     The attention tiles' defaults (None) are the sweeps' best on an H100: 32 keys a split and a tile, 1 warp (run X);
     with the float8 cache 64 keys, 1 warp (run AE: 31.4 vs 34.2 us a layer).
     gemm_kernel (off by default; needs the cross-attention kernel): four of a layer's GEMMs -- o_net, the
@@ -333,8 +324,6 @@ class FastDecoder:
         kv_head_major: Optional[bool] = None,
         gemm_kernel: bool = False,
         gemm_tiles: Optional[dict] = None,
-        attn_fold_combine: Optional[bool] = None,
-        xattn_fused: Optional[bool] = None,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -394,9 +383,6 @@ class FastDecoder:
             raise ValueError("xattn_kernel / topk_kernel need CUDA and triton (or, on the CPU, TRITON_INTERPRET=1)")
         if self.xattn_kernel and d.xa_head_dim & (d.xa_head_dim - 1):
             raise ValueError(f"xattn_kernel needs a power-of-two cross-attention head size, got {d.xa_head_dim}")
-        self.xattn_fused = self.xattn_kernel if xattn_fused is None else bool(xattn_fused)
-        if self.xattn_fused and not self.xattn_kernel:
-            raise ValueError("xattn_fused needs xattn_kernel (the triton kernels)")
         if self.kv_fp8 and not (attn_impl == "triton" and self.fused_kv_write):
             raise ValueError(f"kv_cache_dtype=float8_e4m3fn needs attn_impl='triton' with fused_kv_write=True (the "
                              f"kernel quantizes what it writes), got attn_impl={attn_impl!r}, "
@@ -408,7 +394,6 @@ class FastDecoder:
             raise ValueError(f"kv_head_major needs attn_impl='triton' with fused_kv_write=True (the other paths view "
                              f"the cache as (rows * L, H, Dh)), got attn_impl={attn_impl!r}, "
                              f"fused_kv_write={self.fused_kv_write}")
-        self.attn_fold_combine = self.kv_fp8 if attn_fold_combine is None else bool(attn_fold_combine)
         self.gemm_kernel = bool(gemm_kernel)
         if self.gemm_kernel and not (self.xattn_kernel and kernels.usable(self.device)):
             raise ValueError("gemm_kernel needs xattn_kernel and CUDA with triton (or, on the CPU, TRITON_INTERPRET=1)")
@@ -434,10 +419,6 @@ class FastDecoder:
             if self.kv_fp8 else None
         self.v_exp = [torch.zeros(e_shape, device=self.device, dtype=torch.uint8) for _ in range(d.n_layers)] \
             if self.kv_fp8 else None
-        # the triton attention's split counters (attn_fold_combine): zeros, left zero by every launch, one buffer
-        # for all layers (they run one after another)
-        self._attn_counters = torch.zeros(self.max_rows * H, device=self.device, dtype=torch.int32) \
-            if attn_impl == "triton" else None
         m = self.model
         C, S, V = c.num_audio_codebooks, c.frame_stacking_factor, c.num_all_tokens_per_codebook
         self.emb_table = torch.cat([e.weight for e in m.audio_embeddings], 0)  # (S*C*V, D), table j = c + i*C
@@ -764,27 +745,18 @@ class FastDecoder:
             k1 = lw["w1"] is not None
             prior = w.prior[:nc] if use_prior else None
             if self.xattn_kernel:
-                fused = self.xattn_fused
-                x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], None if fused else lw["w_q"], nc,
-                                   self._gemm_tiles)
-                if fused:  # q_net, the core and o_net in one kernel: y is o_net's output
-                    y, prob = kernels.cross_attention_block(q.view(nc, -1), lw["w_q"], w.mem_k[i][:nc],
-                                                            w.mem_v[i][:nc], w.cond_mask[:nc], prior, lw["w_xo"],
-                                                            xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
-                else:
-                    y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc],
-                                                      w.cond_mask[:nc], prior, xa.scale, self.xattn_num_warps,
-                                                      self.xattn_d_chunk)
-                w_xo = None if fused else lw["w_xo"]
+                x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc, self._gemm_tiles)
+                y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
+                                                  prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
                 if k1 and self.fuse_layer_tails:  # the layer's tail + the next layer's norm and qkv (or the head)
-                    x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), w_xo, lw["ln_ff"], lw["eps_ff"], lw["w1"],
+                    x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"],
                                               lw["w2"], True, *self._after_layer(i), tiles=self._gemm_tiles)
                     if i + 1 < n_layers:
                         qkv = proj
                     else:
                         logits = proj[:, 0]
                 else:
-                    x = self._fn_xo_ffn(x, y.view(nc, 1, -1), w_xo, lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"],
+                    x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"],
                                         k1, tiles=self._gemm_tiles)
                 if need:  # (nc, 1, T_text), as the torch path's; one head: a view, not a reduction kernel
                     prob = prob if prob.shape[1] == 1 else prob.mean(dim=1, keepdim=True)
@@ -829,9 +801,7 @@ class FastDecoder:
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
                                              num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
-                                             prefix_row=w.B, num_stages=self.attn_num_stages,
-                                             fold_combine=self.attn_fold_combine, counters=self._attn_counters,
-                                             **fp8)
+                                             prefix_row=w.B, num_stages=self.attn_num_stages, **fp8)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
@@ -841,8 +811,7 @@ class FastDecoder:
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps,
                                              prefix_len=w.pre_len if shared else None, prefix_row=w.B,
-                                             num_stages=self.attn_num_stages, fold_combine=self.attn_fold_combine,
-                                             counters=self._attn_counters)
+                                             num_stages=self.attn_num_stages)
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,

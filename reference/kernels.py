@@ -10,7 +10,6 @@ semantics, no GPU). Kernels are built on first use, so importing this module nee
   ``prefix_len[r]`` keys from one shared row (CFG's unconditional rows all start with the same prefix).
 * :func:`cross_attention` -- one query per row against the text memory: masked softmax, the attention prior
   (multiply and renormalise), the weighted sum of values; returns the probabilities too.
-* :func:`cross_attention_block` -- q_net, that core and o_net in one kernel, one program a row.
 * :func:`topk_threshold` -- the k-th largest value of each row (``torch.topk(x, k).values[..., -1]``), found by a
   bitwise search over the floats' order-preserving integer images instead of a sort.
 * :func:`fp8_quantize` / :func:`fp8_dequantize` (plain PyTorch) -- the float8 K/V cache's format: e4m3 values with
@@ -57,19 +56,17 @@ def _kernels() -> dict:
                            "ship it; on the CPU install it and set TRITON_INTERPRET=1)") from e
 
     @triton.jit
-    def split_kernel(Q, K, V, LENS, MO, LO, OO, OUT, CNT, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale,
-                     stride_qr, stride_kr, stride_kl, stride_kh, stride_nr, stride_er, stride_eh, H: tl.constexpr,
-                     D: tl.constexpr, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, KPS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr, SHARED: tl.constexpr, I64: tl.constexpr,
-                     OUT_DIRECT: tl.constexpr, FP8: tl.constexpr, NEW_APART: tl.constexpr, FOLD: tl.constexpr):
+    def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
+                     stride_kr, stride_kl, stride_kh, stride_nr, stride_er, stride_eh, H: tl.constexpr, D: tl.constexpr,
+                     NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
+                     SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr,
+                     NEW_APART: tl.constexpr):
         # SHARED: keys [0, pre) are read from the shared row, [pre, n) from row r's own. OUT_DIRECT (one split):
         # MO is the output, written normalised (no combine kernel). FP8: K/V hold float8 e4m3 values, KE/VE
         # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales. NEW_APART
         # (with WRITE_NEW; used for float8, where it is 18% faster -- the float8 kernel is bound by instruction issue,
         # the bf16 one by HBM, where it is 1-2% slower): the newest key's terms are added per key instead of by a
-        # select on every element of every tile. FOLD (several splits): each program counts itself in CNT[rh]
-        # when its partial is stored, and the last of a (row, head)'s programs combines them into OUT (no combine
-        # kernel; combine_kernel's arithmetic)
+        # select on every element of every tile
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -177,30 +174,12 @@ def _kernels() -> dict:
             l_i = l_i * alpha + tl.sum(pexp, axis=0)
             m_i = m_new
         if OUT_DIRECT:
-            tl.store(OUT + rh * D + d, (acc / l_i).to(OUT.dtype.element_ty))
+            tl.store(MO + rh * D + d, (acc / l_i).to(MO.dtype.element_ty))
         else:
             o = rh * NSPLIT + sp
             tl.store(MO + o, m_i)
             tl.store(LO + o, l_i)
             tl.store(OO + o * D + d, acc)
-            if FOLD:
-                # every thread's stores happen before the count (barrier, then a release by the counting thread);
-                # the last program's acquire makes all of the row-head's partials visible to it (loads via L2)
-                tl.debug_barrier()
-                done = tl.atomic_add(CNT + rh, 1, sem="acq_rel", scope="gpu")
-                if done == NSPLIT - 1:
-                    tl.store(CNT + rh, 0)  # ready for the next launch (CUDA graph replays included)
-                    sl = tl.arange(0, NS_P2)
-                    sm = sl < NSPLIT
-                    m = tl.load(MO + rh * NSPLIT + sl, mask=sm, other=-float("inf"), cache_modifier=".cg")
-                    l = tl.load(LO + rh * NSPLIT + sl, mask=sm, other=0.0, cache_modifier=".cg")
-                    mx = tl.max(m, axis=0)  # finite: split 0 holds >= 1 key
-                    wgt = tl.where(sm & (m > -float("inf")), tl.exp(m - mx), 0.0)
-                    part = tl.load(OO + (rh * NSPLIT + sl)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0,
-                                   cache_modifier=".cg")
-                    num = tl.sum(part * wgt[:, None], axis=0)
-                    den = tl.sum(l * wgt, axis=0)
-                    tl.store(OUT + rh * D + d, (num / den).to(OUT.dtype.element_ty))
 
     @triton.jit
     def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
@@ -252,61 +231,6 @@ def _kernels() -> dict:
             tl.store(OUT + r * stride_or + h * D + c * DC + dc, y.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def xblock_kernel(X, WQ, K, V, VALID, PRIOR, WO, OUT, PROB, QS, YS, T, scale, tiny, stride_xr, stride_kr,
-                      stride_kh, stride_kt, stride_vr, stride_vh, stride_vt, stride_mr, stride_pr, stride_or,
-                      DM: tl.constexpr, N_OUT: tl.constexpr, H: tl.constexpr, D: tl.constexpr, HD_P2: tl.constexpr,
-                      DC: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, HAS_PRIOR: tl.constexpr):
-        # one program a row: q_net, then xattn_kernel's steps per head, then o_net; q and y go through QS / YS
-        # (global, this row's slice, L1/L2-resident) because a head's slice of a register vector cannot be taken
-        r = tl.program_id(0)
-        HD = H * D
-        hd = tl.arange(0, HD_P2)
-        hm = hd < HD
-        acc_q = tl.zeros([HD_P2], dtype=tl.float32)
-        for k0 in tl.static_range(0, DM, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < DM
-            x = tl.load(X + r * stride_xr + kk, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(WQ + hd[:, None] * DM + kk[None, :], mask=hm[:, None] & km[None, :], other=0.0).to(tl.float32)
-            acc_q += tl.sum(w * x[None, :], axis=1)
-        tl.store(QS + r * HD + hd, acc_q.to(QS.dtype.element_ty), mask=hm)  # rounded as q_net's output is
-        tl.debug_barrier()  # every thread's q stores before any thread's loads (global memory, one program)
-        t = tl.arange(0, BLOCK_T)
-        dc = tl.arange(0, DC)
-        tin = t < T
-        valid = (tl.load(VALID + r * stride_mr + t, mask=tin, other=0) != 0) & tin
-        if HAS_PRIOR:
-            pr = tl.load(PRIOR + r * stride_pr + t, mask=tin, other=0.0) + tiny
-        for h in tl.static_range(H):
-            s = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for c in tl.static_range(D // DC):
-                q = tl.load(QS + r * HD + h * D + c * DC + dc).to(tl.float32)
-                k = tl.load(K + r * stride_kr + h * stride_kh + t[:, None] * stride_kt + (c * DC + dc)[None, :],
-                            mask=tin[:, None], other=0.0).to(tl.float32)
-                s += tl.sum(k * q[None, :], axis=1)
-            s = tl.where(valid, s * scale, -float("inf"))
-            mx = tl.max(s, axis=0)
-            e = tl.where(valid, tl.exp(s - tl.where(mx == -float("inf"), 0.0, mx)), 0.0)
-            if HAS_PRIOR:
-                e = e * pr
-            den = tl.sum(e, axis=0)
-            p = e / tl.where(den > 0, den, 1.0)
-            tl.store(PROB + (r * H + h) * T + t, p, mask=tin)
-            for c in tl.static_range(D // DC):
-                v = tl.load(V + r * stride_vr + h * stride_vh + t[:, None] * stride_vt + (c * DC + dc)[None, :],
-                            mask=tin[:, None], other=0.0).to(tl.float32)
-                y = tl.sum(p[:, None] * v, axis=0)
-                tl.store(YS + r * HD + h * D + c * DC + dc, y.to(YS.dtype.element_ty))  # rounded as the core's output
-        tl.debug_barrier()
-        y = tl.load(YS + r * HD + hd, mask=hm, other=0.0).to(tl.float32)
-        for n0 in tl.static_range(0, N_OUT, BN):
-            nn = n0 + tl.arange(0, BN)
-            nm = nn < N_OUT
-            w = tl.load(WO + nn[:, None] * HD + hd[None, :], mask=nm[:, None] & hm[None, :], other=0.0).to(tl.float32)
-            tl.store(OUT + r * stride_or + nn, tl.sum(w * y[None, :], axis=1).to(OUT.dtype.element_ty), mask=nm)
-
-    @triton.jit
     def kth_kernel(X, OUT, N, k, stride_r, BLOCK: tl.constexpr):
         r = tl.program_id(0)
         c = tl.arange(0, BLOCK)
@@ -347,8 +271,7 @@ def _kernels() -> dict:
         tl.store(OUT + ps * stride_os + rm[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, xblock=xblock_kernel,
-                       kth=kth_kernel, mm=mm_kernel,
+    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel, mm=mm_kernel,
                        next_pow2=triton.next_power_of_2)
     return _BUILT[key]
 
@@ -366,8 +289,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
                      prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None,
-                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None,
-                     fold_combine: bool = True, counters: Optional[torch.Tensor] = None):
+                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) with a contiguous last dim
@@ -375,10 +297,7 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     ``transpose(1, 2)`` view (each head's keys then contiguous: whole cache lines per tile, which matters for float8),
     lens (rows,) int32 >= 1, all <= max_keys (default L) -> (rows, H, Dh) in q's dtype; fp32 accumulation.
     max_keys sets the number of splits launched (ceil(max_keys / keys_per_split)); with one split the kernel
-    writes the output itself (no combine kernel). With several, fold_combine: the last program of each (row, head)
-    to finish (counted atomically in ``counters``, (>= rows * H,) int32 zeros, left zero again; None: allocated
-    here) combines the splits' partials itself, with the separate combine kernel's arithmetic (then not
-    launched); the outputs agree to float32 summation order.
+    writes the output itself (no combine kernel).
     k_new / v_new (rows, H, Dh), same layout rules as q: this step's key and value, written into the cache at
     position lens - 1 by the kernel itself (one kernel instead of two cache writes and the attention).
     prefix_len (rows,) int32: row r's keys [0, prefix_len[r]) are read from row ``prefix_row`` instead of its own
@@ -413,15 +332,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     ns = -(-min(L, max_keys or L) // keys_per_split)
     dev = q.device
     out = torch.empty(rows, H, D, device=dev, dtype=q.dtype)
-    fold = ns > 1 and fold_combine
-    if fold:
-        if counters is None:
-            counters = torch.zeros(rows * H, device=dev, dtype=torch.int32)
-        elif counters.dtype != torch.int32 or counters.numel() < rows * H or not counters.is_contiguous():
-            raise ValueError(f"decode_attention: counters must be a contiguous int32 tensor of >= {rows * H} zeros, "
-                             f"got {counters.dtype} {tuple(counters.shape)}")
-    else:
-        counters = lens  # unused
     if ns == 1:
         mo = lo = oo = out
     else:
@@ -442,13 +352,13 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     stride_er, stride_eh = (ke.stride(0), ke.stride(1)) if fp8 else (H, 1)
     i64 = k_cache.numel() >= 2**31 or q.numel() >= 2**31
     stages = {} if num_stages is None else {"num_stages": int(num_stages)}
-    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, out, counters, kn, vn, pre, ke, ve,
-                                  prefix_off, int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
+    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, ke, ve, prefix_off,
+                                  int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
                                   k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, stride_eh, H=H, D=D,
-                                  NSPLIT=ns, NS_P2=kern["next_pow2"](ns), KPS=keys_per_split, BLOCK_N=block_n,
-                                  WRITE_NEW=write, SHARED=shared, I64=i64, OUT_DIRECT=ns == 1, FP8=fp8,
-                                  NEW_APART=write and fp8, FOLD=fold, num_warps=num_warps, **stages)
-    if ns > 1 and not fold:
+                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
+                                  I64=i64, OUT_DIRECT=ns == 1, FP8=fp8, NEW_APART=write and fp8,
+                                  num_warps=num_warps, **stages)
+    if ns > 1:
         kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
 
@@ -535,46 +445,6 @@ def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale
                                vm.stride(0), pr.stride(0), out.stride(0), H=H, D=D,
                                DC=min(D, d_chunk or D), BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None,
                                num_warps=num_warps)
-    return out, prob
-
-
-def cross_attention_block(x, w_q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], w_o, scale: float,
-                          num_warps: int = 4, d_chunk: Optional[int] = None, block_k: int = 64, block_n: int = 64):
-    """The cross-attention sub-block after its norm, one kernel a row: x (rows, DM) (the normed rows, contiguous
-    last dim), w_q (H*Dh, DM), w_o (N, H*Dh) (nn.Linear weights, contiguous), mem_k / mem_v / valid / prior as in
-    :func:`cross_attention` -> (out (rows, N) in x's dtype, prob (rows, H, T) float32).
-
-    Equals ``q = x @ w_q.T`` (rounded to x's dtype), ``y, prob = cross_attention(q, mem_k, mem_v, valid, prior,
-    scale)``, ``out = y @ w_o.T`` (rounded to x's dtype): the reference's q_net, core and o_net with float32
-    accumulation (IEEE float32 products in float32, not TF32). Why: at decode time these are three launches of a
-    few microseconds each over one query a row (bench/NOTES-fast.md round 7); one program a row does all three,
-    reading the two 768 x 128 weights from L2.
-    """
-    kern = _kernels()
-    _check_device(x, w_q, mem_k, mem_v, valid, w_o)
-    rows, H, T, D = mem_k.shape
-    DM, HD, N = x.shape[1], H * D, w_o.shape[0]
-    if D & (D - 1):
-        raise ValueError(f"cross_attention_block needs a power-of-two head size, got {D}")
-    if w_q.shape != (HD, DM) or w_o.shape[1] != HD or not (w_q.is_contiguous() and w_o.is_contiguous()):
-        raise ValueError(f"cross_attention_block: w_q {tuple(w_q.shape)} must be ({HD}, {DM}) and w_o "
-                         f"{tuple(w_o.shape)} (N, {HD}), both contiguous")
-    assert x.shape[0] == rows and x.stride(1) == 1 and mem_k.stride(3) == 1 and mem_v.stride(3) == 1
-    assert mem_v.shape == mem_k.shape and valid.shape == (rows, T) and valid.dtype == torch.bool
-    if prior is not None:
-        assert prior.shape == (rows, T) and prior.dtype == torch.float32 and prior.stride(1) == 1
-    vm = valid.view(torch.uint8)
-    assert vm.stride(1) == 1
-    out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
-    prob = torch.empty(rows, H, T, device=x.device, dtype=torch.float32)
-    scratch = torch.empty(2, rows, HD, device=x.device, dtype=x.dtype)  # q and y of each row
-    pr = prior if prior is not None else prob
-    kern["xblock"][(rows,)](x, w_q, mem_k, mem_v, vm, pr, w_o, out, prob, scratch[0], scratch[1], T, scale, _TINY,
-                            x.stride(0), mem_k.stride(0), mem_k.stride(1), mem_k.stride(2), mem_v.stride(0),
-                            mem_v.stride(1), mem_v.stride(2), vm.stride(0), pr.stride(0), out.stride(0), DM=DM,
-                            N_OUT=N, H=H, D=D, HD_P2=kern["next_pow2"](HD), DC=min(D, d_chunk or D),
-                            BLOCK_T=kern["next_pow2"](T), BK=block_k, BN=block_n, HAS_PRIOR=prior is not None,
-                            num_warps=num_warps)
     return out, prob
 
 
