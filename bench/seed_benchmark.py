@@ -417,6 +417,9 @@ def main(argv=None) -> int:
         return merge_results([Path(d) for d in a.merge], out_dir)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if os.environ.get("BENCH_BLAS"):  # e.g. cublaslt: which BLAS torch's GEMMs go to (bench/gpu_round10.sh)
+        torch.backends.cuda.preferred_blas_library(os.environ["BENCH_BLAS"])
+        print(f"[t] preferred BLAS library: {torch.backends.cuda.preferred_blas_library()}", flush=True)
     if a.cpu_smoke:  # a tiny model and workload, to check the script without a GPU
         DEV, N_REQ, BATCH, N_FRAMES, T_CTX_FRAMES, T_TEXT = "cpu", 8, 4, 24, 10, 12
         PARAMS["max_decoder_steps"] = N_FRAMES
@@ -597,6 +600,13 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("R6.3 defaults (round 6)", "triton", {"compile": True}),
     ("R6.4 defaults (round 6) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
     ("R6.5 defaults (round 6) + split-K Triton GEMMs", "triton", {"compile": True, "gemm_kernel": True}),
+    # round 7: the FFN's GELU as a cuBLASLt epilogue (gelu_epilogue); bench/gpu_round10.sh also runs these rows with
+    # inductor's programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1) and with BENCH_BLAS=cublaslt
+    ("R7.0 defaults (round 7)", "triton", {"compile": True}),
+    ("R7.1 defaults (round 7) + GELU epilogue", "triton", {"compile": True, "gelu_epilogue": True}),
+    ("R7.2 defaults (round 7) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
+    ("R7.3 float8 K/V cache + GELU epilogue", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
+                                                         "gelu_epilogue": True}),
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

@@ -253,6 +253,25 @@ def test_flash_half_precision_close_to_fp32_on_gpu():
 # ---- compile=True and the triton attention ------------------------------------------------------------------
 
 
+def test_gelu_epilogue_needs_cuda_and_traces_fullgraph():
+    """gelu_epilogue is refused off CUDA (the CPU's torch._addmm_activation applies the erf GELU); the layer tail
+    with it traces as one graph (what compile=True needs on the GPU), the same values as called directly."""
+    from reference.fast import _f_xo_ffn
+
+    model = reference_model("released_small")
+    with pytest.raises(ValueError, match="gelu_epilogue needs CUDA"):
+        FastDecoder(model, 4, _max_len(model), gelu_epilogue=True)
+    assert not FastDecoder(model, 4, _max_len(model)).gelu_epilogue  # the default on the CPU
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    D, F_ = 16, 40
+    x, y = torch.randn(3, 1, D, generator=g), torch.randn(2, 1, 8, generator=g)
+    ws = [torch.randn(*s, generator=g) for s in ((D, 8), (D,), (F_, D), (D, F_))]
+    args = (x, y, ws[0], ws[1], 1e-5, ws[2], ws[3], True)
+    kw = dict(gelu_bias=torch.zeros(F_))
+    traced = torch.compile(_f_xo_ffn, fullgraph=True, dynamic=False, backend="eager")
+    torch.testing.assert_close(traced(*args, **kw), _f_xo_ffn(*args, **kw), atol=0, rtol=0)
+
+
 def test_compile_flag_is_ignored_on_cpu_and_pieces_trace_fullgraph():
     """compile=True is a no-op off CUDA (same results); the functions it compiles trace as one graph each
     (torch.compile fullgraph with the eager backend, so no graph breaks on the GPU either) and give the same codes
@@ -296,6 +315,7 @@ def test_compiled_and_triton_paths_on_gpu(attn_impl):
             # triton: the split-K Triton GEMMs too (on by default only in fp16/bf16; here IEEE float32 products)
             fd = FastDecoder(model, 4, _max_len(model), attn_impl=attn_impl, bucket=8, compile=True, keys_per_split=16,
                              gemm_kernel=attn_impl == "triton")
+            assert fd.gelu_epilogue == (attn_impl == "triton")  # used where the FFN is kernel-1 (not decoder_kernel3)
             out = fd.generate(batch, **kw)
             assert fd.compile_errors == {}
             assert torch.equal(ref.predicted_codes, out.predicted_codes.to(ref.predicted_codes.device))
@@ -304,6 +324,25 @@ def test_compiled_and_triton_paths_on_gpu(attn_impl):
         fd, rel = _rel_l2_vs_fp32_teacher_forced(torch.bfloat16, attn_impl=attn_impl, compile=True,
                                                  gemm_kernel=attn_impl == "triton")
         assert rel < 2e-2 and fd.compile_errors == {}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+def test_gelu_epilogue_is_the_tanh_gelu_on_gpu():
+    """What FastDecoder's gelu_epilogue relies on: CUDA's torch._addmm_activation(use_gelu=True) applies the tanh
+    GELU (the model's), not the erf one, to float32 products (IEEE, TF32 off); fresh random data at the seed's FFN
+    width. The two GELUs differ by up to ~5e-4 here, so 2e-5 tells them apart."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31, ())))
+        h = torch.randn(64, 768, device="cuda", generator=g)
+        w = torch.randn(3072, 768, device="cuda", generator=g) / 768**0.5
+        a = torch._addmm_activation(torch.zeros(3072, device="cuda"), h, w.t(), use_gelu=True)
+        ref = torch.nn.functional.linear(h.double(), w.double())
+        torch.testing.assert_close(a.double(), torch.nn.functional.gelu(ref, approximate="tanh"), atol=2e-5, rtol=0)
+        assert (a.double() - torch.nn.functional.gelu(ref)).abs().max() > 1e-4
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 

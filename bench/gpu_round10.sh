@@ -1,0 +1,35 @@
+#!/bin/bash
+# Round 7 of the fast path (sixth session), launch overheads: the ablation rows R7.0-R7.3 (the FFN's GELU as a
+# cuBLASLt epilogue, bf16 and float8 cache; 3 batches each, one process), then R7.0 / R7.2 again with inductor's
+# programmatic dependent launch (TORCHINDUCTOR_ENABLE_PDL=1) and with torch's GEMMs sent to cuBLASLt
+# (BENCH_BLAS=cublaslt), each in a process of its own with its own inductor cache; first a check that CUDA's
+# torch._addmm_activation applies the tanh GELU (the model's).
+#   run (device tool): bash bench/gpu_round10.sh      carry: [".whl"]
+set -o pipefail
+source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 - <<'PY' 2>&1 | tee "$OUT/gelu_check.txt"
+import torch, torch.nn.functional as F
+torch.backends.cuda.matmul.allow_tf32 = False
+for dt in (torch.float32, torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(128, 768, device="cuda", dtype=dt, generator=g)
+    w = torch.randn(3072, 768, device="cuda", dtype=dt, generator=g) / 768**0.5
+    a = torch._addmm_activation(torch.zeros(3072, device="cuda", dtype=dt), h, w.t(), use_gelu=True).float()
+    ref = F.linear(h.double(), w.double())
+    print(f"{dt}: max |epilogue - tanh GELU| {(a - F.gelu(ref, approximate='tanh')).abs().max().item():.2e}, "
+          f"vs erf GELU {(a - F.gelu(ref)).abs().max().item():.2e}")
+import torch._inductor.config as c
+print(f"torch {torch.__version__}: inductor has triton.enable_pdl: {hasattr(c.triton, 'enable_pdl')}")
+PY
+opt() {  # label, rows (comma-separated), then env assignments
+  local label=$1 rows=$2; shift 2
+  env "$@" TORCHINDUCTOR_CACHE_DIR="/tmp/ind_$label" timeout 200 python3 bench/seed_benchmark.py --out "$OUT/opt_$label" \
+    --parts opt --opt-batches 3 --opt-only "$rows" 2>&1 | tee "$OUT/opt_$label.log" | grep -E "^\[(fast|fail|skip|t\] preferred)" \
+    | sed "s/^/$label /"
+}
+R="R7.0 defaults (round 7),R7.1 defaults (round 7) + GELU epilogue,R7.2 defaults (round 7) + float8 K/V cache"
+opt base "$R,R7.3 float8 K/V cache + GELU epilogue" X=1
+opt pdl "R7.0 defaults (round 7),R7.2 defaults (round 7) + float8 K/V cache" TORCHINDUCTOR_ENABLE_PDL=1
+opt cublaslt "R7.0 defaults (round 7),R7.1 defaults (round 7) + GELU epilogue" BENCH_BLAS=cublaslt
+exit 0
