@@ -28,8 +28,10 @@ opt() {  # label, rows (comma-separated), then env assignments
     --parts opt --opt-batches 3 --opt-only "$rows" 2>&1 | tee "$OUT/opt_$label.log" | grep -E "^\[(fast|fail|skip|t\] preferred)" \
     | sed "s/^/$label /"
 }
-R="R7.0 defaults (round 7),R7.1 defaults (round 7) + GELU epilogue,R7.2 defaults (round 7) + float8 K/V cache"
-opt base "$R,R7.3 float8 K/V cache + GELU epilogue" X=1
-opt pdl "R7.0 defaults (round 7),R7.2 defaults (round 7) + float8 K/V cache" TORCHINDUCTOR_ENABLE_PDL=1
-opt cublaslt "R7.0 defaults (round 7),R7.1 defaults (round 7) + GELU epilogue" BENCH_BLAS=cublaslt
+# (labels as renamed after run AK, where R7.0 / R7.2 were the then defaults without the epilogue)
+R="R7.0 round-6 defaults (no GELU epilogue),R7.1 + GELU epilogue (round-7 default)"
+R2="R7.2 float8 K/V cache without GELU epilogue"
+opt base "$R,$R2,R7.3 float8 K/V cache + GELU epilogue" X=1
+opt pdl "R7.0 round-6 defaults (no GELU epilogue),$R2" TORCHINDUCTOR_ENABLE_PDL=1
+opt cublaslt "$R" BENCH_BLAS=cublaslt
 exit 0
