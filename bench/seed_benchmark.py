@@ -600,18 +600,16 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     ("R6.3 defaults (round 6)", "triton", {"compile": True}),
     ("R6.4 defaults (round 6) + float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
     ("R6.5 defaults (round 6) + split-K Triton GEMMs", "triton", {"compile": True, "gemm_kernel": True}),
-    # round 7: the FFN's GELU as a cuBLASLt epilogue (gelu_epilogue, the default on CUDA since), then programmatic
-    # dependent launch of the triton kernels (pdl); bench/gpu_round10.sh runs R7.0-R7.3 also with BENCH_BLAS=cublaslt
-    # and with inductor's own PDL (TORCHINDUCTOR_ENABLE_PDL=1, a whole process), bench/gpu_round11.sh R7.1-R7.5
+    # round 7: the FFN's GELU as a cuBLASLt epilogue (gelu_epilogue, the default on CUDA since); bench/gpu_round10.sh
+    # runs these rows also with BENCH_BLAS=cublaslt and with inductor's programmatic dependent launch
+    # (TORCHINDUCTOR_ENABLE_PDL=1, a whole process). PDL of the triton kernels too: 92948d4, removed (no gain, run AM)
     ("R7.0 round-6 defaults (no GELU epilogue)", "triton", {"compile": True, "gelu_epilogue": False}),
     ("R7.1 + GELU epilogue (round-7 default)", "triton", {"compile": True, "gelu_epilogue": True}),
     ("R7.2 float8 K/V cache without GELU epilogue", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
                                                                "gelu_epilogue": False}),
     ("R7.3 float8 K/V cache + GELU epilogue", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
                                                          "gelu_epilogue": True}),
-    ("R7.4 + GELU epilogue + PDL", "triton", {"compile": True, "gelu_epilogue": True, "pdl": True}),
-    ("R7.5 float8 K/V cache + GELU epilogue + PDL", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
-                                                               "gelu_epilogue": True, "pdl": True}),
+
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
     ("fast bf16 triton+compile (ATTN_KW)", "triton", {"compile": True, **json.loads(os.environ.get("ATTN_KW") or "{}")}),

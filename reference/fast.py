@@ -289,9 +289,6 @@ class FastDecoder:
     tanh GELU, the CPU's the erf one, hence CUDA only), one kernel instead of two a layer: -0.021 ms/step bf16,
     -0.034 with the float8 cache (run AK, H100). The GELU then sees the float32 accumulator instead of its rounding
     to the model dtype (float32: the same to ~1e-5, the epilogue's tanh vs torch's).
-    pdl (off by default; Hopper or later): the triton kernels (attention, its combine, cross-attention, top-k) are
-    launched with programmatic dependent launch, each waiting for its predecessor's results before reading
-    (``kernels._pdl``): their launches overlap the previous kernel's tail; the same results.
     gemm_kernel (off by default; needs the cross-attention kernel): four of a layer's GEMMs -- o_net, the
     cross-attention's q_net and o_net, the FFN's o_net -- run as Triton split-K products (``kernels.linear_partials``:
     float32 partials over K slices, summed in a fixed order) instead of cuBLAS. Alone they are faster
@@ -339,7 +336,6 @@ class FastDecoder:
         gemm_kernel: bool = False,
         gemm_tiles: Optional[dict] = None,
         gelu_epilogue: Optional[bool] = None,
-        pdl: Optional[bool] = None,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -415,10 +411,6 @@ class FastDecoder:
             raise ValueError("gemm_kernel needs xattn_kernel and CUDA with triton (or, on the CPU, TRITON_INTERPRET=1)")
         self._gemm_tiles = dict(self.GEMM_TILES, **(gemm_tiles or {})) if self.gemm_kernel else None
         self.gelu_epilogue = (is_cuda and self.xattn_kernel) if gelu_epilogue is None else bool(gelu_epilogue)
-        hopper = is_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9
-        self.pdl = False if pdl is None else bool(pdl)
-        if self.pdl and not hopper:
-            raise ValueError("pdl (programmatic dependent launch) needs a CUDA device of compute capability >= 9.0")
         if self.gelu_epilogue and not (self.xattn_kernel and is_cuda):
             raise ValueError("gelu_epilogue needs CUDA and xattn_kernel (on the CPU torch._addmm_activation applies "
                              "the erf GELU, not the model's tanh one)")
@@ -774,8 +766,7 @@ class FastDecoder:
             if self.xattn_kernel:
                 x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc, self._gemm_tiles)
                 y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
-                                                  prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk,
-                                                  pdl=self.pdl)
+                                                  prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
                 if k1 and self.fuse_layer_tails:  # the layer's tail + the next layer's norm and qkv (or the head)
                     x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"],
                                               lw["w2"], True, *self._after_layer(i), tiles=self._gemm_tiles,
@@ -830,7 +821,7 @@ class FastDecoder:
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
                                              num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
-                                             prefix_row=w.B, num_stages=self.attn_num_stages, pdl=self.pdl, **fp8)
+                                             prefix_row=w.B, num_stages=self.attn_num_stages, **fp8)
                 return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
@@ -840,7 +831,7 @@ class FastDecoder:
                 y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
                                              self.attn_block_n, max_keys=Lb, num_warps=self.attn_num_warps,
                                              prefix_len=w.pre_len if shared else None, prefix_row=w.B,
-                                             num_stages=self.attn_num_stages, pdl=self.pdl)
+                                             num_stages=self.attn_num_stages)
             else:
                 y = torch.ops.aten._flash_attention_forward(
                     q.contiguous(), Kf, Vf, w.cu_q, w.cu_k, 1, L, 0.0, False, False, scale=sa.scale, seqused_k=seq,
@@ -891,7 +882,7 @@ class FastDecoder:
         logits, scores = out
         lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos)
         # the top-k threshold: the k-th largest logit of each (item, codebook), the same float either way
-        kth = kernels.topk_threshold(lg, p.topk, pdl=self.pdl) if self.topk_kernel else None
+        kth = kernels.topk_threshold(lg, p.topk) if self.topk_kernel else None
         # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
         # sampled pass, then again for its argmax pass: one (2*S*C, B, V) draw is the same stream on the CPU.
         # outside any compiled function: the eager RNG stream. On CUDA only the sampled pass's half: the argmax pass

@@ -51,7 +51,6 @@ def _kernels() -> dict:
     try:
         import triton
         import triton.language as tl
-        from triton.language.extra import cuda as tl_cuda
     except ImportError as e:  # a missing optional backend: say which and why
         raise RuntimeError("the triton kernels of reference.kernels need the 'triton' package (CUDA builds of torch "
                            "ship it; on the CPU install it and set TRITON_INTERPRET=1)") from e
@@ -61,16 +60,13 @@ def _kernels() -> dict:
                      stride_kr, stride_kl, stride_kh, stride_nr, stride_er, stride_eh, H: tl.constexpr, D: tl.constexpr,
                      NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
                      SHARED: tl.constexpr, I64: tl.constexpr, OUT_DIRECT: tl.constexpr, FP8: tl.constexpr,
-                     NEW_APART: tl.constexpr, PDL: tl.constexpr):
+                     NEW_APART: tl.constexpr):
         # SHARED: keys [0, pre) are read from the shared row, [pre, n) from row r's own. OUT_DIRECT (one split):
         # MO is the output, written normalised (no combine kernel). FP8: K/V hold float8 e4m3 values, KE/VE
         # (rows, H, L) uint8 the biased exponents of their per-(position, head) power-of-two scales. NEW_APART
         # (with WRITE_NEW; used for float8, where it is 18% faster -- the float8 kernel is bound by instruction issue,
         # the bf16 one by HBM, where it is 1-2% slower): the newest key's terms are added per key instead of by a
-        # select on every element of every tile. PDL (every kernel here): launched with programmatic dependent launch,
-        # so the program may start while the previous kernel finishes; it waits for that kernel's results first
-        if PDL:
-            tl_cuda.gdc_wait()
+        # select on every element of every tile
         rh = tl.program_id(0)
         sp = tl.program_id(1)
         r = rh // H
@@ -186,10 +182,7 @@ def _kernels() -> dict:
             tl.store(OO + o * D + d, acc)
 
     @triton.jit
-    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr,
-                       PDL: tl.constexpr):
-        if PDL:
-            tl_cuda.gdc_wait()
+    def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
         rh = tl.program_id(0)
         s = tl.arange(0, NS_P2)
         sm = s < NSPLIT
@@ -207,9 +200,7 @@ def _kernels() -> dict:
     def xattn_kernel(Q, K, V, VALID, PRIOR, OUT, PROB, T, scale, tiny, stride_qr, stride_kr, stride_kh, stride_kt,
                      stride_vr, stride_vh, stride_vt, stride_mr, stride_pr, stride_or,
                      H: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BLOCK_T: tl.constexpr,
-                     HAS_PRIOR: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl_cuda.gdc_wait()
+                     HAS_PRIOR: tl.constexpr):
         rh = tl.program_id(0)
         r = rh // H
         h = rh % H
@@ -240,9 +231,7 @@ def _kernels() -> dict:
             tl.store(OUT + r * stride_or + h * D + c * DC + dc, y.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def kth_kernel(X, OUT, N, k, stride_r, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl_cuda.gdc_wait()
+    def kth_kernel(X, OUT, N, k, stride_r, BLOCK: tl.constexpr):
         r = tl.program_id(0)
         c = tl.arange(0, BLOCK)
         inb = c < N
@@ -287,15 +276,6 @@ def _kernels() -> dict:
     return _BUILT[key]
 
 
-def _pdl(pdl: bool) -> dict:
-    """Launch keywords for programmatic dependent launch (``pdl``, every kernel here): the kernel is launched with
-    ``launch_pdl`` and waits (``griddepcontrol.wait``) for the previous kernel's results before reading anything, so
-    its launch overlaps that kernel's last programs; the results are the same. Hopper (sm_90) and later; ignored
-    under the interpreter, which has no grid dependency control."""
-    on = bool(pdl) and not interpreted()
-    return dict(PDL=on, **({"launch_pdl": True} if on else {}))
-
-
 def _check_device(*ts: torch.Tensor) -> None:
     dev = ts[0].device
     if not usable(dev):
@@ -309,7 +289,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
                      prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None,
-                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None, pdl: bool = False):
+                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) with a contiguous last dim
@@ -377,10 +357,9 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
                                   k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, stride_eh, H=H, D=D,
                                   NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
                                   I64=i64, OUT_DIRECT=ns == 1, FP8=fp8, NEW_APART=write and fp8,
-                                  num_warps=num_warps, **stages, **_pdl(pdl))
+                                  num_warps=num_warps, **stages)
     if ns > 1:
-        kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2,
-                                     **_pdl(pdl))
+        kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out
 
 
@@ -437,7 +416,7 @@ def fp8_dequantize(q8: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
 
 
 def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale: float, num_warps: int = 4,
-                    d_chunk: Optional[int] = None, pdl: bool = False):
+                    d_chunk: Optional[int] = None):
     """Cross-attention of one query per row: q (rows, H*Dh), mem_k / mem_v (rows, H, T, Dh) (any strides with a
     contiguous last dim), valid (rows, T) bool, prior (rows, T) float32 or None
     -> (out (rows, H*Dh) in q's dtype, prob (rows, H, T) float32). d_chunk: head dims a tile holds (default all).
@@ -465,11 +444,11 @@ def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale
                                mem_k.stride(1), mem_k.stride(2), mem_v.stride(0), mem_v.stride(1), mem_v.stride(2),
                                vm.stride(0), pr.stride(0), out.stride(0), H=H, D=D,
                                DC=min(D, d_chunk or D), BLOCK_T=kern["next_pow2"](T), HAS_PRIOR=prior is not None,
-                               num_warps=num_warps, **_pdl(pdl))
+                               num_warps=num_warps)
     return out, prob
 
 
-def topk_threshold(x: torch.Tensor, k: int, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
+def topk_threshold(x: torch.Tensor, k: int, num_warps: int = 4) -> torch.Tensor:
     """``torch.topk(x, k, dim=-1).values[..., -1:]`` for float32 x (..., V) with a contiguous last dim: the k-th
     largest value of each row (ties counted with their multiplicity), the same float; -> (..., 1) float32."""
     kern = _kernels()
@@ -482,6 +461,5 @@ def topk_threshold(x: torch.Tensor, k: int, num_warps: int = 4, pdl: bool = Fals
     x2 = x.reshape(-1, V)
     assert x2.stride(1) == 1
     out = torch.empty(x2.shape[0], device=x.device, dtype=torch.float32)
-    kern["kth"][(x2.shape[0],)](x2, out, V, int(k), x2.stride(0), BLOCK=kern["next_pow2"](V), num_warps=num_warps,
-                                **_pdl(pdl))
+    kern["kth"][(x2.shape[0],)](x2, out, V, int(k), x2.stride(0), BLOCK=kern["next_pow2"](V), num_warps=num_warps)
     return out.view(*x.shape[:-1], 1)

@@ -313,9 +313,8 @@ def test_compiled_and_triton_paths_on_gpu(attn_impl):
             kw = dict(use_cfg=True, topk=1, keep_logits=True)
             ref = model.infer_batch(batch, use_kv_cache=True, **kw)
             # triton: the split-K Triton GEMMs too (on by default only in fp16/bf16; here IEEE float32 products)
-            # triton: programmatic dependent launch too (the same results whether launches overlap or not)
             fd = FastDecoder(model, 4, _max_len(model), attn_impl=attn_impl, bucket=8, compile=True, keys_per_split=16,
-                             gemm_kernel=attn_impl == "triton", pdl=attn_impl == "triton")
+                             gemm_kernel=attn_impl == "triton")
             assert fd.gelu_epilogue == (attn_impl == "triton")  # used where the FFN is kernel-1 (not decoder_kernel3)
             out = fd.generate(batch, **kw)
             assert fd.compile_errors == {}

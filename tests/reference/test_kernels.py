@@ -56,7 +56,6 @@ def test_decode_attention_with_shared_prefix_and_cache_write(data):
     prow = data.draw(st.integers(0, rows - 1))
     write = data.draw(st.booleans())
     head_major = data.draw(st.booleans())  # (rows, H, L, D) storage passed as its (rows, L, H, D) view
-    pdl = data.draw(st.booleans())  # programmatic dependent launch (compiled on Hopper; the interpreter ignores it)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     K, V = (torch.randn(rows, L, H, D, generator=g) for _ in range(2))
     qkv = torch.randn(rows, 3, H, D, generator=g)
@@ -77,7 +76,7 @@ def test_decode_attention_with_shared_prefix_and_cache_write(data):
         Kd, Vd = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (Kd, Vd))
     out = kernels.decode_attention(dv(qkv)[:, 0], Kd, Vd, dv(lens), D**-0.5, kps, min(8, kps),
                                    k_new=dv(qkv)[:, 1] if write else None, v_new=dv(qkv)[:, 2] if write else None,
-                                   prefix_len=dv(pre) if shared else None, prefix_row=prow, pdl=pdl)
+                                   prefix_len=dv(pre) if shared else None, prefix_row=prow)
     ref = _attention_ref(qkv[:, 0], Kr, Vr, lens, D**-0.5, pre, prow)
     torch.testing.assert_close(out.cpu(), ref, atol=ATOL32, rtol=0)
     assert torch.equal(Kd.cpu(), Kr) and torch.equal(Vd.cpu(), Vr)
@@ -243,7 +242,7 @@ def test_cross_attention_matches_the_reference_steps(data):
         prior = torch.where(torch.rand(rows, T, generator=g) < 0.3, 1.0, 1e-8).float()
     y, p = kernels.cross_attention(q.to(DEV), mk.to(DEV), mv.to(DEV), valid.to(DEV),
                                    prior.to(DEV) if prior is not None else None, D**-0.5,
-                                   d_chunk=data.draw(st.sampled_from([None, 4, 8])), pdl=data.draw(st.booleans()))
+                                   d_chunk=data.draw(st.sampled_from([None, 4, 8])))
     y_ref, p_ref = _xattn_ref(q, mk, mv, valid, prior, D**-0.5)
     torch.testing.assert_close(y.cpu(), y_ref, atol=ATOL32, rtol=0)
     torch.testing.assert_close(p.cpu(), p_ref, atol=ATOL32, rtol=0)
@@ -267,7 +266,7 @@ def test_topk_threshold_is_torch_topk_kth_value(data):
         x = torch.where(pick == 0, float("-inf"), x)
         x = torch.where(pick == 1, 0.0, x)
         x = torch.where(pick == 2, -0.0, x)
-    out = kernels.topk_threshold(x.to(DEV), k, pdl=data.draw(st.booleans())).cpu()
+    out = kernels.topk_threshold(x.to(DEV), k).cpu()
     ref = torch.topk(x, k, dim=-1).values[..., -1:]
     assert torch.equal(out, ref), (out, ref)
 
@@ -400,6 +399,3 @@ def test_float8_and_head_major_caches_need_the_fused_triton_write():
         FastDecoder(model, 2, 64, attn_impl="math", kv_cache_dtype=torch.float16)
     with pytest.raises(ValueError, match="kv_head_major needs attn_impl='triton' with fused_kv_write=True"):
         FastDecoder(model, 2, 64, attn_impl="math", kv_head_major=True)
-    if DEV == "cpu":
-        with pytest.raises(ValueError, match=r"pdl \(programmatic dependent launch\) needs a CUDA device"):
-            FastDecoder(model, 2, 64, attn_impl="math", pdl=True)
