@@ -609,6 +609,15 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
                                                                "gelu_epilogue": False}),
     ("R7.3 float8 K/V cache + GELU epilogue", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn,
                                                          "gelu_epilogue": True}),
+    # split-K Triton GEMMs one product at a time (gemm_tiles None: that product stays on cuBLAS); R6.5 had all four
+    ("R7.6 split-K for the FFN's o_net only", "triton", {"compile": True, "gemm_kernel": True, "gemm_tiles": {
+        "o_net": None, "xq": None, "xo": None}}),
+    ("R7.7 split-K for the FFN's o_net only in 4 slices", "triton", {"compile": True, "gemm_kernel": True, "gemm_tiles": {
+        "o_net": None, "xq": None, "xo": None, "ffn_out": (64, 128, 4, 4, 3)}}),
+    ("R7.8 split-K for the self-attention's o_net only", "triton", {"compile": True, "gemm_kernel": True, "gemm_tiles": {
+        "xq": None, "xo": None, "ffn_out": None}}),
+    ("R7.9 split-K for the cross-attention's q_net and o_net only", "triton", {
+        "compile": True, "gemm_kernel": True, "gemm_tiles": {"o_net": None, "ffn_out": None}}),
 
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
