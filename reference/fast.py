@@ -195,6 +195,24 @@ class _StaticKV(LayerKVCache):
         self.kv = None  # two buffers of their own: written with two copies
 
 
+class _StagedKV(_StaticKV):
+    """Prefill keys/values of one layer bound for the float8 cache: written, in the model's dtype, into a staging
+    buffer that every layer shares (the prefill attends them unrounded). When the next layer first writes the
+    buffer -- and once after the last layer -- ``flush`` moves this layer's into the float8 cache, so the prefill
+    holds one layer's staging at a time instead of all of them (~0.76 GB at the seed's sizes in bf16)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pending: list, flush):  # noqa: D107
+        super().__init__(k, v)
+        self.pending, self.flush = pending, flush
+
+    def append(self, k, v, kv=None):
+        if self.length == 0:  # this layer's first write: the previous layer is done with the buffer
+            while self.pending:
+                self.pending.pop()()
+            self.pending.append(self.flush)
+        return super().append(k, v, kv)
+
+
 class _StaticFF(ConvFFState):
     def __init__(self, ff_in: torch.Tensor, ff_hidden: torch.Tensor):  # noqa: D107
         self.ff_in, self.ff_hidden, self.length = ff_in, ff_hidden, 0
@@ -622,12 +640,34 @@ class FastDecoder:
         if use_cfg:
             bos_emb = torch.cat([bos_emb, bos_emb])
         T_new = T_ctx + bos_emb.shape[1]  # context, then BOS
-        # (rows, T_new, H, Dh) caches of the prefill itself: the static ones, or with a float8 cache model-dtype
-        # buffers that are quantized into it below (step 0 attends its unrounded keys)
+        # (rows, T_new, H, Dh) caches of the prefill itself: the static ones, or with a float8 cache one model-dtype
+        # staging pair shared by the layers, each layer's quantized into the cache when it is done (_StagedKV; step 0
+        # attends its unrounded keys)
+        ctx_len = ctx_mask.sum(1)  # contiguous prefix (lengths_to_mask)
+        r_all = torch.arange(rows, device=dev)
+
+        def compact(cache):  # row r keeps its ctx_len valid context keys, then the BOS key(s) (from position T_ctx)
+            if self.nemo_unmasked:
+                return
+            for j in range(bos_emb.shape[1]):
+                if self.flat_cache:
+                    cache[r_all, ctx_len + j] = cache[r_all, T_ctx + j]
+                else:
+                    cache[r_all, :, ctx_len + j] = cache[r_all, :, T_ctx + j]
+
+        pending: list = []
         if self.kv_fp8:
             H, Dh = d.sa_n_heads, d.sa_d_head
-            pre_k = [torch.zeros(rows, T_new, H, Dh, device=dev, dtype=self.dtype) for _ in range(d.n_layers)]
-            pre_v = [torch.zeros_like(t) for t in pre_k]
+            stage = torch.zeros(2, rows, T_new, H, Dh, device=dev, dtype=self.dtype)
+            pre_k, pre_v = [stage[0]] * d.n_layers, [stage[1]] * d.n_layers
+
+            def flush(i):  # positions past a row's kv_len hold stale keys: never read
+                for src, cache, exp in ((stage[0], self.k_cache[i], self.k_exp[i]),
+                                        (stage[1], self.v_cache[i], self.v_exp[i])):
+                    compact(src)
+                    q8, e = kernels.fp8_quantize(src)  # (rows, T_new, H, Dh), (rows, T_new, H)
+                    cache[:rows, :T_new] = q8
+                    exp[:rows, :, :T_new] = e.transpose(1, 2)
         else:
             pre_k = [c[:rows] for c in self.k_cache]
             pre_v = [c[:rows] for c in self.v_cache]
@@ -636,7 +676,10 @@ class FastDecoder:
             w.mem_k[i].copy_(mk)
             w.mem_v[i].copy_(mv)
             memory_kv.append((w.mem_k[i], w.mem_v[i]))
-            if self.flat_cache:  # (rows, H, L, Dh) views, what the reference's LayerKVCache expects
+            if self.kv_fp8:  # flat cache: (rows, H, T_new, Dh) views, what the reference's LayerKVCache expects
+                kv.append(_StagedKV(pre_k[i].transpose(1, 2), pre_v[i].transpose(1, 2), pending,
+                                    lambda i=i: flush(i)))
+            elif self.flat_cache:  # (rows, H, L, Dh) views, what the reference's LayerKVCache expects
                 kv.append(_StaticKV(pre_k[i].transpose(1, 2), pre_v[i].transpose(1, 2)))
             else:
                 kv.append(_StaticKV(pre_k[i], pre_v[i]))
@@ -654,27 +697,17 @@ class FastDecoder:
         dec = m.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, None, probs_out=probs)
         logits = m.final_proj(dec[:, -1:])[:, 0]
         scores = self._scores([pr[:, :, -1:] for pr in probs], p)
-        # Compact the keys: row r keeps its ctx_len valid context keys, then the BOS key (position T_ctx).
+        # Compact the keys (compact(); float8: done per layer by its flush, the last one's here)
+        while pending:
+            pending.pop()()
+        if not self.kv_fp8:
+            for i in range(d.n_layers):
+                compact(pre_k[i])
+                compact(pre_v[i])
         if self.nemo_unmasked:
             w.kv_len.fill_(T_new)
         else:
-            ctx_len = ctx_mask.sum(1)  # contiguous prefix (lengths_to_mask)
-            r = torch.arange(rows, device=dev)
-            for i in range(d.n_layers):
-                for cache in (pre_k[i], pre_v[i]):
-                    for j in range(bos_emb.shape[1]):
-                        if self.flat_cache:
-                            cache[r, ctx_len + j] = cache[r, T_ctx + j]
-                        else:
-                            cache[r, :, ctx_len + j] = cache[r, :, T_ctx + j]
             w.kv_len.copy_(ctx_len + bos_emb.shape[1])
-        if self.kv_fp8:  # positions past a row's kv_len hold stale keys: never read
-            for i in range(d.n_layers):
-                for src, cache, exp in ((pre_k[i], self.k_cache[i], self.k_exp[i]),
-                                        (pre_v[i], self.v_cache[i], self.v_exp[i])):
-                    q8, e = kernels.fp8_quantize(src)  # (rows, T_new, H, Dh), (rows, T_new, H)
-                    cache[:rows, :T_new] = q8
-                    exp[:rows, :, :T_new] = e.transpose(1, 2)
         # CFG's unconditional rows: the same inputs up to and including BOS (zero context, all positions valid),
         # hence the same T_new keys in every layer; the triton kernel reads them from row B
         w.pre_len.zero_()

@@ -253,6 +253,26 @@ def test_flash_half_precision_close_to_fp32_on_gpu():
 # ---- compile=True and the triton attention ------------------------------------------------------------------
 
 
+def test_float8_prefill_staging_is_flushed_layer_by_layer():
+    """_StagedKV (the float8 cache's prefill): a layer's staged keys go to the cache when the next layer first
+    writes the shared buffer, each layer once and in order, before that write; the last layer's stay pending (the
+    prefill flushes it after the decoder)."""
+    from reference.fast import _StagedKV
+
+    stage = torch.randn(2, 3, 2, 5, 4)  # (K/V, rows, H, T, Dh)
+    pending, log = [], []
+    layers = [_StagedKV(stage[0], stage[1], pending, lambda i=i: log.append((i, stage[0, 0, 0, 0, 0].item())))
+              for i in range(3)]
+    for i, kv in enumerate(layers):
+        new = torch.full((3, 2, 5, 4), float(i + 1))
+        k, v = kv.append(new, -new)
+        assert torch.equal(k, new) and torch.equal(v, -new) and kv.length == 5
+    # layer i was flushed while the buffer still held its own keys (value i + 1), before layer i + 1 wrote
+    assert log == [(0, 1.0), (1, 2.0)] and len(pending) == 1
+    pending.pop()()
+    assert log[-1] == (2, 3.0)
+
+
 def test_gelu_epilogue_needs_cuda_and_traces_fullgraph():
     """gelu_epilogue is refused off CUDA (the CPU's torch._addmm_activation applies the erf GELU); the layer tail
     with it traces as one graph (what compile=True needs on the GPU), the same values as called directly."""
