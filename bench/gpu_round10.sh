@@ -5,6 +5,9 @@
 # (BENCH_BLAS=cublaslt), each in a process of its own with its own inductor cache; first a check that CUDA's
 # torch._addmm_activation applies the tanh GELU (the model's).
 #   run (device tool): bash bench/gpu_round10.sh      carry: [".whl"]
+# SKIP_OPT=1 leaves out the rows; TESTS=1 first runs the kernel tests compiled and the GPU tests; FAST=1 then times
+# the defaults and the float8 cache over all 512 requests (with peak memory); PARITY=1 the float8 cache's parity
+# (teacher-forced logits vs fp32 sdpa, prior on and off).
 set -o pipefail
 source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
@@ -22,6 +25,11 @@ for dt in (torch.float32, torch.bfloat16):
 import torch._inductor.config as c
 print(f"torch {torch.__version__}: inductor has triton.enable_pdl: {hasattr(c.triton, 'enable_pdl')}")
 PY
+if [ -n "$TESTS" ]; then
+  timeout 150 python3 -m pytest tests/reference/test_kernels.py -q -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest-kernels.log" | tail -2
+  timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -2
+fi
 opt() {  # label, rows (comma-separated), then env assignments
   local label=$1 rows=$2; shift 2
   env "$@" TORCHINDUCTOR_CACHE_DIR="/tmp/ind_$label" timeout 200 python3 bench/seed_benchmark.py --out "$OUT/opt_$label" \
@@ -31,7 +39,14 @@ opt() {  # label, rows (comma-separated), then env assignments
 # (labels as renamed after run AK, where R7.0 / R7.2 were the then defaults without the epilogue)
 R="R7.0 round-6 defaults (no GELU epilogue),R7.1 + GELU epilogue (round-7 default)"
 R2="R7.2 float8 K/V cache without GELU epilogue"
-opt base "$R,$R2,R7.3 float8 K/V cache + GELU epilogue" X=1
-opt pdl "R7.0 round-6 defaults (no GELU epilogue),$R2" TORCHINDUCTOR_ENABLE_PDL=1
-opt cublaslt "$R" BENCH_BLAS=cublaslt
+if [ -z "$SKIP_OPT" ]; then
+  opt base "$R,$R2,R7.3 float8 K/V cache + GELU epilogue" X=1
+  opt pdl "R7.0 round-6 defaults (no GELU epilogue),$R2" TORCHINDUCTOR_ENABLE_PDL=1
+  opt cublaslt "$R" BENCH_BLAS=cublaslt
+fi
+[ -n "$FAST" ] && timeout 150 python3 bench/seed_benchmark.py --out "$OUT/fast" --parts fast,fast_fp8 2>&1 \
+  | tee "$OUT/fast.log" | grep -E "^\[(fast|fail)\]"
+[ -n "$PARITY" ] && PARITY_ONLY="fp32 triton+compile fp8 K/V,bf16 triton+compile,bf16 triton+compile fp8 K/V" \
+  timeout 150 python3 bench/seed_benchmark.py --out "$OUT/parity" --parts parity_opt 2>&1 | tee "$OUT/parity.log" \
+  | grep -E "^\[(parity_opt|fail)\]" | cut -c1-400
 exit 0

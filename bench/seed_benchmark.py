@@ -277,9 +277,12 @@ def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_te
     t_first, _ = timed(lambda: fd.generate(reqs[0], **kw))  # captures the graphs
     t_short = statistics.median([timed(lambda: fd.generate(reqs[0], **short))[0] for _ in range(3)])
     totals = []
+    if DEV == "cuda":  # peak memory over the timed batches (weights, caches, graph pools, prefill staging)
+        torch.cuda.reset_peak_memory_stats()
     for r in reqs[:n_batches]:
         dt, out = timed(lambda: fd.generate(r, **kw))
         totals.append(dt)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else float("nan")
     t_full = statistics.median(totals)
     ms_step = (t_full - t_short) / (N_FRAMES - 4) * 1e3
     rows = 2 * BATCH
@@ -296,7 +299,7 @@ def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_te
         "compile_errors": fd.compile_errors,
         **{k: str(v) if isinstance(v, torch.dtype) else v for k, v in fast_kw.items() if k != "compile"},
         "floor_bytes": fb["total"], "floor_ms": fb["total"] / (bw * 1e9) * 1e3,
-        "floor_ms_own_cache": fb_own["total"] / (bw * 1e9) * 1e3,
+        "floor_ms_own_cache": fb_own["total"] / (bw * 1e9) * 1e3, "peak_gib": peak_gib,
     }
     r["gbps"] = fb_own["total"] / (ms_step / 1e3) / 1e9  # the bytes this configuration must move
     r["x_floor"] = ms_step / r["floor_ms"]
@@ -308,7 +311,8 @@ def time_fast(model, reqs, dtype, attn_impl, n_batches, label, results, bw, T_te
            if fd.kv_fp8 else "")
     print(f"[fast] {label}: {ms_step:.3f} ms/step, {r['frames_per_s']:.0f} frames/s, {r['x_realtime']:.0f}x real time, "
           f"{r['gbps']:.0f} GB/s = {r['x_floor']:.2f}x floor ({r['floor_ms']:.3f} ms){own}; batch {t_full:.2f} s "
-          f"(prefill+3 steps {t_short:.3f} s), {len(totals)} batches timed", flush=True)
+          f"(prefill+3 steps {t_short:.3f} s), {len(totals)} batches timed, peak {peak_gib:.2f} GiB allocated",
+          flush=True)
     return fd
 
 
