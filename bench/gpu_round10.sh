@@ -7,7 +7,8 @@
 #   run (device tool): bash bench/gpu_round10.sh      carry: [".whl"]
 # SKIP_OPT=1 leaves out the rows; TESTS=1 first runs the kernel tests compiled and the GPU tests; FAST=1 then times
 # the defaults and the float8 cache over all 512 requests (with peak memory); PARITY=1 the float8 cache's parity
-# (teacher-forced logits vs fp32 sdpa, prior on and off).
+# (teacher-forced logits vs fp32 sdpa, prior on and off); SPLITK=1 the rows R7.6-R7.9 (split-K Triton GEMM for one
+# product at a time, run AN) against R7.1.
 set -o pipefail
 source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
@@ -43,6 +44,11 @@ if [ -z "$SKIP_OPT" ]; then
   opt base "$R,$R2,R7.3 float8 K/V cache + GELU epilogue" X=1
   opt pdl "R7.0 round-6 defaults (no GELU epilogue),$R2" TORCHINDUCTOR_ENABLE_PDL=1
   opt cublaslt "$R" BENCH_BLAS=cublaslt
+fi
+if [ -n "$SPLITK" ]; then
+  S="R7.1 + GELU epilogue (round-7 default),R7.6 split-K for the FFN's o_net only"
+  S="$S,R7.7 split-K for the FFN's o_net only in 4 slices,R7.8 split-K for the self-attention's o_net only"
+  opt splitk "$S,R7.9 split-K for the cross-attention's q_net and o_net only" X=1
 fi
 [ -n "$FAST" ] && timeout 150 python3 bench/seed_benchmark.py --out "$OUT/fast" --parts fast,fast_fp8 2>&1 \
   | tee "$OUT/fast.log" | grep -E "^\[(fast|fail)\]"
