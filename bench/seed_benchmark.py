@@ -195,7 +195,8 @@ def nemo_step_times(model: MagpieTTS, dec, req: dict, steps: list[int], reps: in
 
 def parity_checks(model: MagpieTTS, req: dict, steps: int) -> dict:
     res = {}
-    for impl in ("math", "auto"):
+    # "triton+compile": the fast path's default configuration (the table's fast row), here in float32
+    for impl in ("math", "auto") + (("triton+compile",) if DEV == "cuda" else ()):
         res.update(_parity(model, req, steps, impl))
     return res
 
@@ -207,7 +208,8 @@ def _parity(model: MagpieTTS, req: dict, steps: int, impl: str) -> dict:
     kw = dict(use_cfg=True, topk=1, cfg_scale=2.5, apply_attention_prior=True, max_decoder_steps=steps, keep_logits=True)
     t, ref = timed(lambda: model.infer_batch(req, use_kv_cache=True, **kw))
     B = req["text"].shape[0]
-    fast32 = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32, attn_impl=impl)
+    fast32 = FastDecoder(model, B, T_CTX_FRAMES + 3 + steps, torch.float32, attn_impl=impl.split("+")[0],
+                         compile=impl.endswith("+compile"))
     f = fast32.generate(req, **kw)
     same = torch.equal(ref.predicted_codes.cpu(), f.predicted_codes.cpu()) and torch.equal(ref.predicted_codes_lens, f.predicted_codes_lens)
     n = min(ref.num_steps, f.num_steps)
@@ -225,6 +227,8 @@ def _parity(model: MagpieTTS, req: dict, steps: int, impl: str) -> dict:
         print(f"[parity] first flip at step {diverge}, item {bad[0]} codebook {bad[1]}: eager top-2 logit gap "
               f"{res['fp32_divergence_top2_gap']:.2e}")
     if impl != "auto":
+        res.update(fp32_codes_identical=bool(same), fp32_max_abs_logit_diff=dl,
+                   fp32_compile_errors=fast32.compile_errors)
         res = {f"{k}_{impl}": v for k, v in res.items()}
         print(f"[parity] ({impl} attention) fp32 codes identical={same}, max|dlogit|={dl:.2e}, first divergence={diverge}")
         return res
@@ -915,6 +919,10 @@ def render_table(res: dict) -> str:
                   f"(argmax agree {p.get('fp16_argmax_agree', float('nan')):.4f}), bf16 rel L2 "
                   f"{p.get('bf16_rel_l2', float('nan')):.2e} (argmax agree {p.get('bf16_argmax_agree', float('nan')):.4f}) "
                   f"vs fp32 fast, teacher-forced"]
+        if "fp32_codes_identical_triton+compile" in p:
+            lines[-1] += (f"; the default fast path in fp32 (triton+compile): codes identical = "
+                          f"{p['fp32_codes_identical_triton+compile']}, max |dlogit| = "
+                          f"{p['fp32_max_abs_logit_diff_triton+compile']:.2e}")
     return "\n".join(lines) + "\n"
 
 
