@@ -377,20 +377,25 @@ def profile_fast(model, req, out_dir: Path, fast_kw=None, graphs_list=None, fnam
         T_ctx = T_CTX_FRAMES + 2
         start = min(start, N_FRAMES // 2)
         end = min(start + 40, N_FRAMES)
-        for idx in range(8, end):  # warm: every graph the profiled steps replay is captured here
-            fd._decode(w, idx, T_ctx, p, (False, False))
-        back = end - start  # rewind to step `start`: the profiled steps then read the keys a real run reads there
-        w.kv_len.sub_(back), w.pos.sub_(back), w.step.sub_(back)
-        sync()
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-        with profile(activities=acts) as prof:
-            for idx in range(start, end):
+        # no_grad as generate() runs: under grad mode the compiled functions would be traced again for it, and the
+        # GELU epilogue (torch._addmm_activation, no autograd formula) would fall back to uncompiled code
+        with torch.no_grad():
+            for idx in range(8, end):  # warm: every graph the profiled steps replay is captured here
                 fd._decode(w, idx, T_ctx, p, (False, False))
+            back = end - start  # rewind to step `start`: the profiled steps then read the keys a real run reads there
+            w.kv_len.sub_(back), w.pos.sub_(back), w.step.sub_(back)
             sync()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for idx in range(start, end):
+                    fd._decode(w, idx, T_ctx, p, (False, False))
+                sync()
         txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=40)
         text += (f"bf16 fast path {fast_kw}, attn {fd.attn_impl}, decode steps {start}..{end - 1} only "
                  f"({end - start} steps, keys ~{T_ctx + 1 + start}-{T_ctx + end} per row), 128 rows, "
-                 f"cuda_graphs={graphs}\n{txt}\n\n")
+                 f"cuda_graphs={graphs}\n"
+                 + (f"compile errors (these ran uncompiled): {fd.compile_errors}\n" if fd.compile_errors else "")
+                 + f"{txt}\n\n")
         del fd, w
     (out_dir / fname).write_text(text)
     print(text[:6000])
