@@ -360,7 +360,9 @@ class FastDecoder:
             device = next(model.parameters()).device
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval()
+        # an inference copy: no parameter requires grad, so nothing traced or run here records autograd history
+        # whatever the caller's grad mode (generate() also runs under no_grad)
+        self.model = copy.deepcopy(model).to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         c = self.config = self.model.config
         d = c.decoder
         if max_len < 2:

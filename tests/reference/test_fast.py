@@ -253,6 +253,17 @@ def test_flash_half_precision_close_to_fp32_on_gpu():
 # ---- compile=True and the triton attention ------------------------------------------------------------------
 
 
+def test_the_decoder_copy_records_no_autograd_history():
+    """FastDecoder's copy of the model has no parameter requiring grad (the caller's model keeps its own), so even
+    its internal steps called under grad mode build no autograd graph (what made the compiled layer tail fall back
+    when a profiler harness called them without no_grad)."""
+    model = reference_model("released_small")
+    before = [p.requires_grad for p in model.parameters()]
+    fd = FastDecoder(model, 2, _max_len(model))
+    assert not any(p.requires_grad for p in fd.model.parameters()) and not fd.emb_table.requires_grad
+    assert [p.requires_grad for p in model.parameters()] == before and any(before)
+
+
 def test_float8_prefill_staging_is_flushed_layer_by_layer():
     """_StagedKV (the float8 cache's prefill): a layer's staged keys go to the cache when the next layer first
     writes the shared buffer, each layer once and in order, before that write; the last layer's stay pending (the
