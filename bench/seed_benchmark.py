@@ -226,16 +226,13 @@ def _parity(model: MagpieTTS, req: dict, steps: int, impl: str) -> dict:
         res["fp32_divergence_top2_gap"] = (top2[0] - top2[1]).item()
         print(f"[parity] first flip at step {diverge}, item {bad[0]} codebook {bad[1]}: eager top-2 logit gap "
               f"{res['fp32_divergence_top2_gap']:.2e}")
+    res.update(fp32_codes_identical=bool(same), fp32_first_divergent_step=diverge, fp32_max_abs_logit_diff=dl,
+               fp32_compile_errors=fast32.compile_errors)
     if impl != "auto":
-        res.update(fp32_codes_identical=bool(same), fp32_max_abs_logit_diff=dl,
-                   fp32_compile_errors=fast32.compile_errors)
         res = {f"{k}_{impl}": v for k, v in res.items()}
         print(f"[parity] ({impl} attention) fp32 codes identical={same}, max|dlogit|={dl:.2e}, first divergence={diverge}")
         return res
     res["fp32_attn_impl"] = fast32.attn_impl
-    res["fp32_codes_identical"] = bool(same)
-    res["fp32_first_divergent_step"] = diverge
-    res["fp32_max_abs_logit_diff"] = dl
     res["fp32_attended_identical"] = ref.attended_text_positions == f.attended_text_positions
     res["steps"] = steps
     res["eager_steps_run"] = ref.num_steps

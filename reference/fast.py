@@ -480,7 +480,7 @@ class FastDecoder:
                 ln_ff=layer.norm_pos_ff.weight.detach(), eps_ff=layer.norm_pos_ff.eps,
                 w1=ff.proj.conv.weight[:, :, 0].detach() if k1 else None,
                 w2=ff.o_net.conv.weight[:, :, 0].detach() if k1 else None))
-        w1 = self._layer_w[0]["w1"]
+        w1 = self._layer_w[0]["w1"]  # None for a kernel-3 FFN (every layer alike): no epilogue, no bias
         self._gelu_bias = torch.zeros(w1.shape[0], device=self.device, dtype=dtype) \
             if self.gelu_epilogue and w1 is not None else None
         no = m.decoder.norm_out
@@ -813,7 +813,7 @@ class FastDecoder:
                         logits = proj[:, 0]
                 else:
                     x = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"],
-                                        k1, tiles=self._gemm_tiles, gelu_bias=self._gelu_bias if k1 else None)
+                                        k1, tiles=self._gemm_tiles, gelu_bias=self._gelu_bias)
                 if need:  # (nc, 1, T_text), as the torch path's; one head: a view, not a reduction kernel
                     prob = prob if prob.shape[1] == 1 else prob.mean(dim=1, keepdim=True)
             else:
