@@ -387,6 +387,8 @@ def profile_fast(model, req, out_dir: Path, fast_kw=None, graphs_list=None, fnam
                 for idx in range(start, end):
                     fd._decode(w, idx, T_ctx, p, (False, False))
                 sync()
+        if os.environ.get("PROFILE_TRACE"):  # the kernels' timeline (which streams overlap): bench/trace_overlap.py
+            prof.export_chrome_trace(str(out_dir / f"trace-{fname.rsplit('.', 1)[0]}-graphs{int(graphs)}.json"))
         txt = prof.key_averages().table(sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=40)
         text += (f"bf16 fast path {fast_kw}, attn {fd.attn_impl}, decode steps {start}..{end - 1} only "
                  f"({end - start} steps, keys ~{T_ctx + 1 + start}-{T_ctx + end} per row), 128 rows, "
@@ -536,6 +538,7 @@ def main(argv=None) -> int:
                 kw.update(kv_cache_dtype=torch.float8_e4m3fn, **json.loads(os.environ.get("ATTN_KW_FP8") or "{}"))
             elif kw["attn_impl"] == "triton":  # the sweeps' best tiles, when given (bench/gpu_round7.sh)
                 kw.update(**json.loads(os.environ.get("ATTN_KW") or "{}"), **json.loads(os.environ.get("XATTN_KW") or "{}"))
+            kw.update(json.loads(os.environ.get("PROFILE_KW") or "{}"))  # e.g. {"cfg_streams": true} (gpu_round11.sh)
             profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt",
                          start=a.profile_from)
         except Exception as e:
@@ -628,6 +631,22 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
         "xq": None, "xo": None, "ffn_out": None}}),
     ("R7.9 split-K for the cross-attention's q_net and o_net only", "triton", {
         "compile": True, "gemm_kernel": True, "gemm_tiles": {"o_net": None, "ffn_out": None}}),
+    # round 8: CFG's halves as two chains of layers on two streams inside the graph (cfg_streams)
+    ("R8.0 round-7 defaults", "triton", {"compile": True}),
+    ("R8.1 + CFG halves on two streams", "triton", {"compile": True, "cfg_streams": True,
+                                                    "cfg_stream_priority": "equal"}),
+    ("R8.2 float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
+    ("R8.3 float8 K/V cache + CFG halves on two streams", "triton", {"compile": True, "cfg_streams": True,
+                                                                     "cfg_stream_priority": "equal",
+                                                                     "kv_cache_dtype": torch.float8_e4m3fn}),
+    # stream priorities (kept in the graph): the conditional half first; or every attention on a low-priority stream
+    ("R8.4 CFG halves with the conditional one first", "triton", {"compile": True, "cfg_streams": True,
+                                                                  "cfg_stream_priority": "cond_high"}),
+    ("R8.5 CFG halves with attention at low priority", "triton", {"compile": True, "cfg_streams": True,
+                                                                  "cfg_stream_priority": "attention_low"}),
+    ("R8.6 float8 + CFG halves with attention at low priority", "triton", {
+        "compile": True, "cfg_streams": True, "cfg_stream_priority": "attention_low",
+        "kv_cache_dtype": torch.float8_e4m3fn}),
 
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
@@ -682,7 +701,8 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
     fp32 = [("math", "math", {}), ("sdpa", "sdpa", {})]
     if DEV == "cuda":
         fp32 += [("triton", "triton", {}), ("sdpa+compile", "sdpa", {"compile": True}),
-                 ("triton+compile", "triton", {"compile": True})]
+                 ("triton+compile", "triton", {"compile": True}),
+                 ("triton+compile cfg_streams", "triton", {"compile": True, "cfg_streams": True})]
     for label, impl, fkw in fp32:
         if only and label != "sdpa" and f"fp32 {label}" not in only:
             continue
@@ -716,6 +736,8 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
     for name, dt, impl, fkw in [("fp16 flash", torch.float16, "flash", {}), ("bf16 flash", torch.bfloat16, "flash", {}),
                                 ("bf16 triton", torch.bfloat16, "triton", {}),
                                 ("bf16 triton+compile", torch.bfloat16, "triton", {"compile": True}),
+                                ("bf16 triton+compile cfg_streams", torch.bfloat16, "triton",
+                                 {"compile": True, "cfg_streams": True}),
                                 ("bf16 sdpa+compile", torch.bfloat16, "sdpa", {"compile": True}),
                                 # the float8 K/V cache alone (fp32 elsewhere), then with bf16
                                 ("fp32 triton+compile fp8 K/V", torch.float32, "triton",

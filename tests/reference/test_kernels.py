@@ -296,14 +296,15 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("case,fused_kv_write,head_major,gemm", [("released_small", True, False, True),
-                                                                 ("multihead_xattn", True, True, True),
-                                                                 ("four_codebooks", False, False, False),
-                                                                 ("decoder_kernel3", True, False, False)])
-def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_major, gemm):
+@pytest.mark.parametrize("case,fused_kv_write,head_major,gemm,cfg_streams", [("released_small", True, False, True, False),
+                                                                             ("multihead_xattn", True, True, True, True),
+                                                                             ("four_codebooks", False, False, False, False),
+                                                                             ("decoder_kernel3", True, False, False, False)])
+def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_major, gemm, cfg_streams):
     """attn_impl="triton" with every new piece on (shared unconditional prefix, cross-attention and top-k kernels,
-    unconditional rows skipping the cross-attention): the eager reference's codes, lengths, attended positions at
-    topk=1, per-step logits within 1e-5; sampled codes (topk 20) equal for the same seed."""
+    unconditional rows skipping the cross-attention; for multihead_xattn CFG's halves run as two chains,
+    cfg_streams): the eager reference's codes, lengths, attended positions at topk=1, per-step logits within 1e-5;
+    sampled codes (topk 20) equal for the same seed."""
     model = copy.deepcopy(reference_model(case)).to(DEV)
     batch = {k: v.to(DEV) for k, v in infer_inputs(load_batch(case)).items()}
     kw = dict(use_cfg=True, topk=1, keep_logits=True)
@@ -313,9 +314,10 @@ def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_m
                      attn_block_n=16, cuda_graphs=False, xattn_d_chunk=8,  # 8: two chunks of the fixtures' 16 dims
                      fused_kv_write=fused_kv_write,  # False: the cache written by index_copy_ at the flat index
                      kv_head_major=head_major,  # (rows, H, L, Dh) storage
-                     gemm_kernel=gemm, gemm_tiles={k: (16, 16, 3, 4, None) for k in FastDecoder.GEMM_TILES})
+                     gemm_kernel=gemm, gemm_tiles={k: (16, 16, 3, 4, None) for k in FastDecoder.GEMM_TILES},
+                     cfg_streams=cfg_streams)
     # gemm tiles: 16 columns x 16-deep K tiles in 3 slices -- several column blocks and slices at the fixtures' sizes
-    assert fd.gemm_kernel == gemm
+    assert fd.gemm_kernel == gemm and fd.cfg_streams == cfg_streams
     assert fd.share_uncond_prefix and fd.xattn_kernel and fd.topk_kernel and fd.skip_uncond_xattn
     out = fd.generate(batch, **kw)
     assert torch.equal(ref.predicted_codes, out.predicted_codes)
@@ -367,16 +369,19 @@ def test_unconditional_prefix_keys_are_the_same_in_every_row():
     assert int(w.kv_len[B]) >= n
 
 
-def test_fast_path_float8_kv_cache_tracks_eager():
+@pytest.mark.parametrize("cfg_streams", [False, True])
+def test_fast_path_float8_kv_cache_tracks_eager(cfg_streams):
     """kv_cache_dtype=float8_e4m3fn, teacher-forced on the eager reference's codes: step 0 (which attends the
-    unrounded prefill keys) within ATOL_LOGITS of eager; later steps move, but little."""
+    unrounded prefill keys) within ATOL_LOGITS of eager; later steps move, but little. With CFG's halves as two
+    chains (cfg_streams: each half's rows of the cache and its exponents) the same."""
     case = "released_small"
     model = copy.deepcopy(reference_model(case)).to(DEV)
     batch = {k: v.to(DEV) for k, v in infer_inputs(load_batch(case)).items()}
     kw = dict(use_cfg=True, topk=1, keep_logits=True)
     ref = model.infer_batch(batch, use_kv_cache=True, **kw)
     fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask, attn_impl="triton", keys_per_split=32,
-                     attn_block_n=16, cuda_graphs=False, kv_cache_dtype=torch.float8_e4m3fn, kv_head_major=True)
+                     attn_block_n=16, cuda_graphs=False, kv_cache_dtype=torch.float8_e4m3fn, kv_head_major=True,
+                     cfg_streams=cfg_streams)
     assert fd.k_cache[0].dtype == torch.float8_e4m3fn and fd.k_exp[0].dtype == torch.uint8
     assert fd.k_cache[0].transpose(1, 2).is_contiguous()  # head-major storage
     codes = ref.predicted_codes
