@@ -538,7 +538,7 @@ def main(argv=None) -> int:
                 kw.update(kv_cache_dtype=torch.float8_e4m3fn, **json.loads(os.environ.get("ATTN_KW_FP8") or "{}"))
             elif kw["attn_impl"] == "triton":  # the sweeps' best tiles, when given (bench/gpu_round7.sh)
                 kw.update(**json.loads(os.environ.get("ATTN_KW") or "{}"), **json.loads(os.environ.get("XATTN_KW") or "{}"))
-            kw.update(json.loads(os.environ.get("PROFILE_KW") or "{}"))  # e.g. {"cfg_streams": true} (gpu_round11.sh)
+            kw.update(json.loads(os.environ.get("PROFILE_KW") or "{}"))  # FastDecoder options, JSON (gpu_round11.sh)
             profile_fast(model, reqs[0], out_dir, kw, (True,) if DEV == "cuda" else (False,), "profile-opt.txt",
                          start=a.profile_from)
         except Exception as e:
@@ -631,22 +631,18 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
         "xq": None, "xo": None, "ffn_out": None}}),
     ("R7.9 split-K for the cross-attention's q_net and o_net only", "triton", {
         "compile": True, "gemm_kernel": True, "gemm_tiles": {"o_net": None, "ffn_out": None}}),
-    # round 8: CFG's halves as two chains of layers on two streams inside the graph (cfg_streams)
+    # round 8: CFG's halves as two chains of layers on two streams inside the graph (cfg_streams, with three stream
+    # priority schemes; fe3644b, removed: slower in every form, run AV) -- R8.0 / R8.2 are the defaults it was timed against
     ("R8.0 round-7 defaults", "triton", {"compile": True}),
-    ("R8.1 + CFG halves on two streams", "triton", {"compile": True, "cfg_streams": True,
-                                                    "cfg_stream_priority": "equal"}),
     ("R8.2 float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
-    ("R8.3 float8 K/V cache + CFG halves on two streams", "triton", {"compile": True, "cfg_streams": True,
-                                                                     "cfg_stream_priority": "equal",
-                                                                     "kv_cache_dtype": torch.float8_e4m3fn}),
-    # stream priorities (kept in the graph): the conditional half first; or every attention on a low-priority stream
-    ("R8.4 CFG halves with the conditional one first", "triton", {"compile": True, "cfg_streams": True,
-                                                                  "cfg_stream_priority": "cond_high"}),
-    ("R8.5 CFG halves with attention at low priority", "triton", {"compile": True, "cfg_streams": True,
-                                                                  "cfg_stream_priority": "attention_low"}),
-    ("R8.6 float8 + CFG halves with attention at low priority", "triton", {
-        "compile": True, "cfg_streams": True, "cfg_stream_priority": "attention_low",
-        "kv_cache_dtype": torch.float8_e4m3fn}),
+    # the step's prologue (embedding, key counts, first norm + qkv) as one compiled function and its epilogue's score
+    # average and counter advance inside the compiled sampler (fuse_step_ends, the default since), off and on
+    ("R8.7 round-7 defaults without fused step ends", "triton", {"compile": True, "fuse_step_ends": False}),
+    ("R8.8 + fused step ends", "triton", {"compile": True, "fuse_step_ends": True}),
+    ("R8.9 float8 without fused step ends", "triton", {"compile": True, "fuse_step_ends": False,
+                                                       "kv_cache_dtype": torch.float8_e4m3fn}),
+    ("R8.10 float8 + fused step ends", "triton", {"compile": True, "fuse_step_ends": True,
+                                                  "kv_cache_dtype": torch.float8_e4m3fn}),
 
     # the triton attention with the keys_per_split / attn_block_n / attn_num_warps in $ATTN_KW (JSON), e.g. the best
     # of bench/attn_sweep.py
@@ -701,8 +697,7 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
     fp32 = [("math", "math", {}), ("sdpa", "sdpa", {})]
     if DEV == "cuda":
         fp32 += [("triton", "triton", {}), ("sdpa+compile", "sdpa", {"compile": True}),
-                 ("triton+compile", "triton", {"compile": True}),
-                 ("triton+compile cfg_streams", "triton", {"compile": True, "cfg_streams": True})]
+                 ("triton+compile", "triton", {"compile": True})]
     for label, impl, fkw in fp32:
         if only and label != "sdpa" and f"fp32 {label}" not in only:
             continue
@@ -736,8 +731,6 @@ def parity_opt(model: MagpieTTS, req: dict, steps: int) -> dict:
     for name, dt, impl, fkw in [("fp16 flash", torch.float16, "flash", {}), ("bf16 flash", torch.bfloat16, "flash", {}),
                                 ("bf16 triton", torch.bfloat16, "triton", {}),
                                 ("bf16 triton+compile", torch.bfloat16, "triton", {"compile": True}),
-                                ("bf16 triton+compile cfg_streams", torch.bfloat16, "triton",
-                                 {"compile": True, "cfg_streams": True}),
                                 ("bf16 sdpa+compile", torch.bfloat16, "sdpa", {"compile": True}),
                                 # the float8 K/V cache alone (fp32 elsewhere), then with bf16
                                 ("fp32 triton+compile fp8 K/V", torch.float32, "triton",

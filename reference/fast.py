@@ -43,7 +43,6 @@ Known differences from the eager reference (documented and tested in tests/refer
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -129,22 +128,6 @@ def _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff: float, w1, w2, ffn: bool, ln_next=None,
     n_cond = y.shape[0]
     xc = x[:n_cond] + _lin(y, w_xo, t.get("xo"))
     x = xc if n_cond == x.shape[0] else torch.cat([xc, x[n_cond:]])
-    return _ffn_next(x, ln_ff, eps_ff, w1, w2, ffn, ln_next, eps_next, w_next, b_next, t, gelu_bias)
-
-
-def _f_o_ffn(x, y_sa, w_o, ln_ff, eps_ff: float, w1, w2, ln_next, eps_next: float, w_next, b_next,
-             tiles: Optional[dict] = None, gelu_bias: Optional[torch.Tensor] = None):
-    """A layer after its self-attention for rows that attend no memory, run apart from the others (CFG's
-    unconditional half with ``cfg_streams``): o_net + residual, the FFN + residual and what follows the layer, as
-    ``_f_xq`` + ``_f_xo_ffn`` compute for those rows (their cross-attention adds exactly 0). Returns (x, projection)."""
-    t = tiles or {}
-    x = x + _lin(y_sa, w_o, t.get("o_net"))
-    return _ffn_next(x, ln_ff, eps_ff, w1, w2, True, ln_next, eps_next, w_next, b_next, t, gelu_bias)
-
-
-def _ffn_next(x, ln_ff, eps_ff: float, w1, w2, ffn: bool, ln_next, eps_next: float, w_next, b_next, t: dict,
-              gelu_bias: Optional[torch.Tensor]):
-    """(kernel-1 decoders) the FFN + residual, then with ``w_next`` the norm + projection that follow the layer."""
     if ffn:
         h = F.layer_norm(x, (x.shape[-1],), ln_ff, None, eps_ff)
         if gelu_bias is None:
@@ -170,6 +153,24 @@ def _f_post(x, y_sa, w_o, ln_xq, eps_xq: float, w_q, mem_k, mem_v, cond_neg, pri
     y, prob = _xattn(q, mem_k, mem_v, cond_neg, prior, scale, n_heads, d_head)
     x = _f_xo_ffn(x, y, w_xo, ln_ff, eps_ff, w1, w2, ffn)
     return x, (prob.mean(dim=1) if need_prob else None)
+
+
+def _f_embed(codes_in, offsets, table, n_codes: int, cfg: bool, pos_table, pos, dtype: torch.dtype, kv_len,
+             ln_w=None, eps: float = 0.0, w_qkv=None):
+    """A decode step's prologue: the new frame (NeMo's embed_audio_tokens: the mean of the C*S code embeddings),
+    CFG's unconditional copy, the position embedding, cast to the model dtype; each row's key count after this step's
+    write (long and int32); with ``w_qkv`` also the first layer's norm_self + qkv_net.
+    -> (x (rows, 1, D), new_len, new_len int32, qkv or None)."""
+    emb = F.embedding(codes_in + offsets, table)  # (B, C, S, D)
+    x = emb.sum(dim=(1, 2)) / n_codes
+    if cfg:
+        x = torch.cat([x, x])
+    x = x.unsqueeze(1)  # (rows, 1, D)
+    if pos_table is not None:
+        x = x + pos_table.index_select(0, pos)
+    x = x.to(dtype)
+    new_len = kv_len + 1
+    return x, new_len, new_len.to(torch.int32), (None if w_qkv is None else _f_pre(x, ln_w, eps, w_qkv))
 
 
 def _f_head(x, ln_w, eps: float, w, b):
@@ -293,7 +294,11 @@ class FastDecoder:
     index_copy_ kernels a layer before it). xattn_num_warps, xattn_d_chunk: the cross-attention kernel's warps and
     head dims per tile (None: all). fuse_layer_tails (with xattn_kernel, kernel-1 FFN): each layer's compiled tail
     also computes the next layer's norm + qkv (the last: norm_out + final_proj), so the residual add and that norm
-    are one kernel under compile=True; the same ops in the same order either way.
+    are one kernel under compile=True; the same ops in the same order either way. fuse_step_ends: the step's prologue
+    (the new frame's embedding, CFG copy, position, the key counts, the first layer's norm + qkv) is one compiled
+    function, and its epilogue's layer average of the alignment scores and the key count / position advance run
+    inside the compiled sampler (``_post_a``): about a dozen small kernels a step fewer under compile=True; the same
+    ops either way.
     compile_mode: torch.compile's mode for compile=True (None = default; "max-autotune-no-cudagraphs" lets inductor
     time Triton GEMM templates with fused epilogues against cuBLAS: minutes of compilation).
 
@@ -334,13 +339,6 @@ class FastDecoder:
     sizes, measured, not the default. qkv, the FFN's first product and final_proj always use cuBLAS. gemm_tiles:
     per-product (BLOCK_N, BLOCK_K, split_k, warps, stages) overriding ``GEMM_TILES``. In float32 the products are
     IEEE float32, not TF32.
-    cfg_streams (off by default; triton attention with the fused write, xattn_kernel, fused layer tails,
-    skip_uncond_xattn, kernel-1 FFN): with CFG, decode steps run the conditional and the unconditional half as two
-    chains of layers that meet only at the logits (rows never interact before), the unconditional one without any
-    cross-attention work; on CUDA each chain on its own stream, two branches of the step's graph, so that one half's
-    latency-bound GEMMs can overlap the other half's HBM-bound attention. Per row the same ops; the GEMMs see 64
-    instead of 128 rows (cuBLAS may pick other kernels: float rounding, not semantics). On the CPU the halves run one
-    after the other (what the tests check).
     """
 
     # the best tiles of bench/gemm_sweep.py on an H100 (run Y) at the released sizes: (BLOCK_N, BLOCK_K, split_k,
@@ -379,8 +377,7 @@ class FastDecoder:
         gemm_kernel: bool = False,
         gemm_tiles: Optional[dict] = None,
         gelu_epilogue: Optional[bool] = None,
-        cfg_streams: bool = False,
-        cfg_stream_priority: str = "attention_low",
+        fuse_step_ends: bool = True,
     ):
         if device is None:
             device = next(model.parameters()).device
@@ -428,6 +425,7 @@ class FastDecoder:
         self.attn_num_stages = attn_num_stages
         self.xattn_num_warps, self.xattn_d_chunk = int(xattn_num_warps), xattn_d_chunk
         self.fuse_layer_tails = bool(fuse_layer_tails)
+        self.fuse_step_ends = bool(fuse_step_ends)
         if attn_impl == "flash" and not (is_cuda and dtype in (torch.float16, torch.bfloat16)):
             raise ValueError("attn_impl='flash' needs CUDA and fp16/bf16")
         self.attn_impl = attn_impl
@@ -461,26 +459,6 @@ class FastDecoder:
         if self.gelu_epilogue and not (self.xattn_kernel and is_cuda):
             raise ValueError("gelu_epilogue needs CUDA and xattn_kernel (on the CPU torch._addmm_activation applies "
                              "the erf GELU, not the model's tanh one)")
-        self.cfg_streams = bool(cfg_streams)
-        if self.cfg_streams and not (attn_impl == "triton" and self.fused_kv_write and self.xattn_kernel
-                                     and self.fuse_layer_tails and skip_uncond_xattn and d.kernel_size == 1):
-            raise ValueError("cfg_streams needs attn_impl='triton' with fused_kv_write, xattn_kernel, fuse_layer_tails, "
-                             "skip_uncond_xattn and a kernel-1 decoder FFN")
-        if cfg_stream_priority not in ("equal", "cond_high", "attention_low"):
-            raise ValueError(f"cfg_stream_priority must be equal, cond_high or attention_low, got {cfg_stream_priority!r}")
-        self.cfg_stream_priority = cfg_stream_priority
-        # On CUDA the two halves' own streams (forked from and joined to the current one each step, inside graphs).
-        # A kernel captured on a stream keeps that stream's priority in the graph (torch instantiates graphs with
-        # cudaGraphInstantiateFlagUseNodePriority): "cond_high" favours the conditional half (the longer chain),
-        # "attention_low" runs every half's attention on a low-priority stream of its own, so that the dispatcher
-        # serves the short latency-bound kernels first and fills the remaining SMs with attention programs.
-        self._streams = self._attn_streams = None
-        if self.cfg_streams and is_cuda:
-            lo_pri, hi_pri = 0, -100  # 0: CUDA's lowest (the default); below its range torch clamps to the highest
-            hi = {"equal": (0, 0), "cond_high": (hi_pri, 0), "attention_low": (hi_pri, hi_pri)}[cfg_stream_priority]
-            self._streams = [torch.cuda.Stream(self.device, priority=pr) for pr in hi]
-            if cfg_stream_priority == "attention_low":
-                self._attn_streams = [torch.cuda.Stream(self.device, priority=lo_pri) for _ in range(2)]
         self.bucket = max(1, int(bucket))
         self.sync_every = max(1, int(sync_every))
         # Static self-attention KV cache. flash: (rows, L, H, Dh) so that the rows pack into (rows * L, H, Dh);
@@ -544,14 +522,14 @@ class FastDecoder:
         self._fn_post = _MaybeCompiled(_f_post, self.compile, mode)
         self._fn_xq = _MaybeCompiled(_f_xq, self.compile, mode)  # the two halves around xattn_kernel
         self._fn_xo_ffn = _MaybeCompiled(_f_xo_ffn, self.compile, mode)
-        self._fn_o_ffn = _MaybeCompiled(_f_o_ffn, self.compile, mode)  # cfg_streams' unconditional half
         self._fn_head = _MaybeCompiled(_f_head, self.compile, mode)
+        self._fn_embed = _MaybeCompiled(_f_embed, self.compile, mode)
         self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)  # no GEMMs: the default mode
         self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
 
     @property
     def compile_errors(self) -> dict:
-        fns = dict(pre=self._fn_pre, post=self._fn_post, xq=self._fn_xq, xo_ffn=self._fn_xo_ffn, o_ffn=self._fn_o_ffn,
+        fns = dict(embed=self._fn_embed, pre=self._fn_pre, post=self._fn_post, xq=self._fn_xq, xo_ffn=self._fn_xo_ffn,
                    head=self._fn_head, post_a=self._fn_post_a, post_b=self._fn_post_b)
         return {k: f.error for k, f in fns.items() if f.error}
 
@@ -809,94 +787,44 @@ class FastDecoder:
         prior_in, _, _ = flags
         rows, B = w.rows, w.B
         C, S = c.num_audio_codebooks, c.frame_stacking_factor
-        # the new frame: mean of the C*S code embeddings (NeMo's embed_audio_tokens), positions, CFG rows
-        emb = F.embedding(w.codes_in + self.emb_offsets, self.emb_table)  # (B, C, S, D)
-        x = emb.sum(dim=(1, 2)) / (C * S)
-        if rows != B:
-            x = torch.cat([x, x])
-        x = x.unsqueeze(1)  # (rows, 1, D)
-        if m.decoder.position_embeddings is not None:
-            x = x + m.decoder.position_embeddings.weight.index_select(0, w.pos)
-        x = x.to(self.dtype)
-        new_len = w.kv_len + 1
+        # the new frame, its positions and CFG rows; with fuse_step_ends one compiled function that also computes
+        # the key counts and the first layer's norm + qkv
+        lw0 = self._layer_w[0]
+        pos_emb = m.decoder.position_embeddings
+        pre = (lw0["ln_sa"], lw0["eps_sa"], lw0["qkv"]) if self.fuse_step_ends else ()
+        x, new_len, new_len32, qkv = self._fn_embed(w.codes_in, self.emb_offsets, self.emb_table, C * S, rows != B,
+                                                    None if pos_emb is None else pos_emb.weight, w.pos, self.dtype,
+                                                    w.kv_len, *pre)
+        layer_prior = p.apply_prior_to_layers
+        est = p.estimate_alignment_from_layers
         # per-step attention indices, once for all layers
         if self.flat_cache:
             # the flat cache index of the new key: only the separate cache writes use it (the fused triton write
             # stores at lens - 1 itself)
             fused = self.attn_impl == "triton" and self.fused_kv_write
-            actx = (None if fused else w.kv_len + w.row_base, new_len.to(torch.int32))
+            actx = (None if fused else w.kv_len + w.row_base, new_len32)
         else:
             H, Dh = c.decoder.sa_n_heads, c.decoder.sa_d_head
             actx = (w.kv_len.view(rows, 1, 1, 1).expand(rows, H, 1, Dh),
                     torch.arange(Lb, device=x.device)[None, :] < new_len[:, None])  # (rows, Lb)
-        nc = B if self.skip_uncond_xattn else rows  # rows that attend the memory (module docstring)
-        if self._cfg_split(w):
-            # CFG's halves share nothing until the logits meet: each its own chain of layers, on CUDA its own stream
-            # (two branches of the graph), so one half's latency-bound GEMMs overlap the other's attention
-            main = torch.cuda.current_stream(self.device) if self._streams else None
-            halves = []
-            for g, (lo, hi, n_att) in enumerate(((0, B, B), (B, rows, 0))):
-                if main is not None:
-                    self._streams[g].wait_stream(main)
-                with torch.cuda.stream(self._streams[g]) if main is not None else contextlib.nullcontext():
-                    halves.append(self._layers(w, x[lo:hi], actx, Lb, prior_in, p, lo, hi, n_att, g))
-            for s in self._streams if main is not None else ():
-                main.wait_stream(s)
-            (x, logits, probs), (_, logits_u, _) = halves
-            logits = (logits, logits_u)  # _post_a combines them
-        else:
-            x, logits, probs = self._layers(w, x, actx, Lb, prior_in, p, 0, rows, nc)
-        if logits is None:
-            logits = self._fn_head(x, *self._head_w)
-        w.kv_len.add_(1)
-        w.pos.add_(1)
-        scores = torch.stack(probs, dim=1).mean(dim=1)[:, -1, :]
-        self._post(w, (logits, scores), None, p, opts, flags=flags)
-
-    def _cfg_split(self, w: _Work) -> bool:
-        """Whether this step runs CFG's halves as two chains (cfg_streams, with CFG)."""
-        return self.cfg_streams and w.rows == 2 * w.B
-
-    def _layers(self, w: _Work, x, actx, Lb: int, prior_in: bool, p, lo: int, hi: int, nc: int,
-                half: Optional[int] = None):
-        """The decoder layers for rows ``lo:hi`` (x: theirs, (hi - lo, 1, D)), of which the first ``nc`` attend the
-        memory -> (x, logits or None, the cross-attention probabilities of those nc rows per estimating layer).
-        half: cfg_streams' half (0 conditional, 1 unconditional), whose attention may run on a stream of its own."""
-        m = self.model
-        layer_prior = p.apply_prior_to_layers
-        est = p.estimate_alignment_from_layers
         probs = []
+        nc = B if self.skip_uncond_xattn else rows  # rows that attend the memory (module docstring)
         n_layers = len(m.decoder.layers)
-        qkv = logits = None
+        logits = None
         for i, layer in enumerate(m.decoder.layers):
             lw = self._layer_w[i]
             if qkv is None:  # else the previous layer's compiled tail computed it
                 qkv = self._fn_pre(x, lw["ln_sa"], lw["eps_sa"], lw["qkv"])
-            if half is not None and self._attn_streams is not None:
-                here, there = torch.cuda.current_stream(self.device), self._attn_streams[half]
-                there.wait_stream(here)
-                with torch.cuda.stream(there):
-                    y_sa = self._self_attention(i, layer, qkv, w, actx, Lb, lo, hi)
-                here.wait_stream(there)
-            else:
-                y_sa = self._self_attention(i, layer, qkv, w, actx, Lb, lo, hi)
+            y_sa = self._self_attention(i, layer, qkv, w, actx, Lb)
             qkv = None
             use_prior = prior_in and (layer_prior is None or i in layer_prior)
-            need = nc > 0 and (est is None or i in est)
+            need = est is None or i in est
             xa = layer.cross_attention
             k1 = lw["w1"] is not None
-            prior = w.prior[lo : lo + nc] if use_prior else None
-            if nc == 0:  # only with cfg_streams: xattn_kernel, fused layer tails, kernel-1 FFN (checked there)
-                x, proj = self._fn_o_ffn(x, y_sa, lw["w_o"], lw["ln_ff"], lw["eps_ff"], lw["w1"], lw["w2"],
-                                         *self._after_layer(i), tiles=self._gemm_tiles, gelu_bias=self._gelu_bias)
-                if i + 1 < n_layers:
-                    qkv = proj
-                else:
-                    logits = proj[:, 0]
-            elif self.xattn_kernel:
-                r = slice(lo, lo + nc)
+            prior = w.prior[:nc] if use_prior else None
+            if self.xattn_kernel:
                 x, q = self._fn_xq(x, y_sa, lw["w_o"], lw["ln_xq"], lw["eps_xq"], lw["w_q"], nc, self._gemm_tiles)
-                y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][r], w.mem_v[i][r], w.cond_mask[r],
+                y, prob = kernels.cross_attention(q.view(nc, -1), w.mem_k[i][:nc], w.mem_v[i][:nc], w.cond_mask[:nc],
                                                   prior, xa.scale, self.xattn_num_warps, self.xattn_d_chunk)
                 if k1 and self.fuse_layer_tails:  # the layer's tail + the next layer's norm and qkv (or the head)
                     x, proj = self._fn_xo_ffn(x, y.view(nc, 1, -1), lw["w_xo"], lw["ln_ff"], lw["eps_ff"], lw["w1"],
@@ -920,7 +848,15 @@ class FastDecoder:
                 probs.append(prob)
             if not k1:
                 x = x + self._ffn(i, layer, x, w)
-        return x, logits, probs
+        if logits is None:
+            logits = self._fn_head(x, *self._head_w)
+        if self.fuse_step_ends:  # the scores' average and the counters' advance inside the compiled sampler
+            self._post(w, (logits, probs), None, p, opts, flags=flags, advance=True)
+            return
+        w.kv_len.add_(1)
+        w.pos.add_(1)
+        scores = torch.stack(probs, dim=1).mean(dim=1)[:, -1, :]
+        self._post(w, (logits, scores), None, p, opts, flags=flags)
 
     def _after_layer(self, i: int) -> tuple:
         """(norm weight or None, eps, projection weight, bias or None) of what follows decoder layer i: the next
@@ -930,31 +866,25 @@ class FastDecoder:
             return nw["ln_sa"], nw["eps_sa"], nw["qkv"], None
         return self._head_w
 
-    def _self_attention(self, i, layer, qkv, w: _Work, actx, Lb: int, lo: int = 0, hi: Optional[int] = None):
-        """Cache write of the new key/value and attention over each row's keys, for rows ``lo:hi`` (default all) ->
-        (hi - lo, 1, H*Dh) (before o_net). A row range other than all rows needs the fused triton path."""
+    def _self_attention(self, i, layer, qkv, w: _Work, actx, Lb: int):
+        """Cache write of the new key/value and attention over each row's keys -> (rows, 1, H*Dh) (before o_net)."""
         sa = layer.self_attention
-        hi = w.rows if hi is None else hi
-        rows = hi - lo
+        rows = w.rows
         H, Dh = sa.n_heads, sa.d_head
         qkv = qkv.reshape(rows, 3, H, Dh)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (rows, H, Dh)
         K, Vc = self.k_cache[i], self.v_cache[i]
-        if self.attn_impl == "triton" and self.fused_kv_write:
-            seq = actx[1]
-            # CFG's unconditional rows (B.. of the batch) read their shared prefix from row B
-            shared = self.share_uncond_prefix and hi > w.B and w.rows > w.B
-            fp8 = dict(k_exp=self.k_exp[i][lo:hi], v_exp=self.v_exp[i][lo:hi]) if self.kv_fp8 else {}
-            y = kernels.decode_attention(q, K[lo:hi], Vc[lo:hi], seq[lo:hi], sa.scale, self.keys_per_split,
-                                         self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
-                                         num_warps=self.attn_num_warps,
-                                         prefix_len=w.pre_len[lo:hi] if shared else None,
-                                         prefix_row=max(w.B - lo, 0), num_stages=self.attn_num_stages, **fp8)
-            return y.reshape(rows, 1, H * Dh)
-        assert (lo, hi) == (0, w.rows), "a row range needs the fused triton attention"
         if self.flat_cache:
             flat, seq = actx
             L = self.max_len
+            if self.attn_impl == "triton" and self.fused_kv_write:
+                shared = self.share_uncond_prefix and rows > w.B
+                fp8 = dict(k_exp=self.k_exp[i][:rows], v_exp=self.v_exp[i][:rows]) if self.kv_fp8 else {}
+                y = kernels.decode_attention(q, K[:rows], Vc[:rows], seq, sa.scale, self.keys_per_split,
+                                             self.attn_block_n, max_keys=Lb, k_new=k, v_new=v,
+                                             num_warps=self.attn_num_warps, prefix_len=w.pre_len if shared else None,
+                                             prefix_row=w.B, num_stages=self.attn_num_stages, **fp8)
+                return y.reshape(rows, 1, H * Dh)
             Kf, Vf = K[:rows].view(rows * L, H, Dh), Vc[:rows].view(rows * L, H, Dh)
             Kf.index_copy_(0, flat, k)
             Vf.index_copy_(0, flat, v)
@@ -1006,13 +936,14 @@ class FastDecoder:
         per_layer = [pr.mean(dim=1) for i, pr in enumerate(probs) if est is None or i in est]
         return torch.stack(per_layer, dim=1).mean(dim=1)[:, -1, :]
 
-    def _post(self, w: _Work, out, idx0: Optional[int], p, opts, flags: Optional[tuple] = None) -> None:
+    def _post(self, w: _Work, out, idx0: Optional[int], p, opts, flags: Optional[tuple] = None,
+              advance: bool = False) -> None:
         keep_logits, forced = opts
         if flags is None:
             flags = self._flags(idx0, p)
         _, update, forbid_eos = flags
         logits, scores = out
-        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos)
+        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos, advance)
         # the top-k threshold: the k-th largest logit of each (item, codebook), the same float either way
         kth = kernels.topk_threshold(lg, p.topk) if self.topk_kernel else None
         # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
@@ -1026,18 +957,23 @@ class FastDecoder:
             w.noise.exponential_()
         self._fn_post_b(w, lg, kth, p, forced)
 
-    def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool, forbid_eos: bool):
-        """CFG combine, logits record, prior state machine, special-token masks -> (B, S*C, V) float32 logits."""
+    def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool, forbid_eos: bool,
+                advance: bool = False):
+        """CFG combine, logits record, prior state machine, special-token masks -> (B, S*C, V) float32 logits.
+        scores: the alignment scores, or (fuse_step_ends) the estimating layers' probabilities, averaged here;
+        advance: the decode step's key count and position move on by one."""
         c = self.config
         B, S, C, V = w.B, c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
-        if isinstance(logits, tuple):  # cfg_streams: (conditional, unconditional) halves
-            logits = (1 - p.cfg_scale) * logits[1].float() + p.cfg_scale * logits[0].float()
-        else:
-            logits = logits.float()
-            if w.rows != B:
-                logits = (1 - p.cfg_scale) * logits[B:] + p.cfg_scale * logits[:B]
+        logits = logits.float()
+        if w.rows != B:
+            logits = (1 - p.cfg_scale) * logits[B:] + p.cfg_scale * logits[:B]
         if keep_logits:
             w.logits_buf.index_copy_(0, w.step, logits.unsqueeze(0))
+        if advance:
+            w.kv_len.add_(1)
+            w.pos.add_(1)
+        if isinstance(scores, (list, tuple)):  # (rows', 1, T_text) per layer -> (rows', T_text)
+            scores = torch.stack(scores, dim=1).mean(dim=1)[:, -1, :]
         if update:
             self._prior_update(w, scores.float(), p)
         lg = logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V

@@ -296,15 +296,14 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("case,fused_kv_write,head_major,gemm,cfg_streams", [("released_small", True, False, True, False),
-                                                                             ("multihead_xattn", True, True, True, True),
-                                                                             ("four_codebooks", False, False, False, False),
-                                                                             ("decoder_kernel3", True, False, False, False)])
-def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_major, gemm, cfg_streams):
+@pytest.mark.parametrize("case,fused_kv_write,head_major,gemm", [("released_small", True, False, True),
+                                                                 ("multihead_xattn", True, True, True),
+                                                                 ("four_codebooks", False, False, False),
+                                                                 ("decoder_kernel3", True, False, False)])
+def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_major, gemm):
     """attn_impl="triton" with every new piece on (shared unconditional prefix, cross-attention and top-k kernels,
-    unconditional rows skipping the cross-attention; for multihead_xattn CFG's halves run as two chains,
-    cfg_streams): the eager reference's codes, lengths, attended positions at topk=1, per-step logits within 1e-5;
-    sampled codes (topk 20) equal for the same seed."""
+    unconditional rows skipping the cross-attention): the eager reference's codes, lengths, attended positions at
+    topk=1, per-step logits within 1e-5; sampled codes (topk 20) equal for the same seed."""
     model = copy.deepcopy(reference_model(case)).to(DEV)
     batch = {k: v.to(DEV) for k, v in infer_inputs(load_batch(case)).items()}
     kw = dict(use_cfg=True, topk=1, keep_logits=True)
@@ -314,10 +313,9 @@ def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_m
                      attn_block_n=16, cuda_graphs=False, xattn_d_chunk=8,  # 8: two chunks of the fixtures' 16 dims
                      fused_kv_write=fused_kv_write,  # False: the cache written by index_copy_ at the flat index
                      kv_head_major=head_major,  # (rows, H, L, Dh) storage
-                     gemm_kernel=gemm, gemm_tiles={k: (16, 16, 3, 4, None) for k in FastDecoder.GEMM_TILES},
-                     cfg_streams=cfg_streams)
+                     gemm_kernel=gemm, gemm_tiles={k: (16, 16, 3, 4, None) for k in FastDecoder.GEMM_TILES})
     # gemm tiles: 16 columns x 16-deep K tiles in 3 slices -- several column blocks and slices at the fixtures' sizes
-    assert fd.gemm_kernel == gemm and fd.cfg_streams == cfg_streams
+    assert fd.gemm_kernel == gemm
     assert fd.share_uncond_prefix and fd.xattn_kernel and fd.topk_kernel and fd.skip_uncond_xattn
     out = fd.generate(batch, **kw)
     assert torch.equal(ref.predicted_codes, out.predicted_codes)
@@ -328,7 +326,7 @@ def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_m
     if case == "released_small" and DEV == "cpu":
         # what compile=True traces on a GPU (the layer tail fused with the next layer's norm + qkv, or with
         # norm_out + final_proj): one graph per function (fullgraph, eager backend), the same codes and logits
-        fns = ("_fn_pre", "_fn_xq", "_fn_xo_ffn", "_fn_head", "_fn_post_a", "_fn_post_b")
+        fns = ("_fn_embed", "_fn_pre", "_fn_xq", "_fn_xo_ffn", "_fn_head", "_fn_post_a", "_fn_post_b")
         # dynamo cannot trace the Triton *interpreter's* launches (UntypedStorage.data_ptr): the split-K GEMM is
         # traced compiled on a GPU only (test_fast.py::test_compiled_and_triton_paths_on_gpu); here cuBLAS's place
         fd._gemm_tiles = None
@@ -369,19 +367,16 @@ def test_unconditional_prefix_keys_are_the_same_in_every_row():
     assert int(w.kv_len[B]) >= n
 
 
-@pytest.mark.parametrize("cfg_streams", [False, True])
-def test_fast_path_float8_kv_cache_tracks_eager(cfg_streams):
+def test_fast_path_float8_kv_cache_tracks_eager():
     """kv_cache_dtype=float8_e4m3fn, teacher-forced on the eager reference's codes: step 0 (which attends the
-    unrounded prefill keys) within ATOL_LOGITS of eager; later steps move, but little. With CFG's halves as two
-    chains (cfg_streams: each half's rows of the cache and its exponents) the same."""
+    unrounded prefill keys) within ATOL_LOGITS of eager; later steps move, but little."""
     case = "released_small"
     model = copy.deepcopy(reference_model(case)).to(DEV)
     batch = {k: v.to(DEV) for k, v in infer_inputs(load_batch(case)).items()}
     kw = dict(use_cfg=True, topk=1, keep_logits=True)
     ref = model.infer_batch(batch, use_kv_cache=True, **kw)
     fd = FastDecoder(model, 4, model.config.decoder.max_length_causal_mask, attn_impl="triton", keys_per_split=32,
-                     attn_block_n=16, cuda_graphs=False, kv_cache_dtype=torch.float8_e4m3fn, kv_head_major=True,
-                     cfg_streams=cfg_streams)
+                     attn_block_n=16, cuda_graphs=False, kv_cache_dtype=torch.float8_e4m3fn, kv_head_major=True)
     assert fd.k_cache[0].dtype == torch.float8_e4m3fn and fd.k_exp[0].dtype == torch.uint8
     assert fd.k_cache[0].transpose(1, 2).is_contiguous()  # head-major storage
     codes = ref.predicted_codes
