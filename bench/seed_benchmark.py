@@ -635,8 +635,8 @@ OPT_VARIANTS = [  # label, attn_impl, FastDecoder keywords
     # priority schemes; fe3644b, removed: slower in every form, run AV) -- R8.0 / R8.2 are the defaults it was timed against
     ("R8.0 round-7 defaults", "triton", {"compile": True}),
     ("R8.2 float8 K/V cache", "triton", {"compile": True, "kv_cache_dtype": torch.float8_e4m3fn}),
-    # the step's prologue (embedding, key counts, first norm + qkv) as one compiled function and its epilogue's score
-    # average and counter advance inside the compiled sampler (fuse_step_ends, the default since), off and on
+    # fuse_step_ends (the default since) off and on: the first layer's norm + qkv inside the step's compiled prologue
+    # (embedding, key counts: compiled in both rows), the score average and counter advance inside the compiled sampler
     ("R8.7 round-7 defaults without fused step ends", "triton", {"compile": True, "fuse_step_ends": False}),
     ("R8.8 + fused step ends", "triton", {"compile": True, "fuse_step_ends": True}),
     ("R8.9 float8 without fused step ends", "triton", {"compile": True, "fuse_step_ends": False,
