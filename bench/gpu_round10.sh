@@ -12,11 +12,7 @@
 set -o pipefail
 source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
-if [ -n "$TESTS" ]; then
-  timeout 150 python3 -m pytest tests/reference/test_kernels.py -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/pytest-kernels.log" | tail -2
-  timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -2
-fi
+[ -n "$TESTS" ] && run_gpu_tests  # bench/device_env.sh
 opt() {  # label, rows (comma-separated), then env assignments
   local label=$1 rows=$2; shift 2
   env "$@" TORCHINDUCTOR_CACHE_DIR="/tmp/ind_$label" timeout 200 python3 bench/seed_benchmark.py --out "$OUT/opt_$label" \

@@ -13,11 +13,7 @@
 set -o pipefail
 source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
-if [ -n "$TESTS" ]; then
-  timeout 150 python3 -m pytest tests/reference/test_kernels.py -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/pytest-kernels.log" | tail -2
-  timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -2
-fi
+[ -n "$TESTS" ] && run_gpu_tests  # bench/device_env.sh
 if [ -z "$SKIP_OPT" ]; then
   R=${ROWS:-"R8.7 round-7 defaults without fused step ends,R8.8 + fused step ends,R8.9 float8 without fused step ends,R8.10 float8 + fused step ends"}
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind_r8 timeout 400 python3 bench/seed_benchmark.py --out "$OUT/opt_r8" --parts opt \

@@ -851,13 +851,7 @@ class FastDecoder:
                 x = x + self._ffn(i, layer, x, w)
         if logits is None:
             logits = self._fn_head(x, *self._head_w)
-        if self.fuse_step_ends:  # the scores' average and the counters' advance inside the compiled sampler
-            self._post(w, (logits, probs), None, p, opts, flags=flags, advance=True)
-            return
-        w.kv_len.add_(1)
-        w.pos.add_(1)
-        scores = torch.stack(probs, dim=1).mean(dim=1)[:, -1, :]
-        self._post(w, (logits, scores), None, p, opts, flags=flags)
+        self._post(w, (logits, probs), None, p, opts, flags=flags, advance=True)
 
     def _after_layer(self, i: int) -> tuple:
         """(norm weight or None, eps, projection weight, bias or None) of what follows decoder layer i: the next
@@ -944,6 +938,8 @@ class FastDecoder:
             flags = self._flags(idx0, p)
         _, update, forbid_eos = flags
         logits, scores = out
+        if advance and not self.fuse_step_ends:  # else inside the compiled sampler
+            scores, advance = self._end_of_step(w, scores, True), False
         lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos, advance)
         # the top-k threshold: the k-th largest logit of each (item, codebook), the same float either way
         kth = kernels.topk_threshold(lg, p.topk) if self.topk_kernel else None
@@ -958,6 +954,17 @@ class FastDecoder:
             w.noise.exponential_()
         self._fn_post_b(w, lg, kth, p, forced)
 
+    @staticmethod
+    def _end_of_step(w: _Work, scores, advance: bool):
+        """A decode step's end: with ``advance`` the key count and position move on by one; scores given per layer
+        ((rows', 1, T_text) each) are averaged over the layers -> (rows', T_text)."""
+        if advance:
+            w.kv_len.add_(1)
+            w.pos.add_(1)
+        if isinstance(scores, (list, tuple)):
+            scores = torch.stack(scores, dim=1).mean(dim=1)[:, -1, :]
+        return scores
+
     def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool, forbid_eos: bool,
                 advance: bool = False):
         """CFG combine, logits record, prior state machine, special-token masks -> (B, S*C, V) float32 logits.
@@ -970,11 +977,7 @@ class FastDecoder:
             logits = (1 - p.cfg_scale) * logits[B:] + p.cfg_scale * logits[:B]
         if keep_logits:
             w.logits_buf.index_copy_(0, w.step, logits.unsqueeze(0))
-        if advance:
-            w.kv_len.add_(1)
-            w.pos.add_(1)
-        if isinstance(scores, (list, tuple)):  # (rows', 1, T_text) per layer -> (rows', T_text)
-            scores = torch.stack(scores, dim=1).mean(dim=1)[:, -1, :]
+        scores = self._end_of_step(w, scores, advance)
         if update:
             self._prior_update(w, scores.float(), p)
         lg = logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
