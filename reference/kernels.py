@@ -56,25 +56,6 @@ def _kernels() -> dict:
                            "ship it; on the CPU install it and set TRITON_INTERPRET=1)") from e
 
     @triton.jit
-    def _fp8_scale_bits(x):
-        # bits of the power-of-two scale 2**(E - 7), E = floor(log2(max |x|)) (fp8_quantize), of a float32 vector:
-        # x / scale lies in (-256, 256), inside e4m3's +-448, and the division is exact; an all-zero vector: 2**-126
-        b = tl.max(tl.abs(x), axis=0).to(tl.int32, bitcast=True) & 0x7F800000
-        return tl.maximum(b - (7 << 23), 1 << 23)
-
-    @triton.jit
-    def _e4m3_round(x):
-        # float32 x rounded to the nearest e4m3 value (ties to even), as float32, in float32 bit arithmetic, so that
-        # the conversion to float8 that follows is exact: Triton 3.6's interpreter rounds e.g. 127 to 64 when the
-        # rounding carries into the exponent. Normal e4m3 (|x| >= 2**-6): keep 3 of the 23 mantissa bits;
-        # subnormal: multiples of 2**-9, by adding and removing 1.5 * 2**14 (whose float32 ulp is 2**-9), the sign
-        # kept from x. |x| < 448 (the caller's scale sees to it).
-        xb = x.to(tl.int32, bitcast=True)
-        sub = ((tl.abs(x) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (xb & -0x80000000)
-        rn = tl.where(tl.abs(x) >= 0.015625, (xb + 0x7FFFF + ((xb >> 20) & 1)) & -0x100000, sub)
-        return rn.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def split_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
                      stride_kr, stride_kl, stride_kh, stride_nr, stride_er, stride_eh, H: tl.constexpr, D: tl.constexpr,
                      NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_NEW: tl.constexpr,
@@ -112,12 +93,26 @@ def _kernels() -> dict:
             k_new = tl.load(KN + r * stride_nr + h * D + d)
             v_new = tl.load(VN + r * stride_nr + h * D + d)
             if FP8:  # stored and used as the cache holds them: float8 values and their scales' exponents
-                kb = _fp8_scale_bits(k_new.to(tl.float32))
-                vb = _fp8_scale_bits(v_new.to(tl.float32))
-                k_new = _e4m3_round(k_new.to(tl.float32) * ((254 << 23) - kb).to(tl.float32, bitcast=True))
-                v_new = _e4m3_round(v_new.to(tl.float32) * ((254 << 23) - vb).to(tl.float32, bitcast=True))
-                k_new = k_new.to(K.dtype.element_ty)  # x / scale, exact, rounded: the conversion is exact
-                v_new = v_new.to(V.dtype.element_ty)
+                # bits of the power-of-two scale 2**(E - 7), E = floor(log2(max |x|)) (fp8_quantize): x / scale lies
+                # in (-256, 256), inside e4m3's +-448, and the division is exact; an all-zero vector: 2**-126
+                kb = tl.max(tl.abs(k_new.to(tl.float32)), axis=0).to(tl.int32, bitcast=True) & 0x7F800000
+                vb = tl.max(tl.abs(v_new.to(tl.float32)), axis=0).to(tl.int32, bitcast=True) & 0x7F800000
+                kb = tl.maximum(kb - (7 << 23), 1 << 23)
+                vb = tl.maximum(vb - (7 << 23), 1 << 23)
+                kx = k_new.to(tl.float32) * ((254 << 23) - kb).to(tl.float32, bitcast=True)  # x / scale, exact
+                vx = v_new.to(tl.float32) * ((254 << 23) - vb).to(tl.float32, bitcast=True)
+                # Rounded to e4m3 (nearest, ties to even) in float32 arithmetic, so that the conversion below is
+                # exact: Triton 3.6's interpreter rounds e.g. 127 to 64 when the rounding carries into the exponent.
+                # Normal e4m3 (|x| >= 2**-6): keep 3 of the 23 mantissa bits; subnormal: multiples of 2**-9, by
+                # adding and removing 1.5 * 2**14 (whose float32 ulp is 2**-9), the sign kept from x.
+                kx_b = kx.to(tl.int32, bitcast=True)
+                vx_b = vx.to(tl.int32, bitcast=True)
+                k_sub = ((tl.abs(kx) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (kx_b & -0x80000000)
+                v_sub = ((tl.abs(vx) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (vx_b & -0x80000000)
+                k_rn = tl.where(tl.abs(kx) >= 0.015625, (kx_b + 0x7FFFF + ((kx_b >> 20) & 1)) & -0x100000, k_sub)
+                v_rn = tl.where(tl.abs(vx) >= 0.015625, (vx_b + 0x7FFFF + ((vx_b >> 20) & 1)) & -0x100000, v_sub)
+                k_new = k_rn.to(tl.float32, bitcast=True).to(K.dtype.element_ty)
+                v_new = v_rn.to(tl.float32, bitcast=True).to(V.dtype.element_ty)
             if NEW_APART:
                 # the newest key's dot product once, here; in the loop its slot is not read, and its score and
                 # weighted value are put in per key (no per-element select in every tile)
@@ -185,274 +180,6 @@ def _kernels() -> dict:
             tl.store(MO + o, m_i)
             tl.store(LO + o, l_i)
             tl.store(OO + o * D + d, acc)
-
-    # Packed half-precision products for the float8 cache (split_fp8x_kernel). One 64-bit word holds 8 consecutive
-    # float8 dims of a (key, head); cvt.rn.f16x2.e4m3x2 turns two of them into a half pair (low byte -> low half),
-    # and the products and their sums run two at a time (mul/fma.rn.f16x2), so an element costs ~1.3 instructions
-    # instead of ~2.5 (a float8 -> half -> float32 conversion and a float32 FMA each).
-    # K word . q: $0 = sum of the word's 8 products (half pairs summed in order, then the two halves), in float32.
-    # $1 the word, $2..$5 q's dims (0,1) (2,3) (4,5) (6,7) of the word as half pairs.
-    asm_k = "\n".join([
-        "{", ".reg .b32 a<2>, x<4>, s;", ".reg .b16 t<4>, lo, hi;",
-        "mov.b64 {a0, a1}, $1;", "mov.b32 {t0, t1}, a0;", "mov.b32 {t2, t3}, a1;",
-        *[f"cvt.rn.f16x2.e4m3x2 x{i}, t{i};" for i in range(4)],
-        "mul.rn.f16x2 s, x0, $2;", "fma.rn.f16x2 s, x1, $3, s;", "fma.rn.f16x2 s, x2, $4, s;",
-        "fma.rn.f16x2 s, x3, $5, s;", "mov.b32 {lo, hi}, s;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"])
-    # 4 keys' V words times their weights: $0..$7 = dims 0..7 of sum_g w_g * v_g (a half sum over the 4 keys, in
-    # order, per dim), as float32. $8..$11 the words of keys 0..3, $12..$15 their weights as (w, w) half pairs.
-    asm_v = "\n".join([
-        "{", ".reg .b32 a<8>, x<16>, s<4>;", ".reg .b16 t<16>, o<8>;",
-        *[f"mov.b64 {{a{2 * g}, a{2 * g + 1}}}, ${8 + g};" for g in range(4)],
-        *[f"mov.b32 {{t{2 * i}, t{2 * i + 1}}}, a{i};" for i in range(8)],
-        *[f"cvt.rn.f16x2.e4m3x2 x{i}, t{i};" for i in range(16)],
-        *[f"mul.rn.f16x2 s{p}, x{p}, $12;" for p in range(4)],
-        *[f"fma.rn.f16x2 s{p}, x{4 * g + p}, ${12 + g}, s{p};" for g in range(1, 4) for p in range(4)],
-        *[f"mov.b32 {{o{2 * p}, o{2 * p + 1}}}, s{p};" for p in range(4)],
-        *[f"cvt.f32.f16 ${i}, o{i};" for i in range(8)], "}"])
-    ASM_K = tl.constexpr(asm_k)
-    ASM_V = tl.constexpr(asm_v)
-
-    @triton.jit
-    def _e4m3_byte(word, i: tl.constexpr):
-        # float64 value of byte i of int64 words holding float8 e4m3 values (exact; no NaN/inf in the cache)
-        b = ((word >> (8 * i)) & 0xFF).to(tl.int32)
-        e = (b >> 3) & 0xF
-        m = (b & 7).to(tl.float64)
-        mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * ((e + 1013).to(tl.int64) << 52).to(tl.float64, bitcast=True))
-        return tl.where((b & 0x80) != 0, -mag, mag)  # normal: (8 + m) * 2**(e - 10); subnormal: m * 2**-9
-
-    @triton.jit
-    def _half(x):
-        # float64 rounded once to half precision, back in float64: one .rn half operation of the asm
-        return x.to(tl.float16).to(tl.float64)
-
-    @triton.jit
-    def _half_lo(pair):
-        return (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
-
-    @triton.jit
-    def _half_hi(pair):
-        return ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
-
-    @triton.jit
-    def _fp8x_dot(kw, q01, q23, q45, q67, ASM: tl.constexpr):
-        # sum of one word's 8 products with q (see asm_k); ASM=False: the same operations in the same order,
-        # each rounded once to half precision (exact float64 products and sums, then one rounding), for
-        # Triton's interpreter (CI) and as the asm's oracle on the GPU
-        if ASM:
-            return tl.inline_asm_elementwise(ASM_K, "=r,l,r,r,r,r", [kw, q01, q23, q45, q67], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-        else:
-            lo = _half(_e4m3_byte(kw, 0) * _half_lo(q01))
-            hi = _half(_e4m3_byte(kw, 1) * _half_hi(q01))
-            lo = _half(_e4m3_byte(kw, 2) * _half_lo(q23) + lo)
-            hi = _half(_e4m3_byte(kw, 3) * _half_hi(q23) + hi)
-            lo = _half(_e4m3_byte(kw, 4) * _half_lo(q45) + lo)
-            hi = _half(_e4m3_byte(kw, 5) * _half_hi(q45) + hi)
-            lo = _half(_e4m3_byte(kw, 6) * _half_lo(q67) + lo)
-            hi = _half(_e4m3_byte(kw, 7) * _half_hi(q67) + hi)
-            return _half(lo + hi).to(tl.float32)
-
-    @triton.jit
-    def _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, i: tl.constexpr):
-        # dim i of the 4 keys' weighted value sum (asm_v's order: key 0's product, then + key 1's, ...); a weight
-        # pair holds the same half twice
-        s = _half(_e4m3_byte(v0, i) * _half_lo(w0))
-        s = _half(_e4m3_byte(v1, i) * _half_lo(w1) + s)
-        s = _half(_e4m3_byte(v2, i) * _half_lo(w2) + s)
-        s = _half(_e4m3_byte(v3, i) * _half_lo(w3) + s)
-        return s.to(tl.float32)
-
-    @triton.jit
-    def _fp8x_values(v0, v1, v2, v3, w0, w1, w2, w3, ASM: tl.constexpr):
-        if ASM:
-            return tl.inline_asm_elementwise(ASM_V, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,r,r,r,r",
-                                             [v0, v1, v2, v3, w0, w1, w2, w3], dtype=(tl.float32,) * 8,
-                                             is_pure=True, pack=1)
-        else:
-            return (_fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 0),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 1),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 2),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 3),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 4),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 5),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 6),
-                    _fp8x_value_dim(v0, v1, v2, v3, w0, w1, w2, w3, 7))
-
-    @triton.jit
-    def _half_pair(a, b):
-        # two float32 tensors -> int32 half pairs (a low, b high), each rounded to nearest half
-        lo = a.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        hi = b.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        return lo | (hi << 16)
-
-    @triton.jit
-    def _fp8x_group(Kw, Vw, KE, VE, idx, end, own8, own_e, shared8, shared_e, pre, stride_kl8, w, q01, q23, q45, q67,
-                    q_scale, SHARED: tl.constexpr, ASM: tl.constexpr):
-        # one group of keys idx: their scores (scale applied; -inf past the row's end), their values' scale
-        # exponents and their V words
-        valid = idx < end
-        if SHARED:
-            row8 = tl.where(idx < pre, shared8, own8)
-            row_e = tl.where(idx < pre, shared_e, own_e)
-        else:
-            row8 = own8
-            row_e = own_e
-        # word offsets are even (D % 16 == 0): two words, 16 bytes, a load
-        offw = tl.multiple_of(row8 + idx * stride_kl8, 2)[:, None] + w[None, :]
-        kw = tl.load(Kw + offw, mask=valid[:, None], other=0)
-        vw = tl.load(Vw + offw, mask=valid[:, None], other=0)
-        ke = tl.load(KE + row_e + idx, mask=valid, other=127).to(tl.int32)
-        ve = tl.load(VE + row_e + idx, mask=valid, other=0).to(tl.int32)
-        part = _fp8x_dot(kw, tl.broadcast_to(q01[None, :], kw.shape), tl.broadcast_to(q23[None, :], kw.shape),
-                         tl.broadcast_to(q45[None, :], kw.shape), tl.broadcast_to(q67[None, :], kw.shape), ASM)
-        s = tl.sum(part, axis=1) * q_scale * (ke << 23).to(tl.float32, bitcast=True)
-        return tl.where(valid, s, -float("inf")), ve, vw
-
-    @triton.jit
-    def split_fp8x_kernel(Q, K, V, LENS, MO, LO, OO, KN, VN, PRE, KE, VE, prefix_off, prefix_off_e, scale, stride_qr,
-                          stride_kr, stride_kl, stride_kh, stride_nr, stride_er, stride_eh, H: tl.constexpr,
-                          D: tl.constexpr, NSPLIT: tl.constexpr, KPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WRITE_NEW: tl.constexpr, SHARED: tl.constexpr, I64: tl.constexpr,
-                          OUT_DIRECT: tl.constexpr, ASM: tl.constexpr):
-        # split_kernel's job for a float8 cache (FP8 = True there), with the products in packed half precision:
-        # a tile of BLOCK_N keys is 4 groups of BLOCK_N / 4; each key's D float8 values are D / 8 int64 words.
-        # The scores: q over a power of two (|q| < 1, so a word's products and their sum stay < 2048, far from
-        # half's 65504) times each word (asm_k), the words' sums in float32. The values: each key's softmax weight
-        # times its scale over the tile's largest value scale (<= 1) in half, 4 keys' weighted words summed per dim
-        # in half (asm_v), the groups and tiles in float32. This step's key/value (WRITE_NEW) are quantized and
-        # stored first by the program whose split holds them, then read back like every other key.
-        W8: tl.constexpr = D // 8
-        BG: tl.constexpr = BLOCK_N // 4
-        rh = tl.program_id(0)
-        sp = tl.program_id(1)
-        r = rh // H
-        h = rh % H
-        n = tl.load(LENS + r)
-        start = sp * KPS
-        end = tl.minimum(n, start + KPS)
-        d = tl.arange(0, D)
-        if I64:
-            own = r.to(tl.int64) * stride_kr + h * stride_kh
-            own_e = r.to(tl.int64) * stride_er + h * stride_eh
-        else:
-            own = r * stride_kr + h * stride_kh
-            own_e = r * stride_er + h * stride_eh
-        if WRITE_NEW:
-            newest = n - 1
-            if (newest >= start) & (newest < start + KPS):
-                kf = tl.load(KN + r * stride_nr + h * D + d).to(tl.float32)
-                vf = tl.load(VN + r * stride_nr + h * D + d).to(tl.float32)
-                kb = _fp8_scale_bits(kf)
-                vb = _fp8_scale_bits(vf)
-                kq = _e4m3_round(kf * ((254 << 23) - kb).to(tl.float32, bitcast=True))
-                vq = _e4m3_round(vf * ((254 << 23) - vb).to(tl.float32, bitcast=True))
-                tl.store(K + own + newest * stride_kl + d, kq.to(K.dtype.element_ty))
-                tl.store(V + own + newest * stride_kl + d, vq.to(V.dtype.element_ty))
-                tl.store(KE + own_e + newest, (kb >> 23).to(tl.uint8))
-                tl.store(VE + own_e + newest, (vb >> 23).to(tl.uint8))
-            tl.debug_barrier()  # the stores above are seen by this program's loads below
-        # q / 2**(E + 1), E = floor(log2(max |q|)) (at least -126; at most 125 so that the reciprocal is normal)
-        qf = tl.load(Q + r * stride_qr + h * D + d).to(tl.float32)
-        qb = tl.max(tl.abs(qf), axis=0).to(tl.int32, bitcast=True) & 0x7F800000
-        qb = tl.minimum(tl.maximum(qb, 1 << 23), 252 << 23) + (1 << 23)
-        inv_q = ((254 << 23) - qb).to(tl.float32, bitcast=True)
-        q_scale = qb.to(tl.float32, bitcast=True) * scale
-        w = tl.arange(0, W8)
-        qrow = Q + r * stride_qr + h * D + w * 8
-        q01 = _half_pair(tl.load(qrow).to(tl.float32) * inv_q, tl.load(qrow + 1).to(tl.float32) * inv_q)
-        q23 = _half_pair(tl.load(qrow + 2).to(tl.float32) * inv_q, tl.load(qrow + 3).to(tl.float32) * inv_q)
-        q45 = _half_pair(tl.load(qrow + 4).to(tl.float32) * inv_q, tl.load(qrow + 5).to(tl.float32) * inv_q)
-        q67 = _half_pair(tl.load(qrow + 6).to(tl.float32) * inv_q, tl.load(qrow + 7).to(tl.float32) * inv_q)
-        Kw = K.to(tl.pointer_type(tl.int64), bitcast=True)
-        Vw = V.to(tl.pointer_type(tl.int64), bitcast=True)
-        own8 = own // 8
-        stride_kl8 = stride_kl // 8
-        if SHARED:
-            pre = tl.load(PRE + r)
-            shared8 = (prefix_off + h * stride_kh) // 8
-            shared_e = prefix_off_e + h * stride_eh
-        else:
-            pre = 0
-            shared8 = own8
-            shared_e = own_e
-        m_i = -float("inf")
-        l_i = 0.0
-        a0 = tl.zeros([W8], dtype=tl.float32)
-        a1 = tl.zeros([W8], dtype=tl.float32)
-        a2 = tl.zeros([W8], dtype=tl.float32)
-        a3 = tl.zeros([W8], dtype=tl.float32)
-        a4 = tl.zeros([W8], dtype=tl.float32)
-        a5 = tl.zeros([W8], dtype=tl.float32)
-        a6 = tl.zeros([W8], dtype=tl.float32)
-        a7 = tl.zeros([W8], dtype=tl.float32)
-        for j in range(0, KPS // BLOCK_N):  # static trip count; keys past the row's length are masked
-            i0 = start + j * BLOCK_N + tl.arange(0, BG)
-            s0, e0, v0 = _fp8x_group(Kw, Vw, KE, VE, i0, end, own8, own_e, shared8, shared_e, pre, stride_kl8, w,
-                                     q01, q23, q45, q67, q_scale, SHARED, ASM)
-            s1, e1, v1 = _fp8x_group(Kw, Vw, KE, VE, i0 + BG, end, own8, own_e, shared8, shared_e, pre, stride_kl8,
-                                     w, q01, q23, q45, q67, q_scale, SHARED, ASM)
-            s2, e2, v2 = _fp8x_group(Kw, Vw, KE, VE, i0 + 2 * BG, end, own8, own_e, shared8, shared_e, pre,
-                                     stride_kl8, w, q01, q23, q45, q67, q_scale, SHARED, ASM)
-            s3, e3, v3 = _fp8x_group(Kw, Vw, KE, VE, i0 + 3 * BG, end, own8, own_e, shared8, shared_e, pre,
-                                     stride_kl8, w, q01, q23, q45, q67, q_scale, SHARED, ASM)
-            mx = tl.maximum(tl.maximum(tl.max(s0, axis=0), tl.max(s1, axis=0)),
-                            tl.maximum(tl.max(s2, axis=0), tl.max(s3, axis=0)))
-            m_new = tl.maximum(m_i, mx)
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # a split with no keys: everything stays 0
-            alpha = tl.exp(m_i - m_safe)
-            p0 = tl.exp(s0 - m_safe)
-            p1 = tl.exp(s1 - m_safe)
-            p2 = tl.exp(s2 - m_safe)
-            p3 = tl.exp(s3 - m_safe)
-            l_i = l_i * alpha + (tl.sum(p0, axis=0) + tl.sum(p1, axis=0)) + (tl.sum(p2, axis=0) + tl.sum(p3, axis=0))
-            # the weights relative to the tile's largest value scale 2**(emax - 127): each <= 1, in half
-            emax = tl.maximum(tl.maximum(tl.max(e0, axis=0), tl.max(e1, axis=0)),
-                              tl.maximum(tl.max(e2, axis=0), tl.max(e3, axis=0)))
-            f0 = p0 * (tl.maximum(e0 - emax + 127, 0) << 23).to(tl.float32, bitcast=True)
-            f1 = p1 * (tl.maximum(e1 - emax + 127, 0) << 23).to(tl.float32, bitcast=True)
-            f2 = p2 * (tl.maximum(e2 - emax + 127, 0) << 23).to(tl.float32, bitcast=True)
-            f3 = p3 * (tl.maximum(e3 - emax + 127, 0) << 23).to(tl.float32, bitcast=True)
-            o0, o1, o2, o3, o4, o5, o6, o7 = _fp8x_values(
-                v0, v1, v2, v3, tl.broadcast_to(_half_pair(f0, f0)[:, None], v0.shape),
-                tl.broadcast_to(_half_pair(f1, f1)[:, None], v0.shape),
-                tl.broadcast_to(_half_pair(f2, f2)[:, None], v0.shape),
-                tl.broadcast_to(_half_pair(f3, f3)[:, None], v0.shape), ASM)
-            vs = tl.maximum(emax, 1) << 23  # bits of 2**(emax - 127); emax = 0 only when the tile has no key
-            vsc = vs.to(tl.float32, bitcast=True)
-            a0 = a0 * alpha + tl.sum(o0, axis=0) * vsc
-            a1 = a1 * alpha + tl.sum(o1, axis=0) * vsc
-            a2 = a2 * alpha + tl.sum(o2, axis=0) * vsc
-            a3 = a3 * alpha + tl.sum(o3, axis=0) * vsc
-            a4 = a4 * alpha + tl.sum(o4, axis=0) * vsc
-            a5 = a5 * alpha + tl.sum(o5, axis=0) * vsc
-            a6 = a6 * alpha + tl.sum(o6, axis=0) * vsc
-            a7 = a7 * alpha + tl.sum(o7, axis=0) * vsc
-            m_i = m_new
-        if OUT_DIRECT:
-            out = MO + rh * D + w * 8
-            dt = MO.dtype.element_ty
-            tl.store(out, (a0 / l_i).to(dt))
-            tl.store(out + 1, (a1 / l_i).to(dt))
-            tl.store(out + 2, (a2 / l_i).to(dt))
-            tl.store(out + 3, (a3 / l_i).to(dt))
-            tl.store(out + 4, (a4 / l_i).to(dt))
-            tl.store(out + 5, (a5 / l_i).to(dt))
-            tl.store(out + 6, (a6 / l_i).to(dt))
-            tl.store(out + 7, (a7 / l_i).to(dt))
-        else:
-            o = rh * NSPLIT + sp
-            tl.store(MO + o, m_i)
-            tl.store(LO + o, l_i)
-            out = OO + o * D + w * 8
-            tl.store(out, a0)
-            tl.store(out + 1, a1)
-            tl.store(out + 2, a2)
-            tl.store(out + 3, a3)
-            tl.store(out + 4, a4)
-            tl.store(out + 5, a5)
-            tl.store(out + 6, a6)
-            tl.store(out + 7, a7)
 
     @triton.jit
     def combine_kernel(MO, LO, OO, OUT, NSPLIT: tl.constexpr, NS_P2: tl.constexpr, D: tl.constexpr):
@@ -544,13 +271,7 @@ def _kernels() -> dict:
         tl.store(OUT + ps * stride_os + rm[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    if key:  # Triton's interpreter runs a kernel's source against the module's globals, not this closure
-        globals().update(_fp8_scale_bits=_fp8_scale_bits, _e4m3_round=_e4m3_round, _e4m3_byte=_e4m3_byte, _half=_half,
-                         _half_lo=_half_lo, _half_hi=_half_hi, _fp8x_dot=_fp8x_dot, _fp8x_value_dim=_fp8x_value_dim,
-                         _fp8x_values=_fp8x_values, _half_pair=_half_pair, _fp8x_group=_fp8x_group, ASM_K=ASM_K,
-                         ASM_V=ASM_V)
-    _BUILT[key] = dict(split=split_kernel, split_fp8x=split_fp8x_kernel, combine=combine_kernel, xattn=xattn_kernel,
-                       kth=kth_kernel, mm=mm_kernel,
+    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel, mm=mm_kernel,
                        next_pow2=triton.next_power_of_2)
     return _BUILT[key]
 
@@ -568,8 +289,7 @@ def _check_device(*ts: torch.Tensor) -> None:
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
                      max_keys: Optional[int] = None, k_new=None, v_new=None, num_warps: int = 2,
                      prefix_len: Optional[torch.Tensor] = None, prefix_row: int = 0, num_stages: Optional[int] = None,
-                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None, packed: bool = False,
-                     packed_asm: Optional[bool] = None):
+                     k_exp: Optional[torch.Tensor] = None, v_exp: Optional[torch.Tensor] = None):
     """Softmax attention of one query per row over that row's first ``lens[r]`` cached keys.
 
     q (rows, H, Dh) (any row stride, inner dims contiguous), k/v_cache (rows, L, H, Dh) with a contiguous last dim
@@ -588,16 +308,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     exponents of each (position, head)'s power-of-two scale (see :func:`fp8_quantize`); K and V are then the
     dequantized ``fp8_dequantize`` values, and k_new / v_new (in q's dtype) are quantized by the kernel before it
     stores and uses them, exactly as ``fp8_quantize`` does.
-
-    packed (float8 cache only; Dh / 8 a power of two, block_n >= 4): the products in packed half precision
-    (``split_fp8x_kernel``): q over a power of two times each 8-value word of a key, summed in half pairs, the words'
-    sums in float32; each key's softmax weight (over the tile's largest value scale, <= 1) in half times its values,
-    4 keys summed per dim in half, the rest in float32. Half's rounding (2**-11) is far below float8's (2**-4), so
-    the result stays within float8's own error of the float32-product kernel (tests/reference/test_kernels.py
-    bounds both against float64). On CUDA it runs PTX (``cvt.rn.f16x2.e4m3x2``, ``fma.rn.f16x2``): about 1.3
-    instructions an element instead of ~2.5; ``packed_asm=False`` (the default under Triton's interpreter) runs the
-    same half operations in the same order as plain Triton code (float64 arithmetic rounded once an operation), the
-    PTX's oracle.
 
     Equals, per row r and head h: ``softmax(q[r, h] @ K[r, :lens[r], h].T * scale) @ V[r, :lens[r], h]`` with
     K[r, j] replaced by K[prefix_row, j] for j < prefix_len[r], after the k_new/v_new write.
@@ -642,26 +352,12 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     stride_er, stride_eh = (ke.stride(0), ke.stride(1)) if fp8 else (H, 1)
     i64 = k_cache.numel() >= 2**31 or q.numel() >= 2**31
     stages = {} if num_stages is None else {"num_stages": int(num_stages)}
-    if packed:
-        if not fp8 or D % 16 or (D // 8) & (D // 8 - 1) or block_n < 4:
-            raise ValueError(f"decode_attention(packed=True) needs a float8_e4m3fn cache, a head size whose eighth is a "
-                             f"power of two and block_n >= 4: got {k_cache.dtype}, Dh {D}, block_n {block_n}")
-        asm = (not interpreted()) if packed_asm is None else bool(packed_asm)
-        if asm and interpreted():
-            raise ValueError("decode_attention: packed_asm=True needs CUDA (Triton's interpreter cannot run PTX)")
-        kern["split_fp8x"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, ke, ve, prefix_off,
-                                           int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
-                                           k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, stride_eh,
-                                           H=H, D=D, NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write,
-                                           SHARED=shared, I64=i64, OUT_DIRECT=ns == 1, ASM=asm, num_warps=num_warps,
-                                           **stages)
-    else:
-        kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, ke, ve, prefix_off,
-                                      int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
-                                      k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, stride_eh, H=H, D=D,
-                                      NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
-                                      I64=i64, OUT_DIRECT=ns == 1, FP8=fp8, NEW_APART=write and fp8,
-                                      num_warps=num_warps, **stages)
+    kern["split"][(rows * H, ns)](q, k_cache, v_cache, lens, mo, lo, oo, kn, vn, pre, ke, ve, prefix_off,
+                                  int(prefix_row) * stride_er, scale, q.stride(0), k_cache.stride(0),
+                                  k_cache.stride(1), k_cache.stride(2), kn.stride(0), stride_er, stride_eh, H=H, D=D,
+                                  NSPLIT=ns, KPS=keys_per_split, BLOCK_N=block_n, WRITE_NEW=write, SHARED=shared,
+                                  I64=i64, OUT_DIRECT=ns == 1, FP8=fp8, NEW_APART=write and fp8,
+                                  num_warps=num_warps, **stages)
     if ns > 1:
         kern["combine"][(rows * H,)](mo, lo, oo, out, NSPLIT=ns, NS_P2=kern["next_pow2"](ns), D=D, num_warps=2)
     return out

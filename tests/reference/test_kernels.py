@@ -169,32 +169,17 @@ def test_decode_attention_float8_cache(data):
     got = [t.to(DEV) for t in (k8, v8, ke, ve)]
     if head_major:
         got[0], got[1] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in got[:2])
-    packed = D == 16 and data.draw(st.booleans())  # products in packed half precision (Dh / 8 a power of two)
     out = kernels.decode_attention(q.to(DEV), got[0], got[1], lens.to(DEV), D**-0.5, kps, min(8, kps),
                                    k_new=kn.to(DEV), v_new=vn.to(DEV), k_exp=got[2], v_exp=got[3],
-                                   prefix_len=pre.to(DEV) if shared else None, prefix_row=prow, packed=packed)
+                                   prefix_len=pre.to(DEV) if shared else None, prefix_row=prow)
     for a, b in zip(got, want):  # bit for bit (float8 compared as bytes: -0 and +0 differ)
         assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
     Kd = kernels.fp8_dequantize(want[0], want[2].transpose(1, 2))
     Vd = kernels.fp8_dequantize(want[1], want[3].transpose(1, 2))
     # values here reach 1e3 (magnitudes over 12 binades) and outputs are weighted sums of them: float32's rounding
-    # scales with the largest value, so ATOL32 is applied per unit of max |V| (observed 2.9e-6 at max |V| ~ 1e3).
-    # packed: up to ~8 half roundings (2**-11 each) per word's products and per 4 keys' weighted values, relative to
-    # sums bounded by max |V|, and the same on the scores before the softmax: 2**-7 per unit of max |V|
-    atol = (2**-7 if packed else ATOL32) * max(1.0, Vd.abs().max().item())
-    torch.testing.assert_close(out.cpu(), _attention_ref(q, Kd, Vd, lens, D**-0.5, pre, prow), atol=atol, rtol=0)
-
-
-def test_decode_attention_packed_needs_float8_and_no_ptx_in_the_interpreter():
-    q, lens = torch.randn(2, 1, 16, device=DEV), torch.ones(2, dtype=torch.int32, device=DEV)
-    K = torch.zeros(2, 4, 1, 16, device=DEV)
-    with pytest.raises(ValueError, match="packed=True. needs a float8_e4m3fn cache"):
-        kernels.decode_attention(q, K, K.clone(), lens, 1.0, packed=True)
-    if kernels.interpreted():
-        K8, e = torch.zeros(2, 4, 1, 16, dtype=torch.float8_e4m3fn), torch.zeros(2, 1, 4, dtype=torch.uint8)
-        with pytest.raises(ValueError, match="packed_asm=True needs CUDA"):
-            kernels.decode_attention(q, K8, K8.clone(), lens, 1.0, k_exp=e, v_exp=e.clone(), packed=True,
-                                     packed_asm=True)
+    # scales with the largest value, so ATOL32 is applied per unit of max |V| (observed 2.9e-6 at max |V| ~ 1e3)
+    torch.testing.assert_close(out.cpu(), _attention_ref(q, Kd, Vd, lens, D**-0.5, pre, prow),
+                               atol=ATOL32 * max(1.0, Vd.abs().max().item()), rtol=0)
 
 
 def test_decode_attention_float8_needs_its_exponents():
