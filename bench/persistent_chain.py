@@ -186,19 +186,24 @@ def run_chain(ws, bufs, tiles, nprog, skip=False, pf=False, warps=8):
                            **kw)
 
 
+def weight_views(ws) -> list:
+    """Per layer: product name -> its (N, K) view of that layer's row of ``ws`` (products in CHAIN order)."""
+    views = []
+    for layer in range(LAYERS):
+        off, v = 0, {}
+        for name, n, k in CHAIN:
+            v[name] = ws[layer, off:off + n * k].view(n, k)
+            off += n * k
+        views.append(v)
+    return views
+
+
 def torch_chain(ws, a0):
     """The same chain in PyTorch with the kernel's rounding points (bf16 out of every product)."""
     x = a0
-    off = 0
-    offs = {}
-    for name, n, k in CHAIN:
-        offs[name] = (off, n, k)
-        off += n * k
-    for layer in range(LAYERS):
+    for v in weight_views(ws):
         for name, n, k in CHAIN:
-            o, n, k = offs[name]
-            w = ws[layer, o:o + n * k].view(n, k)
-            y = x[:, :k].float() @ w.float().t()
+            y = x[:, :k].float() @ v[name].float().t()
             if name == "ffn1":
                 y = F.gelu(y, approximate="tanh")
             x = y.bfloat16()
@@ -218,7 +223,8 @@ def main() -> int:
     ws = torch.empty(LAYERS, n_w, device=dev, dtype=dt)
     off = 0
     for name, n, k in CHAIN:
-        ws[:, off:off + n * k] = (torch.randn(LAYERS, n * k, device=dev) / k ** 0.5 * (1.6 if name == "ffn2" else 1.0)).to(dt)
+        gain = 1.6 if name == "ffn2" else 1.0  # after the GELU halves the spread
+        ws[:, off:off + n * k] = (torch.randn(LAYERS, n * k, device=dev) / k ** 0.5 * gain).to(dt)
         off += n * k
     a0 = torch.randn(M, D, device=dev, dtype=dt)
     bufs = {"o": torch.empty(M, D, device=dev, dtype=dt), "q": torch.empty(M, XD, device=dev, dtype=dt),
@@ -226,17 +232,11 @@ def main() -> int:
             "f": torch.empty(M, D, device=dev, dtype=dt), "qkv": torch.empty(M, 3 * D, device=dev, dtype=dt),
             "p": torch.empty(16 * M * FF, device=dev, dtype=torch.float32),
             "bar": torch.zeros(2, device=dev, dtype=torch.int32)}
-    print(f"{torch.cuda.get_device_name(0)}, {nprog} programs, {args.warps} warps, weights {ws.numel() * 2 / 1e6:.0f} MB")
+    print(f"{torch.cuda.get_device_name(0)}, {nprog} programs, {args.warps} warps, "
+          f"weights {ws.numel() * 2 / 1e6:.0f} MB")
 
     # cuBLAS, as the fast path runs these products (the FFN proj with the GELU epilogue), weights of layer i % 12
-    views = []
-    off = 0
-    offs = {}
-    for name, n, k in CHAIN:
-        offs[name] = (off, n, k)
-        off += n * k
-    for layer in range(LAYERS):
-        views.append({name: ws[layer, o:o + n * k].view(n, k) for name, (o, n, k) in offs.items()})
+    views = weight_views(ws)
     zb = torch.zeros(FF, device=dev, dtype=dt)
     t = {}
 
