@@ -1,8 +1,8 @@
 """Would the decode step's GEMMs be faster with their weights already in L2, and can the attention's K/V stream
 put them there? A model of one step (no model code): per layer, a kernel that streams KV_MB of "cache" through L2
 (as the split-KV attention does) and then the layer's cuBLAS GEMM chain at the seed's shapes (o_net, cross-attention
-q/o on 64 rows, FFN proj + GELU epilogue, FFN o_net, next qkv), 12 layers with their own weights (198 MB in all:
-four times what L2 holds), captured in one CUDA graph and replayed.
+q/o on 64 rows, FFN proj + GELU epilogue, FFN o_net, next qkv), 12 layers with their own weights (14.5 MB a layer,
+174 MB in all: 3.5 times what L2 holds), captured in one CUDA graph and replayed.
 
 Variants: the stream's loads plain or ``evict_first``; with or without the stream kernel's programs also issuing
 ``prefetch.global.L2::evict_last`` for every 128-byte line of the same layer's weights (one contiguous arena a layer).

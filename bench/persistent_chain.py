@@ -6,14 +6,15 @@ pessimistic by their 64 unconditional rows), bf16 in, float32 accumulation, bf16
 One program per SM walks every phase of every layer; phases are separated by a grid-wide barrier (an atomic counter
 and a spin; all programs are resident, one per SM). A product is split over (column block, K slice) tiles so that
 ~100 programs take part; with more than one K slice the float32 partials are summed in a fixed order by a reduce
-phase (deterministic), which costs a second barrier. ``--prefetch`` also has each program issue L2 prefetches of its
-next product's weight tile before it waits at a barrier.
+phase (deterministic), which costs a second barrier.
 
-Prints microseconds per layer: cuBLAS's chain (the fast path's GEMMs today), the persistent kernel per tiling, and
-the same kernel with its products skipped (the barriers' own cost). Checks the kernel's output against the same
-chain in PyTorch.
+Prints microseconds per layer: cuBLAS's chain (the fast path's GEMMs today), the floors of six dependent launches
+(elementwise kernels, empty kernels), and for each tiling the persistent kernel as is, with each program also issuing
+L2 prefetches of its next product's weight tile before it waits at a barrier, and with its products skipped (the
+barriers' own cost). Checks the kernel's output against the same chain in PyTorch. ``--floors-only``: cuBLAS and the
+launch floors; ``--warps N``: warps a program (8).
 
-    python bench/persistent_chain.py
+    python bench/persistent_chain.py [--warps 4] [--floors-only]
 """
 
 from __future__ import annotations
