@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from reference.kernels import decode_attention, fp8_quantize  # noqa: E402
+from fastpath.kernels import decode_attention, fp8_quantize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graph_timing import replay_us  # noqa: E402

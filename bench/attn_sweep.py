@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference.kernels import decode_attention as triton_decode_attention  # noqa: E402
-from reference.kernels import fp8_quantize  # noqa: E402
+from fastpath.kernels import decode_attention as triton_decode_attention  # noqa: E402
+from fastpath.kernels import fp8_quantize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graph_timing import replay_us  # noqa: E402

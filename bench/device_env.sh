@@ -7,8 +7,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-run_gpu_tests() {  # reference/kernels.py's tests compiled on the card, then the GPU tests; logs under $OUT
-  timeout 150 python3 -m pytest tests/reference/test_kernels.py -q -p no:cacheprovider 2>&1 \
+run_gpu_tests() {  # fastpath/kernels.py's tests compiled on the card, then the GPU tests; logs under $OUT
+  timeout 150 python3 -m pytest tests/fastpath/test_kernels.py -q -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest-kernels.log" | tail -2
-  timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -2
+  timeout 240 python3 -m pytest -m gpu tests/reference tests/fastpath -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" | tail -2
 }

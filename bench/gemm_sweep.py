@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from reference.kernels import linear_partials  # noqa: E402
+from fastpath.kernels import linear_partials  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graph_timing import replay_us  # noqa: E402

@@ -10,9 +10,9 @@ set -o pipefail
 source bench/device_env.sh  # $OUT, NeMo wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
 if [ -z "$SKIP_TESTS" ]; then
-  timeout 240 python3 -m pytest -m gpu tests/reference -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
-  # reference/kernels.py compiled on the card (on the CPU these tests run the same kernels interpreted)
-  timeout 120 python3 -m pytest tests/reference/test_kernels.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-kernels.log" | tail -3
+  timeout 240 python3 -m pytest -m gpu tests/reference tests/fastpath -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15
+  # fastpath/kernels.py compiled on the card (on the CPU these tests run the same kernels interpreted)
+  timeout 120 python3 -m pytest tests/fastpath/test_kernels.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-kernels.log" | tail -3
 fi
 # the eager reference first, in a fresh process (host-bound: nothing else loaded, nothing compiled yet), then the
 # other parts in a second process, then one table of both

@@ -32,7 +32,7 @@ if os.environ.get("REFERENCE_PATH"):  # time another copy of reference/ (e.g. th
     sys.path.insert(0, os.environ["REFERENCE_PATH"])
 
 from reference.config import InferenceParameters, MagpieConfig, TransformerConfig  # noqa: E402
-from reference.fast import FastDecoder, floor_bytes  # noqa: E402
+from fastpath.decoder import FastDecoder, floor_bytes  # noqa: E402
 from parity.nemo_capture import nemo_decoder  # noqa: E402
 from reference.model import MagpieTTS  # noqa: E402
 

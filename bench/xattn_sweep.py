@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reference import kernels  # noqa: E402
-from reference.fast import _xattn  # noqa: E402
+from fastpath import kernels  # noqa: E402
+from fastpath.decoder import _xattn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graph_timing import replay_us  # noqa: E402

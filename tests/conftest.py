@@ -9,7 +9,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # reference/kernels.py's Triton kernels run under Triton's interpreter on the CPU; triton.language reads this
+    # fastpath/kernels.py's Triton kernels run under Triton's interpreter on the CPU; triton.language reads this
     # when it is first imported, so it is set before any test module (or torch) imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

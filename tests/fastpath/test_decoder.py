@@ -1,4 +1,4 @@
-"""reference.fast.FastDecoder equals the eager reference's cached path (CPU: the same code without CUDA graphs)."""
+"""fastpath.FastDecoder equals the eager reference's cached path (CPU: the same code without CUDA graphs)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CASES, infer_inputs, load_batch, reference_model
-from reference.fast import BIG, FastDecoder
+from fastpath.decoder import BIG, FastDecoder
 from reference.inference import InferenceError, PriorState
 
 # Per-step CFG-combined logits: the fast step runs the same float32 ops on one new row; observed <= 2e-6.
@@ -270,7 +270,7 @@ def test_float8_prefill_staging_is_flushed_layer_by_layer():
     """_StagedKV (the float8 cache's prefill): a layer's staged keys go to the cache when the next layer first
     writes the shared buffer, each layer once and in order, before that write; the last layer's stay pending (the
     prefill flushes it after the decoder)."""
-    from reference.fast import _StagedKV
+    from fastpath.decoder import _StagedKV
 
     stage = torch.randn(2, 3, 2, 5, 4)  # (K/V, rows, H, T, Dh)
     pending, log = [], []
@@ -289,7 +289,7 @@ def test_float8_prefill_staging_is_flushed_layer_by_layer():
 def test_gelu_epilogue_needs_cuda_and_traces_fullgraph():
     """gelu_epilogue is refused off CUDA (the CPU's torch._addmm_activation applies the erf GELU); the layer tail
     with it traces as one graph (what compile=True needs on the GPU), the same values as called directly."""
-    from reference.fast import _f_xo_ffn
+    from fastpath.decoder import _f_xo_ffn
 
     model = reference_model("released_small")
     with pytest.raises(ValueError, match="gelu_epilogue needs CUDA"):
@@ -383,7 +383,7 @@ def test_gelu_epilogue_is_the_tanh_gelu_on_gpu():
 @pytest.mark.gpu
 def test_triton_decode_attention_matches_sdpa_on_gpu():
     """The split-KV kernel against sdpa per row, fresh random data, lengths at and around split boundaries."""
-    from reference.kernels import decode_attention as triton_decode_attention
+    from fastpath.kernels import decode_attention as triton_decode_attention
 
     torch.manual_seed(0)
     rows, L, H, D = 7, 300, 12, 64
@@ -404,7 +404,7 @@ def test_triton_decode_attention_matches_sdpa_on_gpu():
 def test_triton_fused_cache_write_on_gpu():
     """fused_kv_write: the kernel stores this step's key/value at position len - 1 and attends them, whatever the
     cache held there before (stale values are overwritten, not read); every other cache entry is untouched."""
-    from reference.kernels import decode_attention as triton_decode_attention
+    from fastpath.kernels import decode_attention as triton_decode_attention
 
     torch.manual_seed(1)
     rows, L, H, D = 6, 200, 12, 64

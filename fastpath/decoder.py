@@ -1,6 +1,6 @@
 """Fast cached decoding for the reference MagpieTTS: static KV cache, device-side sampling and prior, CUDA graphs.
 
-    from reference.fast import FastDecoder
+    from fastpath import FastDecoder
     fast = FastDecoder(model, max_batch=64, max_len=160 + 2 + 480, dtype=torch.bfloat16)
     out = fast.generate(batch, use_cfg=True, topk=80, max_decoder_steps=480)  # like model.infer_batch(...)
 
@@ -21,7 +21,7 @@ decoder's static buffers; every later step is one new frame per row, written her
   (``skip_uncond_xattn``); and its rows all start with the same inputs (zero context, every position valid, BOS), so
   they share one copy of those T_ctx + 1 keys (``share_uncond_prefix``, triton attention).
 * ``attn_impl="triton"``: the attention, the cross-attention core and the sampler's top-k threshold are Triton
-  kernels (reference/kernels.py, each tested against a plain-PyTorch statement; on the CPU under Triton's
+  kernels (fastpath/kernels.py, each tested against a plain-PyTorch statement; on the CPU under Triton's
   interpreter).
 * **sampling** on the device: CFG combine, special-token masks, top-k, temperature, and the draw as
   ``argmax(p / Exp(1))`` -- exactly what ``torch.multinomial(p, 1)`` computes, without its host-side validity
@@ -33,7 +33,7 @@ decoder's static buffers; every later step is one new frame per row, written her
 * **stopping**: whether every item has ended is kept on the device; the host looks only every ``sync_every``
   steps and the output is truncated to the step where the reference would have stopped (identical results).
 
-Known differences from the eager reference (documented and tested in tests/reference/test_fast.py):
+Known differences from the eager reference (documented and tested in tests/fastpath/test_decoder.py):
 
 * the argmax pass (``sample_codes(temperature=0.01, topk=1)``) is an ``argmax`` here: the reference's
   multinomial over the top-1 set differs only where two logits tie exactly (it draws among the tied ones);
@@ -51,10 +51,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from reference import kernels
-from reference.inference import (EOS_METHODS, InferOutput, InferenceError, check_topk, dummy_cfg_conditioning,
+import fastpath.kernels as kernels
+from reference.inference import (EOS_METHODS, InferOutput, InferenceError, check_parameters, dummy_cfg_conditioning,
                                  forbidden_tokens, resolve_parameters)
-from reference.model import ConvFFState, DecoderState, LayerKVCache, validate_batch
+from reference.batch import validate_batch
+from reference.model import ConvFFState, DecoderState, LayerKVCache
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
 
@@ -309,7 +310,7 @@ class FastDecoder:
     share_uncond_prefix (triton attention): the unconditional rows all start with the same inputs (zero context,
     every position valid, then BOS), so their first ``T_ctx + 1`` keys/values are the same; the kernel reads them
     from one row (which stays in L2) instead of each row's own copy.
-    Kernels (reference/kernels.py; None = on with ``attn_impl="triton"``): xattn_kernel -- the cross-attention core
+    Kernels (fastpath/kernels.py; None = on with ``attn_impl="triton"``): xattn_kernel -- the cross-attention core
     (scores, mask, softmax, prior, weighted values) in one kernel instead of two batched products and a fused
     softmax chain; topk_kernel -- the sampler's k-th largest logit by a bitwise search instead of torch.topk's sort
     (the same float: exact).
@@ -317,7 +318,7 @@ class FastDecoder:
     with fused_kv_write): the self-attention cache holds float8 e4m3 keys/values, each (position, head) vector with
     its own power-of-two scale (``kernels.fp8_quantize``): half the bytes the attention reads in bf16. **Not exact**:
     every cached key/value is rounded to 3 mantissa bits (relative error <= 2**-4), so the logits move (tolerance
-    measured and tested in tests/reference/test_kernels.py; bench/RESULTS-seed.md for the seed workload). Step 0
+    measured and tested in tests/fastpath/test_kernels.py; bench/RESULTS-seed.md for the seed workload). Step 0
     (prefill) attends its unrounded keys, as a TensorRT-LLM context phase with an FP8 KV cache does; every later step
     reads them rounded, the newest key included.
     kv_head_major (None = on with ``attn_impl="triton"`` and fused_kv_write, the only paths that can take it): the
@@ -591,11 +592,7 @@ class FastDecoder:
         """
         c = self.config
         p = resolve_parameters(c.inference, **params)
-        for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
-            bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < c.decoder.n_layers]
-            if bad:
-                raise InferenceError(f"{k} names layer(s) {bad} outside 0..{c.decoder.n_layers - 1}")
-        check_topk(p, c)
+        check_parameters(p, c)
         validate_batch(batch, c, require_audio=False)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         C, S = c.num_audio_codebooks, c.frame_stacking_factor

@@ -1,4 +1,4 @@
-"""reference/kernels.py against the plain-PyTorch statements in its docstrings, on fresh random inputs.
+"""fastpath/kernels.py against the plain-PyTorch statements in its docstrings, on fresh random inputs.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before the first kernel is
 built): the same kernel source and semantics, executed with numpy. With a GPU they are compiled and run on it.
@@ -17,8 +17,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
                                               "x86-64); the kernels need it, on the CPU through its interpreter")
 
 from conftest import infer_inputs, load_batch, reference_model  # noqa: E402
-from reference import kernels  # noqa: E402
-from reference.fast import FastDecoder  # noqa: E402
+from fastpath import kernels  # noqa: E402
+from fastpath.decoder import FastDecoder  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU conftest.py has set TRITON_INTERPRET=1
 
@@ -213,7 +213,7 @@ def test_linear_partials_sum_to_the_product(data):
 
 
 def _xattn_ref(q, mk, mv, valid, prior, scale):
-    """reference.fast._xattn's steps in float64 (the reference module's own order)."""
+    """fastpath.decoder._xattn's steps in float64 (the reference module's own order)."""
     rows, H, T, D = mk.shape
     s = torch.einsum("rhd,rhtd->rht", q.view(rows, H, D).double(), mk.double()) * scale
     s = s.masked_fill(~valid[:, None, :], float("-inf"))
@@ -341,7 +341,7 @@ def test_fast_path_with_triton_kernels_equals_eager(case, fused_kv_write, head_m
         for name in fns:
             getattr(fd, name).compiled = None
     # sampling: one case (interpreted kernels are slow), on the CPU only: there the one (2*S*C, B, V) noise draw is
-    # the reference's per-codebook stream; CUDA's Philox offsets differ by draw shape (reference/fast.py docstring)
+    # the reference's per-codebook stream; CUDA's Philox offsets differ by draw shape (fastpath/decoder.py docstring)
     if case == "released_small" and DEV == "cpu":
         torch.manual_seed(5)
         ref_s = model.infer_batch(batch, use_kv_cache=True, use_cfg=True, topk=20, max_decoder_steps=12)

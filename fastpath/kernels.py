@@ -1,7 +1,7 @@
-"""Triton kernels of the fast decode step (reference/fast.py, ``attn_impl="triton"``).
+"""Triton kernels of the fast decode step (fastpath/decoder.py).
 
 Each kernel has a plain-PyTorch statement of what it computes in its docstring and a test against that statement
-(tests/reference/test_kernels.py). On a CUDA device they compile with Triton; on the CPU they run under Triton's
+(tests/fastpath/test_kernels.py). On a CUDA device they compile with Triton; on the CPU they run under Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before the first call (that is how CI checks them: slow, exact
 semantics, no GPU). Kernels are built on first use, so importing this module needs no Triton.
 
@@ -52,7 +52,7 @@ def _kernels() -> dict:
         import triton
         import triton.language as tl
     except ImportError as e:  # a missing optional backend: say which and why
-        raise RuntimeError("the triton kernels of reference.kernels need the 'triton' package (CUDA builds of torch "
+        raise RuntimeError("the triton kernels of fastpath.kernels need the 'triton' package (CUDA builds of torch "
                            "ship it; on the CPU install it and set TRITON_INTERPRET=1)") from e
 
     @triton.jit
@@ -279,11 +279,11 @@ def _kernels() -> dict:
 def _check_device(*ts: torch.Tensor) -> None:
     dev = ts[0].device
     if not usable(dev):
-        raise RuntimeError(f"reference.kernels: tensors on {dev} need CUDA with triton, or TRITON_INTERPRET=1 on "
+        raise RuntimeError(f"fastpath.kernels: tensors on {dev} need CUDA with triton, or TRITON_INTERPRET=1 on "
                            "the CPU")
     for t in ts:
         if t.device != dev:
-            raise ValueError(f"reference.kernels: tensors on {t.device} and {dev}")
+            raise ValueError(f"fastpath.kernels: tensors on {t.device} and {dev}")
 
 
 def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: int = 64, block_n: int = 64,
