@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from reference.batch import lengths_to_mask, validate_batch
 from reference.config import InferenceParameters
 
 EOS_METHODS = {
@@ -82,9 +83,15 @@ def resolve_parameters(defaults: InferenceParameters, **overrides: Any) -> Infer
     return p
 
 
-def check_topk(p: InferenceParameters, cfg) -> None:
-    """Top-k within a codebook's tokens (torch.topk would fail deep inside sampling: "selected index k out of
-    range"); checked after the other parameters, so that their errors come first."""
+def check_parameters(p: InferenceParameters, cfg) -> None:
+    """The checks of resolved parameters that need the model's sizes: layer indices inside the decoder, top-k
+    within a codebook's tokens (torch.topk would fail deep inside sampling: "selected index k out of range").
+    Every loop (NeMo's, the fast path's) calls this after :func:`resolve_parameters`, so that those errors come
+    first."""
+    for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
+        bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < cfg.decoder.n_layers]
+        if bad:
+            raise InferenceError(f"{k} names layer(s) {bad} outside 0..{cfg.decoder.n_layers - 1}")
     if p.topk > cfg.num_all_tokens_per_codebook:
         raise InferenceError(f"topk ({p.topk}) exceeds the {cfg.num_all_tokens_per_codebook} tokens of a codebook "
                              "(num_all_tokens_per_codebook); pass a smaller topk")
@@ -115,8 +122,8 @@ class PriorState:
     stuck_end: list[int] = field(default_factory=list)
 
     @classmethod
-    def new(cls, batch: int) -> "PriorState":
-        return cls([1] * batch, [{} for _ in range(batch)])  # NeMo starts every item at text position 1
+    def new(cls, batch: int, first_attended: int = 1) -> "PriorState":
+        return cls([first_attended] * batch, [{} for _ in range(batch)])  # NeMo starts every item at position 1
 
     def most_attended(self, scores: torch.Tensor, text_lens: list[int], lookahead: int) -> list[int]:
         self._sync_stuck_end()
@@ -366,6 +373,45 @@ def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> list[float]:
     return [float(f) if hit else float("inf") for f, hit in zip(first, per_frame.any(dim=1).tolist())]
 
 
+# ---- the hook set -----------------------------------------------------------------------------------------------
+
+
+class LoopHooks:
+    """The few places where a runtime may legitimately differ from NeMo's loop, each NeMo 3.0.0's own behaviour
+    here. The reference never overrides them; ``trt.engine`` subclasses them to emulate a TensorRT-LLM engine
+    (zero CFG prompt, bias-less lm_head, another encoder, the in-kernel prior), so the loop below stays NeMo's
+    and the emulation lives beside the engine tooling.
+
+    encode_text(model, text, text_lens) -> EncoderOutput: the text encoder.
+    lm_head(model, dec_out) -> logits: the output projection of the decoder's output.
+    uncond_audio_embedding(emb) -> emb: CFG's unconditional rows' audio-frame embeddings (B, T, D), frame 0 the BOS
+    frame, before positions are added (NeMo feeds the conditional rows' own).
+    first_attended_position() -> int: the text position the prior state machine starts from (NeMo: 1).
+    build_prior(state, rows, T_text, text_lens, attended, p, end_indices, device) -> (rows, 1, T_text): the prior
+    of the next step, from the state machine's bookkeeping (NeMo: :meth:`PriorState.build_prior`).
+    """
+
+    def encode_text(self, model, text: torch.Tensor, text_lens: torch.Tensor):
+        return model.encode_text(text, text_lens)
+
+    def lm_head(self, model, dec_out: torch.Tensor) -> torch.Tensor:
+        return model.final_proj(dec_out)
+
+    def uncond_audio_embedding(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb
+
+    def first_attended_position(self) -> int:
+        return 1
+
+    def build_prior(self, state: "PriorState", rows: int, T_text: int, text_lens: list[int], attended: list[int],
+                    p: InferenceParameters, end_indices: dict, device) -> torch.Tensor:
+        return state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
+                                 p.attention_prior_lookahead_window, end_indices, device)
+
+
+NEMO_HOOKS = LoopHooks()
+
+
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
@@ -379,8 +425,7 @@ def infer_batch(
     forced_codes: Optional[torch.Tensor] = None,
     keep_logits: bool = False,
     progress: bool = False,
-    semantics=None,
-    encoder_output=None,
+    hooks: LoopHooks = NEMO_HOOKS,
     use_local_transformer_for_inference: bool = False,
     **params: Any,
 ) -> InferOutput:
@@ -390,44 +435,19 @@ def infer_batch(
     forced_codes: (B, C, T) teacher forcing: these codes are fed back instead of the sampled ones (sampling
     still runs, so random numbers are drawn as in a free run); decoding continues until they run out or
     max_decoder_steps, ignoring EOS.
-    semantics: a :class:`reference.semantics.Semantics` (default: NeMo 3.0.0's behaviour); engine behaviours.
-    encoder_output: a precomputed :class:`reference.model.EncoderOutput` (used by the unpadded-request mode).
+    hooks: :class:`LoopHooks` (default: NeMo 3.0.0's behaviour); ``trt.engine`` passes an engine's.
     use_local_transformer_for_inference: sample with the checkpoint's autoregressive local transformer (NeMo's
     argument of the same name; off by default, as in NeMo).
     """
-    from reference import semantics as sem_mod
-    from reference.model import lengths_to_mask, validate_batch
-
-    sem = semantics or sem_mod.Semantics()
     cfg = model.config
     p = resolve_parameters(cfg.inference, **params)
     validate_batch(batch, cfg, require_audio=False)
-    model = sem_mod.prepare_model(model, sem)
-    if sem.unpadded_requests and batch["text"].shape[0] > 1:
-        return _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_keys, forced_codes,
-                               keep_logits, sem, dict(params, use_local_transformer_for_inference=use_local_transformer_for_inference))
-    if sem.kv_cache is not None and use_kv_cache is None:
-        use_kv_cache = sem.kv_cache
-    prior_kind = sem.effective_prior if p.apply_attention_prior else "off"
-    kp = sem.kernel_prior
-    if prior_kind == "off":
-        p = dataclasses.replace(p, apply_attention_prior=False)
-    if prior_kind == "kernel":
-        p = dataclasses.replace(
-            p, attention_prior_lookahead_window=kp.lookahead,
-            estimate_alignment_from_layers=kp.compute_layers or p.estimate_alignment_from_layers,
-            apply_prior_to_layers=kp.apply_layers or p.apply_prior_to_layers,
-        )
-    for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
-        bad = [i for i in (getattr(p, k) or ()) if not 0 <= i < cfg.decoder.n_layers]
-        if bad:
-            raise InferenceError(f"{k} names layer(s) {bad} outside 0..{cfg.decoder.n_layers - 1}")
+    check_parameters(p, cfg)
     if use_local_transformer_for_inference and cfg.local_transformer_type != "autoregressive":
         raise InferenceError(
             f"use_local_transformer_for_inference needs an autoregressive local transformer; this checkpoint has "
             f"local_transformer_type={cfg.local_transformer_type!r} (MaskGit sampling is not implemented)"
         )
-    check_topk(p, cfg)
     cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
     C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     device = next(model.parameters()).device
@@ -438,7 +458,7 @@ def infer_batch(
     text_lens_t = batch["text_lens"]
     text_lens = [int(n) for n in text_lens_t.tolist()]  # one device read, not one per item
     B = len(text_lens)
-    enc = encoder_output if encoder_output is not None else sem_mod.encode_text(model, batch["text"], text_lens_t, sem)
+    enc = hooks.encode_text(model, batch["text"], text_lens_t)
     ctx_emb, ctx_mask = model.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
     T_ctx, T_text = ctx_mask.shape[1], enc.output.shape[1]
     cond, cond_mask = enc.output, enc.mask
@@ -455,9 +475,7 @@ def infer_batch(
     valid_keys = None
     if cached and not nemo_unmasked_padded_keys and not bool(ctx_mask.all()):
         valid_keys = torch.cat([ctx_mask, torch.ones(rows, max_steps + 1, dtype=torch.bool, device=device)], 1)
-    prior_state = PriorState.new(B)
-    if prior_kind == "kernel":
-        prior_state.last_attended = [kp.first_focus] * B
+    prior_state = PriorState.new(B, hooks.first_attended_position())
     prior: Optional[torch.Tensor] = None
     end_indices: dict[int, int] = {}
     predictions: list[torch.Tensor] = []
@@ -468,10 +486,7 @@ def infer_batch(
         attended = prior_state.most_attended(scores_host, text_lens, p.attention_prior_lookahead_window)
         out.attended_text_positions.append(attended)
         out.attended_by_step[idx] = list(attended)
-        built = prior_state.build_prior(rows, T_text, text_lens, attended, p.attention_prior_epsilon,
-                                        p.attention_prior_lookahead_window, end_indices, device)
-        if prior_kind == "kernel":
-            built = sem_mod.kernel_prior_rows(rows, T_text, attended, kp, device)
+        built = hooks.build_prior(prior_state, rows, T_text, text_lens, attended, p, end_indices, device)
         out.built_priors[idx] = built
         return built
 
@@ -493,19 +508,17 @@ def infer_batch(
             audio_emb, audio_lens = model.embed_audio_tokens(codes_in, torch.full((B,), codes_in.shape[2], device=device))
             audio_mask = lengths_to_mask(audio_lens)
             if use_cfg:
-                audio_emb, audio_mask = torch.cat([audio_emb, audio_emb]), torch.cat([audio_mask, audio_mask])
-                if sem.cfg_prompt == "zeros":
-                    audio_emb[B:, :1] = 0  # the engine's zero service token replaces the BOS frame too
+                audio_emb = torch.cat([audio_emb, hooks.uncond_audio_embedding(audio_emb)])
+                audio_mask = torch.cat([audio_mask, audio_mask])
             x = model.decoder_input(torch.cat([ctx_emb, audio_emb], dim=1))
             x_mask = torch.cat([ctx_mask, audio_mask], dim=1)
             dec = model.decoder(x, x_mask, cond, cond_mask, layer_prior, probs_out=probs)
-            all_logits = sem_mod.lm_head(model, dec, sem)
+            all_logits = hooks.lm_head(model, dec)
         else:
             if idx == 0:
                 bos_emb, _ = model.embed_audio_tokens(codes_in, torch.full((B,), S, device=device))
                 if use_cfg:
-                    uncond_bos = torch.zeros_like(bos_emb) if sem.cfg_prompt == "zeros" else bos_emb
-                    bos_emb = torch.cat([bos_emb, uncond_bos])
+                    bos_emb = torch.cat([bos_emb, hooks.uncond_audio_embedding(bos_emb)])
                 x = model.decoder_input(torch.cat([ctx_emb, bos_emb], dim=1))
                 x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=device)], 1)
                 key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
@@ -517,7 +530,7 @@ def infer_batch(
                 x_mask = None  # one new, valid frame per row: NeMo's multiplications by ones are skipped
                 key_mask = None if valid_keys is None else valid_keys[:, None, None, : state.length + 1]
             dec = model.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, layer_prior, probs_out=probs)
-            all_logits = sem_mod.lm_head(model, dec, sem)
+            all_logits = hooks.lm_head(model, dec)
         logits_t = all_logits[:, -1, :]
         logits_t = logits_t.float()
         if use_cfg:
@@ -591,49 +604,3 @@ def infer_batch(
     out.predicted_codes_lens = lens
     out.num_steps = len(predictions)
     return out
-
-
-def _infer_unpadded(model, batch, use_cfg, use_kv_cache, nemo_unmasked_padded_keys, forced_codes, keep_logits, sem,
-                    params) -> InferOutput:
-    """Engine packing: every request decoded on its own, unpadded (its prompt starts at position 0). The encoder
-    still runs over the whole batch, so ``packed_encoder_conv`` can couple neighbouring requests as it does in
-    the engine."""
-    from reference import semantics as sem_mod
-
-    one = dataclasses.replace(sem, unpadded_requests=False)
-    enc = sem_mod.encode_text(model, batch["text"], batch["text_lens"], sem)
-    # Per-request runs would capture each tensor once per request: capture is paused and only the merged
-    # per-step logits are handed to an active capture afterwards.
-    capture = getattr(model, "_active_capture", None)
-    model._active_capture = None
-    if capture is not None:
-        capture.paused = True
-    outs = []
-    for b in range(batch["text"].shape[0]):
-        n_text, n_ctx = int(batch["text_lens"][b]), int(batch["context_audio_codes_lens"][b])
-        item = {"text": batch["text"][b : b + 1, :n_text], "text_lens": batch["text_lens"][b : b + 1],
-                "context_audio_codes": batch["context_audio_codes"][b : b + 1, :, :n_ctx],
-                "context_audio_codes_lens": batch["context_audio_codes_lens"][b : b + 1]}
-        from reference.model import EncoderOutput
-
-        item_enc = EncoderOutput(enc.output[b : b + 1, :n_text], enc.mask[b : b + 1, :n_text])
-        fc = forced_codes[b : b + 1] if forced_codes is not None else None
-        outs.append(infer_batch(model, item, use_cfg=use_cfg, use_kv_cache=use_kv_cache,
-                                nemo_unmasked_padded_keys=nemo_unmasked_padded_keys, forced_codes=fc,
-                                keep_logits=True, semantics=one, encoder_output=item_enc, **params))
-    model._active_capture = capture
-    if capture is not None:
-        capture.paused = False
-    T = max(o.predicted_codes.shape[2] for o in outs)
-    codes = torch.cat([torch.nn.functional.pad(o.predicted_codes, (0, T - o.predicted_codes.shape[2])) for o in outs])
-    res = InferOutput(codes, torch.cat([o.predicted_codes_lens for o in outs]), max(o.num_steps for o in outs))
-    # per step, every request's row (a request that stopped earlier repeats its last row)
-    merged = [torch.cat([o.step_logits[min(k, len(o.step_logits) - 1)] for o in outs]) for k in range(res.num_steps)]
-    if keep_logits:
-        res.step_logits = merged
-    if capture is not None:
-        for k, logits in enumerate(merged):
-            capture.step = k
-            model.logits(logits[:, None])
-        capture.step = None
-    return res

@@ -31,19 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reference.batch import BatchError, lengths_to_mask, validate_batch  # noqa: F401 - re-exported
 from reference.config import MagpieConfig, TransformerConfig
+from reference.inference import infer_batch as _infer_batch
 
 
 class HookPoint(nn.Identity):
     """A named place where a tensor can be captured; an identity, so it costs nothing without hooks."""
-
-
-def lengths_to_mask(lengths: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
-    """(B,) lengths -> (B, T) bool, True at valid positions; T = max(lengths) like NeMo's get_mask_from_lengths."""
-    if max_len is None:
-        max_len = int(lengths.max())
-    ids = torch.arange(0, max_len, device=lengths.device, dtype=lengths.dtype)
-    return ids < lengths.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -514,14 +508,6 @@ class MagpieTTS(nn.Module):
         return cls.from_state_dict(raw.config, raw.state_dict, where=str(path)).to(map_location)
 
     @classmethod
-    def from_trtllm(cls, ckpt_dir: str | Path) -> "MagpieTTS":
-        """Rebuild from a TensorRT-LLM checkpoint written by ``trt.convert`` (shards merged), so that every
-        conversion can be checked by a round trip. The only import of tooling from the reference, kept lazy."""
-        from trt.convert import reference_from_trtllm
-
-        return reference_from_trtllm(ckpt_dir)
-
-    @classmethod
     def from_state_dict(cls, nemo_config: dict, state_dict: dict[str, torch.Tensor], where: str = "checkpoint") -> "MagpieTTS":
         config = MagpieConfig.from_nemo(nemo_config, state_dict, where=where)
         model = cls(config)
@@ -618,9 +604,7 @@ class MagpieTTS(nn.Module):
 
     def infer_batch(self, batch: dict[str, torch.Tensor], use_cfg: bool = False, **kw):
         """Autoregressive generation equal to NeMo's ``infer_batch``; see :func:`reference.inference.infer_batch`."""
-        from reference.inference import infer_batch
-
-        return infer_batch(self, batch, use_cfg=use_cfg, **kw)
+        return _infer_batch(self, batch, use_cfg=use_cfg, **kw)
 
     # ---- capture ------------------------------------------------------------------------------------------
 
@@ -679,66 +663,3 @@ def load_weights(model: MagpieTTS, state_dict: dict[str, torch.Tensor], where: s
         if sd[k].dtype != v.dtype and not sd[k].is_floating_point():
             raise CheckpointError(f"{where}: weight '{k}' has dtype {sd[k].dtype}, expected a float tensor")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
-
-
-class BatchError(ValueError):
-    """A batch dict is inconsistent (shapes, lengths, token ranges)."""
-
-
-def validate_batch(batch: dict, c: MagpieConfig, require_audio: bool) -> None:
-    keys = ["text", "text_lens", "context_audio_codes", "context_audio_codes_lens"]
-    if require_audio:
-        keys += ["audio_codes", "audio_codes_lens"]
-    for k in keys:
-        if k not in batch:
-            raise BatchError(f"batch is missing '{k}'")
-        if not isinstance(batch[k], torch.Tensor):
-            raise BatchError(f"batch['{k}'] must be a tensor, got {type(batch[k]).__name__}")
-        if batch[k].is_floating_point():
-            raise BatchError(f"batch['{k}'] must hold integers, got {batch[k].dtype}")
-    text, text_lens = batch["text"], batch["text_lens"]
-    if text.dim() != 2:
-        raise BatchError(f"batch['text'] must be (B, T_text), got shape {tuple(text.shape)}")
-    B = text.shape[0]
-
-    def check_lens(name: str, lens: torch.Tensor, T: int, min_len: int = 1):
-        if lens.shape != (B,):
-            raise BatchError(f"batch['{name}'] must have shape ({B},), got {tuple(lens.shape)}")
-        if int(lens.min()) < min_len or int(lens.max()) > T:
-            raise BatchError(f"batch['{name}'] values must lie in [{min_len}, {T}], got {lens.tolist()}")
-
-    check_lens("text_lens", text_lens, text.shape[1])
-    if int(text_lens.max()) != text.shape[1]:
-        raise BatchError(f"batch['text'] is padded to {text.shape[1]} but max(text_lens) is {int(text_lens.max())}")
-    if int(text.min()) < 0 or int(text.max()) >= c.num_text_tokens:
-        raise BatchError(f"batch['text'] token ids must lie in [0, {c.num_text_tokens}), got [{int(text.min())}, {int(text.max())}]")
-    pairs = [("context_audio_codes", "context_audio_codes_lens")]
-    if require_audio:
-        pairs.append(("audio_codes", "audio_codes_lens"))
-    for codes_key, lens_key in pairs:
-        codes = batch[codes_key]
-        if codes.dim() != 3 or codes.shape[0] != B or codes.shape[1] != c.num_audio_codebooks:
-            raise BatchError(
-                f"batch['{codes_key}'] must be (B={B}, C={c.num_audio_codebooks}, T), got {tuple(codes.shape)}"
-            )
-        check_lens(lens_key, batch[lens_key], codes.shape[2], min_len=0 if codes_key == "context_audio_codes" else 1)
-        if int(batch[lens_key].max()) != codes.shape[2]:
-            # NeMo builds masks of max(lens) columns and multiplies them with the embeddings: extra padding
-            # would be a shape error deep inside; say it here instead.
-            raise BatchError(
-                f"batch['{codes_key}'] is padded to {codes.shape[2]} frames but max({lens_key}) is {int(batch[lens_key].max())}"
-            )
-        if int(codes.min()) < 0 or int(codes.max()) >= c.num_all_tokens_per_codebook:
-            raise BatchError(
-                f"batch['{codes_key}'] codes must lie in [0, {c.num_all_tokens_per_codebook}), "
-                f"got [{int(codes.min())}, {int(codes.max())}]"
-            )
-    prior = batch.get("align_prior_matrix")
-    if prior is not None and require_audio:
-        T_a = int(batch["audio_codes_lens"].max()) + 1
-        if prior.dim() != 3 or prior.shape[0] != B or prior.shape[2] != text.shape[1] or prior.shape[1] < T_a:
-            raise BatchError(
-                f"batch['align_prior_matrix'] must be (B={B}, >= {T_a}, T_text={text.shape[1]}), got {tuple(prior.shape)}"
-            )
-        if not torch.isfinite(prior).all():
-            raise BatchError("batch['align_prior_matrix'] holds NaN or Inf")

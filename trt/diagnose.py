@@ -1,7 +1,7 @@
 """Which known engine behaviours explain an engine dump's departure from NeMo, and where the rest begins.
 
-The engine's own codes are fed back to the reference (teacher forcing), so every candidate semantics is scored
-on the same inputs step by step. Starting from NeMo's semantics, a forward search adds the behaviour that lowers
+The engine's own codes are fed back to the reference (teacher forcing), so every candidate policy is scored
+on the same inputs step by step. Starting from NeMo's behaviour, a forward search adds the behaviour that lowers
 the mean per-step logit error most; where several behaviours interact so that none helps alone, a backward
 search starts from all of them and drops each one the dump does not need. The report lists every candidate's
 error alone, the smallest explanation found, and the first step where any remaining error exceeds the tolerance.
@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from reference.semantics import Semantics
+from trt.engine import EnginePolicy, infer
 
-# Candidate deviations (name, Semantics fields). Every field is a documented engine behaviour (reference/semantics.py).
+# Candidate deviations (name, EnginePolicy fields). Every field is a documented engine behaviour (trt/engine.py).
 CANDIDATES: list[tuple[str, dict]] = [
     ("kv_cache", dict(kv_cache=True)),
     ("prior=kernel", dict(prior="kernel")),
@@ -39,7 +39,7 @@ class DiagnoseError(ValueError):
 @dataclass
 class Score:
     name: str
-    semantics: Semantics
+    policy: EnginePolicy
     max_abs: float  # worst |engine - reference| over steps and logits
     per_step: list[float]
     first_bad_step: Optional[int]  # first step whose error exceeds the tolerance
@@ -66,13 +66,13 @@ class Diagnosis:
     def report(self) -> str:
         lines = [f"engine dump vs reference, teacher-forced with the engine's codes over {self.steps} steps "
                  f"(tolerance {self.tolerance:.1e} on logits)", ""]
-        lines.append(f"{'semantics':<40} {'max |dlogit|':>12} {'first bad step':>14}")
+        lines.append(f"{'engine behaviours emulated':<40} {'max |dlogit|':>12} {'first bad step':>14}")
         lines.append(str(self.baseline) + "   <- NeMo 3.0.0")
         for s in sorted(self.singles, key=lambda s: s.max_abs):
             lines.append(str(s))
         lines.append("")
         if not self.explanation and self.baseline.max_abs <= self.tolerance:
-            lines.append("No deviation: the engine matches NeMo's semantics within tolerance.")
+            lines.append("No deviation: the engine matches NeMo's behaviour within tolerance.")
         else:
             lines.append("Explained by: " + (", ".join(self.explanation) if self.explanation else "none of the known behaviours"))
             lines.append(str(self.final) + "   <- with the explanation applied")
@@ -86,8 +86,8 @@ class Diagnosis:
 
 
 def _score(model, batch, codes, engine_logits, use_cfg, params, name, sem, tol) -> Score:
-    out = model.infer_batch(batch, use_cfg=use_cfg, forced_codes=codes, keep_logits=True, semantics=sem,
-                            max_decoder_steps=len(engine_logits), **params)
+    out = infer(model, batch, sem, use_cfg=use_cfg, forced_codes=codes, keep_logits=True,
+                max_decoder_steps=len(engine_logits), **params)
     per_step = []
     for k, ref in enumerate(engine_logits):
         if k >= len(out.step_logits):
@@ -146,7 +146,7 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
     def score(name, sem):
         return _score(model, batch, codes, engine_logits, use_cfg, params, name, sem, tolerance)
 
-    base_sem = Semantics()
+    base_sem = EnginePolicy()
     baseline = score("nemo", base_sem)
     singles = [score(name, dataclasses.replace(base_sem, **fields)) for name, fields in candidates]
     if baseline.max_abs <= tolerance:

@@ -69,18 +69,6 @@ def test_config_comes_from_the_checkpoint():
     assert reference_model("bidir_encoder").config.encoder.is_causal is False
 
 
-def test_from_trtllm_round_trip(tmp_path):
-    """MagpieTTS.from_trtllm rebuilds the model from a converted checkpoint with identical logits."""
-    from reference import MagpieTTS
-    from trt.convert import convert_checkpoint
-
-    out = convert_checkpoint(FIXTURES / "four_codebooks.nemo", tmp_path / "ckpt")
-    a, b = reference_model("four_codebooks"), MagpieTTS.from_trtllm(out)
-    batch = load_batch("four_codebooks")
-    with torch.no_grad():
-        assert torch.equal(a.process_batch(batch)["logits"], b.process_batch(batch)["logits"])
-
-
 def test_loading_never_imports_nemo():
     """The reference reads .nemo and .ckpt files on its own: NeMo is not imported, even where it is installed."""
     import subprocess

@@ -2,7 +2,7 @@
 
 Each setting combination gives an engine dump, from a real TensorRT-LLM engine when ``--engine-dir`` is given
 (marker ``trtllm``; skipped here, where TensorRT-LLM cannot be installed) and from the reference's emulation of
-the engine everywhere. The suite asserts what a user wants of an engine: its departure from NeMo is fully
+the engine everywhere (self-consistency: the emulated dumps are the reference under an engine policy). The suite asserts what a user wants of an engine: its departure from NeMo is fully
 explained by known, documented behaviours, and by no behaviour the settings did not switch on.
 """
 
@@ -13,8 +13,7 @@ import itertools
 import pytest
 
 from conftest import infer_inputs, load_batch, reference_model
-from parity.reference_capture import dump_reference_infer
-from reference.semantics import Semantics
+from trt.engine import EnginePolicy, dump_engine_emulation
 from trt.diagnose import diagnose
 
 CASE = "released_small"
@@ -30,10 +29,10 @@ def _ids(s):
     return f"mb{int(mb)}-prior{int(prior)}-cfg{int(cfg)}-rip{int(rip)}-{dtype}"
 
 
-def engine_semantics(multi_block, prior, remove_input_padding, dtype) -> Semantics:
+def engine_semantics(multi_block, prior, remove_input_padding, dtype) -> EnginePolicy:
     """The fork's engine: KV cache, zero CFG prompt, lm_head without bias, packed (unpadded) requests; with
     remove_input_padding the encoder conv also sees neighbouring requests."""
-    return Semantics(kv_cache=True, prior="kernel" if prior else "off", multi_block_mode=multi_block,
+    return EnginePolicy(kv_cache=True, prior="kernel" if prior else "off", multi_block_mode=multi_block,
                      cfg_prompt="zeros", lm_head_bias=False, unpadded_requests=True,
                      packed_encoder_conv=remove_input_padding, dtype=dtype)
 
@@ -54,8 +53,8 @@ def test_emulated_engine_is_explained_by_its_settings(tmp_path, setting):
     sem = engine_semantics(mb, prior, rip, dtype)
     batch = infer_inputs(load_batch(CASE))
     model = reference_model(CASE)
-    dump = dump_reference_infer(model, batch, tmp_path / "engine", use_cfg=cfg, seed=0, semantics=sem,
-                                apply_attention_prior=prior, **PARAMS)
+    dump = dump_engine_emulation(model, batch, tmp_path / "engine", sem, use_cfg=cfg, seed=0,
+                                 apply_attention_prior=prior, **PARAMS)
     d = diagnose(model, tmp_path / "engine", batch, params={**PARAMS, "apply_attention_prior": prior})
     assert d.explained, d.report()
     planted = {name for name, on in PLANTED_NAMES.items() if on(sem)}
