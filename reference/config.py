@@ -148,8 +148,6 @@ class MagpieConfig:
     local_transformer_type: str = "none"  # "none" | "autoregressive" | "maskgit"
     local_transformer: Optional[TransformerConfig] = None  # NeMo builds it from local_transformer_* keys
     inference: InferenceParameters = field(default_factory=InferenceParameters)
-    sample_rate: Optional[int] = None
-    samples_per_frame: Optional[int] = None
 
     @property
     def text_bos_id(self) -> int:

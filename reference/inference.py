@@ -259,11 +259,6 @@ def draw_codes(probs: torch.Tensor, generator: Optional[torch.Generator] = None)
     return (probs / q.transpose(0, 1)).argmax(dim=-1)
 
 
-def multinomial1(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``torch.multinomial(probs, 1)`` for (B, V) probabilities, sync-free (:func:`draw_codes`)."""
-    return draw_codes(probs.unsqueeze(1), generator)
-
-
 def invalid_probabilities(probs: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor on probs' device: True where ``torch.multinomial`` would refuse some row of these
     softmax outputs. A softmax gives values in [0, 1], or NaN for a row with +inf/NaN logits or no finite one,

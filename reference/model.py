@@ -1,24 +1,11 @@
 """MagpieTTS (``decoder_context_tts``) in one readable file: the ground truth of magpie-parity.
 
-Each module mirrors its NeMo 3.0.0 counterpart op for op, so float32 results agree with NeMo to rounding:
-
-=====================================  ==========================================================  ======================================
-reference (module path = capture name)  NeMo 3.0.0                                                  TensorRT-LLM t5tts fork
-=====================================  ==========================================================  ======================================
-``text_embedding``                      ``MagpieTTSModel.text_embedding``                          encoder ``embedding.vocab_embedding``
-``encoder.layers.{i}.self_attention``   ``transformer_2501.SelfAttention`` (fused qkv_net)          ``encoder_layers.{i}.attention``
-``encoder.layers.{i}.pos_ff``           ``ffn_modules.PositionwiseConvFF``                          ``encoder_layers.{i}.pos_ff``
-``encoder.norm_out``                    ``Transformer.norm_out``                                    ``final_layernorm`` -> ``encoder_output``
-``decoder_input``                       ``embed_audio_tokens`` + context prefix (``process_batch``) ``embedding`` (mean of 8 lookups)
-``decoder.layers.{i}.self_attention``   ``SelfAttention`` (causal)                                  ``decoder_layers.{i}.self_attention``
-``decoder.layers.{i}.cross_attention``  ``CrossAttention`` (q_net / kv_net, own head size)         ``decoder_layers.{i}.cross_attention``
-``decoder.layers.{i}.pos_ff``           ``PositionwiseConvFF`` (causal)                             ``decoder_layers.{i}.pos_ff``
-``decoder.norm_out``                    ``Transformer.norm_out``                                    ``final_layernorm``
-``final_proj``                          ``MagpieTTSModel.final_proj`` (with bias)                   ``lm_head`` (bias dropped by the fork)
-=====================================  ==========================================================  ======================================
-
-``parity/names.py`` holds the full name table. Weight names are NeMo's state-dict keys, unchanged, so a NeMo
-checkpoint loads with ``load_state_dict(strict=True)`` after the shape checks in :meth:`MagpieTTS.from_nemo`.
+Each module mirrors its NeMo 3.0.0 counterpart op for op and keeps its name (``SelfAttention``, ``CrossAttention``,
+``PositionwiseConvFF``, ``Transformer``, ``MagpieTTS`` ~ ``MagpieTTSModel``), so float32 results agree with NeMo bit
+for bit on the CPU. Capture names are this model's module paths (:meth:`MagpieTTS.capture_points`); the one name
+table (``parity/names.py``, rendered in ``docs/names.md``) maps each onto its NeMo module and its TensorRT-LLM debug
+name in every fork generation. Weight names are NeMo's state-dict keys, unchanged, so a NeMo checkpoint loads with
+``load_state_dict(strict=True)`` after the shape checks in :meth:`MagpieTTS.from_nemo`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from conftest import FIXTURES, infer_inputs, load_batch, reference_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.inference import InferenceError, invalid_probabilities, multinomial1
+from reference.inference import InferenceError, draw_codes, invalid_probabilities
 
 # Per-step logits: float32, same op order as NeMo's recompute path; 1e-5 allows rounding accumulated over
 # up to 24 recomputed steps (observed: exact).
@@ -174,7 +174,7 @@ def test_invalid_parameters(params, match):
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 5), vocab=st.integers(1, 300), topk=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
        temperature=st.floats(0.05, 3.0))
-def test_multinomial1_is_torch_multinomial(rows, vocab, topk, seed, temperature):
+def test_draw_codes_is_torch_multinomial(rows, vocab, topk, seed, temperature):
     """The sync-free draw equals torch.multinomial(probs, 1) for the same seed and leaves the generator in the
     same state (same numbers consumed), on top-k-masked softmax probabilities like the sampler's."""
     g = torch.Generator().manual_seed(seed)
@@ -182,7 +182,7 @@ def test_multinomial1_is_torch_multinomial(rows, vocab, topk, seed, temperature)
     kth = torch.topk(logits, min(topk, vocab), dim=-1)[0][:, -1:]
     probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")) / temperature, dim=-1)
     g1, g2 = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
-    assert torch.equal(multinomial1(probs, g1), torch.multinomial(probs, 1, generator=g2))
+    assert torch.equal(draw_codes(probs.unsqueeze(1), g1), torch.multinomial(probs, 1, generator=g2))
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
