@@ -56,6 +56,8 @@ def _load_nemo(path: str, codec: str | None):
         raise _bad(f"--source nemo needs NeMo 3.0.0 (pip install '.[nemo]'): {type(e).__name__}: {e}") from None
     cfg = MagpieTTSModel.restore_from(path, return_config=True, map_location="cpu")
     codec_path = Path(codec) if codec else Path(cfg.codecmodel_path)
+    if not codec and not codec_path.is_absolute():  # a recorded relative path is relative to the archive's folder
+        codec_path = Path(path).resolve().parent / codec_path
     if not codec_path.exists():
         beside = Path(path).resolve().parent / codec_path.name
         if not beside.exists():
