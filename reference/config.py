@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -31,6 +33,63 @@ SUPPORTED_MODEL_TYPES = ("decoder_context_tts",)
 
 class ConfigError(ValueError):
     """The checkpoint's config is not a MagpieTTS config this reference supports, or disagrees with its weights."""
+
+
+# Sizes above this are not a MagpieTTS (the released model's largest is d_ffn 3072); the weights bound the real
+# size anyway (:func:`_check_layer_counts`, ``reference.model.check_weights``), this keeps arithmetic on typos sane.
+MAX_SIZE = 1 << 20
+
+
+def _typed(value: Any, kind: str, where: str, key: str, minimum: Optional[int] = 1) -> Any:
+    """One config value checked against its declared kind ("int", "bool", "float", "str", "layers"); ints are
+    bounded by ``minimum`` and :data:`MAX_SIZE`. The message names the key, never echoes a long value."""
+    shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {shown}")
+        if (minimum is not None and value < minimum) or value > MAX_SIZE:
+            raise ConfigError(f"{where}: '{key}' must lie in [{minimum}, {MAX_SIZE}], got {value}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be true or false, got {shown}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, got {shown}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: '{key}' must be a string, got {shown}")
+    elif kind == "layers":
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) > MAX_SIZE:
+            raise ConfigError(f"{where}: '{key}' must be a list of layer indices, got {shown}")
+        return tuple(_typed(i, "int", where, f"{key}[{n}]", minimum=0) for n, i in enumerate(value))
+    return value
+
+
+def _kind(annotation: str) -> str:
+    """A dataclass field's annotation (a string under postponed evaluation) -> a :func:`_typed` kind."""
+    if "tuple" in annotation:
+        return "layers"
+    for kind in ("bool", "int", "float", "str"):
+        if annotation in (kind, f"Optional[{kind}]"):
+            return kind
+    raise AssertionError(annotation)
+
+
+def _mapping(value: Any, where: str, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: '{key}' must be a mapping, got a {type(value).__name__}")
+    return value
+
+
+def _check_layer_counts(stack: str, t: "TransformerConfig", state_dict: Mapping[str, Any], where: str) -> None:
+    """n_layers against the layers the weights hold, before anything is built from it."""
+    pat = re.compile(rf"{re.escape(stack)}\.layers\.(\d+)\.")
+    found = {int(m.group(1)) for k in state_dict if (m := pat.match(k))}
+    n = max(found) + 1 if found else 0
+    if n != t.n_layers:
+        raise ConfigError(f"{where}: {stack}.n_layers is {t.n_layers} but the weights hold {n} {stack} layers")
 
 
 @dataclass(frozen=True)
@@ -65,6 +124,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> "TransformerConfig":
+        d = _mapping(d, where.rsplit(": ", 1)[0], where.rsplit(": ", 1)[-1])
         unsupported = {k for k in ("use_moe",) if d.get(k)}
         if unsupported:
             raise ConfigError(f"{where}: {sorted(unsupported)} is not supported by the reference")
@@ -79,7 +139,12 @@ class TransformerConfig:
         for req in ("n_layers", "d_model", "d_ffn", "sa_n_heads", "kernel_size"):
             if req not in d:
                 raise ConfigError(f"{where}: missing required key '{req}'")
-        kw = {k: v for k, v in d.items() if k in known}
+        fields = dataclasses.fields(cls)
+        kinds = {f.name: _kind(f.type) for f in fields}
+        optional = {f.name for f in fields if f.type.startswith("Optional")}
+        kw = {k: v if v is None and k in optional else _typed(v, kinds[k], where, k) for k, v in d.items() if k in known}
+        if "layer_norm_eps" in kw and not kw["layer_norm_eps"] > 0:
+            raise ConfigError(f"{where}: 'layer_norm_eps' must be > 0, got {kw['layer_norm_eps']}")
         cfg = cls(**kw)
         if cfg.d_model % cfg.sa_n_heads:
             raise ConfigError(f"{where}: d_model {cfg.d_model} is not divisible by sa_n_heads {cfg.sa_n_heads}")
@@ -110,18 +175,17 @@ class InferenceParameters:
     min_generated_frames: int = 4
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "InferenceParameters":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
+    def from_dict(cls, d: Mapping[str, Any], where: str = "inference_parameters") -> "InferenceParameters":
+        """From a checkpoint's ``inference_parameters``: types checked here, ranges by the loop's
+        ``resolve_parameters`` (where overrides are checked too)."""
+        kinds = {f.name: _kind(f.type) for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in _mapping(d, where, "inference_parameters").items() if k in kinds}
         # Renamed fields, as NeMo's from_dict accepts them (released checkpoint 291da79 uses the old names).
         if "prior_epsilon" in d:
             kw["attention_prior_epsilon"] = d["prior_epsilon"]
         if "lookahead_window_size" in d:
             kw["attention_prior_lookahead_window"] = d["lookahead_window_size"]
-        for k in ("estimate_alignment_from_layers", "apply_prior_to_layers"):
-            if kw.get(k) is not None:
-                kw[k] = tuple(int(i) for i in kw[k])
-        return cls(**kw)
+        return cls(**{k: _typed(v, kinds[k], where, f"inference_parameters.{k}", minimum=None) for k, v in kw.items()})
 
 
 @dataclass(frozen=True)
@@ -193,11 +257,13 @@ class MagpieConfig:
                 raise ConfigError(f"{where}: missing required key '{req}' (is this a MagpieTTS config?)")
         encoder = TransformerConfig.from_dict(cfg["encoder"], f"{where}: encoder")
         decoder = TransformerConfig.from_dict(cfg["decoder"], f"{where}: decoder")
+        _check_layer_counts("encoder", encoder, state_dict, where)
+        _check_layer_counts("decoder", decoder, state_dict, where)
         if not decoder.has_xattn:
             raise ConfigError(f"{where}: decoder.has_xattn must be true for decoder_context_tts")
         if encoder.has_xattn:
             raise ConfigError(f"{where}: encoder.has_xattn must be false")
-        d_model = int(cfg["embedding_dim"])
+        d_model = _typed(cfg["embedding_dim"], "int", where, "embedding_dim")
         for name, t in (("encoder", encoder), ("decoder", decoder)):
             if t.d_model != d_model:
                 raise ConfigError(f"{where}: {name}.d_model {t.d_model} != embedding_dim {d_model}")
@@ -208,7 +274,7 @@ class MagpieConfig:
             return tuple(state_dict[key].shape)
 
         num_text_tokens = shape("text_embedding.weight")[0]
-        fsf = int(cfg.get("frame_stacking_factor", 1))
+        fsf = _typed(cfg.get("frame_stacking_factor", 1), "int", where, "frame_stacking_factor")
         n_tables = 0
         while f"audio_embeddings.{n_tables}.weight" in state_dict:
             n_tables += 1
@@ -230,7 +296,7 @@ class MagpieConfig:
         ids = {}
         for key, off in _SPECIAL_OFFSETS.items():
             forced = cfg.get(f"forced_{key}")
-            ids[key] = int(forced) if forced is not None else codebook_size + off
+            ids[key] = _typed(forced, "int", where, f"forced_{key}", minimum=0) if forced is not None else codebook_size + off
             if not 0 <= ids[key] < num_all:
                 raise ConfigError(f"{where}: special token {key}={ids[key]} is outside the {num_all}-row audio embedding")
         proj = shape("final_proj.weight")
@@ -239,8 +305,10 @@ class MagpieConfig:
                 f"{where}: final_proj.weight has shape {proj}, expected "
                 f"({num_codebooks} codebooks x {num_all} tokens x stacking {fsf}, {d_model})"
             )
-        ctc = cfg.get("ctc_prior_layer_ids")
-        inf = InferenceParameters.from_dict(cfg.get("inference_parameters") or {})
+        ctc = _typed(cfg.get("ctc_prior_layer_ids"), "layers", where, "ctc_prior_layer_ids")
+        if ctc is not None and any(i >= decoder.n_layers for i in ctc):
+            raise ConfigError(f"{where}: 'ctc_prior_layer_ids' names layers outside 0..{decoder.n_layers - 1}")
+        inf = InferenceParameters.from_dict(cfg.get("inference_parameters") or {}, where)
         lt_type = str(cfg.get("local_transformer_type", "none")).lower()
         if lt_type not in ("none", "autoregressive", "maskgit"):
             raise ConfigError(f"{where}: unknown local_transformer_type {lt_type!r}")
@@ -248,13 +316,18 @@ class MagpieConfig:
         if lt_type != "none":
             # NeMo's MagpieTTSModel.__init__: a causal (AR) or bidirectional (MaskGit) kernel-1 stack with learned
             # positions over C * stacking + 2 positions, FFN 4x, no output norm.
-            hidden = int(cfg.get("local_transformer_hidden_dim", 256))
+            hidden = _typed(cfg.get("local_transformer_hidden_dim", 256), "int", where, "local_transformer_hidden_dim")
+            heads = _typed(cfg.get("local_transformer_n_heads", 1), "int", where, "local_transformer_n_heads")
+            if hidden % heads:
+                raise ConfigError(f"{where}: local_transformer_hidden_dim {hidden} is not divisible by "
+                                  f"local_transformer_n_heads {heads}")
             lt = TransformerConfig(
-                n_layers=int(cfg.get("local_transformer_n_layers", 2)), d_model=hidden, d_ffn=4 * hidden,
-                sa_n_heads=int(cfg.get("local_transformer_n_heads", 1)), kernel_size=1,
+                n_layers=_typed(cfg.get("local_transformer_n_layers", 2), "int", where, "local_transformer_n_layers"),
+                d_model=hidden, d_ffn=4 * hidden, sa_n_heads=heads, kernel_size=1,
                 is_causal=lt_type == "autoregressive", apply_norm_out=False,
                 max_length_causal_mask=fsf * num_codebooks + 2, use_learnable_pos_emb=True,
             )
+            _check_layer_counts("local_transformer", lt, state_dict, where)
         return cls(
             model_type=model_type,
             d_model=d_model,
@@ -267,7 +340,8 @@ class MagpieConfig:
             decoder=decoder,
             final_proj_bias="final_proj.bias" in state_dict,
             ctc_prior_layer_ids=tuple(int(i) for i in ctc) if ctc is not None else None,
-            use_kv_cache_for_inference=bool(cfg.get("use_kv_cache_for_inference", False)),
+            use_kv_cache_for_inference=_typed(cfg.get("use_kv_cache_for_inference", False), "bool", where,
+                                              "use_kv_cache_for_inference"),
             local_transformer_type=lt_type,
             local_transformer=lt,
             inference=inf,

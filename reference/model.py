@@ -497,8 +497,11 @@ class MagpieTTS(nn.Module):
     @classmethod
     def from_state_dict(cls, nemo_config: dict, state_dict: dict[str, torch.Tensor], where: str = "checkpoint") -> "MagpieTTS":
         config = MagpieConfig.from_nemo(nemo_config, state_dict, where=where)
-        model = cls(config)
-        load_weights(model, state_dict, where)
+        sd = check_weights(config, state_dict, where)
+        with torch.device("meta"):  # no random initialisation: every weight is loaded next (strict)
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
         return model.eval()
 
     # ---- building blocks (also used by inference) ----------------------------------------------------------
@@ -619,8 +622,12 @@ class MagpieTTS(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_weights(model: MagpieTTS, state_dict: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load: every weight used, every shape asserted, NeMo's constant buffers checked and dropped."""
+def check_weights(config: MagpieConfig, state_dict: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The one validation of a state dict against its config, before any allocation (the converter runs it too):
+    every weight used, every shape the config implies, float weights where floats belong. NeMo's constant buffers
+    are checked and dropped. The expected shapes come from the model built on the meta device (no memory), whose
+    size the config's own checks against the weights already bound (:meth:`MagpieConfig.from_nemo`).
+    Returns the state dict to load."""
     from reference.checkpoint import CheckpointError
 
     sd = dict(state_dict)
@@ -628,13 +635,14 @@ def load_weights(model: MagpieTTS, state_dict: dict[str, torch.Tensor], where: s
     # is what it should be and compute causality on the fly instead of storing it.
     for key in [k for k in sd if k.endswith(".self_attention.causal_mask")]:
         m = sd.pop(key)
-        n = m.shape[-1]
-        if m.dim() != 4 or not torch.equal(m.reshape(n, n), torch.tril(torch.ones(n, n, dtype=m.dtype))):
+        n = m.shape[-1] if m.dim() else 0
+        if m.dim() != 4 or m.numel() != n * n or not torch.equal(m.reshape(n, n), torch.tril(torch.ones(n, n, dtype=m.dtype))):
             raise CheckpointError(f"{where}: buffer '{key}' is not a lower-triangular causal mask")
     # Training-only modules that do not affect eval logits (alignment encoder) are accepted and ignored.
     for key in [k for k in sd if k.startswith("alignment_encoder.")]:
         sd.pop(key)
-    expected = model.state_dict()
+    with torch.device("meta"):
+        expected = MagpieTTS(config).state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
@@ -649,4 +657,4 @@ def load_weights(model: MagpieTTS, state_dict: dict[str, torch.Tensor], where: s
             raise CheckpointError(f"{where}: weight '{k}' has shape {tuple(sd[k].shape)}, the config implies {tuple(v.shape)}")
         if sd[k].dtype != v.dtype and not sd[k].is_floating_point():
             raise CheckpointError(f"{where}: weight '{k}' has dtype {sd[k].dtype}, expected a float tensor")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+    return sd

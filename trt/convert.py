@@ -438,8 +438,11 @@ def convert_in_memory(ckpt_path_or_model, dtype: str = "float32", tp_size: int =
 def convert_state_dict(c: MagpieConfig, sd: Mapping[str, torch.Tensor], dtype: str = "float32", tp_size: int = 1,
                        drop_lm_head_bias: bool = False, logits_dtype: str = "float32",
                        ffn_split: str = "replicate", where: str = "checkpoint") -> ConvertedCheckpoint:
+    from reference.model import check_weights
+
     if c.local_transformer_type != "none":
         raise ConversionError(f"{where}: local_transformer_type={c.local_transformer_type!r} is not supported")
+    sd = check_weights(c, sd, where)  # the reference loader's own validation: the same weights pass both or neither
     enc_cfg, dec_cfg = build_configs(c, dtype, tp_size, drop_lm_head_bias, logits_dtype, ffn_split)
     td = DTYPES[dtype]
     out = ConvertedCheckpoint(enc_cfg, dec_cfg)
@@ -630,6 +633,9 @@ def _config_from_meta(meta: dict, has_bias: bool, where: str) -> MagpieConfig:
             shapes[f"audio_embeddings.{k}.weight"] = (V, dec.d_model)
         if has_bias:
             shapes["final_proj.bias"] = (n_cb * V * fsf,)
+        for stack, t in (("encoder", enc), ("decoder", dec)):  # from_nemo counts the layers the weights hold
+            for i in range(t.n_layers):
+                shapes[f"{stack}.layers.{i}.norm_self.weight"] = (t.d_model,)
         fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
         return MagpieConfig.from_nemo(nemo_cfg, fake, where=where)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
