@@ -61,7 +61,6 @@ COMPACT_MAX_DATA = 16 * 2**20
 _MANIFEST_KEYS = {"format", "version", "source", "config_hash", "dtype", "inputs", "layout", "meta", "complete",
                   "tensors", "files", "manifest_sha256"}  # shards with at most this much data are rewritten without the header reserve
 # Safetensors headers beyond this are corrupt, not big: refuse before allocating.
-_MAX_HEADER_BYTES = 100 * 2**20
 _MAX_MANIFEST_BYTES = 256 * 2**20
 
 # torch dtype name -> (safetensors dtype code, torch dtype)
@@ -207,6 +206,32 @@ class _Shard:
             pass
 
 
+def is_dump(path: str | os.PathLike) -> bool:
+    """A real directory (not a link) whose manifest says it is a magpie-parity dump: what ``overwrite`` may replace."""
+    p = pathlib.Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    m = p / MANIFEST_NAME
+    try:
+        if m.is_symlink() or not m.is_file() or m.stat().st_size > _MAX_MANIFEST_BYTES:
+            return False
+        return json.loads(m.read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """``overwrite`` replaces only what this tool wrote: a dump, or an empty directory; never a link, a file, or a
+    folder of someone's notes."""
+    p = pathlib.Path(path)
+    if is_dump(p):
+        return
+    if p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+        return
+    raise DumpExistsError(f"{p}: exists and is not a magpie-parity dump; --overwrite only replaces a dump it "
+                          "wrote (choose another --out)")
+
+
 def _cleanup_tmp(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -238,8 +263,10 @@ class DumpWriter:
         if shard_bytes <= 0:
             raise ValueError("shard_bytes must be positive")
         self.out_dir = pathlib.Path(out_dir)
-        if self.out_dir.exists() and not overwrite:
-            raise DumpExistsError(f"{self.out_dir}: already exists (pass overwrite=True to replace it)")
+        if os.path.lexists(self.out_dir):
+            if not overwrite:
+                raise DumpExistsError(f"{self.out_dir}: already exists (pass --overwrite / overwrite=True to replace it)")
+            check_replaceable(self.out_dir)
         self._manifest: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -366,6 +393,7 @@ class DumpWriter:
         if os.path.lexists(self.out_dir):
             if not self._overwrite:
                 raise DumpExistsError(f"{self.out_dir}: appeared while the dump was being written")
+            check_replaceable(self.out_dir)
             # Move the old dump aside first: readers see the old complete dump, briefly nothing,
             # then the new complete dump; never a mixture.
             old = parent / f".{self.out_dir.name}.old-{secrets.token_hex(6)}"
@@ -601,8 +629,13 @@ class DumpReader:
                 if len(head) < 8:
                     raise DumpError(f"{path}: truncated ({size} bytes; no safetensors header)")
                 (hlen,) = struct.unpack("<Q", head)
-                if hlen > size - 8 or hlen > _MAX_HEADER_BYTES:
+                if hlen > size - 8:
                     raise DumpError(f"{path}: header length {hlen} exceeds the file ({size} bytes): truncated or corrupt")
+                if hlen > HEADER_RESERVE:
+                    # DumpWriter never writes more (its reserve): a larger header is crafted, and a header listing a
+                    # million empty tensors would cost gigabytes to parse
+                    raise DumpError(f"{path}: safetensors header of {hlen} bytes is larger than a dump's "
+                                    f"{HEADER_RESERVE}-byte reserve: not written by magpie-parity")
                 raw = fh.read(hlen)
         except OSError as exc:
             raise DumpError(f"{path}: cannot read: {exc}") from None

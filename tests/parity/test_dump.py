@@ -140,6 +140,49 @@ def test_overwrite(tmp_path, dump):
     assert sorted(os.listdir(tmp_path)) == ["d"]  # no temp or old directories left
 
 
+@pytest.mark.parametrize("make", ["notes", "file", "link"])
+def test_overwrite_replaces_only_a_dump(tmp_path, dump, make):
+    """--overwrite must never delete what this tool did not write: a folder of notes, a file, a link (even to a
+    dump); each is refused before anything is written and left as it was."""
+    target = tmp_path / "out"
+    if make == "notes":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    elif make == "file":
+        target.write_text("mine")
+    else:
+        target.symlink_to(dump)
+    with pytest.raises(DumpExistsError, match="is not a magpie-parity dump"):
+        DumpWriter(target, source="reference", overwrite=True)
+    if make == "notes":
+        assert (target / "notes.txt").read_text() == "mine"
+    elif make == "file":
+        assert target.read_text() == "mine"
+    else:
+        assert target.is_symlink() and DumpReader(dump).source == "reference"
+    assert sorted(os.listdir(tmp_path)) == sorted(["d", "out"])  # no temp directory left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_dump(empty, [("y", None, torch.ones(2))], source="nemo", overwrite=True)  # an empty folder may be used
+
+
+def test_shard_header_larger_than_the_writers_reserve_is_refused(tmp_path):
+    """A crafted shard whose header lists a million empty tensors would cost gigabytes to parse: refused by size."""
+    import struct
+
+    from parity.dump import HEADER_RESERVE
+
+    d = write_dump(tmp_path / "d", [("x", None, torch.ones(1))], source="reference")
+    shard = next(p for p in d.iterdir() if p.suffix == ".safetensors")
+    header = {f"e{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(20_000)}
+    header["x"] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    raw = json.dumps(header).encode()
+    assert len(raw) > HEADER_RESERVE
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + torch.ones(1).numpy().tobytes())
+    with pytest.raises(DumpError, match="larger than a dump's .*-byte reserve"):
+        DumpReader(d)
+
+
 def test_missing_tensor_lists_close_names(dump):
     r = DumpReader(dump)
     with pytest.raises(MissingTensorError, match="logits") as ei:
