@@ -91,12 +91,23 @@ SEED_WORKLOAD = Workload(text_len=128, context_frames=160, output_frames=480)
 
 def _read_config(ckpt_dir: Path, comp: str) -> dict:
     p = ckpt_dir / comp / "config.json"
-    if not p.is_file():
-        raise BuildConfigError(f"{p}: missing (convert the checkpoint first: trt.convert.convert_checkpoint)")
+    if not p.is_file() or p.is_symlink():
+        raise BuildConfigError(f"{p}: missing or not a regular file (convert the checkpoint first: "
+                               "magpie-parity convert --checkpoint MODEL.nemo --out CKPT_DIR)")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise BuildConfigError(f"{p}: {p.stat().st_size} bytes is too large for a converted config.json")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise BuildConfigError(f"{p}: not valid JSON ({e})") from e
+        cfg = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BuildConfigError(f"{p}: not UTF-8 text (not a converted config.json)") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise BuildConfigError(f"{p}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise BuildConfigError(f"{p}: a JSON {type(cfg).__name__}, not the object a converted config.json holds")
+    return cfg
+
+
+MAX_CONFIG_BYTES = 16 * 2**20  # a converted config.json is a few KB
 
 
 def resolve_settings(profile: Union[str, dict], debug_output: bool = False, **overrides) -> dict[str, dict]:
@@ -143,6 +154,8 @@ def validate(settings: dict[str, dict], enc_cfg: dict, dec_cfg: dict, workload: 
                 raise BuildConfigError(f"{comp}: --{flag} must be a positive integer, got {s[flag]!r}")
         cfg = enc_cfg if comp == "encoder" else dec_cfg
         dtype = cfg.get("dtype")
+        if not isinstance(dtype, str):
+            raise BuildConfigError(f"{comp}/config.json: dtype must be a string such as 'float32', got {dtype!r}")
         for flag in _PLUGIN_FLAGS:
             v = s.get(flag)
             if v not in (None, "auto", "disable") and v != dtype:
@@ -154,18 +167,19 @@ def validate(settings: dict[str, dict], enc_cfg: dict, dec_cfg: dict, workload: 
     for comp, s, cfg in (("encoder", e, enc_cfg), ("decoder", d, dec_cfg)):
         if "max_input_len" not in s:
             raise BuildConfigError(f"{comp}: --max_input_len is required")
-    enc_pos = enc_cfg.get("max_position_embeddings")
-    dec_pos = dec_cfg.get("max_position_embeddings")
+    enc_pos, dec_pos = _positions(enc_cfg, "encoder"), _positions(dec_cfg, "decoder")
     if enc_pos is not None and e["max_input_len"] > enc_pos:
         raise BuildConfigError(
-            f"encoder: --max_input_len {e['max_input_len']} exceeds the encoder's max_position_embeddings {enc_pos}")
+            f"encoder: --max_input_len {e['max_input_len']} exceeds the encoder's max_position_embeddings {enc_pos} "
+            f"(pass --set encoder_max_input_len={enc_pos})")
     if "max_seq_len" not in d:
         raise BuildConfigError("decoder: --max_seq_len is required")
     if d["max_input_len"] > d["max_seq_len"]:
         raise BuildConfigError(f"decoder: --max_input_len {d['max_input_len']} > --max_seq_len {d['max_seq_len']}")
     if dec_pos is not None and d["max_seq_len"] > dec_pos:
         raise BuildConfigError(
-            f"decoder: --max_seq_len {d['max_seq_len']} exceeds the decoder's max_position_embeddings {dec_pos}")
+            f"decoder: --max_seq_len {d['max_seq_len']} exceeds the decoder's max_position_embeddings {dec_pos} "
+            f"(pass --set max_seq_len={dec_pos}, and max_input_len / max_encoder_input_len within it)")
     if "max_encoder_input_len" not in d:
         raise BuildConfigError("decoder: --max_encoder_input_len is required for the cross-attention inputs")
     if d["max_encoder_input_len"] < e["max_input_len"]:
@@ -187,6 +201,13 @@ def validate(settings: dict[str, dict], enc_cfg: dict, dec_cfg: dict, workload: 
         if d["max_seq_len"] < need_seq:
             raise BuildConfigError(
                 f"decoder: --max_seq_len {d['max_seq_len']} < context frames + 1 + generated frames = {need_seq}")
+
+
+def _positions(cfg: dict, comp: str) -> Optional[int]:
+    v = cfg.get("max_position_embeddings")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise BuildConfigError(f"{comp}/config.json: max_position_embeddings must be a positive integer, got {v!r}")
+    return v
 
 
 def _flags(s: dict) -> list[str]:

@@ -95,6 +95,28 @@ def test_checkpoint_errors(ckpt, tmp_path):
         B.build_commands(tmp_path / "nothing", tmp_path, "seed")
 
 
+@pytest.mark.parametrize("content, match", [
+    (b"[1, 2]", "a JSON list, not the object"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+    (b"{not json", "not valid JSON"),
+    (b'{"dtype": "float16", "max_position_embeddings": "abc"}', "max_position_embeddings must be a positive integer"),
+    (b'{"dtype": 3}', "dtype must be a string"),
+])
+def test_a_crafted_config_json_is_one_build_config_error(ckpt, tmp_path, content, match):
+    d = ckpt()
+    (d / "encoder" / "config.json").write_bytes(content)
+    with pytest.raises(B.BuildConfigError, match=match):
+        B.build_commands(d, tmp_path / "engines", "seed", encoder_max_input_len=128)
+
+
+def test_position_errors_name_the_set_that_fixes_them(ckpt, tmp_path):
+    with pytest.raises(B.BuildConfigError, match=r"\(pass --set encoder_max_input_len=64\)"):
+        B.build_commands(ckpt(positions=64), tmp_path, "seed")
+    # and following the hint gets past that check
+    with pytest.raises(B.BuildConfigError, match="max_seq_len 512 exceeds .* \\(pass --set max_seq_len=64"):
+        B.build_commands(ckpt(positions=64), tmp_path, "seed", encoder_max_input_len=64)
+
+
 def test_workload_validation(ckpt, tmp_path):
     d = ckpt()
     # The seed workload (160 context + 1 + 480 generated frames) does not fit the README decoder's max_seq_len 512.
