@@ -26,10 +26,8 @@ float64; a chunk whose float32 sums or differences overflow is redone in float64
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
-import pathlib
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +37,18 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from parity.dump import DumpError, DumpReader, TensorEntry, open_dump
+# The tolerance types and policies live in parity.tolerances; re-exported here for existing imports.
+from parity.tolerances import (  # noqa: F401
+    CHECKS,
+    DTYPE_DEFAULTS,
+    PolicyError,
+    Tolerance,
+    TolerancePolicy,
+    dtype_default,
+)
+from parity.tolerances import policy as default_policy
 
 TINY = float(torch.finfo(torch.float32).tiny)
-CHECKS = ("elemwise", "max", "mean", "median", "quantile")
 DEFAULT_CHUNK_ELEMS = 1 << 20
 
 _HIST_SHIFT = 20
@@ -60,142 +67,6 @@ for _n in ("float8_e4m3fn", "float8_e5m2"):
         _EXACT_IN_F32.add(getattr(torch, _n))
 # float32 inputs still get float64 math: parity checks at 1e-5 want the difference itself unrounded.
 _F32_MATH = _EXACT_IN_F32 - {torch.float32}
-
-
-class PolicyError(ValueError):
-    """A tolerance policy (file) that cannot be used. The message names the file."""
-
-
-# ----------------------------------------------------------------------------------------- tolerances
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """``atol``/``rtol`` and how they are applied (Polygraphy's ``check_error_stat``).
-
-    ``elemwise`` fails if any element fails; ``max``/``mean``/``median``/``quantile`` fail iff that
-    statistic of the absolute error exceeds ``atol`` *and* the same statistic of the relative error
-    exceeds ``rtol``. NaN and mismatched Inf always fail, whatever the check.
-    """
-
-    atol: float
-    rtol: float
-    check: str = "elemwise"
-    quantile: float = 0.99  # used by check="quantile"
-
-    def __post_init__(self) -> None:
-        for k in ("atol", "rtol"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
-            object.__setattr__(self, k, float(v))
-        if self.check not in CHECKS:
-            raise ValueError(f"check must be one of {CHECKS}, got {self.check!r}")
-        if not (0.0 < float(self.quantile) <= 1.0):
-            raise ValueError(f"quantile must be in (0, 1], got {self.quantile!r}")
-
-    def to_dict(self) -> dict:
-        d = {"atol": self.atol, "rtol": self.rtol, "check": self.check}
-        if self.check == "quantile":
-            d["quantile"] = self.quantile
-        return d
-
-
-# Defaults when a policy has nothing for a tensor, chosen by the less precise of the two dtypes.
-DTYPE_DEFAULTS: dict[str, Tolerance] = {
-    # eps 1.2e-7; layer outputs carry O(100) roundings from reductions and differently ordered kernels.
-    "float32": Tolerance(1e-5, 1e-5),
-    # eps 2.2e-16, but a float64 run is usually compared with float32 references: stay at ~100 f32 ulps.
-    "float64": Tolerance(1e-5, 1e-5),
-    # eps 9.8e-4; about ten accumulated half-precision roundings per layer output.
-    "float16": Tolerance(1e-2, 1e-2),
-    # eps 7.8e-3 (8-bit mantissa); about six roundings, i.e. a couple of bf16 ulps of slack.
-    "bfloat16": Tolerance(5e-2, 5e-2),
-    # eps 0.125 / 0.25: one fp8 rounding of the reference value.
-    "float8_e4m3fn": Tolerance(1.25e-1, 1.25e-1),
-    "float8_e5m2": Tolerance(2.5e-1, 2.5e-1),
-}
-_PRECISION_ORDER = ["float8_e5m2", "float8_e4m3fn", "bfloat16", "float16", "float32", "float64"]
-_EXACT = Tolerance(0.0, 0.0)  # integers and bools must match exactly
-
-
-def dtype_default(dtype_a: str | None, dtype_b: str | None) -> Tolerance:
-    """The dtype-aware default tolerance for a pair of dtype names (loosest of the two wins)."""
-    floats = [d for d in (dtype_a, dtype_b) if d in DTYPE_DEFAULTS]
-    if not floats:
-        return _EXACT if (dtype_a or dtype_b) else DTYPE_DEFAULTS["float32"]
-    return DTYPE_DEFAULTS[min(floats, key=_PRECISION_ORDER.index)]
-
-
-@dataclass
-class TolerancePolicy:
-    """Per-tensor tolerances.
-
-    ``per_name`` maps exact names or :mod:`fnmatch` globs (``*`` also matches dots) to tolerances.
-    Lookup order: exact name, then the first matching glob in insertion (file) order, then the key
-    ``""`` or ``default``, then :data:`DTYPE_DEFAULTS` for the tensor's dtypes.
-    """
-
-    per_name: dict[str, Tolerance] = field(default_factory=dict)
-    default: Tolerance | None = None
-
-    def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None) -> Tolerance:
-        if name in self.per_name and name != "":
-            return self.per_name[name]
-        for pattern, tol in self.per_name.items():
-            if pattern and fnmatch.fnmatchcase(name, pattern):
-                return tol
-        if "" in self.per_name:
-            return self.per_name[""]
-        if self.default is not None:
-            return self.default
-        return dtype_default(dtype_a, dtype_b)
-
-    __call__ = lookup
-
-    def to_dict(self) -> dict:
-        return {
-            "default": self.default.to_dict() if self.default else None,
-            "per_name": {k: v.to_dict() for k, v in self.per_name.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, *, where: str = "tolerance policy") -> "TolerancePolicy":
-        if not isinstance(data, dict):
-            raise PolicyError(f"{where}: top level must be a JSON object")
-        unknown = set(data) - {"default", "per_name"}
-        if unknown:
-            raise PolicyError(f"{where}: unknown keys {sorted(unknown)} (expected 'default', 'per_name')")
-
-        def tol(obj: Any, what: str) -> Tolerance:
-            if not isinstance(obj, dict):
-                raise PolicyError(f"{where}: {what} must be an object with atol/rtol")
-            extra = set(obj) - {"atol", "rtol", "check", "quantile"}
-            if extra or "atol" not in obj or "rtol" not in obj:
-                raise PolicyError(f"{where}: {what} needs atol and rtol (and optionally check, quantile); got {sorted(obj)}")
-            try:
-                return Tolerance(**obj)
-            except (TypeError, ValueError) as exc:
-                raise PolicyError(f"{where}: {what}: {exc}") from None
-
-        default = tol(data["default"], "default") if data.get("default") is not None else None
-        per = data.get("per_name", {})
-        if not isinstance(per, dict):
-            raise PolicyError(f"{where}: per_name must be an object of pattern -> tolerance")
-        return cls({str(k): tol(v, f"per_name[{k!r}]") for k, v in per.items()}, default)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "TolerancePolicy":
-        p = pathlib.Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"{p}: cannot read tolerance file: {exc}") from None
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise PolicyError(f"{p}: tolerance file is not valid JSON: {exc}") from None
-        return cls.from_dict(data, where=str(p))
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -613,13 +484,14 @@ def compare_dumps(
 ) -> DumpCompareResult:
     """Compare every (name, step) present in both dumps, in dump b's execution order.
 
-    ``names``: fnmatch globs selecting tensors (default: all). ``workers``: threads comparing tensors
+    ``policy``: per-tensor tolerances (default: the ``""`` policy of :mod:`parity.tolerances`, the per-dtype
+    defaults). ``names``: fnmatch globs selecting tensors (default: all). ``workers``: threads comparing tensors
     concurrently (torch releases the GIL inside its kernels and reads use ``pread``); default
     ``min(2, cpu_count)``. ``progress``: tqdm bar on stderr; ``None`` = only when stderr is a tty.
     Raises DumpError for unreadable/corrupt dumps and incompatible manifests.
     """
     ra, rb = open_dump(a), open_dump(b)
-    policy = policy or TolerancePolicy()
+    policy = policy or default_policy("")
     warnings = _check_compatible(ra, rb)
     ea = {(e.name, e.step): e for e in ra.entries if _selected(e.name, names)}
     eb = [e for e in rb.entries if _selected(e.name, names)]

@@ -7,7 +7,8 @@
 
 Options: ``--nemo-ckpt PATH`` (.nemo/.ckpt), ``--nemo-dump DIR`` (a ``magpie-parity dump --source nemo``
 folder; its batch is read from ``--parity-batch`` or ``<dump>/../<name>.batch.safetensors``), ``--engine-dir``
-(a TensorRT-LLM engine folder), ``--parity-tolerances FILE`` (JSON policy). Markers: ``nemo``, ``gpu``,
+(a TensorRT-LLM engine folder), ``--parity-tolerances FILE|NAME`` (JSON policy, or a policy name of
+``parity.tolerances``; default ``parity``). Markers: ``nemo``, ``gpu``,
 ``trtllm``: tests carrying them are skipped, with the reason, when the backend is missing.
 """
 
@@ -27,7 +28,9 @@ def pytest_addoption(parser):
     g.addoption("--nemo-dump", default=None, help="dump folder written by 'magpie-parity dump --source nemo'")
     g.addoption("--parity-batch", default=None, help="safetensors batch the NeMo dump was made from")
     g.addoption("--engine-dir", default=None, help="TensorRT-LLM engine folder (encoder/ and decoder/)")
-    g.addoption("--parity-tolerances", default=None, help="JSON tolerance policy for parity_compare")
+    g.addoption("--parity-tolerances", default=None,
+                help="JSON tolerance policy file, or a policy name of parity.tolerances, for parity_compare "
+                     "(default: parity)")
 
 
 def pytest_configure(config):
@@ -100,10 +103,11 @@ def nemo_dump(pytestconfig):
 
 @pytest.fixture(scope="session")
 def parity_policy(pytestconfig):
-    from parity.compare import TolerancePolicy
+    """The tolerance policy of ``parity_compare``: ``--parity-tolerances`` (a JSON file or a policy name of
+    :mod:`parity.tolerances`), by default the policy ``"parity"`` (float32 reference vs NeMo)."""
+    from parity.tolerances import load_policy
 
-    path = pytestconfig.getoption("--parity-tolerances")
-    return TolerancePolicy.from_file(path) if path else TolerancePolicy()
+    return load_policy(pytestconfig.getoption("--parity-tolerances"), default="parity")
 
 
 @dataclass

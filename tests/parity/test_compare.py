@@ -1,4 +1,5 @@
-"""Comparison metrics and tolerance policies. Data is random (never all-zero) and drawn per example."""
+"""Comparison metrics and tolerance policies (parity.tolerances). Data is random (never all-zero) and drawn per
+example."""
 
 from __future__ import annotations
 
@@ -10,16 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parity.compare import (
-    PolicyError,
-    Tolerance,
-    TolerancePolicy,
-    compare_dumps,
-    compare_streams,
-    compare_tensors,
-    dtype_default,
-)
+from parity.compare import compare_dumps, compare_streams, compare_tensors
 from parity.dump import DumpError, write_dump
+from parity.tolerances import PolicyError, Tolerance, TolerancePolicy, dtype_default, policy
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -266,3 +260,16 @@ def test_compare_dumps_incompatible_config_hash(tmp_path):
     a, b = _pair(tmp_path, config_hash="other")
     with pytest.raises(DumpError, match="config_hash"):
         compare_dumps(a, b, progress=False)
+
+
+def test_compare_dumps_defaults_to_the_empty_named_policy(tmp_path):
+    """No policy: the "" policy of parity.tolerances (per-dtype defaults) decides and is reported per tensor."""
+    g = torch.Generator().manual_seed(0)
+    b16 = torch.randn(64, generator=g).half()
+    a = write_dump(tmp_path / "a", [("x", None, b16 + 5e-3), ("n", None, torch.arange(4))], source="reference")
+    b = write_dump(tmp_path / "b", [("x", None, b16), ("n", None, torch.arange(4))], source="reference")
+    res = compare_dumps(a, b, progress=False)
+    assert [t.tolerance for t in res.tensors] == [policy("").lookup("x", "float16", "float16"), Tolerance(0, 0)]
+    assert res.passed
+    strict = compare_dumps(a, b, policy=policy("steps"), progress=False)
+    assert not strict.passed and strict.first_divergence == ("x", None)

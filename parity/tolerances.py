@@ -1,0 +1,238 @@
+"""Every tolerance of the project, in one place: the types, the per-dtype defaults and the named policies.
+
+Two kinds of tolerance live here:
+
+* :class:`Tolerance` (``atol``/``rtol`` applied Polygraphy's way) and :class:`TolerancePolicy` (per-tensor
+  tolerances by name or glob, with a ``""`` default key like Polygraphy's comparator, then the per-dtype
+  defaults :data:`DTYPE_DEFAULTS`). ``parity.compare`` applies them tensor by tensor.
+* :class:`ScaledTolerance`: one absolute bound on a whole run's logits, relative to their scale
+  (``rel * max(1, max|logits|)``). ``trt.diagnose`` scores engine behaviours with it.
+
+Named policies (:data:`POLICIES`, :func:`policy`; ``--tolerances NAME`` on the command line):
+
+``""``
+    the per-dtype defaults alone: ``magpie-parity compare`` without ``--tolerances``.
+``"parity"``
+    the float32 reference against NeMo (``magpie-parity check``, the pytest plugin's ``parity_compare``): float32
+    tensors at ``1e-5``/``1e-5``, integer tensors exact, other dtypes at their defaults.
+``"fixtures"``
+    the bundled fixtures reproduced by the reference (tests): ``atol 1e-6``, ``rtol 0``, every tensor.
+``"steps"``
+    per-step logits of an autoregressive run against another run of the same model (tests): ``atol 1e-5``,
+    ``rtol 0``.
+
+and for diagnose, :data:`DIAGNOSE` (by the dump's dtype, ``""`` for every other): :func:`diagnose_tolerance`.
+
+This module imports nothing of the project (torch is not needed either), so every layer can use it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+CHECKS = ("elemwise", "max", "mean", "median", "quantile")
+
+
+class PolicyError(ValueError):
+    """A tolerance policy (file, name) that cannot be used. The message names the file or the name."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``atol``/``rtol`` and how they are applied (Polygraphy's ``check_error_stat``).
+
+    ``elemwise`` fails if any element fails; ``max``/``mean``/``median``/``quantile`` fail iff that
+    statistic of the absolute error exceeds ``atol`` *and* the same statistic of the relative error
+    exceeds ``rtol``. NaN and mismatched Inf always fail, whatever the check.
+    """
+
+    atol: float
+    rtol: float
+    check: str = "elemwise"
+    quantile: float = 0.99  # used by check="quantile"
+
+    def __post_init__(self) -> None:
+        for k in ("atol", "rtol"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
+            object.__setattr__(self, k, float(v))
+        if self.check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {self.check!r}")
+        if not (0.0 < float(self.quantile) <= 1.0):
+            raise ValueError(f"quantile must be in (0, 1], got {self.quantile!r}")
+
+    def to_dict(self) -> dict:
+        d = {"atol": self.atol, "rtol": self.rtol, "check": self.check}
+        if self.check == "quantile":
+            d["quantile"] = self.quantile
+        return d
+
+
+# float32 reference against NeMo's float32 run (same op order, different kernels and reduction orders).
+PARITY_FLOAT32 = Tolerance(1e-5, 1e-5)
+
+# Defaults when a policy has nothing for a tensor, chosen by the less precise of the two dtypes.
+DTYPE_DEFAULTS: dict[str, Tolerance] = {
+    # eps 1.2e-7; layer outputs carry O(100) roundings from reductions and differently ordered kernels.
+    "float32": PARITY_FLOAT32,
+    # eps 2.2e-16, but a float64 run is usually compared with float32 references: stay at ~100 f32 ulps.
+    "float64": Tolerance(1e-5, 1e-5),
+    # eps 9.8e-4; about ten accumulated half-precision roundings per layer output.
+    "float16": Tolerance(1e-2, 1e-2),
+    # eps 7.8e-3 (8-bit mantissa); about six roundings, i.e. a couple of bf16 ulps of slack.
+    "bfloat16": Tolerance(5e-2, 5e-2),
+    # eps 0.125 / 0.25: one fp8 rounding of the reference value.
+    "float8_e4m3fn": Tolerance(1.25e-1, 1.25e-1),
+    "float8_e5m2": Tolerance(2.5e-1, 2.5e-1),
+}
+_PRECISION_ORDER = ["float8_e5m2", "float8_e4m3fn", "bfloat16", "float16", "float32", "float64"]
+EXACT = Tolerance(0.0, 0.0)  # integers and bools must match exactly
+
+
+def dtype_default(dtype_a: str | None, dtype_b: str | None) -> Tolerance:
+    """The dtype-aware default tolerance for a pair of dtype names (loosest of the two wins).
+
+    Integer/bool dtypes are exact; no dtype at all (``None, None``) gets the float32 default."""
+    floats = [d for d in (dtype_a, dtype_b) if d in DTYPE_DEFAULTS]
+    if not floats:
+        return EXACT if (dtype_a or dtype_b) else DTYPE_DEFAULTS["float32"]
+    return DTYPE_DEFAULTS[min(floats, key=_PRECISION_ORDER.index)]
+
+
+@dataclass
+class TolerancePolicy:
+    """Per-tensor tolerances.
+
+    ``per_name`` maps exact names or :mod:`fnmatch` globs (``*`` also matches dots) to tolerances.
+    Lookup order: exact name, then the first matching glob in insertion (file) order, then the key
+    ``""`` or ``default``, then :data:`DTYPE_DEFAULTS` for the tensor's dtypes.
+    """
+
+    per_name: dict[str, Tolerance] = field(default_factory=dict)
+    default: Tolerance | None = None
+
+    def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None) -> Tolerance:
+        if name in self.per_name and name != "":
+            return self.per_name[name]
+        for pattern, tol in self.per_name.items():
+            if pattern and fnmatch.fnmatchcase(name, pattern):
+                return tol
+        if "" in self.per_name:
+            return self.per_name[""]
+        if self.default is not None:
+            return self.default
+        return dtype_default(dtype_a, dtype_b)
+
+    __call__ = lookup
+
+    def to_dict(self) -> dict:
+        return {
+            "default": self.default.to_dict() if self.default else None,
+            "per_name": {k: v.to_dict() for k, v in self.per_name.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "tolerance policy") -> "TolerancePolicy":
+        if not isinstance(data, dict):
+            raise PolicyError(f"{where}: top level must be a JSON object")
+        unknown = set(data) - {"default", "per_name"}
+        if unknown:
+            raise PolicyError(f"{where}: unknown keys {sorted(unknown)} (expected 'default', 'per_name')")
+
+        def tol(obj: Any, what: str) -> Tolerance:
+            if not isinstance(obj, dict):
+                raise PolicyError(f"{where}: {what} must be an object with atol/rtol")
+            extra = set(obj) - {"atol", "rtol", "check", "quantile"}
+            if extra or "atol" not in obj or "rtol" not in obj:
+                raise PolicyError(f"{where}: {what} needs atol and rtol (and optionally check, quantile); got {sorted(obj)}")
+            try:
+                return Tolerance(**obj)
+            except (TypeError, ValueError) as exc:
+                raise PolicyError(f"{where}: {what}: {exc}") from None
+
+        default = tol(data["default"], "default") if data.get("default") is not None else None
+        per = data.get("per_name", {})
+        if not isinstance(per, dict):
+            raise PolicyError(f"{where}: per_name must be an object of pattern -> tolerance")
+        return cls({str(k): tol(v, f"per_name[{k!r}]") for k, v in per.items()}, default)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TolerancePolicy":
+        p = pathlib.Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(f"{p}: cannot read tolerance file: {exc}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PolicyError(f"{p}: tolerance file is not valid JSON: {exc}") from None
+        return cls.from_dict(data, where=str(p))
+
+
+# ------------------------------------------------------------------------------------------ named policies
+
+POLICIES: Mapping[str, TolerancePolicy] = {
+    "": TolerancePolicy(),
+    # DTYPE_DEFAULTS["float32"] is PARITY_FLOAT32: the per-dtype defaults are the parity figures.
+    "parity": TolerancePolicy(),
+    "fixtures": TolerancePolicy(default=Tolerance(1e-6, 0.0)),
+    "steps": TolerancePolicy(default=Tolerance(1e-5, 0.0)),
+}
+
+
+def policy(name: str = "") -> TolerancePolicy:
+    """The named policy (a fresh copy: callers may add per-name entries). Unknown names raise PolicyError."""
+    if name not in POLICIES:
+        raise PolicyError(f"unknown tolerance policy {name!r}; known: {sorted(POLICIES)}")
+    p = POLICIES[name]
+    return TolerancePolicy(dict(p.per_name), p.default)
+
+
+def load_policy(spec: str | os.PathLike | None, default: str = "") -> TolerancePolicy:
+    """``--tolerances`` / ``--parity-tolerances``: a JSON policy file, or the name of a policy in :data:`POLICIES`
+    (a file of that name wins); ``None`` gives the policy named ``default``."""
+    if spec is None:
+        return policy(default)
+    p = pathlib.Path(spec)
+    if p.is_file():
+        return TolerancePolicy.from_file(p)
+    if isinstance(spec, str) and spec in POLICIES:
+        return policy(spec)
+    if not p.exists():
+        raise PolicyError(f"{spec}: no such tolerance file (or policy name; known: {sorted(POLICIES)})")
+    return TolerancePolicy.from_file(p)  # not a file: its error names it
+
+
+# ------------------------------------------------------------------------------------------- diagnose
+
+
+@dataclass(frozen=True)
+class ScaledTolerance:
+    """An absolute bound on logits relative to their scale: ``rel * max(1, scale)``, ``scale`` = max |logit|."""
+
+    rel: float
+
+    def atol(self, scale: float) -> float:
+        return self.rel * max(1.0, scale)
+
+
+DIAGNOSE: Mapping[str, ScaledTolerance] = {
+    # float32 engines: rounding of the logits over a dozen layers stays near 1e-6 of their scale, so 1e-5 of it
+    # separates rounding from behaviour (the KV cache's prior effect is ~1e-4).
+    "float32": ScaledTolerance(1e-5),
+    # reduced-precision engines (every other dtype) need ~2e-2 of the scale.
+    "": ScaledTolerance(2e-2),
+}
+
+
+def diagnose_tolerance(dtype: str | None, scale: float) -> float:
+    """Max |dlogit| that ``trt.diagnose`` accepts for an engine dump of this dtype whose logits reach ``scale``."""
+    return DIAGNOSE.get(dtype, DIAGNOSE[""]).atol(scale)
