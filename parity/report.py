@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 from parity.compare import DumpCompareResult, TensorCompareResult, result_to_dict
+from parity.files import atomic_write_bytes
 
 
 def _step(step: int | None) -> str:
@@ -127,19 +127,6 @@ def to_json(result: DumpCompareResult) -> dict:
     )
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 MAX_PLOT_STEPS = 12
 
 
@@ -188,5 +175,6 @@ def plot(result: DumpCompareResult, png_path: str | os.PathLike) -> pathlib.Path
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    pathlib.Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(png_path, buf.getvalue())
     return pathlib.Path(png_path)

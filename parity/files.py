@@ -1,0 +1,81 @@
+"""Writing output files, the one way: atomically (a temp file in the same folder, then a rename), with the mode a
+plain ``open(path, "w")`` would give (``0o666 & ~umask``, where ``mkstemp`` alone gives ``0o600``), and errors
+that name the caller's path, never the temporary file. Imports nothing of the project."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from typing import Callable, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic read (set and restore)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a new file: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode of a new folder: ``0o777 & ~umask`` (``mkdtemp`` alone gives ``0o700``)."""
+    return 0o777 & ~current_umask()
+
+
+def _named(exc: OSError, path: pathlib.Path) -> OSError:
+    """The same error, naming ``path`` (the user's) instead of a temporary file."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path)) if exc.errno else OSError(f"{path}: {exc}")
+
+
+def atomic_write(path: PathLike, write: Callable[[object], None]) -> pathlib.Path:
+    """Write ``path`` through ``write(binary_file)`` into a temp file beside it, then rename it into place.
+
+    Readers see the old file or the new one, never a part. The folder must exist. On failure the temp file is
+    removed and the OSError names ``path``."""
+    p = pathlib.Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fchmod(fh.fileno(), file_mode())
+        os.replace(tmp, p)
+    except OSError as exc:
+        if tmp is not None:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+        raise _named(exc, p) from None
+    except BaseException:
+        if tmp is not None:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> pathlib.Path:
+    """:func:`atomic_write` of ``data``."""
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def honour_umask(path: PathLike) -> pathlib.Path:
+    """Give a file or folder made through ``mkstemp``/``mkdtemp`` (0600/0700) the mode a plain create would."""
+    p = pathlib.Path(path)
+    try:
+        os.chmod(p, folder_mode() if p.is_dir() else file_mode())
+    except OSError as exc:
+        raise _named(exc, p) from None
+    return p
