@@ -16,31 +16,13 @@ import torch
 
 
 def _nemo_capture_points(model) -> list[tuple[str, object, Callable, str]]:
-    """(canonical name, NeMo module, output selector, hook kind) in execution order."""
-    first = lambda out: out[0]  # noqa: E731 - attention modules return (y, [prob, score])
-    same = lambda out: out  # noqa: E731
-    layer_out = lambda out: out["output"]  # noqa: E731 - TransformerLayer returns a dict
-    points: list[tuple[str, object, Callable, str]] = [("text_embedding", model.text_embedding, same, "fwd")]
-    for i, layer in enumerate(model.encoder.layers):
-        points += [
-            (f"encoder.layers.{i}.self_attention", layer.self_attention, first, "fwd"),
-            (f"encoder.layers.{i}.pos_ff", layer.pos_ff, same, "fwd"),
-            (f"encoder.layers.{i}", layer, layer_out, "fwd"),
-        ]
-    points += [("encoder.norm_out", model.encoder.norm_out, same, "fwd")]
-    # The decoder's first positional argument is the embedded input (context prefix + audio frames).
-    points += [("decoder_input", model.decoder, lambda args: args[0], "pre")]
-    for i, layer in enumerate(model.decoder.layers):
-        p = f"decoder.layers.{i}"
-        points += [
-            (f"{p}.self_attention", layer.self_attention, first, "fwd"),
-            (f"{p}.cross_attention.attn_probs", layer.cross_attention, lambda out: out[1][0], "fwd"),
-            (f"{p}.cross_attention", layer.cross_attention, first, "fwd"),
-            (f"{p}.pos_ff", layer.pos_ff, same, "fwd"),
-            (p, layer, layer_out, "fwd"),
-        ]
-    points += [("decoder.norm_out", model.decoder.norm_out, same, "fwd"), ("final_proj", model.final_proj, same, "fwd")]
-    return points
+    """(canonical name, NeMo module, output selector, hook kind "fwd"/"pre") in execution order, all taken from the
+    name table (``parity.names.nemo_hook_points``): the module path, and how the tensor is picked from the hook."""
+    from parity.names import nemo_hook_points
+
+    kinds = {"forward": "fwd", "forward_pre": "pre"}
+    return [(name, model.get_submodule(p.module), p.pick, kinds[p.hook])
+            for name, p in nemo_hook_points(len(model.encoder.layers), len(model.decoder.layers))]
 
 
 class NemoCapture:
@@ -75,6 +57,7 @@ class NemoCapture:
 def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False) -> Path:
     """Run NeMo's teacher-forced ``process_batch`` under hooks and write every capture point to a dump."""
     from parity.dump import DumpWriter
+    from parity.names import nemo_return_points
 
     model.eval()
     inputs = {k: list(v.shape) for k, v in batch.items()}
@@ -83,7 +66,8 @@ def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str 
                     meta={"nemo_class": type(model).__name__}, overwrite=overwrite) as writer:
         with torch.no_grad(), NemoCapture(model, lambda n, t, s: writer.add(n, t, step=s)):
             out = model.process_batch(batch)
-        writer.add("logits", out["logits"], step=None)
+        for name, point in nemo_return_points():  # 'logits': NeMo's return value, not a module's
+            writer.add(name, point.pick(out), step=None)
     return Path(out_dir)
 
 

@@ -38,9 +38,13 @@ Canonical layout written (what ``parity.reference_capture.dump_reference_infer(.
 * the decoder engine's ``encoder_output`` input (cond rows of the context iterations) becomes ``encoder.norm_out``
   ``(B, T_text, D)`` (step ``None``, zero padded) when ``encoder_input_lengths`` / ``encoder_output_lengths``
   give the per-sequence lengths;
-* gen-B prior I/O: ``attention_prior_focus`` -> ``inference.attention_prior_focus`` ``(rows,)`` and
-  ``attention_prior_scores`` -> ``inference.attention_prior_scores`` ``(rows, lookahead)`` (no reference
-  counterpart: compare them with ``--names`` or against another engine dump);
+* prior I/O (``parity.names.ENGINE_IO``): ``attention_prior_focus`` -> ``inference.attention_prior_focus``
+  ``(rows,)`` and ``attention_prior_scores`` -> ``inference.attention_prior_scores`` ``(rows, lookahead)``
+  (fork_497d0e69: every sequence has them; fork_19ff87be: generation sequences only, so they start at step 1);
+  fork_e7109d5's ``scores`` -> ``inference.cross_attention_logits_mean`` ``(rows, T, T_text)`` at step 0 and
+  ``(rows, 1, T_text)`` after, each sequence's rows against its own encoder columns (split with
+  ``encoder_input_lengths`` / ``encoder_output_lengths``), zero padded to the longest text; none has a reference
+  counterpart: compare them with ``--names`` or against another engine dump;
 * ``embedding_layer_output`` is skipped: it holds the learned position embedding added to the canonical
   ``decoder_input``. Engine I/O that are not activations (KV pool pointers, lengths, ids, ...) are skipped and
   listed in ``meta["skipped"]``; a name that is neither is an error listing every such name.
@@ -56,12 +60,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-from parity.names import ENGINE_IO, GENERATIONS, NameMap, TrtInfo, UnknownNameError
+from parity.names import GENERATIONS, NameMap, TrtInfo, UnknownNameError, engine_io, is_engine_io_name
 
 UINT64_MAX = 2**64 - 1
 CONTEXT, GENERATION = 0, 1
@@ -340,11 +344,29 @@ def load_npy(path: Path) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- classification
 
 
-def detect_generation(names: Iterable[str]) -> str:
-    """Which engine generation wrote these debug names (architecture.md 10, trtllm.md 1.4)."""
+_PRIOR_IO = {"attention_prior_focus", "attention_prior_scores"}
+_CONTEXT_FEATURES = {"decoder_context_features", "decoder_context_features_mask"}
+
+
+def detect_generation(names: Iterable[str], shapes: Optional[Mapping[str, Sequence[int]]] = None) -> str:
+    """Which engine generation wrote these debug names (``parity.names.GENERATION_INFO``'s detection column).
+
+    shapes: name -> shape of some dumped tensors; only ``logits`` and ``encoder_output`` are read, to tell
+    fork_497d0e69 (``logits`` is the hidden state, as wide as ``encoder_output``) from fork_19ff87be (real
+    logits) when the dump lacks the ``decoder_context_features`` inputs that only fork_497d0e69 has.
+    """
     names = set(names)
-    if names & {"attention_prior_focus", "attention_prior_scores"}:
-        return "fork_497d0e69"
+    if names & _PRIOR_IO:
+        if names & _CONTEXT_FEATURES:
+            return "fork_497d0e69"
+        widths = {n: tuple(shapes[n])[-1] for n in ("logits", "encoder_output")
+                  if shapes and n in shapes and len(tuple(shapes[n])) >= 2}
+        if len(widths) == 2:
+            return "fork_497d0e69" if widths["logits"] == widths["encoder_output"] else "fork_19ff87be"
+        raise IngestError("attention_prior_focus/attention_prior_scores are in the dump but neither "
+                          "decoder_context_features (only fork_497d0e69 has that input) nor both 'logits' and "
+                          "'encoder_output' (hidden-state logits: fork_497d0e69, real logits: fork_19ff87be) tell "
+                          "the generation; pass generation='fork_497d0e69' or 'fork_19ff87be'")
     if any(n.startswith("transformer.layers.") for n in names):
         return "upstream_new"
     if any(re.match(r"^decoder_layers\.\d+\.pos_ff_output$", n) for n in names):
@@ -363,16 +385,16 @@ class Kind:
     canonical: Optional[str] = None
     info: Optional[TrtInfo] = None
     reason: str = ""
+    layout: str = ""  # engine_io: parity.names.EngineIO.layout
 
 
 def classify(name: str, generation: str, names: NameMap) -> Optional[Kind]:
     """How the ingest treats one debug tensor name (None: unknown)."""
     if name in _META:
         return Kind("meta")
-    if name in ENGINE_IO:
-        canon, gens, _ = ENGINE_IO[name]
-        if generation in gens:
-            return Kind("engine_io", canon)
+    io = engine_io(name, generation)
+    if io is not None:
+        return Kind("engine_io", io.canonical, layout=io.layout)
     if name == "encoder_output":
         return Kind("encoder_output", "encoder.norm_out")
     try:
@@ -384,7 +406,7 @@ def classify(name: str, generation: str, names: NameMap) -> Optional[Kind]:
             return Kind("skip", reason="includes the learned position embedding added to the canonical "
                                        f"'{canon}' (no reference capture point)")
         return Kind("activation", canon, info)
-    if name in _SKIP_EXACT or _SKIP_RE.match(name) or name in ENGINE_IO:
+    if name in _SKIP_EXACT or _SKIP_RE.match(name) or is_engine_io_name(name):
         return Kind("skip", reason="engine I/O, not an activation")
     return None
 
@@ -506,7 +528,8 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
     t = scan_tree(tree)
     all_names = t.names()
     if generation is None:
-        generation = detect_generation(all_names)
+        ambiguous = bool(set(all_names) & _PRIOR_IO) and not set(all_names) & _CONTEXT_FEATURES
+        generation = detect_generation(all_names, _shapes(t, ("logits", "encoder_output")) if ambiguous else None)
     elif generation not in GENERATIONS:
         raise IngestError(f"unknown generation {generation!r}; known: {list(GENERATIONS)}")
     nm = NameMap()
@@ -540,6 +563,7 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
     seen: set = set()
     dtype_seen: Optional[np.dtype] = None
     layout_of: dict[str, str] = {}
+    ragged: set[str] = set()  # canonical names whose per-row chunks may differ in their trailing sizes
     for it in t.iterations:
         cache: dict[Path, np.ndarray] = {}
         seqs = _iteration_seqs(t, it, use_cfg, seen, cache)
@@ -575,16 +599,30 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
                 _encoder_rows(arr, path, it, seqs, cache, col, skipped)
                 continue
             if k.what == "engine_io":
+                if k.layout == "per_sequence_block":
+                    for s, c in _block_rows(arr, path, it, seqs, use_cfg, cache, skipped, name):
+                        col.put(k.canonical, steps[s.request_id], (s.request_id, s.cfg_index), c, str(path))
+                    layout_of[k.canonical] = "packed_tokens"
+                    ragged.add(k.canonical)
+                    continue
+                owners = [s for s in seqs if s.phase == GENERATION] if k.layout.startswith("per_gen_") else seqs
                 flat = arr.reshape(-1)
-                if flat.shape[0] % len(seqs):
+                if not owners:
+                    if flat.shape[0]:
+                        raise IngestError(f"{path}: {flat.shape[0]} values but no generation sequence in the "
+                                          f"iteration ({k.layout}: only generation sequences have them)")
+                    continue
+                what = "generation sequences" if owners is not seqs else "sequences"
+                if flat.shape[0] % len(owners):
                     raise IngestError(f"{path}: inconsistent token counts: {flat.shape[0]} values for "
-                                      f"{len(seqs)} sequences")
-                per = flat.reshape(len(seqs), -1)
-                if ENGINE_IO[name][2] == "per_sequence":
+                                      f"{len(owners)} {what}")
+                per = flat.reshape(len(owners), -1)
+                if k.layout in ("per_sequence", "per_gen_sequence"):
                     if per.shape[1] != 1:
-                        raise IngestError(f"{path}: {flat.shape[0]} values, expected one per sequence ({len(seqs)})")
+                        raise IngestError(f"{path}: {flat.shape[0]} values, expected one per {what[:-1]} "
+                                          f"({len(owners)})")
                     per = per[:, 0]
-                for s, row in zip(seqs, per):
+                for s, row in zip(owners, per):
                     col.put(k.canonical, steps[s.request_id], (s.request_id, s.cfg_index), np.array(row), str(path))
                 continue
             arr = _squeeze_packed(arr, path)
@@ -639,6 +677,8 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
                 partial.setdefault(canon, []).append(step)
                 continue
             chunks = [rows[key] for key in order]
+            if canon in ragged:  # per-sequence text lengths differ: zero pad to the longest
+                chunks = pad_trailing(chunks)
             for tgt in targets:
                 if step == 0 and tgt in ("final_proj", "decoder.norm_out"):
                     skipped[f"{tgt}@0"] = ("the engine gathers only the last prompt token at step 0; the reference "
@@ -719,3 +759,71 @@ def _encoder_rows(arr: np.ndarray, path: Path, it: Iteration, seqs: list[Seq], c
         if s.cfg_index == 0:
             col.encoder[s.request_id] = arr[pos:pos + n]
         pos += n
+
+
+def pad_trailing(chunks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Zero-pad every chunk's dimensions after the first to the largest among the chunks."""
+    if len({c.shape[1:] for c in chunks}) <= 1:
+        return list(chunks)
+    ndim = {c.ndim for c in chunks}
+    if len(ndim) != 1:
+        raise IngestError(f"chunks of different ranks {sorted(ndim)} cannot be stacked")
+    top = [max(c.shape[d] for c in chunks) for d in range(1, chunks[0].ndim)]
+    out = []
+    for c in chunks:
+        p = np.zeros((c.shape[0], *top), dtype=c.dtype)
+        p[(slice(None),) + tuple(slice(0, n) for n in c.shape[1:])] = c
+        out.append(p)
+    return out
+
+
+def _shapes(tree: Tree, names: Sequence[str]) -> dict[str, tuple]:
+    """The shape of the first dump of each of ``names`` (read from the .npy header only)."""
+    out: dict[str, tuple] = {}
+    for it in tree.iterations:
+        for n in names:
+            if n not in out and n in it.files:
+                try:
+                    out[n] = tuple(np.load(it.files[n], mmap_mode="r", allow_pickle=False).shape)
+                except Exception as exc:  # garbled header: let the ingest itself report the file later
+                    raise UnreadableFile(f"{it.files[n]}: unreadable .npy: {type(exc).__name__}: {exc}") from None
+        if len(out) == len(names):
+            break
+    return out
+
+
+def _sequence_encoder_lengths(it: Iteration, seqs: list[Seq], use_cfg: bool, cache: dict) -> Optional[list[int]]:
+    """Each sequence's encoder length in this iteration, from encoder_input_lengths / encoder_output_lengths (one
+    per sequence or one per request), or None if the iteration has neither."""
+    for n in ("encoder_input_lengths", "encoder_output_lengths"):
+        p = it.files.get(n)
+        if p is None:
+            continue
+        vals = [int(x) for x in (cache[p] if p in cache else load_npy(p)).reshape(-1)]
+        k = 2 if use_cfg else 1
+        per_req = _per_request(vals, len(seqs) // k, use_cfg, n, str(p))
+        return [x for r in per_req for x in r]
+    return None
+
+
+def _block_rows(arr: np.ndarray, path: Path, it: Iteration, seqs: list[Seq], use_cfg: bool, cache: dict,
+                skipped: dict, name: str) -> list[tuple[Seq, np.ndarray]]:
+    """A ``[num_tokens, sum of the sequences' encoder lengths]`` tensor (fork_e7109d5 ``scores``) -> per sequence
+    its own block: the rows of its tokens against the columns of its encoder positions."""
+    arr = _squeeze_packed(arr, path)
+    if arr.ndim != 2:
+        raise IngestError(f"{path}: expected a 2-D [num_tokens, encoder tokens] tensor, got shape {arr.shape}")
+    lens = _sequence_encoder_lengths(it, seqs, use_cfg, cache)
+    if lens is None:
+        if len(seqs) != 1:
+            skipped.setdefault(name, "no encoder_input_lengths/encoder_output_lengths to split its columns")
+            return []
+        lens = [arr.shape[1]]
+    if sum(lens) != arr.shape[1]:
+        raise IngestError(f"{path}: inconsistent token counts: {arr.shape[1]} columns, the sequences' encoder "
+                          f"lengths {lens} sum to {sum(lens)}")
+    out, col = [], 0
+    for s, rows, n in zip(seqs, split_packed(arr, seqs, str(path)), lens):
+        out.append((s, np.ascontiguousarray(rows[:, col:col + n])))
+        col += n
+    return out

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from parity.names import GENERATIONS, NameMap, UnknownNameError
+from parity.names import (CANONICAL, ENGINE_IO, GENERATION_INFO, GENERATIONS, INFERENCE, TRT_NAMES, NameMap,
+                          NemoPoint, UnknownNameError, canonical_names, engine_io, generation_info, markdown_table,
+                          nemo_hook_points, nemo_return_points)
 from reference.config import MagpieConfig, TransformerConfig
 from reference.model import MagpieTTS
 
 ROOT = Path(__file__).resolve().parents[2]
+FIXTURE_MODELS = sorted(p for p in (ROOT / "fixtures" / "data").glob("*.nemo") if not p.name.startswith("codec_"))
 
 
 def small_model(n_enc=2, n_dec=3) -> MagpieTTS:
@@ -143,19 +147,24 @@ def test_nemo_paths_follow_the_model_and_nemo_capture():
             assert p.module in mods, name
 
 
-@pytest.mark.nemo
-def test_nemo_paths_match_nemo_capture_on_a_real_nemo_model():
-    fx = ROOT / "fixtures" / "data" / "released_small.nemo"
+def _nemo_model(case: str):
+    fx = ROOT / "fixtures" / "data" / f"{case}.nemo"
     if not fx.is_file():
-        pytest.fail("fixtures/data/released_small.nemo is missing: the bundled fixtures are part of the repository")
+        pytest.fail(f"fixtures/data/{case}.nemo is missing: the bundled fixtures are part of the repository")
     import sys
 
     sys.path.insert(0, str(ROOT / "fixtures"))
     import make_fixtures as mf
-    from parity.nemo_capture import _nemo_capture_points
 
     mf._quiet_nemo()
-    model = mf.load_model(fx)
+    return mf.load_model(fx)
+
+
+@pytest.mark.nemo
+def test_nemo_paths_match_nemo_capture_on_a_real_nemo_model():
+    from parity.nemo_capture import _nemo_capture_points
+
+    model = _nemo_model("released_small")
     points = _nemo_capture_points(model)
     nm = NameMap(len(model.encoder.layers), len(model.decoder.layers))
     assert [p[0] for p in points] == nm.all_canonical()[:-1]  # 'logits' is the process_batch return value
@@ -163,3 +172,163 @@ def test_nemo_paths_match_nemo_capture_on_a_real_nemo_model():
         p = nm.nemo_path(name)
         assert model.get_submodule(p.module) is module, name
         assert (kind == "pre") == (p.hook == "forward_pre"), name
+        # the class the table names is the module's class in NeMo 3.0.0
+        owner, cls = p.cls.rsplit(".", 1)
+        t = type(module)
+        if owner == "torch.nn":
+            assert t is getattr(torch.nn, cls), (name, p.cls, t)
+        else:
+            assert t.__module__ == f"nemo.collections.tts.modules.{owner}" and t.__qualname__ == cls, (name, p.cls, t)
+    assert [n for n, _ in nemo_return_points()] == ["logits"]
+    assert callable(getattr(type(model), "process_batch"))
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("case", [p.stem for p in FIXTURE_MODELS])
+def test_nemo_dump_from_the_table_is_byte_identical_to_the_fixture(tmp_path, case):
+    """parity/nemo_capture.py takes its hooks from the table: its teacher-forced dump of each fixture model holds
+    the same names, steps, shapes, dtypes and values (torch.equal) as the bundled NeMo dump."""
+    from safetensors.torch import load_file
+
+    from parity.dump import DumpReader
+    from parity.nemo_capture import dump_nemo_process_batch
+
+    model = _nemo_model(case)
+    batch = load_file(str(ROOT / "fixtures" / "data" / f"{case}.batch.safetensors"))
+    got = DumpReader(dump_nemo_process_batch(model, batch, tmp_path / "nemo"))
+    want = DumpReader(ROOT / "fixtures" / "data" / f"{case}.nemo_dump")
+    key = lambda e: (e.name, e.step, e.shape, e.dtype)  # noqa: E731
+    assert [key(e) for e in got] == [key(e) for e in want]
+    for a, b in zip(got, want):
+        assert torch.equal(got.load(a.name, a.step), want.load(b.name, b.step)), a.name
+
+
+# ------------------------------------------------------------------------------------ the one table
+
+
+@pytest.mark.parametrize("path", FIXTURE_MODELS, ids=lambda p: p.stem)
+def test_table_expands_to_the_reference_capture_points_of_every_fixture(path):
+    """The table's canonical templates, expanded for each fixture model, are exactly the reference's capture
+    points, in order: reference/model.py and parity/names.py cannot drift apart."""
+    m = MagpieTTS.from_nemo(path)
+    assert canonical_names(m.config.encoder.n_layers, m.config.decoder.n_layers) == m.capture_points()
+    assert NameMap(m.config.encoder.n_layers, m.config.decoder.n_layers).all_canonical() == m.capture_points()
+    mods = dict(m.named_modules())
+    assert all(n in mods for n in m.capture_points())  # module paths, as reference/capture.py needs
+
+
+def test_fixture_models_are_all_covered():
+    from conftest import CASES
+
+    assert sorted(p.stem for p in FIXTURE_MODELS) == sorted(CASES)
+
+
+def _resolve(location: str):
+    """'reference/model.py: CrossAttention.forward' -> the object (the module is imported by its file path)."""
+    import importlib
+
+    file, qual = (x.strip() for x in location.split(":", 1))
+    assert file.startswith("reference/") and file.endswith(".py"), location
+    obj = importlib.import_module(file[:-3].replace("/", "."))
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_reference_code_locations_exist():
+    for p in CANONICAL:
+        assert callable(_resolve(p.reference)), p.template
+    for p in INFERENCE:
+        if p.reference:
+            assert callable(_resolve(p.reference)), p.name
+    # the HookPoints the table relies on sit where it says
+    m = small_model()
+    assert type(m.decoder.layers[0].cross_attention.attn_probs).__name__ == "HookPoint"
+    assert type(m.decoder_input).__name__ == "HookPoint" and type(m.logits).__name__ == "HookPoint"
+
+
+def test_nemo_selectors():
+    p = NemoPoint("decoder.layers.0.cross_attention", "output[1][0]", "forward")
+    assert p.keys() == (1, 0) and p.pick(("y", ["prob", "score"])) == "prob"
+    assert NemoPoint("x", "output['output']", "forward").pick({"output": 3}) == 3
+    assert NemoPoint("decoder", "args[0]", "forward_pre").pick((5, 6)) == 5
+    assert NemoPoint(None, "output['logits']", "return").pick({"logits": 7}) == 7
+    with pytest.raises(ValueError, match="not of the form"):
+        NemoPoint("x", "out.put[0]", "forward").keys()
+    for p in CANONICAL:
+        p.nemo.keys()  # every selector of the table parses
+        assert p.nemo.hook in ("forward", "forward_pre", "return") and p.nemo.cls
+    names = [n for n, _ in nemo_hook_points(2, 3)] + [n for n, _ in nemo_return_points()]
+    assert names == small_model().capture_points()
+
+
+def test_every_row_cites_its_source_and_names_known_things():
+    templates = {p.template for p in CANONICAL}
+    for g in GENERATION_INFO:
+        assert g.repo.count("/") == 1 and g.commit and g.path.endswith(".py") and g.detection
+    for r in TRT_NAMES:
+        assert r.canonical in templates and r.generation in GENERATIONS and r.where
+        assert r.source.startswith(f"{generation_info(r.generation).source} ("), r
+    inference = {p.name for p in INFERENCE}
+    for r in ENGINE_IO:
+        assert r.canonical in inference and r.generation in GENERATIONS and r.direction in ("input", "output")
+        assert r.layout in ("per_sequence", "per_sequence_rows", "per_gen_sequence", "per_gen_sequence_rows",
+                            "per_sequence_block")
+        assert engine_io(r.trt, r.generation) is r
+    assert len({(r.trt, r.generation) for r in ENGINE_IO}) == len(ENGINE_IO)
+    # the commits of the generations added from the forks' sources
+    assert generation_info("fork_19ff87be").source == (
+        "anand-nv/TensorRT-LLM@19ff87beb765923aba3fdfca0606cdb7d1b37802:tensorrt_llm/models/t5tts/model.py")
+    assert generation_info("fork_e7109d5").commit == "e7109d5b53686dda8363697e3ffb54eccac84197"
+
+
+def test_fork_19ff87be_and_e7109d5_scores():
+    """anand-nv@19ff87be: encoder debug outputs, real lm_head logits, no decoder debug outputs, the prior
+    tensors as inputs over generation sequences; rmittal@e7109d5's 'scores' is ingested as the layer mean of the
+    raw cross-attention logits."""
+    nm = NameMap(2, 3)
+    g = "fork_19ff87be"
+    assert nm.from_canonical("encoder.layers.1.self_attention", g)[0] == "encoder_layers.1.attention_output"
+    assert nm.from_canonical("encoder.layers.1.pos_ff", g)[0] == "encoder_layers.1.pos_ff_output"
+    assert nm.from_canonical("encoder.norm_out", g)[0] == "encoder_output"
+    assert nm.to_canonical("logits", generation=g)[0] == "logits"
+    for name in ("decoder.layers.0.self_attention", "decoder.norm_out", "text_embedding", "decoder_input"):
+        assert g not in nm.generations_with(name), name
+    focus, scores = engine_io("attention_prior_focus", g), engine_io("attention_prior_scores", g)
+    assert (focus.direction, focus.layout, focus.canonical) == ("input", "per_gen_sequence",
+                                                                "inference.attention_prior_focus")
+    assert (scores.direction, scores.layout) == ("input", "per_gen_sequence_rows")
+    assert engine_io("attention_prior_scores", "fork_497d0e69").direction == "output"
+    io = engine_io("scores", "fork_e7109d5")
+    assert (io.canonical, io.layout, io.direction) == ("inference.cross_attention_logits_mean", "per_sequence_block",
+                                                       "output")
+    assert engine_io("scores", g) is None
+
+
+def test_every_name_in_the_fixture_dumps_is_in_the_table():
+    from parity.dump import DumpReader
+
+    known = {p.name for p in INFERENCE}
+    dumps = sorted(p for p in (ROOT / "fixtures" / "data").iterdir() if p.is_dir())
+    assert dumps
+    for d in dumps:
+        case = d.name.split(".")[0]
+        m = MagpieTTS.from_nemo(ROOT / "fixtures" / "data" / f"{case}.nemo")
+        names = set(canonical_names(m.config.encoder.n_layers, m.config.decoder.n_layers)) | known
+        unknown = [n for n in DumpReader(d).names() if n not in names]
+        assert not unknown, (d.name, unknown)
+
+
+def test_docs_names_md_is_generated_from_the_table():
+    doc = ROOT / "docs" / "names.md"
+    text = markdown_table()
+    assert doc.read_text() == text + "\n", (
+        "docs/names.md is stale; regenerate it: "
+        "python -c \"from parity.names import markdown_table; print(markdown_table())\" > docs/names.md")
+    # one row per canonical template, per generation column; every TRT name appears
+    for p in CANONICAL:
+        assert f"| `{p.template}` |" in text
+    for g in GENERATIONS:
+        assert f"`{g}`" in text
+    for r in TRT_NAMES + ENGINE_IO:
+        assert f"`{r.trt}`" in text

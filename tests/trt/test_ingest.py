@@ -16,7 +16,8 @@ from parity.compare import compare_dumps
 from parity.dump import DumpReader
 from parity.names import NameMap
 from trt.ingest import (CONTEXT, GENERATION, UINT64_MAX, IngestError, Seq, batch_sequences, canonical_order,
-                        ingest_trtllm, pack_rows, place_prompts, scan_tree, split_packed, unplace_prompts)
+                        detect_generation, ingest_trtllm, pack_rows, pad_trailing, place_prompts, scan_tree,
+                        split_packed, unplace_prompts)
 
 GEN = "fork_c6ff2312"  # the generation with per-layer decoder debug outputs
 CFG_SCALE = 2.5  # the reference's default, used by the reference run below
@@ -280,6 +281,7 @@ def test_gen_b_prior_io_and_hidden_state_logits(tmp_path):
         np.save(p / "logits.npy", hid[it])
         np.save(p / "attention_prior_focus.npy", np.arange(n_seq, dtype=np.int32) + 10 * it)
         np.save(p / "attention_prior_scores.npy", rng.random(n_seq * 5).astype(np.float32))
+        np.save(p / "decoder_context_features.npy", np.zeros((n_seq * (3 if it == 0 else 1), 6), np.float16))
     got = DumpReader(ingest_trtllm(tmp_path / "tllm_debug", tmp_path / "ing", use_cfg=True))
     assert got.meta["generation"] == "fork_497d0e69"
     # packed order: request 8 (cond, uncond), request 5 (cond, uncond); canonical: 5c, 8c, 5u, 8u
@@ -289,6 +291,124 @@ def test_gen_b_prior_io_and_hidden_state_logits(tmp_path):
     assert torch.equal(got.load("decoder.norm_out", 1), torch.from_numpy(hid[1][perm][:, None]))
     assert ("decoder.norm_out", 0) not in got and got.dtype == "float16"
     assert got.meta["engine_only"] == ["inference.attention_prior_focus", "inference.attention_prior_scores"]
+
+
+def test_gen_c_19ff87be_prior_inputs_cover_generation_sequences_only(tmp_path):
+    """anand-nv@19ff87be: attention_prior_focus [n_gen_seq] / attention_prior_scores [5 * n_gen_seq] are engine
+    inputs sized by the generation sequences (context sequences have none); 'logits' are real lm_head logits."""
+    d = tmp_path / "tllm_debug" / "PP_1" / "TP_1"
+    rng = np.random.default_rng(1)
+    V, D, enc = 16, 6, [4, 3]  # logits wider than the encoder output: real logits
+    logits, focus, scores = {}, {}, {}
+    for it, (ids, types) in enumerate([([8, 5], [0, 0]), ([8, 5], [1, 1]), ([8, 5], [1, 1])]):
+        p = d / f"iteration_{it}"
+        p.mkdir(parents=True)
+        n_seq = 2 * len(ids)
+        n_gen = 0 if it == 0 else n_seq
+        np.save(p / "request_ids.npy", np.array(ids, dtype=np.uint64))
+        np.save(p / "host_request_types.npy", np.repeat(np.array(types, np.int32), 2))
+        np.save(p / "host_context_lengths.npy", np.array([3, 3, 3, 3], np.int32))
+        np.save(p / "encoder_input_lengths.npy", np.repeat(np.array(enc, np.int32), 2))
+        n_enc = sum(np.repeat(enc, 2)) if it == 0 else 0
+        np.save(p / "encoder_output.npy", rng.standard_normal((n_enc, D)).astype(np.float16))
+        logits[it] = rng.standard_normal((n_seq, V)).astype(np.float16)
+        np.save(p / "logits.npy", logits[it])
+        focus[it] = np.arange(n_gen, dtype=np.int32) + 10 * it
+        scores[it] = rng.random(n_gen * 5).astype(np.float32)
+        np.save(p / "attention_prior_focus.npy", focus[it])
+        np.save(p / "attention_prior_scores.npy", scores[it])
+    got = DumpReader(ingest_trtllm(tmp_path / "tllm_debug", tmp_path / "ing", use_cfg=True, cfg_scale=2.0))
+    assert got.meta["generation"] == "fork_19ff87be"
+    perm = [2, 0, 3, 1]  # packed 8c, 8u, 5c, 5u -> canonical 5c, 8c, 5u, 8u
+    for step in (1, 2):
+        assert got.load("inference.attention_prior_focus", step).tolist() == focus[step][perm].tolist()
+        assert torch.equal(got.load("inference.attention_prior_scores", step),
+                           torch.from_numpy(scores[step].reshape(4, 5)[perm]))
+        lg = torch.from_numpy(logits[step][perm][:, None])
+        assert torch.equal(got.load("final_proj", step), lg)  # the real logits, not a hidden state
+        assert torch.equal(got.load("logits", step), (1 - 2.0) * lg[2:] + 2.0 * lg[:2])
+    assert ("inference.attention_prior_focus", 0) not in got and ("inference.attention_prior_scores", 0) not in got
+    assert got.load("encoder.norm_out").shape == (2, 4, D)
+    assert got.meta["engine_only"] == ["inference.attention_prior_focus", "inference.attention_prior_scores"]
+
+
+def test_gen_c_prior_values_without_generation_sequences_are_refused(tmp_path):
+    d = _small_tree(tmp_path, attention_prior_focus=np.array([3], np.int32), logits=np.zeros((1, 5), np.float16))
+    (d / "decoder_layer_0_output.npy").unlink()  # the fork_19ff87be decoder registers no debug outputs
+    with pytest.raises(IngestError, match=r"attention_prior_focus.npy: 1 values but no generation sequence"):
+        ingest_trtllm(d.parent, tmp_path / "ing", generation="fork_19ff87be")
+
+
+def _scores_tree(tmp_path: Path, enc: list[int], cols: int | None = None):
+    """fork_e7109d5: a context iteration (prompts of 3 and 2 tokens, CFG) and a generation iteration, with the
+    'scores' output [num_tokens, sum of the sequences' encoder lengths] holding distinct values everywhere."""
+    d = tmp_path / "tllm_debug" / "PP_1" / "TP_1"
+    seq_enc = np.repeat(np.array(enc, np.int32), 2)  # cond, uncond of requests 4 and 2
+    trees = {}
+    for it, (types, ctx) in enumerate([([0, 0], [3, 3, 2, 2]), ([1, 1], [3, 3, 2, 2])]):
+        p = d / f"iteration_{it}"
+        p.mkdir(parents=True)
+        np.save(p / "request_ids.npy", np.array([4, 2], dtype=np.uint64))
+        np.save(p / "host_request_types.npy", np.repeat(np.array(types, np.int32), 2))
+        np.save(p / "host_context_lengths.npy", np.array(ctx, np.int32))
+        np.save(p / "encoder_input_lengths.npy", seq_enc)
+        n_tok = sum(ctx) if it == 0 else 4
+        c = int(seq_enc.sum()) if cols is None else cols
+        trees[it] = (np.arange(n_tok * c, dtype=np.float32).reshape(n_tok, c) / 7).astype(np.float16)
+        np.save(p / "scores.npy", trees[it])
+        np.save(p / "logits.npy", np.zeros((4, 5), np.float16))
+    return tmp_path / "tllm_debug", trees, seq_enc
+
+
+def test_gen_a_scores_become_each_sequences_own_block(tmp_path):
+    """rmittal@e7109d5 'scores' -> inference.cross_attention_logits_mean: per sequence, its own rows x its own
+    encoder columns (as RuntimeBuffers::setAttentionPriorIdx reads them), prompts placed like activations."""
+    tree, raw, seq_enc = _scores_tree(tmp_path, enc=[5, 3])
+    got = DumpReader(ingest_trtllm(tree, tmp_path / "ing", use_cfg=True))
+    assert got.meta["generation"] == "fork_e7109d5"
+    rows0, cols = [3, 3, 2, 2], np.concatenate([[0], np.cumsum(seq_enc)])
+    row0 = np.concatenate([[0], np.cumsum(rows0)])
+
+    def block(it, k, rows):  # packed sequence k (4c, 4u, 2c, 2u)
+        return raw[it][rows[k]:rows[k + 1], cols[k]:cols[k + 1]]
+
+    order = [2, 0, 3, 1]  # canonical 2c, 4c, 2u, 4u
+    want0 = place_prompts(pad_trailing([block(0, k, row0) for k in order]))
+    v0 = got.load("inference.cross_attention_logits_mean", 0)
+    assert v0.shape == (4, 3, 5) and torch.equal(v0, torch.from_numpy(want0))
+    assert torch.equal(v0[0, :, 3:], torch.zeros(3, 2, dtype=v0.dtype))  # request 2's 3 text positions, padded
+    want1 = np.stack(pad_trailing([block(1, k, list(range(5))) for k in order]))
+    assert torch.equal(got.load("inference.cross_attention_logits_mean", 1), torch.from_numpy(want1))
+    assert "inference.cross_attention_logits_mean" in got.meta["engine_only"]
+
+
+def test_gen_a_scores_with_wrong_columns_name_the_file(tmp_path):
+    tree, _, _ = _scores_tree(tmp_path, enc=[5, 3], cols=17)
+    with pytest.raises(IngestError, match=r"iteration_0/scores.npy: inconsistent token counts: 17 columns, the "
+                                          r"sequences' encoder lengths \[5, 5, 3, 3\] sum to 16"):
+        ingest_trtllm(tree, tmp_path / "ing", use_cfg=True)
+
+
+def test_detect_generation_rules():
+    prior = {"attention_prior_focus", "attention_prior_scores", "logits", "request_ids"}
+    assert detect_generation(prior | {"decoder_context_features"}) == "fork_497d0e69"
+    assert detect_generation(prior, {"logits": (4, 768), "encoder_output": (20, 768)}) == "fork_497d0e69"
+    assert detect_generation(prior, {"logits": (4, 16192), "encoder_output": (0, 768)}) == "fork_19ff87be"
+    with pytest.raises(IngestError, match="pass generation='fork_497d0e69' or 'fork_19ff87be'"):
+        detect_generation(prior, {"logits": (4, 768)})
+    assert detect_generation({"scores", "logits"}) == "fork_e7109d5"
+    assert detect_generation({"decoder_layers.3.pos_ff_output"}) == "fork_c6ff2312"
+    assert detect_generation({"decoder_layers.3.mlp_output"}) == "upstream_old"
+    assert detect_generation({"transformer.layers.0.mlp_output"}) == "upstream_new"
+    with pytest.raises(IngestError, match="cannot tell the engine generation"):
+        detect_generation({"request_ids"})
+
+
+def test_pad_trailing():
+    a, b = np.ones((2, 3), np.float16), np.full((1, 5), 2, np.float16)
+    pa, pb = pad_trailing([a, b])
+    assert pa.shape == (2, 5) and pb.shape == (1, 5) and pa[:, 3:].sum() == 0 and (pa[:, :3] == 1).all()
+    assert pad_trailing([a, a])[0] is a
 
 
 # ------------------------------------------------------------------------------------ errors
