@@ -56,8 +56,10 @@ Limitations: chunked context (a prompt split over iterations) and beam search ar
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -71,7 +73,7 @@ UINT64_MAX = 2**64 - 1
 CONTEXT, GENERATION = 0, 1
 
 _ITER_RE = re.compile(r"^iteration_(.*)$")
-_STEP_RE = re.compile(r"^(?P<name>.+)-step(?P<step>\d+)\.npy$")
+_STEP_RE = re.compile(r"^(?P<name>.+)-step(?P<step>[0-9]+)\.npy$")  # ASCII digits: int() reads them
 _RANK_RE = re.compile(r"^(PP|TP)_(\d+)$")
 
 # Per-iteration bookkeeping tensors the ingest reads itself.
@@ -250,9 +252,23 @@ class Tree:
         return sorted({n for it in self.iterations for n in it.files})
 
 
+def _entries(d: Path) -> list[Path]:
+    """A folder's entries, every one a regular file or a real folder: a link could pull in files from outside the
+    tree, and a FIFO or device named like a tensor would block the read."""
+    out = []
+    for p in sorted(d.iterdir()):
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise IngestError(f"{p}: a symbolic link inside the debug tree; refusing to follow it (copy the target in)")
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise IngestError(f"{p}: not a regular file or folder (a FIFO, device or socket) inside the debug tree")
+        out.append(p)
+    return out
+
+
 def _rank_dirs(d: Path, kind: str) -> list[Path]:
     out = []
-    for p in d.iterdir():
+    for p in _entries(d):
         m = _RANK_RE.match(p.name)
         if m and m.group(1) == kind and p.is_dir():
             out.append(p)
@@ -261,7 +277,7 @@ def _rank_dirs(d: Path, kind: str) -> list[Path]:
 
 def _leaf(tree: Path, notes: list[str]) -> Path:
     d = tree
-    if (d / "tllm_debug").is_dir():
+    if (d / "tllm_debug").is_dir() and not (d / "tllm_debug").is_symlink():
         d = d / "tllm_debug"
     for kind in ("PP", "TP"):
         if _RANK_RE.match(d.name) and d.name.startswith(kind):
@@ -288,10 +304,10 @@ def scan_tree(tree: str | os.PathLike) -> Tree:
     notes: list[str] = []
     leaf = _leaf(tree, notes)
     iter_dirs, npys, bad_iters = [], [], []
-    for p in sorted(leaf.iterdir()):
+    for p in _entries(leaf):
         m = _ITER_RE.match(p.name)
         if m and p.is_dir():
-            if not m.group(1).isdigit():
+            if not re.fullmatch(r"[0-9]+", m.group(1)):  # not isdigit(): '²' is a digit int() cannot read
                 bad_iters.append(p.name)
             else:
                 iter_dirs.append((int(m.group(1)), p))
@@ -305,7 +321,7 @@ def scan_tree(tree: str | os.PathLike) -> Tree:
     if iter_dirs:
         its = []
         for n, p in sorted(iter_dirs):
-            files = {f.name[:-4]: f for f in sorted(p.iterdir()) if f.name.endswith(".npy")}
+            files = {f.name[:-4]: f for f in _entries(p) if f.name.endswith(".npy")}
             if files:
                 its.append(Iteration(n, p, files))
         if not its:
@@ -332,13 +348,32 @@ def scan_tree(tree: str | os.PathLike) -> Tree:
 
 
 def load_npy(path: Path) -> np.ndarray:
+    """A regular ``.npy`` file of a plain numeric array (bool, integer, float of native byte order, at most 8 bytes an
+    element), whose header's shape matches its bytes; read without pickles, without blocking, within its size."""
     try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as exc:  # ValueError (pickled/garbled header), OSError, EOFError ...
-        raise UnreadableFile(f"{path}: unreadable .npy: {type(exc).__name__}: {exc}") from None
-    if not isinstance(arr, np.ndarray):
-        raise UnreadableFile(f"{path}: not a single .npy array")
-    return arr
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(f"{path}: not a regular file (a link, FIFO or device)")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                version = np.lib.format.read_magic(fh)
+                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = reader(fh)
+            except Exception as exc:  # ValueError for a garbled header, of several kinds
+                raise UnreadableFile(f"{path}: unreadable .npy header ({str(exc).splitlines()[0][:120]})") from None
+            if dtype.hasobject or dtype.names or dtype.subdtype or dtype.kind not in "biuf" or dtype.itemsize > 8 \
+                    or not dtype.isnative:
+                raise UnreadableFile(f"{path}: .npy dtype {dtype.str!r} is not a plain native-endian bool/int/float "
+                                     "array (structured, object, unicode, datetime, complex, float128 or big-endian)")
+            need = math.prod(shape) * dtype.itemsize
+            have = st.st_size - fh.tell()
+            if need != have:
+                raise UnreadableFile(f"{path}: .npy header declares {need} bytes of data, the file holds {have}")
+            data = fh.read(need)
+    except OSError as exc:
+        raise UnreadableFile(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
 
 # --------------------------------------------------------------------------------------------- classification

@@ -4,6 +4,8 @@ with messages naming the file."""
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -468,7 +470,66 @@ def test_unreadable_npy_names_the_file(tmp_path, content):
         np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     else:
         bad.write_bytes(content)
-    with pytest.raises(IngestError, match=r"decoder_layer_1_output\.npy: unreadable \.npy"):
+    with pytest.raises(IngestError, match=r"decoder_layer_1_output\.npy: (unreadable \.npy|\.npy dtype '\|O')"):
+        ingest_trtllm(tmp_path, tmp_path / "ing", generation=GEN)
+
+
+@pytest.mark.parametrize("arr, match", [
+    (np.ones(3, ">f4"), "'>f4' is not a plain native-endian"),
+    (np.ones(3, np.longdouble), ".* is not a plain native-endian"),
+    (np.zeros(3, dtype=[("a", "<f4"), ("b", "<i4")]), ".* is not a plain native-endian"),
+    (np.array(["2020-01-01"], dtype="datetime64[D]"), "'<M8\\[D\\]' is not a plain"),
+    (np.array(["abc"]), "'<U3' is not a plain"),
+    (np.ones(3, np.complex64), "'<c8' is not a plain"),
+])
+def test_npy_kinds_that_are_not_plain_numbers_are_one_error(tmp_path, arr, match):
+    d = _small_tree(tmp_path)
+    np.save(d / "decoder_layer_1_output.npy", arr)
+    with pytest.raises(IngestError, match=r"decoder_layer_1_output\.npy: \.npy dtype " + match):
+        ingest_trtllm(tmp_path, tmp_path / "ing", generation=GEN)
+
+
+def test_npy_header_declaring_more_than_the_file_holds(tmp_path):
+    """A 100-byte file whose header declares a billion floats is refused before anything is allocated."""
+    d = _small_tree(tmp_path)
+    bad = d / "decoder_layer_1_output.npy"
+    head = np.lib.format.header_data_from_array_1_0(np.ones(2, np.float32))
+    head["shape"] = (10**9,)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, head)
+    bad.write_bytes(buf.getvalue() + np.ones(2, np.float32).tobytes())
+    with pytest.raises(IngestError, match="declares 4000000000 bytes of data, the file holds 8"):
+        ingest_trtllm(tmp_path, tmp_path / "ing", generation=GEN)
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_links_inside_the_tree_are_refused(tmp_path, where):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    np.save(outside / "x.npy", np.ones(3, np.float32))
+    d = _small_tree(tmp_path / "tree")
+    if where == "file":
+        (d / "decoder_layer_1_output.npy").symlink_to(outside / "x.npy")
+    else:
+        (d.parent / "iteration_9").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(IngestError, match="a symbolic link inside the debug tree; refusing to follow it"):
+        ingest_trtllm(tmp_path / "tree", tmp_path / "ing", generation=GEN)
+    assert not (tmp_path / "ing").exists()
+
+
+def test_a_fifo_named_like_a_tensor_never_blocks(tmp_path):
+    import os
+
+    d = _small_tree(tmp_path)
+    os.mkfifo(d / "decoder_layer_1_output.npy")
+    with pytest.raises(IngestError, match="not a regular file or folder \\(a FIFO"):
+        ingest_trtllm(tmp_path, tmp_path / "ing", generation=GEN)
+
+
+def test_unicode_digit_iteration_folder_is_one_error(tmp_path):
+    d = _small_tree(tmp_path)
+    (d.parent / "iteration_\u00b2").mkdir()
+    with pytest.raises(IngestError, match="non-numeric iteration"):
         ingest_trtllm(tmp_path, tmp_path / "ing", generation=GEN)
 
 
@@ -577,5 +638,5 @@ def test_pickled_npy_is_not_loaded(tmp_path):
     p = tmp_path / "x.npy"
     with open(p, "wb") as fh:
         np.lib.format.write_array(fh, np.array([object()], dtype=object), allow_pickle=True)
-    with pytest.raises(IngestError, match="x.npy: unreadable"):
+    with pytest.raises(IngestError, match="x.npy: .npy dtype .\|O. is not a plain"):
         load_npy(p)
