@@ -59,3 +59,15 @@ def test_fixtures_skip_without_options(pytester, monkeypatch):
     res = pytester.runpytest_subprocess(*_plugin_args(monkeypatch), "-rs", "-k", "matches_nemo")
     res.assert_outcomes(skipped=1)
     res.stdout.fnmatch_lines(["*no --nemo-ckpt given*"])
+
+
+def test_parity_tolerances_takes_a_policy_name(pytester, monkeypatch):
+    """--parity-tolerances names a policy of parity.tolerances (or a file); an unknown name is an error that says
+    which names exist."""
+    pytester.makepyfile(test_user=USER_TEST)
+    args = [*_plugin_args(monkeypatch), "-k", "matches_nemo", f"--nemo-ckpt={FIXTURES / 'released_small.nemo'}",
+            f"--nemo-dump={FIXTURES / 'released_small.nemo_dump'}"]
+    pytester.runpytest_subprocess(*args, "--parity-tolerances=fixtures").assert_outcomes(passed=1)
+    res = pytester.runpytest_subprocess(*args, "--parity-tolerances=bogus")
+    res.assert_outcomes(errors=1)
+    res.stdout.fnmatch_lines(["*PolicyError: bogus: no such tolerance file (or policy name; known: *'parity'*"])
