@@ -1,91 +1,116 @@
-"""``magpie-parity`` sub-commands that run models: ``check`` (the main job), ``dump`` and ``infer``.
-
-They are registered by :func:`register` (called from ``parity.cli``); heavy imports happen inside ``run``.
+"""``magpie-parity`` commands of the parity side: ``check`` (the main job), ``compare``, ``dump``, ``infer`` and
+``diagnose``. Each is a ``configure_<name>(parser)`` and a ``run_<name>(args) -> exit status`` pair listed in
+``parity.cli``'s command table; heavy imports happen inside ``run_*``. User errors raise
+:class:`parity.cli_support.BadInput` (one line, exit 2), checked before any work where they can be.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+
+from parity.cli_support import (
+    EXIT_MISMATCH,
+    EXIT_OK,
+    BadInput,
+    check_batch_fits,
+    check_device,
+    infer_inputs,
+    load_batch,
+    load_reference,
+    output_dir,
+    output_file,
+    parse_assignments,
+    user_errors,
+    writing,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # The bundled fixtures live in the checkout; a non-editable install finds them from the working directory.
 DEFAULT_FIXTURES = next((p for p in (REPO / "fixtures" / "data", Path.cwd() / "fixtures" / "data") if p.is_dir()),
                         REPO / "fixtures" / "data")
 
-
-def _bad(msg: str):
-    from parity.cli import BadInput
-
-    return BadInput(msg)
+KV_CACHE = {"checkpoint": None, "on": True, "off": False}
 
 
-def _load_batch(path: str) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not p.is_file():
-        raise _bad(f"{p}: no such batch file")
-    try:
-        return load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _bad(f"{p}: not a readable safetensors batch ({e})") from None
-
-
-def _load_reference(path: str, device: str = "cpu", dtype: str = "float32"):
-    import torch
-
-    from reference import CheckpointError, ConfigError, MagpieTTS
+def check_params(config, params: dict, flag: str = "--param") -> None:
+    """Before any work: the inference parameters are NeMo ``inference_parameters`` fields with usable values."""
+    from reference.inference import InferenceError, check_parameters, resolve_parameters
 
     try:
-        model = MagpieTTS.from_nemo(path)
-    except (CheckpointError, ConfigError) as e:
-        raise _bad(str(e)) from None
-    return model.to(device=device, dtype=getattr(torch, dtype))
+        check_parameters(resolve_parameters(config.inference, **params), config)
+    except InferenceError as e:  # names the field
+        raise BadInput(f"{flag}: {e}") from None
+    except (TypeError, ValueError) as e:  # this call only validates the user's values: one has the wrong type
+        given = " ".join(f"{k}={v!r}" for k, v in params.items())
+        raise BadInput(f"{flag} {given}: a value of the wrong type ({e})") from None
+
+
+def _nemo_checks(path: str, batch: dict, batch_path: str, *, teacher_forced: bool, params: dict) -> None:
+    """--source nemo, before NeMo is imported: a readable .nemo archive (NeMo restores no .ckpt), and a batch and
+    parameters that fit it (the reference reads the config and weight shapes without NeMo)."""
+    import tarfile
+
+    from reference.checkpoint import CheckpointError, read_checkpoint
+    from reference.config import ConfigError, MagpieConfig
+
+    try:
+        raw = read_checkpoint(path)
+    except CheckpointError as e:
+        raise BadInput(str(e)) from None
+    if not tarfile.is_tarfile(path):
+        raise BadInput(f"{path}: a Lightning .ckpt; --source nemo restores .nemo archives only "
+                       "(--source reference reads both)")
+    try:
+        config = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(path))
+    except ConfigError:
+        return  # a model the reference does not build: NeMo alone decides
+    check_batch_fits(batch if teacher_forced else infer_inputs(batch), config, batch_path, path,
+                     require_audio=teacher_forced)
+    if not teacher_forced:
+        check_params(config, params)
+
+
+def _nemo_restore(restore, path, what: str, **kw):
+    """``MagpieTTSModel.restore_from`` with the archive errors NeMo raises (tar, missing member, I/O) as one line."""
+    import tarfile
+
+    try:
+        return restore(path, map_location="cpu", **kw)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        detail = f"{Path(e.filename).name} missing" if isinstance(e, FileNotFoundError) and e.filename else str(e)
+        raise BadInput(f"{what}: NeMo cannot restore it ({type(e).__name__}: {detail})") from None
 
 
 def _load_nemo(path: str, codec: str | None):
     try:
         from nemo.collections.tts.models import MagpieTTSModel
     except Exception as e:  # ImportError, or NeMo's own import-time failures
-        raise _bad(f"--source nemo needs NeMo 3.0.0 (pip install '.[nemo]'): {type(e).__name__}: {e}") from None
-    cfg = MagpieTTSModel.restore_from(path, return_config=True, map_location="cpu")
+        raise BadInput(f"--source nemo needs NeMo 3.0.0 (pip install '.[nemo]'): {type(e).__name__}: {e}") from None
+    if codec and not Path(codec).is_file():
+        raise BadInput(f"--codec {codec}: no such file")
+    cfg = _nemo_restore(MagpieTTSModel.restore_from, path, path, return_config=True)
     codec_path = Path(codec) if codec else Path(cfg.codecmodel_path)
     if not codec and not codec_path.is_absolute():  # a recorded relative path is relative to the archive's folder
         codec_path = Path(path).resolve().parent / codec_path
     if not codec_path.exists():
         beside = Path(path).resolve().parent / codec_path.name
         if not beside.exists():
-            raise _bad(f"{path}: its codec {cfg.codecmodel_path} is not found; pass --codec PATH")
+            raise BadInput(f"{path}: its codec {cfg.codecmodel_path} is not found; pass --codec PATH")
         codec_path = beside
     cfg.codecmodel_path = str(codec_path)
-    model = MagpieTTSModel.restore_from(path, override_config_path=cfg, map_location="cpu")
+    model = _nemo_restore(MagpieTTSModel.restore_from, path, f"{path} (codec {codec_path})", override_config_path=cfg)
     return model.eval()
-
-
-def _params(pairs: list[str] | None) -> dict[str, Any]:
-    """``--param topk=1 --param apply_prior_to_layers=[1,2]`` -> dict (values parsed as JSON when they parse)."""
-    out: dict[str, Any] = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise _bad(f"--param {item!r}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- check
 
 
-def _configure_check(p: argparse.ArgumentParser) -> None:
+def configure_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixtures", default=str(DEFAULT_FIXTURES), help="folder of <case>.nemo, <case>.batch.safetensors, <case>.nemo_dump")
     p.add_argument("--cases", nargs="+", help="cases to check (default: every <case>.nemo_dump in --fixtures)")
     p.add_argument("--plot", metavar="DIR", help="write <case>.png error plots here")
@@ -93,42 +118,52 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = the bit-reproducible setting)")
 
 
-def _run_check(args: argparse.Namespace) -> int:
-    """Run the reference on each bundled NeMo-made model and compare every capture point with NeMo's dump."""
+def run_check(args: argparse.Namespace) -> int:
+    """Run the reference on each bundled NeMo-made model and compare every capture point with NeMo's dump, with the
+    tolerance policy "parity" (parity.tolerances)."""
     import torch
 
     from parity.compare import compare_dumps
-    from parity.dump import DumpError
     from parity.reference_capture import dump_reference_process_batch
     from parity.report import format_table, plot
+    from parity.tolerances import policy
 
-    torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {args.threads}")
     fx = Path(args.fixtures)
+    if not fx.is_dir():
+        raise BadInput(f"--fixtures {fx}: not a folder")
+    if args.plot:
+        output_dir(args.plot, "--plot", overwrite=None)
+    torch.set_num_threads(args.threads)
     cases = args.cases or sorted(p.name[: -len(".nemo_dump")] for p in fx.glob("*.nemo_dump"))
     if not cases:
-        raise _bad(f"{fx}: no <case>.nemo_dump folders found")
+        raise BadInput(f"{fx}: no <case>.nemo_dump folders found")
+    for case in cases:
+        for need in (fx / f"{case}.nemo", fx / f"{case}.batch.safetensors", fx / f"{case}.nemo_dump"):
+            if not need.exists():
+                raise BadInput(f"{need}: missing (case {case})")
+    parity_policy = policy("parity")
     rows, all_ok = [], True
     per_layer: dict[str, dict] = {}
     order: list[str] = []
     with tempfile.TemporaryDirectory(prefix="magpie-parity-check-") as tmp:
         for case in cases:
             ckpt, batch_path, nemo_dump = fx / f"{case}.nemo", fx / f"{case}.batch.safetensors", fx / f"{case}.nemo_dump"
-            for need in (ckpt, batch_path, nemo_dump):
-                if not need.exists():
-                    raise _bad(f"{need}: missing (case {case})")
-            model = _load_reference(str(ckpt))
+            model = load_reference(str(ckpt))
+            batch = load_batch(str(batch_path))
+            check_batch_fits(batch, model.config, batch_path, ckpt, require_audio=True)
             ref_dump = Path(tmp) / f"{case}.reference_dump"
-            dump_reference_process_batch(model, _load_batch(str(batch_path)), ref_dump)
-            try:
-                res = compare_dumps(ref_dump, nemo_dump, progress=False)
-            except DumpError as e:
-                raise _bad(str(e)) from None
+            dump_reference_process_batch(model, batch, ref_dump)
+            with user_errors():
+                res = compare_dumps(ref_dump, nemo_dump, policy=parity_policy, progress=False)
             if args.layers:
                 print(f"\n== {case}")
                 print(format_table(res, max_rows=10_000))
             if args.plot:
-                Path(args.plot).mkdir(parents=True, exist_ok=True)
-                plot(res, str(Path(args.plot) / f"{case}.png"))
+                png = Path(args.plot) / f"{case}.png"
+                with writing(png, "--plot"):
+                    plot(res, str(png))
             per_layer[case] = {t.name: t for t in res.tensors}
             for t in res.tensors:
                 if t.name not in order:
@@ -154,14 +189,73 @@ def _run_check(args: argparse.Namespace) -> int:
     for case, n, worst_abs, at, worst_rel, fd, ok in rows:
         at = at if worst_abs else "(all tensors bit-identical)"
         print(f"{case:<18} {n:>7} {worst_abs:>15.3g} {at:<36} {worst_rel:>14.3g} {fd:<20} {'PASS' if ok else 'FAIL'}")
-    return 0 if all_ok else 1
+    return EXIT_OK if all_ok else EXIT_MISMATCH
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def configure_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="dump under test (directory with manifest.json)")
+    p.add_argument("b", help="expected/reference dump")
+    p.add_argument("--json", metavar="OUT", help="write the JSON report here ('-' for stdout)")
+    p.add_argument("--plot", metavar="OUT.png", help="write a max-abs-error-per-layer plot")
+    p.add_argument("--tolerances", metavar="FILE|NAME",
+                   help='JSON: {"default": {"atol":..,"rtol":..}, "per_name": {glob: {...}}}, or a policy name of '
+                        "parity.tolerances (parity, fixtures, steps); default: the per-dtype defaults")
+    p.add_argument("--names", nargs="+", metavar="GLOB", help="only compare tensors whose name matches a glob")
+    p.add_argument("--intersect", action="store_true",
+                   help="compare only tensors both dumps hold (an engine dump is a subset of a reference dump); "
+                        "the others are listed but do not fail")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None, help="comparison threads (default: min(2, cpus))")
+    p.add_argument("--max-rows", type=int, default=60, help="per-tensor rows in the table")
+    p.add_argument("--quiet", "-q", action="store_true", help="no table on stdout")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Exit 0: every tensor within tolerance; 1: a mismatch; 2: bad input (missing/corrupt/truncated file,
+    incompatible manifests, bad tolerance file, bad arguments)."""
+    from parity.compare import compare_dumps
+    from parity.files import atomic_write_bytes
+    from parity.report import format_table, plot, to_json
+    from parity.tolerances import load_policy
+
+    if args.json and args.json != "-":
+        output_file(args.json, "--json")
+    if args.plot:
+        output_file(args.plot, "--plot")
+    with user_errors():
+        policy = load_policy(args.tolerances, default="")
+        result = compare_dumps(
+            args.a,
+            args.b,
+            policy=policy,
+            names=args.names,
+            progress=False if args.no_progress else None,
+            workers=args.workers,
+            intersect=args.intersect,
+        )
+    report = to_json(result)
+    text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    if not args.quiet and args.json != "-":
+        print(format_table(result, max_rows=args.max_rows))
+    if args.json == "-":
+        sys.stdout.write(text)
+    elif args.json:
+        with writing(args.json, "--json"):
+            atomic_write_bytes(args.json, text.encode())
+    if args.plot:
+        with writing(args.plot, "--plot"):
+            plot(result, args.plot)
+    return EXIT_OK if result.passed else EXIT_MISMATCH
 
 
 # -------------------------------------------------------------------------------------------------- dump
 
 
-def _configure_dump(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help=".nemo or .ckpt")
+def configure_dump(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help=".nemo or .ckpt (--source nemo: .nemo)")
     p.add_argument("--batch", required=True, help="safetensors file holding NeMo's batch keys")
     p.add_argument("--out", required=True, help="dump folder to create")
     p.add_argument("--source", choices=["reference", "nemo"], default="reference")
@@ -170,126 +264,129 @@ def _configure_dump(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="infer mode: torch.manual_seed before decoding")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="infer mode: NeMo inference_parameters field")
     p.add_argument("--layers", action="store_true", help="infer mode: also dump every layer each step")
-    p.add_argument("--kv-cache", choices=["checkpoint", "on", "off"], default="checkpoint",
+    p.add_argument("--kv-cache", choices=list(KV_CACHE), default="checkpoint",
                    help="reference infer mode: decoding path (engines always cache: use 'on' to line steps up)")
     p.add_argument("--codec", help="--source nemo: codec .nemo (default: the recorded path, or beside the checkpoint)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
-def _run_dump(args: argparse.Namespace) -> int:
+def run_dump(args: argparse.Namespace) -> int:
     import torch
 
-    batch = _load_batch(args.batch)
-    params = _params(args.param)
-    infer_inputs = {k: v for k, v in batch.items() if k.startswith(("text", "context"))}
+    output_dir(args.out, "--out", args.overwrite)
+    batch = load_batch(args.batch)
+    params = parse_assignments(args.param, "--param")
+    teacher_forced = args.mode == "teacher-forced"
+    inputs = infer_inputs(batch)
     if args.source == "reference":
         from parity.reference_capture import dump_reference_infer, dump_reference_process_batch
 
-        model = _load_reference(args.checkpoint)
-        if args.mode == "teacher-forced":
-            dump_reference_process_batch(model, batch, args.out, overwrite=args.overwrite)
-        else:
-            kv = {"checkpoint": None, "on": True, "off": False}[args.kv_cache]
-            dump_reference_infer(model, infer_inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
-                                 capture_layers=args.layers, overwrite=args.overwrite, progress=True,
-                                 use_kv_cache=kv, **params)
+        model = load_reference(args.checkpoint)
+        check_batch_fits(batch if teacher_forced else inputs, model.config, args.batch, args.checkpoint,
+                         require_audio=teacher_forced)
+        if not teacher_forced:
+            check_params(model.config, params)
+        with user_errors(), writing(args.out, "--out"):
+            if teacher_forced:
+                dump_reference_process_batch(model, batch, args.out, overwrite=args.overwrite)
+            else:
+                dump_reference_infer(model, inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
+                                     capture_layers=args.layers, overwrite=args.overwrite, progress=True,
+                                     use_kv_cache=KV_CACHE[args.kv_cache], **params)
     else:
         from parity.nemo_capture import dump_nemo_infer, dump_nemo_process_batch
 
+        _nemo_checks(args.checkpoint, batch, args.batch, teacher_forced=teacher_forced, params=params)
         model = _load_nemo(args.checkpoint, args.codec)
-        with torch.no_grad():
-            if args.mode == "teacher-forced":
+        with torch.no_grad(), user_errors(), writing(args.out, "--out"):
+            if teacher_forced:
                 dump_nemo_process_batch(model, batch, args.out, overwrite=args.overwrite)
             else:
-                dump_nemo_infer(model, infer_inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
+                dump_nemo_infer(model, inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
                                 capture_layers=args.layers, overwrite=args.overwrite, **params)
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------- infer
 
 
-def _configure_infer(p: argparse.ArgumentParser) -> None:
+def configure_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help=".nemo or .ckpt")
     p.add_argument("--inputs", required=True, help="safetensors with text, text_lens, context_audio_codes, context_audio_codes_lens")
     p.add_argument("--out", required=True, help="safetensors file to write predicted_codes and predicted_codes_lens to")
     p.add_argument("--use-cfg", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache", choices=["checkpoint", "on", "off"], default="checkpoint",
+    p.add_argument("--kv-cache", choices=list(KV_CACHE), default="checkpoint",
                    help="decoding path (default: the checkpoint's use_kv_cache_for_inference, as NeMo)")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="NeMo inference_parameters field, e.g. topk=1")
-    p.add_argument("--dump", metavar="DIR", help="also write every step's captured tensors to this dump")
+    p.add_argument("--dump", metavar="DIR", help="also write every step's captured tensors to this dump (a new folder)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
 
-def _run_infer(args: argparse.Namespace) -> int:
-    import os
-
+def run_infer(args: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from reference.inference import InferenceError
+    from parity.files import atomic_write_bytes
 
-    batch = {k: v.to(args.device) for k, v in _load_batch(args.inputs).items() if k.startswith(("text", "context"))}
-    model = _load_reference(args.checkpoint, args.device, args.dtype)
-    kv = {"checkpoint": None, "on": True, "off": False}[args.kv_cache]
-    params = _params(args.param)
-    try:
+    output_file(args.out, "--out")
+    if args.dump:
+        output_dir(args.dump, "--dump", overwrite_flag=None)
+    check_device(args.device)
+    params = parse_assignments(args.param, "--param")
+    batch = infer_inputs(load_batch(args.inputs, "--inputs"))
+    model = load_reference(args.checkpoint, args.device, args.dtype)
+    check_batch_fits(batch, model.config, args.inputs, args.checkpoint, require_audio=False)
+    check_params(model.config, params)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    kv = KV_CACHE[args.kv_cache]
+    with user_errors():
         if args.dump:
             from parity.reference_capture import dump_reference_infer
 
-            out = dump_reference_infer(model, batch, args.dump, use_cfg=args.use_cfg, seed=args.seed, capture_layers=True,
-                                       progress=True, use_kv_cache=kv, **params)
+            with writing(args.dump, "--dump"):
+                out = dump_reference_infer(model, batch, args.dump, use_cfg=args.use_cfg, seed=args.seed,
+                                           capture_layers=True, progress=True, use_kv_cache=kv, **params)
         else:
             torch.manual_seed(args.seed)
             out = model.infer_batch(batch, use_cfg=args.use_cfg, use_kv_cache=kv, progress=True, **params)
-    except (InferenceError, ValueError) as e:
-        raise _bad(str(e)) from None
-    tmp = args.out + ".tmp"
-    save_file({"predicted_codes": out.predicted_codes.cpu().contiguous(),
-               "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()}, tmp)
-    os.replace(tmp, args.out)
+    data = save({"predicted_codes": out.predicted_codes.cpu().contiguous(),
+                 "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()})
+    with writing(args.out, "--out"):
+        atomic_write_bytes(args.out, data)
     print(f"wrote {args.out}: codes {tuple(out.predicted_codes.shape)}, lengths {out.predicted_codes_lens.tolist()}",
           file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------- diagnose
 
 
-def _configure_diagnose(p: argparse.ArgumentParser) -> None:
+def configure_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("dump", help="engine dump in canonical form (e.g. from 'magpie-parity ingest-trtllm')")
     p.add_argument("--checkpoint", required=True, help="the .nemo/.ckpt the engine was converted from")
     p.add_argument("--batch", required=True, help="safetensors with the inputs the engine ran on")
     p.add_argument("--cfg", choices=["dump", "on", "off"], default="dump", help="CFG setting (default: from the dump's layout)")
-    p.add_argument("--tolerance", type=float, help="max |dlogit| accepted (default from the dump's dtype)")
+    p.add_argument("--tolerance", type=float,
+                   help="max |dlogit| accepted (default: parity.tolerances.DIAGNOSE for the dump's dtype)")
     p.add_argument("--codes", help="safetensors with the engine's predicted_codes (default: the dump's own)")
 
 
-def _run_diagnose(args: argparse.Namespace) -> int:
-    from parity.dump import DumpError
+def run_diagnose(args: argparse.Namespace) -> int:
     from trt.diagnose import DiagnoseError, diagnose
 
-    model = _load_reference(args.checkpoint)
-    batch = {k: v for k, v in _load_batch(args.batch).items() if k.startswith(("text", "context"))}
-    use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
-    codes = _load_batch(args.codes).get("predicted_codes") if args.codes else None
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise BadInput(f"--tolerance must be a finite number > 0, got {args.tolerance}")
+    batch = infer_inputs(load_batch(args.batch))
+    codes = load_batch(args.codes, "--codes").get("predicted_codes") if args.codes else None
     if args.codes and codes is None:
-        raise _bad(f"{args.codes}: no 'predicted_codes' tensor")
-    try:
+        raise BadInput(f"--codes {args.codes}: no 'predicted_codes' tensor")
+    model = load_reference(args.checkpoint)
+    check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
+    use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
+    with user_errors(DiagnoseError, ValueError):
         d = diagnose(model, args.dump, batch, use_cfg=use_cfg, tolerance=args.tolerance, codes=codes)
-    except (DumpError, DiagnoseError, ValueError) as e:
-        raise _bad(str(e)) from None
     print(d.report())
-    return 0 if d.explained or (not d.explanation and d.baseline.max_abs <= d.tolerance) else 1
-
-
-def register(add_subcommand) -> None:
-    add_subcommand("diagnose", _configure_diagnose, _run_diagnose,
-                   help="which known TensorRT-LLM behaviours explain an engine dump, and where the rest starts")
-    add_subcommand("check", _configure_check, _run_check,
-                   help="the main job: reference vs NeMo's dumps on the bundled fixture models, layer by layer")
-    add_subcommand("dump", _configure_dump, _run_dump, help="capture a reference or live-NeMo run into a dump")
-    add_subcommand("infer", _configure_infer, _run_infer, help="autoregressive inference with the reference")
+    return EXIT_OK if d.explained or (not d.explanation and d.baseline.max_abs <= d.tolerance) else EXIT_MISMATCH

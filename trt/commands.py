@@ -1,53 +1,65 @@
-"""``magpie-parity`` sub-commands for the TensorRT-LLM side: ``convert``, ``build``, ``ingest-trtllm``,
-``bench-data``. Registered by ``parity.cli`` through :func:`register`; heavy imports happen inside each command.
-User errors (missing/corrupt files, bad settings, TensorRT-LLM missing for ``build --run``) exit 2 with one line
-naming the file; a failing ``trtllm-build`` exits 1."""
+"""``magpie-parity`` commands of the TensorRT-LLM side: ``convert``, ``build``, ``ingest-trtllm``, ``bench-data``.
+Each is a ``configure_<name>(parser)`` and ``run_<name>(args) -> exit status`` pair listed in ``parity.cli``'s
+command table; heavy imports happen inside each command. User errors (missing/corrupt files, bad settings,
+TensorRT-LLM missing for ``build --run``) raise :class:`parity.cli_support.BadInput`: exit 2 with one line naming
+the file or flag; a failing ``trtllm-build`` exits 1."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
+import shutil
 import sys
-from typing import Any
+from pathlib import Path
 
-
-def _bad(msg: str):
-    from parity.cli import BadInput
-
-    return BadInput(msg)
+from parity.cli_support import (
+    EXIT_MISMATCH,
+    EXIT_OK,
+    BadInput,
+    output_dir,
+    output_file,
+    parse_assignments,
+    writing,
+)
 
 
 # ------------------------------------------------------------------------------------------------ convert
 
 
-def _configure_convert(p: argparse.ArgumentParser) -> None:
+def configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="NeMo MagpieTTS .nemo or Lightning .ckpt")
     p.add_argument("--out", required=True, metavar="DIR", help="TensorRT-LLM checkpoint folder to write")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--tp-size", type=int, default=1, metavar="N")
     p.add_argument("--drop-lm-head-bias", action="store_true",
                    help="drop final_proj.bias as the fork's converter does (the engine then differs from NeMo)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
-def _run_convert(args: argparse.Namespace) -> int:
+def run_convert(args: argparse.Namespace) -> int:
+    from parity.files import honour_umask
     from reference.checkpoint import CheckpointError, read_checkpoint
     from reference.config import ConfigError, MagpieConfig
     from trt.convert import ConversionError, convert_state_dict, fork_deviations, write_converted
 
     if args.tp_size < 1:
-        raise _bad(f"--tp-size must be >= 1, got {args.tp_size}")
+        raise BadInput(f"--tp-size must be >= 1, got {args.tp_size}")
+    output_dir(args.out, "--out", args.overwrite)
     try:
         raw = read_checkpoint(args.checkpoint)
         where = str(raw.path)
         cfg = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=where)
         conv = convert_state_dict(cfg, raw.state_dict, dtype=args.dtype, tp_size=args.tp_size,
                                   drop_lm_head_bias=args.drop_lm_head_bias, where=where)
-        out = write_converted(conv, args.out, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, ConversionError) as exc:
-        raise _bad(str(exc)) from None
-    except OSError as exc:
-        raise _bad(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+        raise BadInput(str(exc)) from None
+    with writing(args.out, "--out"):
+        try:
+            out = write_converted(conv, args.out, overwrite=args.overwrite)
+        except ConversionError as exc:  # the folder appeared meanwhile
+            raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None
+        honour_umask(out)  # write_converted publishes a mkdtemp folder (0700)
     print(f"wrote {out} (encoder/, decoder/; dtype {args.dtype}, tp {args.tp_size}"
           f"{', lm_head bias dropped' if args.drop_lm_head_bias else ''})")
     devs = fork_deviations(cfg)
@@ -65,24 +77,13 @@ def _run_convert(args: argparse.Namespace) -> int:
             print(f"  - {d}")
     else:
         print("checkpoint vs the fork's hard-coded model: no differences found")
-    return 0
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------ build
 
 
-def _parse_value(v: str) -> Any:
-    if v.lower() in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return v
-
-
-def _configure_build(p: argparse.ArgumentParser) -> None:
+def configure_build(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-dir", required=True, metavar="DIR", help="converted checkpoint (magpie-parity convert)")
     p.add_argument("--engine-dir", required=True, metavar="DIR", help="where trtllm-build writes encoder/ decoder/")
     p.add_argument("--profile", default="seed", choices=["seed", "parity"])
@@ -92,37 +93,53 @@ def _configure_build(p: argparse.ArgumentParser) -> None:
                    help="override a trtllm-build flag (decoder_KEY / encoder_KEY for one engine; VALUE none removes)")
 
 
-def _run_build(args: argparse.Namespace) -> int:
-    from trt.build import BackendUnavailable, BuildConfigError, BuildError, build_commands, run_build
+def _cli_words(msg: str) -> str:
+    """trt.build's messages name its Python arguments; on the command line the user runs commands."""
+    msg = re.sub(r"convert with dtype='(\w+)'", r"convert with 'magpie-parity convert --dtype \1'", msg)
+    return re.sub(r"--(\w+_plugin) (\S+) but (.*) or use 'auto'", r"--\1 \2 but \3 or pass --set \1=auto", msg)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from trt.build import BackendUnavailable, BuildConfigError, BuildError, build_commands
+    from trt.build import run_build as build_engines
 
     overrides = {}
-    for item in args.set:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise _bad(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip().replace("-", "_")] = _parse_value(val.strip())
+    for key, value in parse_assignments(args.set, "--set").items():
+        # trtllm-build spells booleans as the words given (enable/disable mostly): JSON true/false stay words
+        overrides[key.replace("-", "_")] = str(value).lower() if isinstance(value, bool) else value
+    ckpt = Path(args.ckpt_dir)
+    for comp in ("encoder", "decoder"):
+        cfg = ckpt / comp / "config.json"
+        if not cfg.is_file():
+            raise BadInput(f"--ckpt-dir {cfg}: missing; convert the checkpoint first: "
+                           f"magpie-parity convert --checkpoint CKPT --out {ckpt}")
     try:
         cmds = build_commands(args.ckpt_dir, args.engine_dir, args.profile, args.debug_output, **overrides)
     except BuildConfigError as exc:
-        raise _bad(str(exc)) from None
+        raise BadInput(_cli_words(str(exc))) from None
     for cmd in cmds:
         print(shlex.join(cmd))
     if args.run:
+        if shutil.which("trtllm-build") is None:
+            raise BadInput("trtllm-build is not on the PATH: install TensorRT-LLM (the t5tts fork) to build engines, "
+                           "or run the commands printed above where it is installed")
+        output_dir(args.engine_dir, "--engine-dir", overwrite=None)
         try:
-            run_build(args.ckpt_dir, args.engine_dir, args.profile, args.debug_output, **overrides)
+            with writing(args.engine_dir, "--engine-dir"):
+                build_engines(args.ckpt_dir, args.engine_dir, args.profile, args.debug_output, **overrides)
         except BackendUnavailable as exc:
-            raise _bad(str(exc)) from None
+            raise BadInput(str(exc)) from None
         except BuildError as exc:
             print(f"magpie-parity build: {exc}", file=sys.stderr)
-            return 1
+            return EXIT_MISMATCH
         print(f"built {args.engine_dir}")
-    return 0
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------ ingest
 
 
-def _configure_ingest(p: argparse.ArgumentParser) -> None:
+def configure_ingest(p: argparse.ArgumentParser) -> None:
     from parity.names import GENERATIONS
 
     p.add_argument("tree", metavar="TREE", help="tllm_debug folder (or its parent, a PP_*/TP_* folder)")
@@ -135,19 +152,21 @@ def _configure_ingest(p: argparse.ArgumentParser) -> None:
     cfg.add_argument("--no-cfg", dest="use_cfg", action="store_const", const=False)
     p.add_argument("--cfg-scale", type=float, default=None, help="with CFG, also write the combined logits")
     p.add_argument("--batch-size", type=int, default=None, help="expected number of requests (checked)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
-def _run_ingest(args: argparse.Namespace) -> int:
+def run_ingest(args: argparse.Namespace) -> int:
     from parity.dump import DumpError, DumpReader
     from trt.ingest import IngestError, ingest_trtllm
 
+    output_dir(args.out, "--out", args.overwrite)
     try:
-        out = ingest_trtllm(args.tree, args.out, generation=args.generation, batch_size=args.batch_size,
-                            use_cfg=args.use_cfg, cfg_scale=args.cfg_scale, overwrite=args.overwrite)
+        with writing(args.out, "--out"):
+            out = ingest_trtllm(args.tree, args.out, generation=args.generation, batch_size=args.batch_size,
+                                use_cfg=args.use_cfg, cfg_scale=args.cfg_scale, overwrite=args.overwrite)
         d = DumpReader(out)
     except (IngestError, DumpError) as exc:
-        raise _bad(str(exc)) from None
+        raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None
     steps = sorted({e.step for e in d.entries if e.step is not None})
     m = d.meta
     print(f"wrote {out}: {len(d)} tensors, {len(d.names())} names, steps {steps[:1]}..{steps[-1:]} "
@@ -156,13 +175,13 @@ def _run_ingest(args: argparse.Namespace) -> int:
         print(f"skipped: {', '.join(sorted(m['skipped']))}")
     if m["partial_steps"]:
         print(f"steps left out (not every request had a row): {m['partial_steps']}")
-    return 0
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------ bench-data
 
 
-def _configure_bench(p: argparse.ArgumentParser) -> None:
+def configure_bench(p: argparse.ArgumentParser) -> None:
     from trt.benchmark_data import SEED_CONTEXT_FRAMES, SEED_NUM_SAMPLES, SEED_OUTPUT_FRAMES, SEED_TEXT_LEN
 
     p.add_argument("--out", required=True, metavar="FILE", help="prepare_benchmark.py-style JSON to write")
@@ -175,9 +194,11 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
+    from parity.files import honour_umask
     from trt.benchmark_data import BenchmarkDataError, generate_dataset, read_dataset, write_dataset
 
+    output_file(args.out, "--out")
     config = None
     if args.checkpoint:
         from reference.checkpoint import CheckpointError, read_checkpoint
@@ -187,28 +208,16 @@ def _run_bench(args: argparse.Namespace) -> int:
             raw = read_checkpoint(args.checkpoint)
             config = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(raw.path))
         except (CheckpointError, ConfigError) as exc:
-            raise _bad(str(exc)) from None
+            raise BadInput(str(exc)) from None
     try:
         ds = generate_dataset(args.samples, args.text_len, args.context_frames, args.output_frames, config=config,
                               seed=args.seed)
-        path = write_dataset(ds, args.out)
+        with writing(args.out, "--out"):
+            path = honour_umask(write_dataset(ds, args.out))  # write_dataset's mkstemp file is 0600
         back = read_dataset(path)
     except (ValueError, BenchmarkDataError) as exc:
-        raise _bad(str(exc)) from None
-    except OSError as exc:
-        raise _bad(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+        raise BadInput(str(exc)) from None
     kind = f"input_feat dim {back.feature_dim}" if back.feature_dim else "input_ids"
     print(f"wrote {path}: {len(back.samples)} samples, {kind}, num_vocabs {back.num_vocabs}, "
           f"audio_vocab_size {back.audio_vocab_size}")
-    return 0
-
-
-def register(add_subcommand) -> None:
-    add_subcommand("convert", _configure_convert, _run_convert,
-                   help="convert a NeMo MagpieTTS checkpoint to a TensorRT-LLM (t5tts fork) checkpoint")
-    add_subcommand("build", _configure_build, _run_build,
-                   help="print (or --run) the trtllm-build commands for a converted checkpoint")
-    add_subcommand("ingest-trtllm", _configure_ingest, _run_ingest,
-                   help="turn a TensorRT-LLM tllm_debug tree into a canonical dump")
-    add_subcommand("bench-data", _configure_bench, _run_bench,
-                   help="write a benchmark dataset JSON in the fork's prepare_benchmark.py format")
+    return EXIT_OK

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -55,7 +57,8 @@ def test_convert_bad_input_exits_2(tmp_path, capsys, converted):
     assert main(["convert", "--checkpoint", str(junk), "--out", str(tmp_path / "o")]) == 2
     assert "junk.nemo" in _err_line(capsys)
     assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(converted)]) == 2
-    assert "already exists" in _err_line(capsys)
+    line = _err_line(capsys)
+    assert "already exists" in line and "--overwrite" in line and "overwrite=True" not in line
     assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(tmp_path / "o"),
                  "--tp-size", "0"]) == 2
 
@@ -86,7 +89,20 @@ def test_build_bad_input_exits_2(converted, tmp_path, capsys):
     assert main(base + ["--set", "oops"]) == 2
     assert "KEY=VALUE" in _err_line(capsys)
     assert main(["build", "--ckpt-dir", str(tmp_path / "none"), "--engine-dir", str(tmp_path / "e")]) == 2
-    assert "config.json: missing" in _err_line(capsys)
+    line = _err_line(capsys)
+    assert "config.json: missing" in line and "--ckpt-dir" in line
+    assert f"magpie-parity convert --checkpoint CKPT --out {tmp_path / 'none'}" in line and "trt.convert" not in line
+    assert main(base + ["--profile", "parity", "--set", "max_input_len=64", "--set", "max_seq_len=64",
+                        "--set", "decoder_max_encoder_input_len=none"]) == 2  # "none" removes the flag
+    assert "--max_encoder_input_len is required" in _err_line(capsys)
+
+
+def test_build_tells_the_user_commands_not_python(converted, tmp_path, capsys):
+    """The seed profile's float16 plugins on a float32 checkpoint: the fix is a command line."""
+    assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(tmp_path / "e")]) == 2
+    line = _err_line(capsys)
+    assert "--gemm_plugin float16" in line and "magpie-parity convert --dtype float16" in line
+    assert "--set gemm_plugin=auto" in line and "dtype=" not in line
 
 
 @pytest.mark.skipif(shutil.which("trtllm-build") is not None, reason="trtllm-build is installed here")
@@ -94,7 +110,9 @@ def test_build_run_without_tensorrt_llm_exits_2(converted, tmp_path, capsys):
     assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(tmp_path / "e"), "--profile", "parity",
                  "--set", "max_input_len=64", "--set", "decoder_max_input_len=32", "--set", "max_seq_len=64",
                  "--run"]) == 2
-    assert "trtllm-build is not on the PATH" in _err_line(capsys)
+    line = _err_line(capsys)
+    assert "trtllm-build is not on the PATH" in line and "build_commands()" not in line
+    assert not (tmp_path / "e").exists()
 
 
 def test_ingest_trtllm_of_a_tree_matches_the_reference(tmp_path, capsys):
@@ -113,7 +131,8 @@ def test_ingest_trtllm_of_a_tree_matches_the_reference(tmp_path, capsys):
     assert not res.missing_in_b and res.tensors and all(t.max_abs == 0 for t in res.tensors)
     # existing output, bad tree: exit 2, one line naming the file
     assert main(["ingest-trtllm", str(tree), "--out", str(out)]) == 2
-    assert "already exists" in _err_line(capsys)
+    line = _err_line(capsys)
+    assert f"--out {out}: already exists" in line and "--overwrite" in line and "overwrite=True" not in line
     bad = tree / "PP_1" / "TP_1" / "iteration_2" / "decoder_layer_0_output.npy"
     bad.write_bytes(b"garbage")
     assert main(["ingest-trtllm", str(tree), "--out", str(tmp_path / "ing2")]) == 2
@@ -147,3 +166,46 @@ def test_bench_data_bad_input_exits_2(tmp_path, capsys):
     assert "num_samples must be >= 1" in _err_line(capsys)
     assert main(["bench-data", "--out", str(tmp_path / "b.json"), "--checkpoint", str(tmp_path / "x.nemo")]) == 2
     assert "x.nemo: no such file" in _err_line(capsys)
+
+
+def test_outputs_under_a_regular_file_are_one_line(tmp_path, capsys):
+    f = tmp_path / "somefile"
+    f.write_text("x")
+    for argv in (["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(f / "ckpt")],
+                 ["bench-data", "--out", str(f / "b.json"), "--samples", "1"],
+                 ["ingest-trtllm", str(tmp_path), "--out", str(f / "ing")]):
+        assert main(argv) == 2, argv
+        line = _err_line(capsys)
+        assert str(f) in line and "not a folder" in line and "--out" in line, line
+    assert main(["bench-data", "--out", str(tmp_path / "none" / "b.json"), "--samples", "1"]) == 2
+    assert "does not exist" in _err_line(capsys)
+
+
+def test_outputs_honour_the_umask(tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        assert main(["bench-data", "--out", str(tmp_path / "b.json"), "--samples", "1", "--text-len", "2",
+                     "--context-frames", "2", "--output-frames", "2"]) == 0
+        assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(tmp_path / "ck")]) == 0
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "b.json") == 0o640  # not mkstemp's 0600
+    assert mode(tmp_path / "ck") == 0o750  # not mkdtemp's 0700
+    assert mode(tmp_path / "ck" / "decoder" / "config.json") == 0o640
+
+
+def test_convert_write_error_names_the_out_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".ck.tmp-abc/decoder/rank0.safetensors"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "ck"
+    assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(out)]) == 2
+    line = _err_line(capsys)
+    assert f"--out {out}: cannot write: No space left on device" in line and ".tmp" not in line
+    assert list(tmp_path.iterdir()) == []

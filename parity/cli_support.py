@@ -1,0 +1,202 @@
+"""What the ``magpie-parity`` commands share: the user-error type and exit statuses, the one ``KEY=VALUE`` parser,
+the output checks (run before any work), and loading a batch or a checkpoint.
+
+It imports nothing of the CLI: ``parity.cli`` (the command table) imports the command modules
+(``parity.commands``, ``trt.commands``), and they import this. Heavy imports (torch, the reference) happen inside
+the functions.
+
+Every user error is a :class:`BadInput`: ``parity.cli.main`` prints it as one line naming the file, flag or field,
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class BadInput(Exception):
+    """A user error (missing/corrupt file, bad flag value, inputs that do not fit): one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------- KEY=VALUE
+
+
+def parse_value(text: str) -> Any:
+    """A ``KEY=VALUE`` value: ``none``/``null`` (any case) -> None; JSON where it parses (numbers, ``true``/``false``,
+    lists such as ``[1,2]``); otherwise the text itself."""
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_assignments(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``[--param] topk=1 [--param] apply_prior_to_layers=[1,2]`` -> ``{"topk": 1, "apply_prior_to_layers": [1, 2]}``.
+    Later items win. ``flag`` names the option in the error."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+
+def _first_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable_folder(folder: Path, flag: str, path: Path) -> None:
+    if not folder.is_dir():
+        raise BadInput(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any work, that the file ``path`` can be written: its folder exists and is writable, and the
+    path is not a folder. (The file itself is replaced if it exists.)"""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{flag} {p}: is a folder; expected a file path")
+    parent = p.parent
+    if not parent.exists():
+        found = _first_existing(parent)
+        if found.exists() and not found.is_dir():
+            raise BadInput(f"{flag} {p}: {found} is a file, not a folder")
+        raise BadInput(f"{flag} {p}: the folder {parent} does not exist")
+    _writable_folder(parent, flag, p)
+    return p
+
+
+def output_dir(path: str | os.PathLike, flag: str, overwrite: bool | None = False,
+               overwrite_flag: str | None = "--overwrite") -> Path:
+    """Check, before any work, that the folder ``path`` can be created (missing parents are created by the writer):
+    it does not exist (unless ``overwrite``; ``None`` = an existing folder is written into), and its first
+    existing ancestor is a writable folder. ``overwrite_flag``: the command's flag that replaces it (None: none)."""
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise BadInput(f"{flag} {p}: is a file, not a folder")
+        if overwrite is False:
+            how = f"pass {overwrite_flag} to replace it" if overwrite_flag else "name a new folder"
+            raise BadInput(f"{flag} {p}: already exists ({how})")
+        _writable_folder(p if overwrite is None else p.parent, flag, p)
+        return p
+    _writable_folder(_first_existing(p.parent), flag, p)
+    return p
+
+
+@contextmanager
+def writing(path: str | os.PathLike, flag: str) -> Iterator[None]:
+    """Write errors (full disk, permissions, a path that turned into a file) as one line naming the user's path."""
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise BadInput(f"{flag} {path}: cannot write: {why}") from None
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def load_batch(path: str | os.PathLike, flag: str = "--batch") -> dict:
+    """A safetensors batch (NeMo's batch keys) as a dict of tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{flag} {p}: no such batch file" if not p.exists() else f"{flag} {p}: not a file")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{flag} {p}: not a readable safetensors batch ({e})") from None
+
+
+def infer_inputs(batch: dict) -> dict:
+    """The keys autoregressive inference takes (text and context), without the teacher-forcing targets."""
+    return {k: v for k, v in batch.items() if k.startswith(("text", "context"))}
+
+
+def load_reference(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):
+    """The reference model of a .nemo/.ckpt (CheckpointError / ConfigError -> one line naming the file)."""
+    import torch
+
+    from reference import CheckpointError, ConfigError, MagpieTTS
+
+    try:
+        model = MagpieTTS.from_nemo(path)
+    except (CheckpointError, ConfigError) as e:
+        raise BadInput(str(e)) from None
+    return model.to(device=device, dtype=getattr(torch, dtype))
+
+
+def check_batch_fits(batch: dict, config, batch_path, checkpoint_path, *, require_audio: bool) -> None:
+    """Before any work: the batch's shapes, lengths and token ids fit the checkpoint's config (the reference's one
+    batch validation)."""
+    from reference.batch import BatchError, validate_batch
+
+    try:
+        validate_batch(batch, config, require_audio=require_audio)
+    except BatchError as e:
+        raise BadInput(f"{batch_path}: does not fit {checkpoint_path}: {e}") from None
+
+
+def check_device(spec: str, flag: str = "--device") -> str:
+    """``--device``: a device torch knows and this machine has (``cuda`` without CUDA is a user error)."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise BadInput(f"{flag} {spec}: not a torch device ({str(e).splitlines()[0]})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise BadInput(f"{flag} {spec}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInput(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            raise BadInput(f"{flag} {spec}: not usable here ({str(e).splitlines()[0]})") from None
+    return spec
+
+
+@contextmanager
+def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """The library errors that are the user's (bad checkpoint, config, batch, inference parameters, dump, tolerance
+    file; plus ``extra``) as :class:`BadInput` with their message, which names the file or field."""
+    try:
+        yield
+    except BadInput:
+        raise
+    except Exception as exc:
+        if isinstance(exc, _user_error_types() + tuple(extra)):
+            raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None
+        raise
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from parity.dump import DumpError
+    from parity.tolerances import PolicyError
+    from reference import BatchError, CheckpointError, ConfigError
+    from reference.inference import InferenceError
+
+    return (CheckpointError, ConfigError, BatchError, InferenceError, DumpError, PolicyError)
