@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from parity.tolerances import diagnose_tolerance
 from trt.engine import EnginePolicy, infer
 
 # Candidate deviations (name, EnginePolicy fields). Every field is a documented engine behaviour (trt/engine.py).
@@ -137,11 +138,8 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
         params = {k: v for k, v in (layout.get("params") or {}).items() if k in known}
     params = {k: v for k, v in params.items() if k != "max_decoder_steps"}  # the dump's step count decides
     if tolerance is None:
-        # fp32 engines: rounding of the logits over a dozen layers stays near 1e-6 of their scale, so 1e-5 of it
-        # separates rounding from behaviour (the KV cache's prior effect is ~1e-4); reduced-precision engines
-        # need ~2e-2 of the scale.
         scale = max(x.abs().max().item() for x in engine_logits)
-        tolerance = 1e-5 * max(1.0, scale) if dump.manifest.get("dtype", "float32") == "float32" else 2e-2 * max(1.0, scale)
+        tolerance = diagnose_tolerance(dump.manifest.get("dtype", "float32"), scale)  # why: parity/tolerances.py
 
     def score(name, sem):
         return _score(model, batch, codes, engine_logits, use_cfg, params, name, sem, tolerance)

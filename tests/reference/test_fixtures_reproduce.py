@@ -36,11 +36,12 @@ def test_weights_config_and_batch_reproduce_exactly(regenerated, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_nemo_dumps_reproduce(regenerated, case):
-    from parity.compare import Tolerance, TolerancePolicy, compare_dumps
+    from parity.compare import compare_dumps
+    from parity.tolerances import policy as named_policy
 
-    # Same NeMo code, same weights and inputs, same single-threaded CPU maths: 1e-6 absorbs only BLAS kernel
-    # differences between machines (observed: identical).
-    policy = TolerancePolicy(default=Tolerance(atol=1e-6, rtol=0.0))
+    # Same NeMo code, same weights and inputs, same single-threaded CPU maths: the "fixtures" policy's 1e-6 absorbs
+    # only BLAS kernel differences between machines (observed: identical).
+    policy = named_policy("fixtures")
     for dump in sorted(p.name for p in FIXTURES.glob(f"{case}.*") if p.is_dir()):
         res = compare_dumps(regenerated / dump, FIXTURES / dump, policy=policy, progress=False)
         assert res and not res.missing_in_a and not res.missing_in_b, (dump, res.first_divergence)

@@ -12,11 +12,12 @@ from conftest import FIXTURES, infer_inputs, load_batch, reference_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from parity.tolerances import policy
 from reference.inference import InferenceError, draw_codes, invalid_probabilities
 
 # Per-step logits: float32, same op order as NeMo's recompute path; 1e-5 allows rounding accumulated over
 # up to 24 recomputed steps (observed: exact).
-ATOL_STEP = 1e-5
+ATOL_STEP = policy("steps").default.atol  # 1e-5
 
 
 def _runs():
