@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -152,16 +151,10 @@ def write_dataset(ds: BenchmarkDataset, path: Union[str, os.PathLike]) -> Path:
     md = dict(ds.metadata) or make_metadata(ds.samples, ds.num_vocabs, ds.audio_vocab_size, ds.feature_dim)
     md.update(make_metadata(ds.samples, ds.num_vocabs, ds.audio_vocab_size, ds.feature_dim))
     blob = {"metadata": md, "samples": [s.to_json() for s in ds.samples]}
+    from parity.files import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, json.dumps(blob).encode())
 
 
 def _is_int(v) -> bool:

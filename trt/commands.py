@@ -38,7 +38,6 @@ def configure_convert(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from parity.files import honour_umask
     from reference.checkpoint import CheckpointError, read_checkpoint
     from reference.config import ConfigError, MagpieConfig
     from trt.convert import ConversionError, convert_state_dict, fork_deviations, write_converted
@@ -59,7 +58,6 @@ def run_convert(args: argparse.Namespace) -> int:
             out = write_converted(conv, args.out, overwrite=args.overwrite)
         except ConversionError as exc:  # the folder appeared meanwhile
             raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None
-        honour_umask(out)  # write_converted publishes a mkdtemp folder (0700)
     print(f"wrote {out} (encoder/, decoder/; dtype {args.dtype}, tp {args.tp_size}"
           f"{', lm_head bias dropped' if args.drop_lm_head_bias else ''})")
     devs = fork_deviations(cfg)
@@ -195,7 +193,6 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from parity.files import honour_umask
     from trt.benchmark_data import BenchmarkDataError, generate_dataset, read_dataset, write_dataset
 
     output_file(args.out, "--out")
@@ -213,7 +210,7 @@ def run_bench(args: argparse.Namespace) -> int:
         ds = generate_dataset(args.samples, args.text_len, args.context_frames, args.output_frames, config=config,
                               seed=args.seed)
         with writing(args.out, "--out"):
-            path = honour_umask(write_dataset(ds, args.out))  # write_dataset's mkstemp file is 0600
+            path = write_dataset(ds, args.out)
         back = read_dataset(path)
     except (ValueError, BenchmarkDataError) as exc:
         raise BadInput(str(exc)) from None

@@ -463,15 +463,45 @@ def convert_checkpoint(ckpt_path_or_model, out_dir: Union[str, os.PathLike], dty
     return write_converted(conv, out_dir, overwrite=overwrite)
 
 
+def is_converted(path: Union[str, os.PathLike]) -> bool:
+    """A real folder holding a checkpoint this tool converted (its config.json files carry ``magpie_parity``)."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return False
+    for comp in ("encoder", "decoder"):
+        cfg = p / comp / "config.json"
+        try:
+            if cfg.is_symlink() or not cfg.is_file() or cfg.stat().st_size > 16 * 2**20:
+                return False
+            if not isinstance(json.loads(cfg.read_bytes()).get("magpie_parity"), dict):
+                return False
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+    return True
+
+
+def _check_replaceable(out: Path) -> None:
+    """overwrite replaces only what this tool wrote: a converted checkpoint, or an empty folder."""
+    if is_converted(out) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        return
+    raise ConversionError(f"{out}: exists and is not a checkpoint magpie-parity converted; overwrite only replaces "
+                          "one it wrote (choose another output folder)")
+
+
 def write_converted(conv: ConvertedCheckpoint, out_dir: Union[str, os.PathLike], overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
+    from parity.files import honour_umask
+
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: already exists (pass overwrite=True to replace it)")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise ConversionError(f"{out}: already exists (pass overwrite=True to replace it)")
+        _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        honour_umask(tmp)  # mkdtemp's 0700 -> what a plain mkdir would give
         for comp, cfg, ranks in (("encoder", conv.encoder_config, conv.encoder_ranks),
                                  ("decoder", conv.decoder_config, conv.decoder_ranks)):
             d = tmp / comp
@@ -479,7 +509,8 @@ def write_converted(conv: ConvertedCheckpoint, out_dir: Union[str, os.PathLike],
             (d / "config.json").write_text(json.dumps(cfg, indent=4, sort_keys=False) + "\n")
             for r, w in enumerate(ranks):
                 save_file(w, str(d / f"rank{r}.safetensors"), metadata={"format": "pt"})
-        if out.exists():
+        if os.path.lexists(out):
+            _check_replaceable(out)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference.batch import lengths_to_mask
-from reference.inference import InferOutput, LoopHooks, PriorState, infer_batch
+from reference.inference import InferOutput, LoopHooks, infer_batch
 from reference.model import EncoderOutput, Transformer
 
 PRIOR_CHOICES = ("nemo", "kernel", "off")

@@ -431,3 +431,16 @@ def test_atomic_write(tmp_path, monkeypatch):
 def test_bad_source():
     with pytest.raises(ConversionError, match="expected a .nemo/.ckpt path or a reference MagpieTTS"):
         convert_in_memory(42)
+
+
+def test_overwrite_replaces_only_a_converted_checkpoint(fixture_dir, tmp_path):
+    """overwrite=True must never delete a folder this tool did not write: a folder of notes stays as it was."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="is not a checkpoint magpie-parity converted"):
+        convert_checkpoint(fixture_dir / "released_small.nemo", notes, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+    out = convert_checkpoint(fixture_dir / "released_small.nemo", tmp_path / "ckpt")
+    assert convert_checkpoint(fixture_dir / "four_codebooks.nemo", out, overwrite=True) == out  # its own: replaced
+    assert reference_from_trtllm(out).config.num_audio_codebooks == 4
