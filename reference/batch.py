@@ -22,8 +22,37 @@ class BatchError(ValueError):
     """A batch dict is inconsistent (shapes, lengths, token ranges)."""
 
 
+def speaker_index_tensor(speaker_indices, batch_size: int, num_speakers: int) -> torch.Tensor:
+    """NeMo's ``_normalize_speaker_indices``: None -> speaker 0 for every item; an int -> that speaker for every
+    item; a list or tensor of ``batch_size`` indices. (B,) long; out-of-range or mis-sized -> BatchError."""
+    if speaker_indices is None:
+        idx = torch.zeros(batch_size, dtype=torch.long)
+    elif isinstance(speaker_indices, int):  # bool included, as NeMo (an int subclass)
+        idx = torch.full((batch_size,), int(speaker_indices), dtype=torch.long)
+    elif isinstance(speaker_indices, (list, tuple, torch.Tensor)):
+        n = speaker_indices.numel() if isinstance(speaker_indices, torch.Tensor) else len(speaker_indices)
+        if n != batch_size:
+            raise BatchError(f"speaker_indices has {n} entries, the batch {batch_size} items")
+        if isinstance(speaker_indices, torch.Tensor):
+            if speaker_indices.is_floating_point() or speaker_indices.is_complex():
+                raise BatchError(f"speaker_indices must hold integers, got {speaker_indices.dtype}")
+            idx = speaker_indices.reshape(-1).long()
+        else:
+            if not all(isinstance(i, int) for i in speaker_indices):
+                raise BatchError("speaker_indices must hold integers")
+            idx = torch.tensor(list(speaker_indices), dtype=torch.long)
+    else:
+        raise BatchError(f"speaker_indices must be an int, a list or a tensor, got {type(speaker_indices).__name__}")
+    if batch_size and (int(idx.min()) < 0 or int(idx.max()) >= num_speakers):
+        raise BatchError(f"speaker_indices must lie in [0, {num_speakers - 1}] (the checkpoint bakes {num_speakers} "
+                         f"speakers), got {idx.tolist()}")
+    return idx
+
+
 def validate_batch(batch: dict, c: MagpieConfig, require_audio: bool) -> None:
-    keys = ["text", "text_lens", "context_audio_codes", "context_audio_codes_lens"]
+    keys = ["text", "text_lens"]
+    if not c.baked:  # a baked checkpoint takes its context from speaker_indices; context codes are ignored
+        keys += ["context_audio_codes", "context_audio_codes_lens"]
     if require_audio:
         keys += ["audio_codes", "audio_codes_lens"]
     for k in keys:
@@ -49,7 +78,9 @@ def validate_batch(batch: dict, c: MagpieConfig, require_audio: bool) -> None:
         raise BatchError(f"batch['text'] is padded to {text.shape[1]} but max(text_lens) is {int(text_lens.max())}")
     if int(text.min()) < 0 or int(text.max()) >= c.num_text_tokens:
         raise BatchError(f"batch['text'] token ids must lie in [0, {c.num_text_tokens}), got [{int(text.min())}, {int(text.max())}]")
-    pairs = [("context_audio_codes", "context_audio_codes_lens")]
+    pairs = [] if c.baked else [("context_audio_codes", "context_audio_codes_lens")]
+    if c.baked:
+        speaker_index_tensor(batch.get("speaker_indices"), B, c.baked_speakers)
     if require_audio:
         pairs.append(("audio_codes", "audio_codes_lens"))
     for codes_key, lens_key in pairs:

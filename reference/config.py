@@ -28,7 +28,7 @@ _SPECIAL_OFFSETS = {
 }
 NUM_SPECIAL_AUDIO_TOKENS = 8
 
-SUPPORTED_MODEL_TYPES = ("decoder_context_tts",)
+SUPPORTED_MODEL_TYPES = ("decoder_context_tts", "decoder_ce")
 
 
 class ConfigError(ValueError):
@@ -212,6 +212,16 @@ class MagpieConfig:
     local_transformer_type: str = "none"  # "none" | "autoregressive" | "maskgit"
     local_transformer: Optional[TransformerConfig] = None  # NeMo builds it from local_transformer_* keys
     inference: InferenceParameters = field(default_factory=InferenceParameters)
+    # decoder_ce: the context encoder over the context audio's embeddings gives the decoder's prefix (zero-shot);
+    # a baked checkpoint instead stores that prefix per speaker (NeMo: the key baked_context_embedding.weight,
+    # (speakers, frames * d_model)), and the context encoder is neither stored nor run.
+    context_encoder: Optional[TransformerConfig] = None
+    baked_speakers: int = 0
+    baked_frames: int = 0
+
+    @property
+    def baked(self) -> bool:
+        return self.baked_speakers > 0
 
     @property
     def text_bos_id(self) -> int:
@@ -264,8 +274,20 @@ class MagpieConfig:
         if encoder.has_xattn:
             raise ConfigError(f"{where}: encoder.has_xattn must be false")
         d_model = _typed(cfg["embedding_dim"], "int", where, "embedding_dim")
-        for name, t in (("encoder", encoder), ("decoder", decoder)):
-            if t.d_model != d_model:
+        context_encoder, baked_speakers, baked_frames = None, 0, 0
+        if model_type == "decoder_ce":
+            if "context_encoder" not in cfg:  # NeMo builds it even for a baked checkpoint
+                raise ConfigError(f"{where}: decoder_ce needs the key 'context_encoder'")
+            context_encoder = TransformerConfig.from_dict(cfg["context_encoder"], f"{where}: context_encoder")
+            if context_encoder.has_xattn:
+                raise ConfigError(f"{where}: context_encoder.has_xattn must be false (it runs without a memory)")
+            if "baked_context_embedding.weight" in state_dict:
+                context_encoder = None  # NeMo builds it with random weights and never runs it
+                baked_speakers, baked_frames = _baked_table(state_dict, d_model, where)
+            else:
+                _check_layer_counts("context_encoder", context_encoder, state_dict, where)
+        for name, t in (("encoder", encoder), ("decoder", decoder), ("context_encoder", context_encoder)):
+            if t is not None and t.d_model != d_model:
                 raise ConfigError(f"{where}: {name}.d_model {t.d_model} != embedding_dim {d_model}")
 
         def shape(key: str) -> tuple[int, ...]:
@@ -345,8 +367,40 @@ class MagpieConfig:
             local_transformer_type=lt_type,
             local_transformer=lt,
             inference=inf,
+            context_encoder=context_encoder,
+            baked_speakers=baked_speakers,
+            baked_frames=baked_frames,
             **ids,
         )
+
+
+def _baked_table(state_dict: Mapping[str, Any], d_model: int, where: str) -> tuple[int, int]:
+    """(speakers N, frames T) of a baked speaker table, its four entries checked against each other: the weight
+    (N, T*D), ``_baked_embedding_T`` / ``_baked_embedding_D`` (one integer each, NeMo reads them with .item()),
+    ``baked_context_embedding_len`` (N,) with lengths in [1, T]."""
+    def scalar(key: str) -> int:
+        t = state_dict.get(key)
+        if t is None:
+            raise ConfigError(f"{where}: a baked speaker table needs '{key}' in the weights")
+        if t.numel() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+            raise ConfigError(f"{where}: '{key}' must hold one integer, got {t.dtype} of shape {tuple(t.shape)}")
+        return int(t.reshape(()))
+
+    T, D = scalar("_baked_embedding_T"), scalar("_baked_embedding_D")
+    w = state_dict["baked_context_embedding.weight"]
+    if w.dim() != 2:
+        raise ConfigError(f"{where}: baked_context_embedding.weight must be (speakers, T*D), got {tuple(w.shape)}")
+    N = int(w.shape[0])
+    if D != d_model or T < 1 or w.shape[1] != T * D:
+        raise ConfigError(f"{where}: baked_context_embedding.weight is {tuple(w.shape)} but _baked_embedding_T x "
+                          f"_baked_embedding_D = {T} x {D} (embedding_dim {d_model})")
+    lens = state_dict.get("baked_context_embedding_len")
+    if lens is None or tuple(lens.shape) != (N,) or lens.is_floating_point() or lens.dtype == torch.bool:
+        raise ConfigError(f"{where}: baked_context_embedding_len must be {N} integers (one per speaker), got "
+                          f"{None if lens is None else (lens.dtype, tuple(lens.shape))}")
+    if N < 1 or int(lens.min()) < 1 or int(lens.max()) > T:
+        raise ConfigError(f"{where}: baked_context_embedding_len values must lie in [1, {T}]")
+    return N, T
 
 
 def _to_plain_dict(cfg: Any) -> dict:

@@ -454,7 +454,7 @@ def infer_batch(
     text_lens = [int(n) for n in text_lens_t.tolist()]  # one device read, not one per item
     B = len(text_lens)
     enc = hooks.encode_text(model, batch["text"], text_lens_t)
-    ctx_emb, ctx_mask = model.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+    ctx_emb, ctx_mask = model.decoder_context(batch)
     T_ctx, T_text = ctx_mask.shape[1], enc.output.shape[1]
     cond, cond_mask = enc.output, enc.mask
     if use_cfg:

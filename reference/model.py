@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference.batch import BatchError, lengths_to_mask, validate_batch  # noqa: F401 - re-exported
+from reference.batch import BatchError, lengths_to_mask, speaker_index_tensor, validate_batch  # noqa: F401
 from reference.config import MagpieConfig, TransformerConfig
 from reference.inference import infer_batch as _infer_batch
 
@@ -464,6 +464,13 @@ class MagpieTTS(nn.Module):
         c = config
         self.text_embedding = nn.Embedding(c.num_text_tokens, c.d_model)
         self.encoder = Transformer(c.encoder)
+        if c.context_encoder is not None:  # decoder_ce, zero-shot: the prefix is encoded context audio
+            self.context_encoder = Transformer(c.context_encoder)
+        if c.baked:  # decoder_ce, baked: the context encoder's output per speaker, stored (NeMo's names)
+            self.baked_context_embedding = nn.Embedding(c.baked_speakers, c.baked_frames * c.d_model)
+            self.register_buffer("_baked_embedding_T", torch.tensor(c.baked_frames))
+            self.register_buffer("_baked_embedding_D", torch.tensor(c.d_model))
+            self.register_buffer("baked_context_embedding_len", torch.zeros(c.baked_speakers, dtype=torch.long))
         self.decoder = Transformer(c.decoder)
         self.audio_embeddings = nn.ModuleList(
             nn.Embedding(c.num_all_tokens_per_codebook, c.d_model)
@@ -501,7 +508,8 @@ class MagpieTTS(nn.Module):
         with torch.device("meta"):  # no random initialisation: every weight is loaded next (strict)
             model = cls(config)
         model = model.to_empty(device="cpu")
-        model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
+        expected = model.state_dict()
+        model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
         return model.eval()
 
     # ---- building blocks (also used by inference) ----------------------------------------------------------
@@ -545,10 +553,36 @@ class MagpieTTS(nn.Module):
         return codes, lens
 
     def context_embedding(self, context_codes: torch.Tensor, context_lens: torch.Tensor):
-        """Context audio codes (raw codec codes) -> decoder prefix embeddings (B, T_ctx, D) and mask."""
+        """Context audio codes (raw codec codes) -> their embeddings (B, T_ctx, D) and mask (NeMo's
+        ``_get_context_embeddings``)."""
         c = self.config
         codes, lens = self.add_special_tokens(context_codes, context_lens, c.context_audio_bos_id, c.context_audio_eos_id)
         emb, lens = self.embed_audio_tokens(codes, lens)
+        return emb, lengths_to_mask(lens)
+
+    def decoder_context(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's prefix (B, T_ctx, D) and its mask (NeMo's ``prepare_context_tensors``): the context audio's
+        embeddings (decoder_context_tts), those through the context encoder (decoder_ce), or the baked rows of
+        the speakers ``batch['speaker_indices']`` names (decoder_ce, baked; None = speaker 0, as NeMo)."""
+        c = self.config
+        if c.baked:
+            return self.baked_context(batch.get("speaker_indices"), batch["text"].shape[0])
+        emb, mask = self.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+        if c.context_encoder is not None:
+            emb = self.context_encoder(emb, mask)
+        return emb, mask
+
+    def baked_context(self, speaker_indices, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """NeMo's ``get_baked_context_embeddings_batch``: rows of the baked table, viewed (B, T, D), and the mask of
+        their stored lengths."""
+        c = self.config
+        idx = speaker_index_tensor(speaker_indices, batch_size, c.baked_speakers).to(self.baked_context_embedding.weight.device)
+        emb = self.baked_context_embedding(idx).view(batch_size, c.baked_frames, c.d_model)
+        lens = self.baked_context_embedding_len[idx]
+        if int(lens.max()) != c.baked_frames:
+            # NeMo's mask is max(lens) wide while the rows are T long: it fails with a shape error inside the decoder
+            raise BatchError(f"speaker_indices {idx.tolist()}: every selected speaker was baked shorter than the "
+                             f"table's {c.baked_frames} frames (lengths {lens.tolist()}); NeMo cannot run this batch")
         return emb, lengths_to_mask(lens)
 
     def decoder_prior_layers(self, prior: Optional[torch.Tensor], layers: Sequence[int]) -> Optional[list]:
@@ -568,7 +602,7 @@ class MagpieTTS(nn.Module):
         c = self.config
         validate_batch(batch, c, require_audio=True)
         enc = self.encode_text(batch["text"], batch["text_lens"])
-        ctx_emb, ctx_mask = self.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+        ctx_emb, ctx_mask = self.decoder_context(batch)
         codes, lens = self.add_special_tokens(
             batch["audio_codes"], batch["audio_codes_lens"], c.audio_bos_id, c.audio_eos_id, c.frame_stacking_factor
         )
@@ -603,7 +637,13 @@ class MagpieTTS(nn.Module):
         names = ["text_embedding"]
         for i in range(self.config.encoder.n_layers):
             names += [f"encoder.layers.{i}.self_attention", f"encoder.layers.{i}.pos_ff", f"encoder.layers.{i}"]
-        names += ["encoder.norm_out", "decoder_input"]
+        names += ["encoder.norm_out"]
+        if self.config.context_encoder is not None:
+            for i in range(self.config.context_encoder.n_layers):
+                p = f"context_encoder.layers.{i}"
+                names += [f"{p}.self_attention", f"{p}.pos_ff", p]
+            names += ["context_encoder.norm_out"]
+        names += ["decoder_input"]
         for i in range(self.config.decoder.n_layers):
             p = f"decoder.layers.{i}"
             names += [f"{p}.self_attention", f"{p}.cross_attention.attn_probs", f"{p}.cross_attention",
@@ -638,8 +678,10 @@ def check_weights(config: MagpieConfig, state_dict: dict[str, torch.Tensor], whe
         n = m.shape[-1] if m.dim() else 0
         if m.dim() != 4 or m.numel() != n * n or not torch.equal(m.reshape(n, n), torch.tril(torch.ones(n, n, dtype=m.dtype))):
             raise CheckpointError(f"{where}: buffer '{key}' is not a lower-triangular causal mask")
-    # Training-only modules that do not affect eval logits (alignment encoder) are accepted and ignored.
-    for key in [k for k in sd if k.startswith("alignment_encoder.")]:
+    # Training-only modules that do not affect eval logits (alignment encoder) are accepted and ignored, and so is
+    # a baked checkpoint's context encoder (NeMo skips it when loading and never runs it).
+    ignored = ("alignment_encoder.", "context_encoder.") if config.baked else ("alignment_encoder.",)
+    for key in [k for k in sd if k.startswith(ignored)]:
         sd.pop(key)
     with torch.device("meta"):
         expected = MagpieTTS(config).state_dict()
@@ -653,8 +695,11 @@ def check_weights(config: MagpieConfig, state_dict: dict[str, torch.Tensor], whe
             parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         raise CheckpointError(f"{where}: weights do not match the config: " + "; ".join(parts))
     for k, v in expected.items():
+        if v.dim() == 0 and sd[k].numel() == 1:  # NeMo reads its scalar buffers with .item(): any one-element shape
+            sd[k] = sd[k].reshape(())
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{where}: weight '{k}' has shape {tuple(sd[k].shape)}, the config implies {tuple(v.shape)}")
-        if sd[k].dtype != v.dtype and not sd[k].is_floating_point():
-            raise CheckpointError(f"{where}: weight '{k}' has dtype {sd[k].dtype}, expected a float tensor")
+        if sd[k].is_floating_point() != v.is_floating_point():
+            raise CheckpointError(f"{where}: weight '{k}' has dtype {sd[k].dtype}, expected "
+                                  f"{'a float' if v.is_floating_point() else 'an integer'} tensor")
     return sd
