@@ -18,8 +18,13 @@ Conventions (``a`` = the dump under test, ``b`` = the expected/reference dump):
   octave. The reported value is the bin's upper edge (at most 12.5 % above the exact quantile) capped
   at ``max_abs``; it is exact for zero errors.
 
-Math runs in float32 for inputs that float32 holds exactly (fp16, bf16, fp8, 8/16-bit ints, bool) and
-in float64 otherwise. Per-chunk sums are float32 (torch's cascaded summation) and are accumulated in
+Integer and bool tensors (codes, lengths, masks) are exact: when both sides are integer or bool they are compared
+by equality in their own values (widened to int64 where the dtypes differ; never through float64, which would
+equate ``2**62`` and ``2**62 + 100``), whatever tolerance the policy names: the result's tolerance is
+:data:`~parity.tolerances.EXACT`, ``exact`` is set, ``n_failed`` is the count of differing elements and
+``tol_ratio`` is None (no ratio to a zero tolerance). Their error figures are exact differences shown as float64.
+
+Math runs in float32 for float inputs that float32 holds exactly (fp16, bf16, fp8) and in float64 otherwise. Per-chunk sums are float32 (torch's cascaded summation) and are accumulated in
 float64; a chunk whose float32 sums or differences overflow is redone in float64.
 """
 
@@ -41,6 +46,7 @@ from parity.dump import DumpError, DumpReader, TensorEntry, open_dump
 from parity.tolerances import (  # noqa: F401
     CHECKS,
     DTYPE_DEFAULTS,
+    EXACT,
     PolicyError,
     Tolerance,
     TolerancePolicy,
@@ -99,6 +105,7 @@ class TensorCompareResult:
     tol_ratio: float | None = None
     reason: str | None = None  # set when the tensors could not be compared (shape/length mismatch)
     shape_a: tuple[int, ...] | None = None  # a's shape when it differs from ``shape`` (b's)
+    exact: bool = False  # integer/bool on both sides: equality decides, n_failed counts the differing elements
 
     def __bool__(self) -> bool:
         return self.passed
@@ -327,6 +334,80 @@ class _Accumulator:
         )
 
 
+def is_exact_dtype(dtype: torch.dtype) -> bool:
+    """Integer and bool dtypes: compared by equality, never within a tolerance."""
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+def _int64_bits(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every integer/bool dtype as int64 (exact), except uint64: its bit pattern, with a flag for values >= 2**63."""
+    if t.dtype == torch.uint64:
+        bits = t.view(torch.int64)
+        return bits, bits < 0
+    return t.to(torch.int64), None
+
+
+def _as_float64(bits: torch.Tensor, big: torch.Tensor | None) -> torch.Tensor:
+    f = bits.to(torch.float64)
+    return f if big is None else torch.where(big, f + 2.0**64, f)
+
+
+def exact_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``a != b`` by value, ``|a - b|`` as float64) for flat integer/bool tensors. Equality is decided in integers
+    (never through float64); the difference is computed in int64 and only a difference that overflows int64
+    (``|a - b| >= 2**63``) is taken from float64, where it is huge and rounding cannot hide it."""
+    a64, big_a = _int64_bits(a)
+    b64, big_b = _int64_bits(b)
+    ne = a64 != b64
+    if big_a is not None or big_b is not None:
+        no = torch.zeros_like(ne)
+        ne |= (no if big_a is None else big_a) != (no if big_b is None else big_b)
+    d64 = a64 - b64  # wraps where the true difference leaves int64
+    wrapped = ((a64 ^ b64) & (a64 ^ d64)) < 0
+    if big_a is not None:
+        wrapped |= big_a
+    if big_b is not None:
+        wrapped |= big_b
+    d = d64.to(torch.float64).abs_()
+    if bool(wrapped.any()):
+        far = (_as_float64(a64, big_a) - _as_float64(b64, big_b)).abs_()
+        d = torch.where(wrapped, far, d)
+    return ne, d
+
+
+class _ExactAccumulator(_Accumulator):
+    """Integer/bool chunk pairs: ``n_failed`` counts the elements that differ; the error figures are exact."""
+
+    def __init__(self) -> None:
+        super().__init__(EXACT, torch.float64)
+
+    def update(self, ca: torch.Tensor, cb: torch.Tensor) -> None:
+        n = ca.numel()
+        if n == 0:
+            return
+        self.numel += n
+        self.n_valid += n
+        ne, d = exact_difference(ca, cb)
+        self.n_failed += int(torch.count_nonzero(ne))
+        self.max_abs = max(self.max_abs, d.amax().item())
+        self.sum_abs += d.sum().item()
+        self.hist_abs += torch.bincount(_bins(d), minlength=_HIST_BINS)
+        a = _as_float64(*_int64_bits(ca))
+        b = _as_float64(*_int64_bits(cb))
+        rel = torch.div(d, b.abs().clamp_min_(TINY))
+        self.max_rel = max(self.max_rel, rel.amax().item())
+        self.sum_rel += rel.sum().item()
+        self.dot_ab += torch.dot(a, b).item()
+        self.dot_aa += torch.dot(a, a).item()
+        self.dot_bb += torch.dot(b, b).item()
+
+    def finish(self, **ident: Any) -> TensorCompareResult:
+        r = super().finish(**ident)  # EXACT is elemwise: passed iff no element differs
+        r.tol_ratio = None
+        r.exact = True
+        return r
+
+
 def _cosine(ab: float, aa: float, bb: float) -> float:
     if aa == 0.0 and bb == 0.0:
         return 1.0  # both all-zero (on their finite positions): identical
@@ -380,7 +461,10 @@ def compare_streams(
 
     ``on_chunk(n_elems)`` is called after each aligned chunk pair (progress reporting).
     """
-    acc = _Accumulator(tol, _math_dtype(dtype_a, dtype_b))
+    exact = is_exact_dtype(dtype_a) and is_exact_dtype(dtype_b)
+    if exact:
+        tol = EXACT
+    acc = _ExactAccumulator() if exact else _Accumulator(tol, _math_dtype(dtype_a, dtype_b))
     ident = dict(name=name, step=step, shape=tuple(shape), dtype_a=_dtype_name(dtype_a), dtype_b=_dtype_name(dtype_b))
     try:
         for ca, cb in _aligned(chunks_a, chunks_b):
@@ -390,7 +474,8 @@ def compare_streams(
     except ValueError as exc:
         if "different total lengths" not in str(exc):
             raise
-        return TensorCompareResult(passed=False, numel=math.prod(shape), tolerance=tol, reason=str(exc), **ident)
+        return TensorCompareResult(passed=False, numel=math.prod(shape), tolerance=tol, reason=str(exc), exact=exact,
+                                   **ident)
     return acc.finish(**ident)
 
 
@@ -430,6 +515,9 @@ def compare_tensors(
 def _shape_mismatch(name, step, shape_a, shape_b, dtype_a, dtype_b, tol) -> TensorCompareResult:
     da = dtype_a if isinstance(dtype_a, str) else _dtype_name(dtype_a)
     db = dtype_b if isinstance(dtype_b, str) else _dtype_name(dtype_b)
+    exact = all(is_exact_dtype(getattr(torch, d)) for d in (da, db))
+    if exact:
+        tol = EXACT
     return TensorCompareResult(
         name=name,
         step=step,
@@ -441,6 +529,7 @@ def _shape_mismatch(name, step, shape_a, shape_b, dtype_a, dtype_b, tol) -> Tens
         numel=math.prod(shape_b),
         tolerance=tol,
         reason=f"shape mismatch: a {list(shape_a)} vs b {list(shape_b)}",
+        exact=exact,
     )
 
 

@@ -32,8 +32,16 @@ def _cos(x: float | None) -> str:
 def _ratio_key(t: TensorCompareResult) -> float:
     if t.reason is not None:
         return math.inf
+    if t.exact:  # no ratio to a zero tolerance: any differing element ranks first
+        return math.inf if t.n_failed else 0.0
     r = t.tol_ratio
     return math.inf if r is None or math.isnan(r) else r
+
+
+def _worst(t: TensorCompareResult) -> str:
+    if t.exact and t.reason is None:
+        return f"{t.n_failed} differ" if t.n_failed else "equal"
+    return _num(_ratio_key(t))
 
 
 def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) -> str:
@@ -58,7 +66,12 @@ def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) 
     fd = result.first_divergence
     if fd is not None:
         t = next(t for t in ts if t.key == fd)
-        why = t.reason or f"max_abs {_num(t.max_abs)}, {t.n_failed}/{t.numel} elements out of tolerance"
+        if t.reason:
+            why = t.reason
+        elif t.exact:
+            why = f"{t.n_failed}/{t.numel} elements differ (exact {t.dtype_a} vs {t.dtype_b}), max_abs {_num(t.max_abs)}"
+        else:
+            why = f"max_abs {_num(t.max_abs)}, {t.n_failed}/{t.numel} elements out of tolerance"
         if t.nan_a or t.nan_b:
             why += f", NaN a={t.nan_a} b={t.nan_b}"
         lines.append(f"first divergence: {fd[0]} step {_step(fd[1])} ({why})")
@@ -66,9 +79,9 @@ def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) 
         lines.append(f"warning: {w}")
     if ts:
         ranked = sorted(ts, key=_ratio_key, reverse=True)[:worst]
-        lines.append("worst (error / tolerance):")
+        lines.append("worst (error / tolerance; integer tensors: elements that differ):")
         for t in ranked:
-            lines.append(f"  {_num(_ratio_key(t)):>10}  {t.name} step {_step(t.step)}")
+            lines.append(f"  {_worst(t):>10}  {t.name} step {_step(t.step)}")
 
     rows = ts
     if len(ts) > max_rows:

@@ -123,3 +123,15 @@ def test_missing_tensor_exit_1(tmp_path):
 
 def test_help_is_zero():
     assert main(["--help"]) == 0
+
+
+def test_int64_codes_beyond_float64_precision_exit_1(tmp_path, capsys):
+    """2**62 vs 2**62 + 100: equal as float64, different as the int64 codes they are: compare fails (exit 1) and
+    counts the differing elements."""
+    a = write_dump(tmp_path / "a", [("predicted_codes", None, torch.tensor([[2**62, 3]]))], source="trtllm")
+    b = write_dump(tmp_path / "b", [("predicted_codes", None, torch.tensor([[2**62 + 100, 3]]))], source="reference")
+    out = tmp_path / "r.json"
+    assert main(["compare", str(a), str(b), "--json", str(out), "--no-progress"]) == 1
+    assert "1/2 elements differ" in capsys.readouterr().out
+    t = json.loads(out.read_text())["tensors"][0]
+    assert t["passed"] is False and t["exact"] is True and t["n_failed"] == 1 and t["max_abs"] == 100.0

@@ -273,3 +273,75 @@ def test_compare_dumps_defaults_to_the_empty_named_policy(tmp_path):
     assert res.passed
     strict = compare_dumps(a, b, policy=policy("steps"), progress=False)
     assert not strict.passed and strict.first_divergence == ("x", None)
+
+
+# ------------------------------------------------------------------------------------------- exact dtypes
+
+INT_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def test_int64_beyond_float64_precision_fails():
+    """2**62 and 2**62 + 100 are one float64; compared in int64 they differ (the old float64 path said 'match')."""
+    a, b = torch.tensor([2**62, 7]), torch.tensor([2**62 + 100, 7])
+    r = compare_tensors(a, b)
+    assert not r.passed and r.exact and r.n_failed == 1 and r.tol_ratio is None
+    assert r.max_abs == 100.0 and r.tolerance == Tolerance(0, 0)
+    # whatever the policy says for the name: integers are equal or not
+    loose = compare_tensors(a, b, Tolerance(1e30, 1e30))
+    assert not loose.passed and loose.tolerance == Tolerance(0, 0)
+
+
+def test_int64_differences_that_overflow_int64_are_reported():
+    a = torch.tensor([-2**63, 2**63 - 1, 0])
+    b = torch.tensor([2**63 - 1, -2**63, 0])
+    r = compare_tensors(a, b)
+    assert r.n_failed == 2 and r.max_abs == pytest.approx(2.0**64) and not r.passed
+
+
+def test_exact_dumps_fail_through_compare_dumps_and_report_mismatch_counts(tmp_path):
+    from parity.report import format_table, to_json
+
+    a = write_dump(tmp_path / "a", [("predicted_codes", None, torch.tensor([[2**62, 1, 2]]))], source="trtllm")
+    b = write_dump(tmp_path / "b", [("predicted_codes", None, torch.tensor([[2**62 + 100, 1, 2]]))],
+                   source="reference")
+    res = compare_dumps(a, b, policy=policy("steps"), progress=False)
+    t = res.tensors[0]
+    assert not res.passed and t.exact and t.n_failed == 1 and t.tol_ratio is None
+    table = format_table(res)
+    assert "1/3 elements differ (exact int64 vs int64)" in table and "1 differ" in table
+    rep = to_json(res)
+    assert rep["tensors"][0]["exact"] is True and rep["tensors"][0]["n_failed"] == 1
+
+
+@st.composite
+def int_pairs(draw):
+    da, db = draw(st.sampled_from(INT_DTYPES)), draw(st.sampled_from(INT_DTYPES))
+
+    def values(dt):
+        if dt == torch.bool:
+            return st.booleans()
+        info = torch.iinfo(dt)
+        edges = st.sampled_from([info.min, info.max, 0, -1 if info.min < 0 else 1, info.max - 1])
+        return st.one_of(edges, st.integers(info.min, info.max))
+
+    n = draw(st.integers(1, 40))
+    xs = draw(st.lists(values(da), min_size=n, max_size=n))
+    same = draw(st.booleans())
+    ys = [y for y in xs] if same and da == db else draw(st.lists(values(db), min_size=n, max_size=n))
+    if same and da == db and draw(st.booleans()):  # one element off by the smallest step the dtype allows
+        i = draw(st.integers(0, n - 1))
+        ys[i] = (not ys[i]) if db == torch.bool else (ys[i] - 1 if ys[i] > torch.iinfo(db).min else ys[i] + 1)
+    return torch.tensor(xs, dtype=da), torch.tensor(ys, dtype=db)
+
+
+@settings(max_examples=300, deadline=None)
+@given(int_pairs(), st.integers(1, 50))
+def test_integer_verdict_is_torch_equal(pair, chunk):
+    """For every pair of integer/bool dtypes and values (extremes included), compare's verdict is torch.equal on
+    the values (widened to int64: exact for every dtype here), and n_failed counts the differing elements."""
+    a, b = pair
+    wa, wb = a.to(torch.int64), b.to(torch.int64)
+    r = compare_tensors(a, b, chunk_elems=chunk)
+    assert r.exact and r.passed == torch.equal(wa, wb)
+    assert r.n_failed == int((wa != wb).sum())
+    assert (r.max_abs == 0.0) == torch.equal(wa, wb)
