@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pathlib
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -140,41 +141,105 @@ class TolerancePolicy:
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "tolerance policy") -> "TolerancePolicy":
+        """A policy from parsed JSON: ``{"default": TOL or null, "per_name": {pattern: TOL}}`` where TOL is
+        ``{"atol": number, "rtol": number, "check": one of CHECKS, "quantile": number in (0, 1]}`` (check and
+        quantile optional). Anything else (a string, bool, list, NaN, Infinity or negative number where a number
+        belongs, an unknown key, a non-object) is one :class:`PolicyError` naming ``where`` and the key."""
         if not isinstance(data, dict):
-            raise PolicyError(f"{where}: top level must be a JSON object")
-        unknown = set(data) - {"default", "per_name"}
+            raise PolicyError(f"{where}: top level must be a JSON object, got {_kind(data)}")
+        unknown = [k for k in data if k not in ("default", "per_name")]
         if unknown:
-            raise PolicyError(f"{where}: unknown keys {sorted(unknown)} (expected 'default', 'per_name')")
-
-        def tol(obj: Any, what: str) -> Tolerance:
-            if not isinstance(obj, dict):
-                raise PolicyError(f"{where}: {what} must be an object with atol/rtol")
-            extra = set(obj) - {"atol", "rtol", "check", "quantile"}
-            if extra or "atol" not in obj or "rtol" not in obj:
-                raise PolicyError(f"{where}: {what} needs atol and rtol (and optionally check, quantile); got {sorted(obj)}")
-            try:
-                return Tolerance(**obj)
-            except (TypeError, ValueError) as exc:
-                raise PolicyError(f"{where}: {what}: {exc}") from None
-
-        default = tol(data["default"], "default") if data.get("default") is not None else None
+            raise PolicyError(f"{where}: unknown key {_short(unknown[0])} (expected 'default', 'per_name')")
+        default = _tolerance(data["default"], "default", where) if data.get("default") is not None else None
         per = data.get("per_name", {})
+        if per is None:
+            per = {}
         if not isinstance(per, dict):
-            raise PolicyError(f"{where}: per_name must be an object of pattern -> tolerance")
-        return cls({str(k): tol(v, f"per_name[{k!r}]") for k, v in per.items()}, default)
+            raise PolicyError(f"{where}: per_name must be an object of pattern -> tolerance, got {_kind(per)}")
+        return cls({str(k): _tolerance(v, f"per_name[{_short(k)}]", where) for k, v in per.items()}, default)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "TolerancePolicy":
+        """A JSON policy file: a regular file (a FIFO or device is refused without blocking) of at most
+        :data:`MAX_POLICY_BYTES`, UTF-8 JSON, then :meth:`from_dict`."""
         p = pathlib.Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyError(f"{p}: cannot read tolerance file: {exc}") from None
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            why = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
+            raise PolicyError(f"{p}: cannot read tolerance file: {why}") from None
         try:
-            data = json.loads(text)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PolicyError(f"{p}: tolerance file is not a regular file")
+            if st.st_size > MAX_POLICY_BYTES:
+                raise PolicyError(f"{p}: tolerance file of {st.st_size} bytes is larger than {MAX_POLICY_BYTES}")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                raw = fh.read(MAX_POLICY_BYTES + 1)
+        except OSError as exc:
+            raise PolicyError(f"{p}: cannot read tolerance file: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        if len(raw) > MAX_POLICY_BYTES:
+            raise PolicyError(f"{p}: tolerance file is larger than {MAX_POLICY_BYTES} bytes")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise PolicyError(f"{p}: tolerance file is not UTF-8 text") from None
+        except RecursionError:
+            raise PolicyError(f"{p}: tolerance file is not valid JSON: nested too deeply") from None
         except ValueError as exc:
             raise PolicyError(f"{p}: tolerance file is not valid JSON: {exc}") from None
         return cls.from_dict(data, where=str(p))
+
+
+MAX_POLICY_BYTES = 16 * 2**20
+_TOLERANCE_KEYS = ("atol", "rtol", "check", "quantile")
+
+
+def _short(x: Any, n: int = 40) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _kind(x: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number" if isinstance(x, (int, float)) else type(x).__name__)
+
+
+def _number(obj: dict, key: str, what: str, where: str, default: float | None = None) -> float:
+    if key not in obj:
+        if default is not None:
+            return default
+        raise PolicyError(f"{where}: {what}.{key}: missing (a tolerance needs atol and rtol)")
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PolicyError(f"{where}: {what}.{key}: must be a number, got {_kind(v)} {_short(v)}")
+    try:
+        f = float(v)
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise PolicyError(f"{where}: {what}.{key}: must be finite, got {_short(v)}")
+    if key == "quantile":
+        if not 0.0 < f <= 1.0:
+            raise PolicyError(f"{where}: {what}.quantile: must lie in (0, 1], got {_short(v)}")
+    elif f < 0:
+        raise PolicyError(f"{where}: {what}.{key}: must be >= 0, got {_short(v)}")
+    return f
+
+
+def _tolerance(obj: Any, what: str, where: str) -> Tolerance:
+    if not isinstance(obj, dict):
+        raise PolicyError(f"{where}: {what}: must be an object with atol and rtol, got {_kind(obj)}")
+    extra = [k for k in obj if k not in _TOLERANCE_KEYS]
+    if extra:
+        raise PolicyError(f"{where}: {what}: unknown key {_short(extra[0])} (expected atol, rtol, check, quantile)")
+    check = obj.get("check", "elemwise")
+    if not isinstance(check, str) or check not in CHECKS:
+        raise PolicyError(f"{where}: {what}.check: must be one of {list(CHECKS)}, got {_short(check)}")
+    atol, rtol = _number(obj, "atol", what, where), _number(obj, "rtol", what, where)
+    return Tolerance(atol, rtol, check, _number(obj, "quantile", what, where, default=0.99))
 
 
 # ------------------------------------------------------------------------------------------ named policies

@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from parity import tolerances as tl
 from parity.tolerances import (
@@ -93,3 +95,85 @@ def test_diagnose_default_matches_the_module(tmp_path):
     d = diagnose(model, dump, batch)
     scale = max(lg.abs().max().item() for lg in out.step_logits)
     assert d.tolerance == diagnose_tolerance("float32", scale)
+
+
+# ------------------------------------------------------------------------------------------- crafted files
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"default": {"atol": "1e-3", "rtol": 0}}, "default.atol"),
+    ({"default": {"atol": True, "rtol": 0}}, "default.atol"),
+    ({"default": {"atol": [1], "rtol": 0}}, "default.atol"),
+    ({"default": {"atol": float("nan"), "rtol": 0}}, "default.atol"),
+    ({"default": {"atol": float("inf"), "rtol": 0}}, "default.atol"),
+    ({"default": {"atol": 1, "rtol": -1}}, "default.rtol"),
+    ({"default": {"atol": 1, "rtol": 10**400}}, "default.rtol"),
+    ({"default": {"atol": 1, "rtol": 1, "quantile": 2}}, "default.quantile"),
+    ({"default": {"atol": 1, "rtol": 1, "check": 3}}, "default.check"),
+    ({"default": {"atol": 1, "rtol": 1, "tolerance": 3}}, "'tolerance'"),
+    ({"per_name": {"logits": {"atol": 1, "rtol": "x"}}}, "per_name['logits'].rtol"),
+    ({"per_name": {"logits": 1}}, "per_name['logits']"),
+    ({"per_name": [1]}, "per_name"),
+    ({"defaults": {}}, "'defaults'"),
+    ([{"atol": 1}], "top level"),
+    ("1e-3", "top level"),
+])
+def test_a_malformed_policy_is_one_line_naming_the_file_and_key(tmp_path, data, key):
+    f = tmp_path / "tol.json"
+    f.write_text(json.dumps(data))  # json.dumps writes NaN / Infinity, which json.loads reads back
+    with pytest.raises(PolicyError) as e:
+        load_policy(str(f))
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: ") and key in msg and "\n" not in msg, msg
+
+
+def test_a_fifo_deep_nesting_or_binary_tolerance_file_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match="fifo.json: tolerance file is not a regular file"):
+        load_policy(str(fifo))  # would block forever in read_text()
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PolicyError, match="deep.json: tolerance file is not valid JSON"):
+        load_policy(str(deep))
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(PolicyError, match="bin.json: tolerance file is not UTF-8"):
+        load_policy(str(binary))
+
+
+JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=True), st.text(max_size=5)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["atol", "rtol", "check", "quantile", "x", ""]), inner,
+                                            max_size=4)),
+    max_leaves=10)
+TOL_LIKE = st.fixed_dictionaries({}, optional={"atol": JSONISH | st.floats(0, 1), "rtol": JSONISH | st.floats(0, 1),
+                                               "check": JSONISH | st.sampled_from(tl.CHECKS),
+                                               "quantile": JSONISH | st.floats(0, 1), "extra": JSONISH})
+POLICY_LIKE = st.one_of(
+    JSONISH,
+    st.fixed_dictionaries({}, optional={"default": st.none() | TOL_LIKE | JSONISH,
+                                        "per_name": st.dictionaries(st.text(max_size=6), TOL_LIKE | JSONISH,
+                                                                    max_size=3) | JSONISH,
+                                        "bogus": JSONISH}))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(POLICY_LIKE)
+def test_any_policy_json_loads_or_is_one_policy_error(tmp_path, data):
+    """Every JSON value gives a usable policy (finite, non-negative figures, known checks) or one PolicyError whose
+    single line starts with the file's path; never a TypeError, OverflowError or a NaN tolerance."""
+    f = tmp_path / "tol.json"
+    f.write_text(json.dumps(data))
+    try:
+        p = load_policy(str(f))
+    except PolicyError as e:
+        assert str(e).startswith(f"{f}: ") and "\n" not in str(e)
+        return
+    for t in [p.default, *p.per_name.values()]:
+        if t is not None:
+            assert math.isfinite(t.atol) and math.isfinite(t.rtol) and t.atol >= 0 and t.rtol >= 0
+            assert t.check in tl.CHECKS and 0 < t.quantile <= 1
