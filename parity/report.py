@@ -141,12 +141,20 @@ def to_json(result: DumpCompareResult) -> dict:
 
 
 MAX_PLOT_STEPS = 12
+MAX_PLOT_WIDTH = 60.0  # inches (6000 px at 100 dpi): a dump with thousands of names labels every k-th one
+MAX_LABEL_CHARS = 80
+
+
+def _label(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "\u2026"
 
 
 def plot(result: DumpCompareResult, png_path: str | os.PathLike) -> pathlib.Path:
     """Max abs error per layer in execution order (log y), one line per step, with the atol line.
 
-    With more than ``MAX_PLOT_STEPS`` distinct steps, steps are drawn as points coloured by step.
+    With more than ``MAX_PLOT_STEPS`` distinct steps, steps are drawn as points coloured by step. Tensor names are
+    drawn literally (never as TeX or mathtext: a name such as ``$\\frac{a}{`` is text, not markup); the figure's
+    width is capped at :data:`MAX_PLOT_WIDTH` inches, labelling every k-th name beyond that.
     """
     import io
 
@@ -155,39 +163,48 @@ def plot(result: DumpCompareResult, png_path: str | os.PathLike) -> pathlib.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ts = [t for t in result.tensors if t.reason is None and t.max_abs is not None]
-    names = list(dict.fromkeys(t.name for t in result.tensors))
-    xpos = {n: i for i, n in enumerate(names)}
-    steps = list(dict.fromkeys(t.step for t in ts))
-    floor = 1e-12  # zero error cannot sit on a log axis
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.25 * len(names) + 4), 5))
-    ys = lambda sel: [min(max(t.max_abs, floor), 1e38) for t in sel]  # noqa: E731
-    if len(steps) <= MAX_PLOT_STEPS:
-        for s in steps:
-            sel = [t for t in ts if t.step == s]
-            ax.plot([xpos[t.name] for t in sel], ys(sel), marker="o", ms=3, lw=1, label=f"step {_step(s)}")
-    else:
-        sc = ax.scatter(
-            [xpos[t.name] for t in ts], ys(ts), c=[-1 if t.step is None else t.step for t in ts], s=8, cmap="viridis"
-        )
-        fig.colorbar(sc, ax=ax, label="step")
-    tol_x = list(range(len(names)))
-    tol_by_name = {t.name: t.tolerance.atol for t in result.tensors}
-    ax.step(tol_x, [max(tol_by_name[n], floor) for n in names], where="mid", color="red", ls="--", lw=1, label="atol")
-    fails = [t for t in ts if not t.passed]
-    if fails:
-        ax.scatter([xpos[t.name] for t in fails], ys(fails), marker="x", color="red", s=30, zorder=5, label="failed")
-    ax.set_yscale("log")
-    ax.set_ylabel("max |a - b|")
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=6)
-    ax.set_title(f"{result.source_a} vs {result.source_b}: {'PASS' if result.passed else 'FAIL'}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
+    # our figures never go through TeX, whatever the user's matplotlibrc says
+    with matplotlib.rc_context({"text.usetex": False}):
+        ts = [t for t in result.tensors if t.reason is None and t.max_abs is not None]
+        names = list(dict.fromkeys(t.name for t in result.tensors))
+        xpos = {n: i for i, n in enumerate(names)}
+        steps = list(dict.fromkeys(t.step for t in ts))
+        floor = 1e-12  # zero error cannot sit on a log axis
+        width = min(MAX_PLOT_WIDTH, max(8.0, 0.25 * len(names) + 4))
+        every = max(1, math.ceil(len(names) / ((width - 4) / 0.25)))
+        fig, ax = plt.subplots(figsize=(width, 5))
+        try:
+            ys = lambda sel: [min(max(t.max_abs, floor), 1e38) for t in sel]  # noqa: E731
+            if len(steps) <= MAX_PLOT_STEPS:
+                for s in steps:
+                    sel = [t for t in ts if t.step == s]
+                    ax.plot([xpos[t.name] for t in sel], ys(sel), marker="o", ms=3, lw=1, label=f"step {_step(s)}")
+            else:
+                sc = ax.scatter([xpos[t.name] for t in ts], ys(ts), c=[-1 if t.step is None else t.step for t in ts],
+                                s=8, cmap="viridis")
+                fig.colorbar(sc, ax=ax, label="step")
+            tol_x = list(range(len(names)))
+            tol_by_name = {t.name: t.tolerance.atol for t in result.tensors}
+            ax.step(tol_x, [max(tol_by_name[n], floor) for n in names], where="mid", color="red", ls="--", lw=1,
+                    label="atol")
+            fails = [t for t in ts if not t.passed]
+            if fails:
+                ax.scatter([xpos[t.name] for t in fails], ys(fails), marker="x", color="red", s=30, zorder=5,
+                           label="failed")
+            ax.set_yscale("log")
+            ax.set_ylabel("max |a - b|")
+            ticks = list(range(0, len(names), every))
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([_label(names[i]) for i in ticks], rotation=90, fontsize=6, parse_math=False)
+            ax.set_title(f"{result.source_a} vs {result.source_b}: {'PASS' if result.passed else 'FAIL'}",
+                         parse_math=False)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="best")
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+        finally:
+            plt.close(fig)
     pathlib.Path(png_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(png_path, buf.getvalue())
     return pathlib.Path(png_path)

@@ -135,3 +135,34 @@ def test_int64_codes_beyond_float64_precision_exit_1(tmp_path, capsys):
     assert "1/2 elements differ" in capsys.readouterr().out
     t = json.loads(out.read_text())["tensors"][0]
     assert t["passed"] is False and t["exact"] is True and t["n_failed"] == 1 and t["max_abs"] == 100.0
+
+
+TEX_NAMES = ["$\\frac{a}{$", "a$b$", "$\\nosuchcommand$", "$^^$", "x_{1}^2", "%100 & #$"]
+
+
+def test_plot_draws_tensor_names_literally_even_with_usetex(tmp_path, monkeypatch):
+    """Names matplotlib would read as mathtext/TeX (and a matplotlibrc asking for usetex, with no LaTeX here) are
+    drawn as text: no traceback, a PNG comes out."""
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    a = write_dump(tmp_path / "a", [(n, None, torch.ones(3)) for n in TEX_NAMES], source="reference")
+    b = write_dump(tmp_path / "b", [(n, None, torch.ones(3) * 2) for n in TEX_NAMES], source="reference")
+    png = tmp_path / "p.png"
+    assert main(["compare", str(a), str(b), "--plot", str(png), "-q", "--no-progress"]) == 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.rcParams["text.usetex"] is True  # the user's setting is left as it was
+
+
+def test_plot_of_thousands_of_tensors_has_a_bounded_width(tmp_path):
+    import struct
+
+    from parity.compare import compare_dumps
+    from parity.report import MAX_PLOT_WIDTH, plot
+
+    ts = [(f"t{i}", None, torch.ones(1)) for i in range(3000)]
+    a = write_dump(tmp_path / "a", ts, source="reference")
+    res = compare_dumps(a, a, progress=False)
+    png = plot(res, tmp_path / "p.png")
+    width = struct.unpack(">I", png.read_bytes()[16:20])[0]
+    assert width <= MAX_PLOT_WIDTH * 100
