@@ -15,7 +15,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -67,11 +67,17 @@ def _writable_folder(folder: Path, flag: str, path: Path) -> None:
         raise BadInput(f"{flag} {path}: the folder {folder} is not writable")
 
 
-def output_file(path: str | os.PathLike, flag: str) -> Path:
+# What an existing output file may be for a command to replace it: (what it is, in words; a recogniser).
+Replaceable = tuple[str, Callable[[Path], bool]]
+
+
+def output_file(path: str | os.PathLike, flag: str, replaces: Replaceable | None = None) -> Path:
     """Check, before any work, that the file ``path`` can be written: its folder exists and is writable, and the
-    path is not a folder. (The file itself is replaced if it exists.)"""
+    path is not a folder. An existing file is replaced only if ``replaces`` recognises it as this tool's own kind of
+    file (a report, a plot, a codes file it wrote); anything else there (a user's file, a link, a FIFO) is refused,
+    naming ``flag``."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and not p.is_symlink():
         raise BadInput(f"{flag} {p}: is a folder; expected a file path")
     parent = p.parent
     if not parent.exists():
@@ -80,25 +86,91 @@ def output_file(path: str | os.PathLike, flag: str) -> Path:
             raise BadInput(f"{flag} {p}: {found} is a file, not a folder")
         raise BadInput(f"{flag} {p}: the folder {parent} does not exist")
     _writable_folder(parent, flag, p)
+    if os.path.lexists(p):
+        check_replaceable_file(p, flag, replaces)
     return p
 
 
+def check_replaceable_file(path: str | os.PathLike, flag: str, replaces: Replaceable | None) -> None:
+    """An existing ``path`` is replaced only if it is a regular file (not a link) that ``replaces`` recognises."""
+    p = Path(path)
+    what = replaces[0] if replaces else "a file this command wrote"
+    if p.is_symlink():
+        raise BadInput(f"{flag} {p}: is a symbolic link; refusing to replace it (choose another path)")
+    if not p.is_file():
+        raise BadInput(f"{flag} {p}: exists and is not a regular file; refusing to replace it (choose another path)")
+    if replaces is None or not replaces[1](p):
+        raise BadInput(f"{flag} {p}: exists and is not {what}; refusing to replace it (remove it or choose "
+                       "another path)")
+
+
 def output_dir(path: str | os.PathLike, flag: str, overwrite: bool | None = False,
-               overwrite_flag: str | None = "--overwrite") -> Path:
+               overwrite_flag: str | None = "--overwrite", replaces: Replaceable | None = None) -> Path:
     """Check, before any work, that the folder ``path`` can be created (missing parents are created by the writer):
     it does not exist (unless ``overwrite``; ``None`` = an existing folder is written into), and its first
-    existing ancestor is a writable folder. ``overwrite_flag``: the command's flag that replaces it (None: none)."""
+    existing ancestor is a writable folder. ``overwrite_flag``: the command's flag that replaces it (None: none).
+    ``replaces``: with ``overwrite``, what an existing folder must be to be replaced (a dump, a converted
+    checkpoint, an empty folder): anything else is refused now, before the work, not when the writer publishes."""
     p = Path(path)
+    if os.path.lexists(p) and not p.exists():
+        raise BadInput(f"{flag} {p}: is a dangling symbolic link; refusing to write through it (choose another path)")
     if p.exists():
         if not p.is_dir():
             raise BadInput(f"{flag} {p}: is a file, not a folder")
         if overwrite is False:
             how = f"pass {overwrite_flag} to replace it" if overwrite_flag else "name a new folder"
             raise BadInput(f"{flag} {p}: already exists ({how})")
+        if overwrite and (p.is_symlink() or (replaces is not None and not replaces[1](p))):
+            what = "a symbolic link" if p.is_symlink() else f"not {replaces[0]}"
+            raise BadInput(f"{flag} {p}: exists and is {what}; {overwrite_flag} only replaces what magpie-parity "
+                           "wrote (choose another folder)")
         _writable_folder(p if overwrite is None else p.parent, flag, p)
         return p
     _writable_folder(_first_existing(p.parent), flag, p)
     return p
+
+
+PathArg = Union[str, os.PathLike, None]
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """``inner`` is ``outer`` or lies below it (both resolved)."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:
+        return False
+
+
+def separate(inputs: Mapping[str, PathArg], outputs: Mapping[str, PathArg]) -> None:
+    """Before any work: no output (``{flag: path}``, links followed) is, lies inside or contains an input, and no two
+    outputs overlap; else one line naming both flags and paths. ``None`` and ``-`` (stdout) are skipped. An output
+    equal to an input would overwrite it; an input inside an output folder would be deleted when ``--overwrite``
+    replaces that folder; an output inside an input folder would change that input (a dump, a debug tree)."""
+    ins = [(f, os.fspath(p), _real(p)) for f, p in inputs.items() if p is not None and os.fspath(p) != "-"]
+    outs = [(f, os.fspath(p), _real(p)) for f, p in outputs.items() if p is not None and os.fspath(p) != "-"]
+    for oflag, o, ro in outs:
+        for iflag, i, ri in ins:
+            if ro == ri or _same_file(ro, ri):
+                raise BadInput(f"{oflag} {o}: is the input {iflag} {i}; an output must never overwrite an input "
+                               "(choose another path)")
+            if _inside(ro, ri):
+                raise BadInput(f"{oflag} {o}: lies inside the input {iflag} {i}; an output must not be written "
+                               "into an input (choose a path outside it)")
+            if _inside(ri, ro):
+                raise BadInput(f"{oflag} {o}: contains the input {iflag} {i}; replacing it would delete that "
+                               "input (choose another path)")
+    for k, (f1, p1, r1) in enumerate(outs):
+        for f2, p2, r2 in outs[k + 1:]:
+            if _inside(r1, r2) or _inside(r2, r1):
+                raise BadInput(f"{f1} {p1} and {f2} {p2}: the same or nested paths; give each output its own path")
 
 
 @contextmanager
@@ -109,6 +181,35 @@ def writing(path: str | os.PathLike, flag: str) -> Iterator[None]:
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise BadInput(f"{flag} {path}: cannot write: {why}") from None
+
+
+def write_output_file(path: str | os.PathLike, flag: str, data: bytes, replaces: Replaceable | None) -> Path:
+    """Write ``data`` to ``path`` atomically (umask-honouring), checking again just before that an existing file
+    is still one ``replaces`` recognises; write errors name the user's path, no temporary file is left behind."""
+    from parity.files import atomic_write_bytes
+
+    if os.path.lexists(path):
+        check_replaceable_file(path, flag, replaces)
+    with writing(path, flag):
+        return atomic_write_bytes(path, data)
+
+
+def empty_folder(p: Path) -> bool:
+    try:
+        return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+    except OSError:
+        return False
+
+
+def _is_dump_or_empty(p: Path) -> bool:
+    from parity.dump import is_dump
+
+    return is_dump(p) or empty_folder(p)
+
+
+# What --overwrite may replace of a dump's folder: what the writer itself accepts (parity.dump.check_replaceable),
+# checked here before the work rather than when the result is published.
+DUMP_FOLDER: Replaceable = ("a magpie-parity dump or an empty folder", _is_dump_or_empty)
 
 
 # ------------------------------------------------------------------------------------------------- inputs

@@ -9,23 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from parity.cli_support import (
+    DUMP_FOLDER,
     EXIT_MISMATCH,
     EXIT_OK,
     BadInput,
+    Replaceable,
     check_batch_fits,
     check_device,
+    check_replaceable_file,
     infer_inputs,
     load_batch,
     load_reference,
     output_dir,
     output_file,
     parse_assignments,
+    separate,
     user_errors,
+    write_output_file,
     writing,
 )
 
@@ -35,6 +41,48 @@ DEFAULT_FIXTURES = next((p for p in (REPO / "fixtures" / "data", Path.cwd() / "f
                         REPO / "fixtures" / "data")
 
 KV_CACHE = {"checkpoint": None, "on": True, "off": False}
+
+
+def _report_kinds() -> tuple[Replaceable, Replaceable]:
+    """What ``--json`` and ``--plot`` replace: a report / a plot this tool wrote (parity.report's markers)."""
+    from parity.report import is_report_json, is_report_png
+
+    return (("a magpie-parity compare JSON report", is_report_json),
+            ("a plot magpie-parity drew (a PNG whose Software text is magpie-parity's)", is_report_png))
+
+
+# infer --out: a safetensors file of predicted codes, marked in its metadata
+CODES_FORMAT = "magpie-parity-codes"
+_CODES_KEYS = {"predicted_codes", "predicted_codes_lens"}
+
+
+def is_codes_file(path) -> bool:
+    """A codes file ``infer`` wrote: a safetensors file whose metadata names :data:`CODES_FORMAT`, or (as earlier
+    versions wrote it) one holding exactly ``predicted_codes`` and ``predicted_codes_lens``. Only its header is
+    read (at most 64 KB)."""
+    import struct
+
+    from parity.files import read_head
+
+    head = read_head(path, 8 + 65536)
+    if head is None or len(head) < 8:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > len(head) - 8:
+        return False
+    try:
+        header = json.loads(head[8:8 + n])
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(header, dict):
+        return False
+    meta = header.get("__metadata__")
+    if isinstance(meta, dict) and meta.get("format") == CODES_FORMAT:
+        return True
+    return set(header) - {"__metadata__"} == _CODES_KEYS
+
+
+CODES_FILE: Replaceable = ("a codes file magpie-parity infer wrote", is_codes_file)
 
 
 def check_params(config, params: dict, flag: str = "--param") -> None:
@@ -131,6 +179,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise BadInput(f"--threads must be >= 1, got {args.threads}")
     fx = Path(args.fixtures)
+    separate({"--fixtures": fx}, {"--plot": args.plot})
     if not fx.is_dir():
         raise BadInput(f"--fixtures {fx}: not a folder")
     if args.plot:
@@ -143,6 +192,10 @@ def run_check(args: argparse.Namespace) -> int:
         for need in (fx / f"{case}.nemo", fx / f"{case}.batch.safetensors", fx / f"{case}.nemo_dump"):
             if not need.exists():
                 raise BadInput(f"{need}: missing (case {case})")
+    png_kind = _report_kinds()[1]
+    if args.plot:
+        for case in cases:
+            output_file(Path(args.plot) / f"{case}.png", "--plot", png_kind)
     parity_policy = policy("parity")
     rows, all_ok = [], True
     per_layer: dict[str, dict] = {}
@@ -162,6 +215,8 @@ def run_check(args: argparse.Namespace) -> int:
                 print(format_table(res, max_rows=10_000))
             if args.plot:
                 png = Path(args.plot) / f"{case}.png"
+                if os.path.lexists(png):
+                    check_replaceable_file(png, "--plot", png_kind)
                 with writing(png, "--plot"):
                     plot(res, str(png))
             per_layer[case] = {t.name: t for t in res.tensors}
@@ -216,15 +271,19 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     """Exit 0: every tensor within tolerance; 1: a mismatch; 2: bad input (missing/corrupt/truncated file,
     incompatible manifests, bad tolerance file, bad arguments)."""
+    tolerance_file = args.tolerances if args.tolerances and os.path.lexists(args.tolerances) else None
+    separate({"dump a": args.a, "dump b": args.b, "--tolerances": tolerance_file},
+             {"--json": args.json, "--plot": args.plot})
+
     from parity.compare import compare_dumps
-    from parity.files import atomic_write_bytes
     from parity.report import format_table, plot, to_json
     from parity.tolerances import load_policy
 
+    json_kind, png_kind = _report_kinds()
     if args.json and args.json != "-":
-        output_file(args.json, "--json")
+        output_file(args.json, "--json", json_kind)
     if args.plot:
-        output_file(args.plot, "--plot")
+        output_file(args.plot, "--plot", png_kind)
     with user_errors():
         policy = load_policy(args.tolerances, default="")
         result = compare_dumps(
@@ -243,9 +302,10 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.json == "-":
         sys.stdout.write(text)
     elif args.json:
-        with writing(args.json, "--json"):
-            atomic_write_bytes(args.json, text.encode())
+        write_output_file(args.json, "--json", text.encode(), json_kind)
     if args.plot:
+        if os.path.lexists(args.plot):
+            check_replaceable_file(args.plot, "--plot", png_kind)
         with writing(args.plot, "--plot"):
             plot(result, args.plot)
     return EXIT_OK if result.passed else EXIT_MISMATCH
@@ -273,7 +333,8 @@ def configure_dump(p: argparse.ArgumentParser) -> None:
 def run_dump(args: argparse.Namespace) -> int:
     import torch
 
-    output_dir(args.out, "--out", args.overwrite)
+    separate({"--checkpoint": args.checkpoint, "--batch": args.batch, "--codec": args.codec}, {"--out": args.out})
+    output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
     batch = load_batch(args.batch)
     params = parse_assignments(args.param, "--param")
     teacher_forced = args.mode == "teacher-forced"
@@ -326,12 +387,12 @@ def configure_infer(p: argparse.ArgumentParser) -> None:
 
 
 def run_infer(args: argparse.Namespace) -> int:
+    separate({"--checkpoint": args.checkpoint, "--inputs": args.inputs}, {"--out": args.out, "--dump": args.dump})
+
     import torch
     from safetensors.torch import save
 
-    from parity.files import atomic_write_bytes
-
-    output_file(args.out, "--out")
+    output_file(args.out, "--out", CODES_FILE)
     if args.dump:
         output_dir(args.dump, "--dump", overwrite_flag=None)
     check_device(args.device)
@@ -353,9 +414,9 @@ def run_infer(args: argparse.Namespace) -> int:
             torch.manual_seed(args.seed)
             out = model.infer_batch(batch, use_cfg=args.use_cfg, use_kv_cache=kv, progress=True, **params)
     data = save({"predicted_codes": out.predicted_codes.cpu().contiguous(),
-                 "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()})
-    with writing(args.out, "--out"):
-        atomic_write_bytes(args.out, data)
+                 "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()},
+                metadata={"format": CODES_FORMAT})
+    write_output_file(args.out, "--out", data, CODES_FILE)
     print(f"wrote {args.out}: codes {tuple(out.predicted_codes.shape)}, lengths {out.predicted_codes_lens.tolist()}",
           file=sys.stderr)
     return EXIT_OK

@@ -79,3 +79,46 @@ def honour_umask(path: PathLike) -> pathlib.Path:
     except OSError as exc:
         raise _named(exc, p) from None
     return p
+
+
+def read_head(path: PathLike, n: int = 65536) -> bytes | None:
+    """The first ``n`` bytes of ``path`` if it is a regular file (a link is not followed, a FIFO never blocks);
+    ``None`` otherwise. How the output checks recognise a file this tool wrote before replacing it."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, n)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_text(head: bytes) -> dict[str, str]:
+    """The ``tEXt`` chunks (keyword -> text, Latin-1) found in ``head``, the first bytes of a PNG, before its image
+    data; ``{}`` for anything that is not a PNG."""
+    import struct
+
+    out: dict[str, str] = {}
+    if not head.startswith(PNG_SIGNATURE):
+        return out
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(head):
+        length, kind = struct.unpack(">I4s", head[pos:pos + 8])
+        if kind == b"IDAT" or pos + 12 + length > len(head):
+            break
+        if kind == b"tEXt":
+            key, _, text = head[pos + 8:pos + 8 + length].partition(b"\0")
+            out[key.decode("latin-1")] = text.decode("latin-1")
+        pos += 12 + length
+    return out

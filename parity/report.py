@@ -5,10 +5,30 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 from typing import Any
 
 from parity.compare import DumpCompareResult, TensorCompareResult, result_to_dict
-from parity.files import atomic_write_bytes
+from parity.files import atomic_write_bytes, png_text, read_head
+
+# The JSON report's first key, and the PNG plot's Software text: what `compare --json/--plot` recognise as their
+# own output before replacing an existing file (they replace nothing else).
+REPORT_FORMAT = "magpie-parity-compare-report"
+REPORT_VERSION = 1
+PNG_SOFTWARE = "magpie-parity compare"
+_REPORT_HEAD = re.compile(rb'\A\{\s*"format"\s*:\s*"' + REPORT_FORMAT.encode() + rb'"')
+
+
+def is_report_json(path: str | os.PathLike) -> bool:
+    """A JSON report :func:`to_json` wrote (its first key is ``"format": REPORT_FORMAT``): what ``--json`` replaces."""
+    head = read_head(path, 256)
+    return head is not None and _REPORT_HEAD.match(head) is not None
+
+
+def is_report_png(path: str | os.PathLike) -> bool:
+    """A PNG :func:`plot` wrote (its ``Software`` text is :data:`PNG_SOFTWARE`): what ``--plot`` replaces."""
+    head = read_head(path, 65536)
+    return head is not None and png_text(head).get("Software") == PNG_SOFTWARE
 
 
 def _step(step: int | None) -> str:
@@ -127,6 +147,8 @@ def to_json(result: DumpCompareResult) -> dict:
     fd = result.first_divergence
     return _json_safe(
         {
+            "format": REPORT_FORMAT,  # first: is_report_json reads only the head of the file
+            "version": REPORT_VERSION,
             "passed": result.passed,
             "first_divergence": None if fd is None else {"name": fd[0], "step": fd[1]},
             "a": {"path": result.a, "source": result.source_a},
@@ -202,7 +224,7 @@ def plot(result: DumpCompareResult, png_path: str | os.PathLike) -> pathlib.Path
                 ax.legend(fontsize=7, loc="best")
             fig.tight_layout()
             buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=100)
+            fig.savefig(buf, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE})
         finally:
             plt.close(fig)
     pathlib.Path(png_path).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ the file or flag; a failing ``trtllm-build`` exits 1."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import shutil
@@ -14,14 +15,42 @@ import sys
 from pathlib import Path
 
 from parity.cli_support import (
+    DUMP_FOLDER,
     EXIT_MISMATCH,
     EXIT_OK,
     BadInput,
+    Replaceable,
+    check_replaceable_file,
+    empty_folder,
     output_dir,
     output_file,
     parse_assignments,
+    separate,
     writing,
 )
+
+
+def _is_converted_or_empty(p: Path) -> bool:
+    from trt.convert import is_converted
+
+    return is_converted(p) or empty_folder(p)
+
+
+# What convert --overwrite replaces: what trt.convert.write_converted itself accepts, checked before the work.
+CONVERTED_FOLDER: Replaceable = ("a checkpoint magpie-parity converted or an empty folder", _is_converted_or_empty)
+_DATASET_HEAD = re.compile(rb'\A\s*\{\s*"metadata"\s*:\s*\{')
+
+
+def is_dataset_json(path: Path) -> bool:
+    """A benchmark dataset JSON (``{"metadata": {...}, "samples": [...]}``, bench-data's and prepare_benchmark.py's
+    format), recognised from its first bytes: what ``bench-data --out`` replaces."""
+    from parity.files import read_head
+
+    head = read_head(path, 256)
+    return head is not None and _DATASET_HEAD.match(head) is not None
+
+
+DATASET_FILE: Replaceable = ("a benchmark dataset JSON (bench-data's format)", is_dataset_json)
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -42,9 +71,10 @@ def run_convert(args: argparse.Namespace) -> int:
     from reference.config import ConfigError, MagpieConfig
     from trt.convert import ConversionError, convert_state_dict, fork_deviations, write_converted
 
+    separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
     if args.tp_size < 1:
         raise BadInput(f"--tp-size must be >= 1, got {args.tp_size}")
-    output_dir(args.out, "--out", args.overwrite)
+    output_dir(args.out, "--out", args.overwrite, replaces=CONVERTED_FOLDER)
     try:
         raw = read_checkpoint(args.checkpoint)
         where = str(raw.path)
@@ -101,6 +131,7 @@ def run_build(args: argparse.Namespace) -> int:
     from trt.build import BackendUnavailable, BuildConfigError, BuildError, build_commands
     from trt.build import run_build as build_engines
 
+    separate({"--ckpt-dir": args.ckpt_dir}, {"--engine-dir": args.engine_dir})
     overrides = {}
     for key, value in parse_assignments(args.set, "--set").items():
         # trtllm-build spells booleans as the words given (enable/disable mostly): JSON true/false stay words
@@ -154,10 +185,11 @@ def configure_ingest(p: argparse.ArgumentParser) -> None:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
+    separate({"TREE": args.tree}, {"--out": args.out})
     from parity.dump import DumpError, DumpReader
     from trt.ingest import IngestError, ingest_trtllm
 
-    output_dir(args.out, "--out", args.overwrite)
+    output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
     try:
         with writing(args.out, "--out"):
             out = ingest_trtllm(args.tree, args.out, generation=args.generation, batch_size=args.batch_size,
@@ -180,22 +212,27 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def configure_bench(p: argparse.ArgumentParser) -> None:
-    from trt.benchmark_data import SEED_CONTEXT_FRAMES, SEED_NUM_SAMPLES, SEED_OUTPUT_FRAMES, SEED_TEXT_LEN
-
+    # defaults (None) are the seed benchmark's, filled in by run_bench: the table imports no torch to parse
     p.add_argument("--out", required=True, metavar="FILE", help="prepare_benchmark.py-style JSON to write")
-    p.add_argument("--samples", type=int, default=SEED_NUM_SAMPLES)
-    p.add_argument("--text-len", type=int, default=SEED_TEXT_LEN)
-    p.add_argument("--context-frames", type=int, default=SEED_CONTEXT_FRAMES)
-    p.add_argument("--output-frames", type=int, default=SEED_OUTPUT_FRAMES)
+    p.add_argument("--samples", type=int, default=None, help="default: the seed benchmark's")
+    p.add_argument("--text-len", type=int, default=None, help="default: the seed benchmark's")
+    p.add_argument("--context-frames", type=int, default=None, help="default: the seed benchmark's")
+    p.add_argument("--output-frames", type=int, default=None, help="default: the seed benchmark's")
     p.add_argument("--checkpoint", metavar="CKPT", default=None,
                    help="take codebooks, vocabulary and text ids from this checkpoint (default: the fork's defaults)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from trt.benchmark_data import BenchmarkDataError, generate_dataset, read_dataset, write_dataset
+    separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
+    from trt.benchmark_data import (SEED_CONTEXT_FRAMES, SEED_NUM_SAMPLES, SEED_OUTPUT_FRAMES, SEED_TEXT_LEN,
+                                    BenchmarkDataError, generate_dataset, read_dataset, write_dataset)
 
-    output_file(args.out, "--out")
+    for name, seed in (("samples", SEED_NUM_SAMPLES), ("text_len", SEED_TEXT_LEN),
+                       ("context_frames", SEED_CONTEXT_FRAMES), ("output_frames", SEED_OUTPUT_FRAMES)):
+        if getattr(args, name) is None:
+            setattr(args, name, seed)
+    output_file(args.out, "--out", DATASET_FILE)
     config = None
     if args.checkpoint:
         from reference.checkpoint import CheckpointError, read_checkpoint
@@ -209,6 +246,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         ds = generate_dataset(args.samples, args.text_len, args.context_frames, args.output_frames, config=config,
                               seed=args.seed)
+        if os.path.lexists(args.out):
+            check_replaceable_file(args.out, "--out", DATASET_FILE)
         with writing(args.out, "--out"):
             path = write_dataset(ds, args.out)
         back = read_dataset(path)

@@ -145,12 +145,14 @@ def test_plot_draws_tensor_names_literally_even_with_usetex(tmp_path, monkeypatc
     drawn as text: no traceback, a PNG comes out."""
     import matplotlib
 
+    from parity.report import is_report_png
+
     monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
     a = write_dump(tmp_path / "a", [(n, None, torch.ones(3)) for n in TEX_NAMES], source="reference")
     b = write_dump(tmp_path / "b", [(n, None, torch.ones(3) * 2) for n in TEX_NAMES], source="reference")
     png = tmp_path / "p.png"
     assert main(["compare", str(a), str(b), "--plot", str(png), "-q", "--no-progress"]) == 1
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and is_report_png(png)
     assert matplotlib.rcParams["text.usetex"] is True  # the user's setting is left as it was
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -205,14 +206,21 @@ def test_infer_out_under_a_file_or_onto_a_folder(tmp_path, capsys, inputs, not_l
     f.write_text("x")
     line = one_line_error(capsys, ["infer", "--checkpoint", CKPT, "--inputs", inputs, "--out", str(f / "c")])
     assert str(f) in line and "not a folder" in line
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    line = one_line_error(capsys, ["infer", "--checkpoint", CKPT, "--inputs", inputs, "--out", str(folder)])
+    assert str(folder) in line and "is a folder" in line
+    # the folder holding --inputs: refused as an output that contains an input, naming both
     line = one_line_error(capsys, ["infer", "--checkpoint", CKPT, "--inputs", inputs, "--out", str(tmp_path)])
-    assert str(tmp_path) in line and "is a folder" in line
+    assert f"--out {tmp_path}: contains the input --inputs {inputs}" in line
 
 
 def test_infer_existing_dump_folder_is_found_before_decoding(tmp_path, capsys, inputs, not_loaded):
+    existing = tmp_path / "existing"
+    existing.mkdir()
     line = one_line_error(capsys, ["infer", "--checkpoint", CKPT, "--inputs", inputs,
-                                   "--out", str(tmp_path / "c.safetensors"), "--dump", str(tmp_path)])
-    assert f"--dump {tmp_path}: already exists" in line and "--overwrite" not in line  # infer has no such flag
+                                   "--out", str(tmp_path / "c.safetensors"), "--dump", str(existing)])
+    assert f"--dump {existing}: already exists" in line and "--overwrite" not in line  # infer has no such flag
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -340,3 +348,107 @@ def test_dump_source_nemo_with_a_missing_codec(tmp_path, capsys):
     line = one_line_error(capsys, ["dump", "--source", "nemo", "--checkpoint", CKPT, "--batch", BATCH,
                                    "--out", str(tmp_path / "o"), "--codec", str(tmp_path / "codec.nemo")])
     assert f"--codec {tmp_path / 'codec.nemo'}: no such file" in line
+
+
+# ------------------------------------------------------------------------------- outputs never touch inputs
+
+
+def _tree_state(root):
+    """Every path under root with its bytes (files) or None (folders): what a command must leave unchanged."""
+    return {p: (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("flag, target", [("--json", "manifest.json"), ("--plot", "tensors-00000.safetensors"),
+                                          ("--json", "")])
+def test_compare_never_writes_into_or_over_an_input_dump(tmp_path, capsys, flag, target):
+    a = _dump(tmp_path)
+    before = _tree_state(tmp_path)
+    out = a / target if target else a
+    line = one_line_error(capsys, ["compare", str(a), str(a), flag, str(out), "-q"])
+    assert f"{flag} {out}:" in line and f"dump a {a}" in line
+    assert _tree_state(tmp_path) == before
+
+
+def test_compare_replaces_only_its_own_report_and_plot(tmp_path, capsys):
+    a = _dump(tmp_path)
+    rep, png = tmp_path / "r.json", tmp_path / "r.png"
+    assert main(["compare", str(a), str(a), "--json", str(rep), "--plot", str(png), "-q"]) == 0
+    assert json.loads(rep.read_text())["format"] == "magpie-parity-compare-report"
+    assert main(["compare", str(a), str(a), "--json", str(rep), "--plot", str(png), "-q"]) == 0  # its own: replaced
+    notes, photo = tmp_path / "notes.json", tmp_path / "photo.png"
+    notes.write_text('{"my": "notes"}')
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG magpie-parity did not draw
+    for flag, path in (("--json", notes), ("--plot", photo)):
+        before = path.read_bytes()
+        line = one_line_error(capsys, ["compare", str(a), str(a), flag, str(path), "-q"])
+        assert f"{flag} {path}: exists and is not a" in line and "refusing to replace it" in line
+        assert path.read_bytes() == before
+
+
+def test_infer_out_equal_to_inputs_or_a_foreign_file_is_refused_before_loading(tmp_path, capsys, inputs,
+                                                                               not_loaded):
+    before = open(inputs, "rb").read()
+    line = one_line_error(capsys, ["infer", "--checkpoint", CKPT, "--inputs", inputs, "--out", inputs])
+    assert f"--out {inputs}: is the input --inputs {inputs}" in line
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(before)  # a safetensors file, but a batch, not codes infer wrote
+    line = one_line_error(capsys, ["infer", "--checkpoint", CKPT, "--inputs", inputs, "--out", str(other)])
+    assert f"--out {other}: exists and is not a codes file magpie-parity infer wrote" in line
+    assert open(inputs, "rb").read() == before == other.read_bytes()
+
+
+def test_infer_replaces_its_own_codes_file(tmp_path, inputs):
+    from parity.commands import is_codes_file
+
+    out = tmp_path / "c.safetensors"
+    argv = ["infer", "--checkpoint", CKPT, "--inputs", inputs, "--out", str(out), "--param", "topk=1",
+            "--param", "max_decoder_steps=5"]
+    assert main(argv) == 0 and is_codes_file(out)
+    assert main(argv) == 0
+
+
+def test_dump_out_containing_its_checkpoint_or_batch_is_refused_before_loading(tmp_path, capsys, not_loaded):
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    ckpt, batch = work / "m.nemo", work / "b.safetensors"
+    shutil.copy(CKPT, ckpt)
+    shutil.copy(BATCH, batch)
+    before = _tree_state(tmp_path)
+    for out, flag in ((work, "--checkpoint"), (tmp_path, "--checkpoint")):
+        line = one_line_error(capsys, ["dump", "--checkpoint", str(ckpt), "--batch", str(batch), "--out", str(out),
+                                       "--overwrite"])
+        assert f"--out {out}: contains the input {flag} {ckpt}" in line
+    line = one_line_error(capsys, ["dump", "--checkpoint", CKPT, "--batch", str(batch), "--out", str(work),
+                                   "--overwrite"])
+    assert f"--out {work}: contains the input --batch {batch}" in line
+    assert _tree_state(tmp_path) == before
+
+
+def test_dump_overwrite_onto_a_folder_of_notes_is_refused_before_loading(tmp_path, capsys, not_loaded):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    line = one_line_error(capsys, ["dump", "--checkpoint", CKPT, "--batch", BATCH, "--out", str(notes),
+                                   "--overwrite"])
+    assert f"--out {notes}: exists and is not a magpie-parity dump or an empty folder" in line
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
+def test_check_plot_inside_the_fixtures_or_onto_a_foreign_png(tmp_path, capsys):
+    import shutil
+
+    fx = tmp_path / "fx"
+    fx.mkdir()
+    for suffix in (".nemo", ".batch.safetensors"):
+        shutil.copy(FIXTURES / f"released_small{suffix}", fx / f"released_small{suffix}")
+    shutil.copytree(FIXTURES / "released_small.nemo_dump", fx / "released_small.nemo_dump")
+    line = one_line_error(capsys, ["check", "--fixtures", str(fx), "--plot", str(fx / "plots")])
+    assert f"--plot {fx / 'plots'}: lies inside the input --fixtures {fx}" in line
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "released_small.png").write_bytes(b"a user's picture")
+    line = one_line_error(capsys, ["check", "--fixtures", str(fx), "--plot", str(plots)])
+    assert f"--plot {plots / 'released_small.png'}: exists and is not a plot magpie-parity drew" in line
+    assert (plots / "released_small.png").read_bytes() == b"a user's picture"

@@ -173,7 +173,7 @@ def test_outputs_under_a_regular_file_are_one_line(tmp_path, capsys):
     f.write_text("x")
     for argv in (["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(f / "ckpt")],
                  ["bench-data", "--out", str(f / "b.json"), "--samples", "1"],
-                 ["ingest-trtllm", str(tmp_path), "--out", str(f / "ing")]):
+                 ["ingest-trtllm", str(tmp_path / "tree"), "--out", str(f / "ing")]):
         assert main(argv) == 2, argv
         line = _err_line(capsys)
         assert str(f) in line and "not a folder" in line and "--out" in line, line
@@ -209,3 +209,65 @@ def test_convert_write_error_names_the_out_folder(tmp_path, capsys, monkeypatch)
     line = _err_line(capsys)
     assert f"--out {out}: cannot write: No space left on device" in line and ".tmp" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- outputs never touch inputs
+
+
+def _tree_state(root):
+    return {p: (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_convert_out_the_checkpoints_folder_is_refused(tmp_path, capsys):
+    ckpt = tmp_path / "models" / "m.nemo"
+    ckpt.parent.mkdir()
+    shutil.copy(f"{FIX}/released_small.nemo", ckpt)
+    before = _tree_state(tmp_path)
+    for out in (ckpt.parent, tmp_path, ckpt):
+        assert main(["convert", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 2
+        line = _err_line(capsys)
+        assert f"--out {out}:" in line and f"--checkpoint {ckpt}" in line
+    assert _tree_state(tmp_path) == before
+
+
+def test_convert_overwrite_onto_a_folder_of_notes_is_refused_before_converting(tmp_path, capsys, monkeypatch):
+    import reference.checkpoint
+
+    monkeypatch.setattr(reference.checkpoint, "read_checkpoint", lambda *a, **k: pytest.fail("read before refusing"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    assert main(["convert", "--checkpoint", f"{FIX}/released_small.nemo", "--out", str(notes), "--overwrite"]) == 2
+    assert "exists and is not a checkpoint magpie-parity converted or an empty folder" in _err_line(capsys)
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+
+def test_ingest_out_onto_its_own_tree_or_the_trees_parent_is_refused(tmp_path, capsys):
+    from test_ingest import _small_tree
+
+    root = tmp_path / "run"
+    _small_tree(root)
+    before = _tree_state(tmp_path)
+    for out, how in ((root, "is the input TREE"), (tmp_path, "contains the input TREE"),
+                     (root / "tllm_debug" / "ing", "lies inside the input TREE")):
+        assert main(["ingest-trtllm", str(root), "--out", str(out), "--overwrite"]) == 2
+        line = _err_line(capsys)
+        assert f"--out {out}: {how} {root}" in line, line
+    assert _tree_state(tmp_path) == before
+
+
+def test_bench_data_replaces_only_a_dataset(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    argv = ["bench-data", "--out", str(out), "--samples", "1", "--text-len", "2", "--context-frames", "2",
+            "--output-frames", "2"]
+    assert main(argv) == 0 and main(argv) == 0  # its own kind of file: replaced
+    capsys.readouterr()
+    out.write_text("my notes")
+    assert main(argv) == 2
+    assert f"--out {out}: exists and is not a benchmark dataset JSON" in _err_line(capsys)
+    assert out.read_text() == "my notes"
+
+
+def test_build_engine_dir_inside_the_checkpoint_is_refused(converted, tmp_path, capsys):
+    assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(converted / "engines")]) == 2
+    assert f"--engine-dir {converted / 'engines'}: lies inside the input --ckpt-dir {converted}" in _err_line(capsys)
