@@ -250,28 +250,7 @@ def _kernels() -> dict:
         out = tl.where(t < 0, t ^ 0x7FFFFFFF, t)
         tl.store(OUT + r, out.to(tl.float32, bitcast=True))
 
-    @triton.jit
-    def mm_kernel(X, W, OUT, M, N, K, stride_xm, stride_wn, stride_os, stride_om, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, PREC: tl.constexpr):
-        # program (pn, ps): OUT[ps, :, pn-th BLOCK_N columns] = X[:, ps-th K_SPLIT slice] @ W[columns, slice].T
-        pn = tl.program_id(0)
-        ps = tl.program_id(1)
-        rm = tl.arange(0, BLOCK_M)
-        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_lo = ps * K_SPLIT
-        for k0 in range(0, K_SPLIT, BLOCK_K):  # static trip count; columns past K are masked
-            kk = k_lo + k0 + rk
-            a = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
-                        other=0.0)
-            b = tl.load(W + rn[:, None] * stride_wn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
-                        other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
-        tl.store(OUT + ps * stride_os + rm[:, None] * stride_om + rn[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel, mm=mm_kernel,
+    _BUILT[key] = dict(split=split_kernel, combine=combine_kernel, xattn=xattn_kernel, kth=kth_kernel,
                        next_pow2=triton.next_power_of_2)
     return _BUILT[key]
 
@@ -363,38 +342,6 @@ def decode_attention(q, k_cache, v_cache, lens, scale: float, keys_per_split: in
     return out
 
 
-def linear_partials(x: torch.Tensor, w: torch.Tensor, split_k: int = 1, block_n: int = 32, block_k: int = 128,
-                    num_warps: int = 4, num_stages: Optional[int] = None) -> torch.Tensor:
-    """``x @ w.T`` for few rows (x (M, K), M <= 128; w (N, K), both with a contiguous last dim), in ``split_k``
-    slices of K: -> (split_k, M, N), each slice's product accumulated in float32 (float32 inputs: IEEE products,
-    not TF32), stored in x's dtype when split_k == 1, else in float32 for the caller to sum (``.sum(0)``, fused
-    into whatever follows under torch.compile): a fixed order, so the result is deterministic.
-
-    Why: a decode step's GEMMs have 64-128 rows and read 0.2-5 MB of weights; cuBLAS gives them few, long-running
-    programs (3-7 us, a fraction of HBM speed). Narrow column blocks times K slices put every SM to work on the
-    weight stream. bench/gemm_sweep.py times it against cuBLAS.
-    """
-    kern = _kernels()
-    _check_device(x, w)
-    M, K = x.shape
-    N = w.shape[0]
-    if w.shape[1] != K or x.stride(1) != 1 or w.stride(1) != 1:
-        raise ValueError(f"linear_partials: x {tuple(x.shape)} / w {tuple(w.shape)} need a shared, contiguous K")
-    if not 1 <= M <= 128:
-        raise ValueError(f"linear_partials: 1..128 rows, got {M}")
-    k_split = -(-K // split_k)
-    k_split = -(-k_split // block_k) * block_k  # whole tiles per slice; the last slice masks past K
-    n_split = -(-K // k_split)
-    out = torch.empty(n_split, M, N, device=x.device, dtype=x.dtype if n_split == 1 else torch.float32)
-    stages = {} if num_stages is None else {"num_stages": int(num_stages)}
-    kern["mm"][(-(-N // block_n), n_split)](x, w, out, M, N, K, x.stride(0), w.stride(0), out.stride(0),
-                                            out.stride(1), BLOCK_M=max(16, kern["next_pow2"](M)), BLOCK_N=block_n,
-                                            BLOCK_K=block_k, K_SPLIT=k_split,
-                                            PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps,
-                                            **stages)
-    return out
-
-
 def fp8_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., D) -> (float8_e4m3fn (..., D), uint8 (...)): each D-vector divided by its own power-of-two scale
     ``2 ** (e - 127)`` (e the returned biased exponent), ``2 ** (floor(log2(max |x|)) - 7)``, and rounded to float8
@@ -423,8 +370,8 @@ def cross_attention(q, mem_k, mem_v, valid, prior: Optional[torch.Tensor], scale
 
     Per row r and head h, in float32: ``s = q[r, h] @ mem_k[r, h].T * scale``, masked to -inf where not valid;
     ``p = softmax(s)``; with a prior ``p = p * (prior[r] + tiny) / sum(p * (prior[r] + tiny))``; p = 0 where not
-    valid (a row with no valid key gives zeros); ``out[r, h] = p @ mem_v[r, h]``. This is the reference's
-    ``_f_post`` cross-attention, which runs the same steps in the model's dtype.
+    valid (a row with no valid key gives zeros); ``out[r, h] = p @ mem_v[r, h]``. This is the fast path's
+    ``_xattn`` (the reference's cross-attention core), which runs the same steps in the model's dtype.
     """
     kern = _kernels()
     _check_device(q, mem_k, mem_v, valid)
