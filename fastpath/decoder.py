@@ -11,7 +11,7 @@ come from the reference (``resolve_parameters`` / ``check_parameters``, ``EOS_ME
 ``dummy_cfg_conditioning``, ``cross_attention_scores``); three of them exist here a second time as device-tensor
 ops, because the reference's run on the host: the prior state machine (:func:`_prior_update`, ``PriorState``), the
 sampling edits and draw (:func:`_edit_logits`, :func:`_sample`; ``edit_logits``, ``sample_step``) and the EOS scan
-(:func:`_eos_index`; ``find_eos``). tests/fastpath/test_rules.py holds each copy equal to the reference's function
+(:func:`_eos_index`; ``eos_frames``). tests/fastpath/test_rules.py holds each copy equal to the reference's function
 on random inputs (hypothesis).
 
 * **KV cache**: one static buffer per layer for ``max_batch`` requests (x2 rows with CFG) and ``max_len``
@@ -194,8 +194,8 @@ def _first_eos(codes, eos: int, detection: str):
 
 
 def _eos_index(argmax_codes, sampled_codes, eos: int, eos_detection_method: str):
-    """The reference loop's EOS frame of this step per item (``EOS_METHODS``: the argmax pass's first EOS frame, or
-    the earlier of both passes'), BIG where none."""
+    """``reference.inference.eos_frames`` on the device: this step's EOS frame per item (the argmax pass's first EOS
+    frame, or for the "argmax_or_multinomial" methods the earlier of both passes'), BIG where none."""
     method, detection = EOS_METHODS[eos_detection_method]
     e = _first_eos(argmax_codes, eos, detection)
     if method == "argmax_or_multinomial":

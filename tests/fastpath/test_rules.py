@@ -3,9 +3,9 @@ held equal to the reference's own functions on random inputs (hypothesis; CPU, n
 
 * the prior state machine: ``fastpath.decoder._prior_update`` vs ``PriorState.most_attended`` + ``build_prior``;
 * the sampling edits: ``_edit_logits`` vs ``edit_logits``;
-* the EOS scan: ``_first_eos`` / ``_eos_index`` vs ``find_eos`` (and the loop's rule for the two passes);
+* the EOS scan: ``_first_eos`` / ``_eos_index`` vs ``find_eos`` / ``eos_frames``;
 * a whole sampling step as the decoder runs it (``FastDecoder._post_a`` + ``_post_b``: edits, top-k, temperature,
-  the draw, the argmax pass, EOS bookkeeping, the stop step) vs ``sample_step`` + ``find_eos`` + the loop's
+  the draw, the argmax pass, EOS bookkeeping, the stop step) vs ``sample_step`` + ``eos_frames`` + the loop's
   ``end_indices`` / ``MIN_FRAMES_FOR_CODEC`` rule, over several steps.
 """
 
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import reference_model
 from fastpath.decoder import BIG, FastDecoder, _edit_logits, _eos_index, _first_eos, _prior_update
-from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, PriorState, edit_logits, find_eos,
+from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, PriorState, edit_logits, eos_frames, find_eos,
                                  forbidden_tokens, resolve_parameters, sample_step)
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -110,17 +110,16 @@ def _codes_with_eos(data, g, B, C, S, eos):
 @SETTINGS
 @given(data=st.data())
 def test_eos_scan_equals_find_eos(data):
-    """The first frame with EOS per item (any / all / zero_cb codebook), and the loop's rule for the two passes
-    (the argmax pass's frame, or the earlier of both), for every eos_detection_method."""
+    """The first frame with EOS per item (any / all / zero_cb codebook), and the step's EOS frame from the two passes
+    (the argmax pass's, or the earlier of both), for every eos_detection_method."""
     B, C, S = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 8)), data.draw(st.integers(1, 4))
     eos = 9
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     am, sm = _codes_with_eos(data, g, B, C, S, eos), _codes_with_eos(data, g, B, C, S, eos)
-    for name, (method, detection) in EOS_METHODS.items():
-        ref_a, ref_s = find_eos(am, eos, detection), find_eos(sm, eos, detection)
-        assert _first_eos(am, eos, detection).tolist() == [int(e) if e != float("inf") else BIG for e in ref_a]
-        want = [min(a, s) if method == "argmax_or_multinomial" else a for a, s in zip(ref_a, ref_s)]
-        assert _eos_index(am, sm, eos, name).tolist() == [int(e) if e != float("inf") else BIG for e in want]
+    as_device = lambda found: [int(e) if e != float("inf") else BIG for e in found]  # noqa: E731
+    for name, (_, detection) in EOS_METHODS.items():
+        assert _first_eos(am, eos, detection).tolist() == as_device(find_eos(am, eos, detection))
+        assert _eos_index(am, sm, eos, name).tolist() == as_device(eos_frames(am, sm, eos, name))
 
 
 @settings(max_examples=40, deadline=None)
@@ -130,7 +129,7 @@ def test_sampling_step_on_device_equals_sample_step(data):
     argmax pass, EOS bookkeeping) on random logits (EOS made likely now and then), random unfinished / finished
     items and EOS bans, with the noise drawn from a generator: the sampled codes equal sample_step's with the same
     generator seed (one (2*S*C, B, V) draw is its per-codebook stream), and the EOS frames, ended items and stop step
-    equal what the reference loop derives from find_eos on sample_step's two passes."""
+    equal what the reference loop derives from eos_frames on sample_step's two passes."""
     case = data.draw(st.sampled_from(["released_small", "four_codebooks", "stacked_lt"]))  # C 2 / 4, S 1 / 2
     fast = _decoder(case)
     cfg = fast.config
@@ -147,7 +146,6 @@ def test_sampling_step_on_device_equals_sample_step(data):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     end_indices: dict = {}
     done_step = None
-    method, detection = EOS_METHODS[p.eos_detection_method]
     for k in range(steps):
         logits = torch.randn(B, C * V * S, generator=g) * 3
         if data.draw(st.booleans()):  # EOS ahead in some items' codebooks
@@ -172,9 +170,8 @@ def test_sampling_step_on_device_equals_sample_step(data):
         assert torch.equal(w.codes_in, ref.sampled)
         # the argmax pass is an argmax: NeMo's multinomial over the top-1 set draws the same code (no ties here)
         assert torch.equal(lg.argmax(-1).view(B, S, C).transpose(1, 2), ref.argmax)
-        ea, es = find_eos(ref.argmax, eos, detection), find_eos(ref.sampled, eos, detection)
-        for b in range(B):  # the reference loop's bookkeeping
-            e = min(ea[b], es[b]) if method == "argmax_or_multinomial" else ea[b]
+        found = eos_frames(ref.argmax, ref.sampled, eos, p.eos_detection_method)
+        for b, e in enumerate(found):  # the reference loop's bookkeeping
             if b not in end_indices and e != float("inf"):
                 end_indices[b] = k * S + int(e)
         if done_step is None and len(end_indices) == B and k + 1 >= MIN_FRAMES_FOR_CODEC:
