@@ -1,4 +1,5 @@
-"""Autoregressive inference equal to NeMo 3.0.0's ``MagpieTTSModel.infer_batch`` (``decoder_context_tts``).
+"""Autoregressive inference equal to NeMo 3.0.0's ``MagpieTTSModel.infer_batch`` (``decoder_context_tts``,
+``decoder_ce``), and the rules its chunked twin ``generate_speech`` (:mod:`reference.chunked`) shares with it.
 
 NeMo has two decoding paths and picks one from the checkpoint's ``use_kv_cache_for_inference``:
 
@@ -10,7 +11,10 @@ NeMo has two decoding paths and picks one from the checkpoint's ``use_kv_cache_f
 
 Both paths share the attention-prior state machine, CFG and per-codebook sampling, written here in the same
 order as NeMo so that random numbers are drawn in the same order and shapes (codes match NeMo's on the CPU for
-the same ``torch.manual_seed``).
+the same ``torch.manual_seed``). Each rule exists once here and both loops use it: the decoder step
+(:class:`DecoderSteps`), the prior state machine (:class:`PriorState`, with NeMo's three prior builders), the
+samplers (:func:`sample_step`; the local transformer's, autoregressive :func:`sample_local_transformer` and
+MaskGit :func:`sample_maskgit`; dispatched by :func:`sample_frame`) and EOS (:func:`eos_frames`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +115,11 @@ def cross_attention_scores(probs: list[torch.Tensor], layers: Optional[tuple[int
 
 @dataclass
 class PriorState:
-    """NeMo's bookkeeping across steps, per batch item."""
+    """NeMo's bookkeeping across steps, per batch item. One copy for both loops: ``infer_batch`` and every
+    ``generate_speech`` call (:mod:`reference.chunked`) run :meth:`most_attended`; the first chunk (and
+    ``infer_batch``) builds NeMo's ``construct_inference_prior`` (:meth:`build_prior`), later chunks
+    ``construct_multi_chunk_prior`` (:meth:`build_chunk_prior`); a later chunk's first prior is
+    :func:`chunk_initial_prior`."""
 
     last_attended: list[int]
     counters: list[dict[int, int]]
@@ -125,19 +133,32 @@ class PriorState:
     def new(cls, batch: int, first_attended: int = 1) -> "PriorState":
         return cls([first_attended] * batch, [{} for _ in range(batch)])  # NeMo starts every item at position 1
 
-    def most_attended(self, scores: torch.Tensor, text_lens: list[int], lookahead: int) -> list[int]:
+    def most_attended(self, scores: torch.Tensor, text_lens: list[int], lookahead: int,
+                      left_offset: Optional[Sequence[int]] = None) -> list[int]:
+        """NeMo's ``get_most_attended_text_timestep``: per item, the most attended text position in the window
+        ``[last, min(last + lookahead, text_len - 3))`` (moved on by one past a position counted >= 8 times),
+        or ``text_len - 1`` when that window is empty; counts it.
+
+        left_offset (chunked generation; None = zeros): the absolute text position of each item's window start.
+        Positions (``last_attended``, the counters, the result) stay absolute; the window is searched from
+        ``last - left_offset``, which NeMo does not clamp: a negative start counts from the padded row's end
+        (Python's slice semantics), usually giving an empty window and the jump to ``text_len - 1 + left_offset``.
+        The reference slices the same way (numpy's slices are Python's).
+        """
         self._sync_stuck_end()
         attended = []
         # numpy on the host copy: the same first-maximum index (NaN counts as the maximum in both) without a
         # torch op per item
         rows = scores.float().cpu().numpy()  # float32 holds every bf16/fp16 value exactly: same order
         for b in range(len(text_lens)):
+            off = left_offset[b] if left_offset else 0
             last = self.last_attended[b]
             if self.counters[b].get(last, 0) >= 8:  # an attention sink: move on by one
                 last += 1
-            window_end = min(last + lookahead, text_lens[b] - 3)  # the last 3 positions are never searched
-            window = rows[b, last:window_end]
-            t = text_lens[b] - 1 if window.shape[0] == 0 else int(window.argmax()) + last
+            start = last - off  # window-relative; may be negative (see above)
+            window_end = min(start + lookahead, text_lens[b] - 3)  # the last 3 positions are never searched
+            window = rows[b, start:window_end]
+            t = text_lens[b] - 1 + off if window.shape[0] == 0 else int(window.argmax()) + last
             attended.append(t)
             count = self.counters[b][t] = self.counters[b].get(t, 0) + 1
             if count >= 10 and t + 1 > self.stuck_end[b]:
@@ -151,7 +172,8 @@ class PriorState:
 
     def build_prior(self, rows: int, T_text: int, text_lens: list[int], attended: list[int], epsilon: float,
                     lookahead: int, end_indices: dict, device) -> torch.Tensor:
-        """(rows, 1, T_text) prior for the next step; rows past the batch (CFG unconditional) stay epsilon."""
+        """NeMo's ``construct_inference_prior``: (rows, 1, T_text) prior for the next step; rows past the batch
+        (CFG unconditional) stay epsilon. Counts the steps near the text's end (:meth:`advance_finished`, limit 5)."""
         # Built in numpy on the host (NeMo builds it with per-element torch indexing: the same float32 values,
         # epsilon rounded once, at a fraction of the cost), then copied to the device once.
         self._sync_stuck_end()
@@ -170,14 +192,82 @@ class PriorState:
             self.unfinished[b] = attended[b] < n - 3 and b not in end_indices
             if attended[b] >= n - 2 or b in end_indices:
                 self.finished_counter.setdefault(b, 0)
+        self.advance_finished(5)
+        return _prior_to_device(prior, device)
+
+    def build_chunk_prior(self, rows: int, T_text: int, text_lens: list[int], attended: list[int], epsilon: float,
+                          left_offset: Sequence[int], finished_items, device, weights=(0.2, 1.0, 0.6, 0.4, 0.2, 0.2),
+                          short_text: int = 35, sink_threshold: int = 10, near_end: int = 3) -> torch.Tensor:
+        """NeMo's ``construct_multi_chunk_prior`` (``generate_speech`` after the first chunk): (rows, 1, T_text).
+
+        ``attended`` is absolute; ``attended - left_offset`` indexes the window and may be negative (NeMo indexes
+        with it as is: from the row's end). finished_items: the items ended (``ChunkState.end_indices``) or at
+        their chunk's end in this call. The defaults are NeMo's ``ChunkedInferenceConfig`` (prior_weights,
+        short_sentence_threshold, attention_sink_threshold, near_end_threshold). Differences from
+        :meth:`build_prior`: fixed weights around the position, everything before it and from +5 on at eps**2
+        (a Python double, rounded once to float32 on store, as NeMo), text <= ``short_text`` unconstrained, the
+        sink penalty at eps**2 and skipped for finished items, "near the end" from ``text_len - near_end``, and
+        no step counted here (the loop counts with :meth:`advance_finished`)."""
+        eps_sq = epsilon * epsilon
+        prior = np.full((rows, 1, T_text), np.float32(epsilon), dtype=np.float32)
+        for b in range(min(rows, len(text_lens))):
+            n = text_lens[b]
+            pos = attended[b] - left_offset[b]
+            finished = b in finished_items
+            if n <= short_text:
+                prior[b, 0, :] = 1.0
+            else:  # NeMo's _set_attention_prior_weights
+                history_end = max(1, pos - 1)
+                prior[b, 0, :history_end] = eps_sq
+                prior[b, 0, history_end] = weights[0]
+                prior[b, 0, pos] = weights[1]
+                for offset, w in enumerate(weights[2:], start=1):
+                    if pos + offset < n:
+                        prior[b, 0, pos + offset] = w
+                future_start = pos + len(weights) - 1
+                if future_start < n:
+                    prior[b, 0, future_start:] = eps_sq
+            if not finished:  # NeMo's _penalize_attention_sinks
+                for t, count in self.counters[b].items():
+                    if t > left_offset[b] and count >= sink_threshold:
+                        prior[b, 0, : t - left_offset[b] + 1] = eps_sq
+            near = pos >= n - near_end  # NeMo's _update_text_completion_state
+            self.unfinished[b] = not near and not finished
+            if near or finished:
+                self.finished_counter.setdefault(b, 0)
+        return _prior_to_device(prior, device)
+
+    def advance_finished(self, limit) -> None:
+        """NeMo's count of the steps an item has spent near its text's end: every counted item + 1, and one
+        counted past ``limit`` (an int, or item -> int) may end (no longer unfinished)."""
         for b in self.finished_counter:
             self.finished_counter[b] += 1
-            if self.finished_counter[b] > 5:
+            if self.finished_counter[b] > (limit if isinstance(limit, int) else limit(b)):
                 self.unfinished[b] = False
-        host = torch.from_numpy(prior)
-        if torch.device(device).type == "cuda":  # pinned + non_blocking: no stream sync for the copy
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+
+
+def chunk_initial_prior(rows: int, T_text: int, chunk_starts: Sequence[Optional[int]], epsilon: float, device,
+                        weights=(0.5, 1.0, 0.8, 0.2, 0.2)) -> torch.Tensor:
+    """The prior of a later chunk's first step (NeMo's ``_initialize_chunked_attn_prior``, whose ``left_offset``
+    update :func:`reference.chunked.generate_speech` does): epsilon, then per item the text before its new chunk
+    (``chunk_starts[b]``, the history's length in the window) at eps**2 and ``weights`` (NeMo's
+    ``prior_weights_init``, the first 5) from the chunk's start on; None = an ended item (left at epsilon)."""
+    prior = np.full((rows, 1, T_text), np.float32(epsilon), dtype=np.float32)
+    for b, start in enumerate(chunk_starts):
+        if start is None:
+            continue
+        prior[b, :, :start] = epsilon * epsilon
+        for offset, w in enumerate(weights[:5]):
+            if start + offset < T_text:
+                prior[b, :, start + offset] = w
+    return _prior_to_device(prior, device)
+
+
+def _prior_to_device(prior: np.ndarray, device) -> torch.Tensor:
+    host = torch.from_numpy(prior)
+    if torch.device(device).type == "cuda":  # pinned + non_blocking: no stream sync for the copy
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # ---- sampling (NeMo: sample_codes_from_logits) ----------------------------------------------------------------
@@ -301,8 +391,10 @@ class StepCodes:
 
 
 def sample_step(logits: torch.Tensor, cfg, temperature: float, topk: int, unfinished: dict, finished: dict,
-                forbid_audio_eos: bool, generator: Optional[torch.Generator] = None) -> StepCodes:
-    """NeMo's two sampling passes of a step, ``sample_codes(temperature, topk)`` then ``sample_codes(0.01, 1)``,
+                forbid_audio_eos: bool, generator: Optional[torch.Generator] = None,
+                argmax_temperature: float = 0.01) -> StepCodes:
+    """NeMo's two sampling passes of a step, ``sample_codes(temperature, topk)`` then ``sample_codes(0.01, 1)``
+    (``argmax_temperature``: generate_speech's ``ChunkedInferenceConfig.argmax_temperature``, also 0.01),
     sharing what they compute alike: the two passes edit the same logits the same way, and top-1's threshold
     is the first of top-k's sorted values (the row maximum, the same float). The draws are made in NeMo's order
     (every codebook of the sampled pass, then every codebook of the argmax pass), so codes and generator state
@@ -311,7 +403,7 @@ def sample_step(logits: torch.Tensor, cfg, temperature: float, topk: int, unfini
     lg = _edited_logits(logits, cfg, unfinished, finished, forbid_audio_eos)
     top = torch.topk(lg, topk, dim=-1)[0]  # (B, S*C, topk), descending
     probs = _topk_probs(lg, top[..., -1:], temperature)
-    probs_argmax = _topk_probs(lg, top[..., :1], 0.01)
+    probs_argmax = _topk_probs(lg, top[..., :1], argmax_temperature)
     valid = torch.stack([_min_row_sum(probs), _min_row_sum(probs_argmax)]) > 0
     sampled = draw_codes(probs, generator).view(B, S, C).transpose(1, 2)
     argmax = draw_codes(probs_argmax, generator).view(B, S, C).transpose(1, 2)
@@ -357,6 +449,255 @@ def sample_local_transformer(model, dec_last: torch.Tensor, temperature: float, 
         x = torch.cat([x, new], dim=1)
     codes = torch.cat(preds, dim=1).reshape(-1, S, C).permute(0, 2, 1)  # (rows, C, S)
     return codes[:B]
+
+
+# ---- MaskGit (NeMo: LocalTransformerHelper.sample_maskgit) -----------------------------------------------------
+
+MASKGIT_CAUSAL = ("causal", "purity_causal")  # sampling types that unmask frame by frame
+MASKGIT_PURITY = ("purity_causal", "purity_default")  # sampling types whose confidence is the row's top probability
+_MAX_CONFIDENCE = 5  # NeMo's max_confidence: what already unmasked positions are given, so they stay chosen
+
+
+@dataclass(frozen=True)
+class MaskGitOptions:
+    """NeMo's MaskGit arguments of ``infer_batch`` / ``generate_speech`` (``maskgit_n_steps``, ...), defaults NeMo's.
+
+    sampling_type: None (NeMo's default), "causal", "purity_causal" or "purity_default"; NeMo treats any other
+    value as None, and so does the reference.
+    """
+
+    n_steps: int = 3
+    noise_scale: float = 0.0
+    fixed_schedule: Optional[tuple[int, ...]] = None
+    dynamic_cfg_scale: bool = False
+    sampling_type: Optional[str] = None
+
+    @classmethod
+    def from_args(cls, n_steps=3, noise_scale=0.0, fixed_schedule=None, dynamic_cfg_scale=False,
+                  sampling_type=None) -> "MaskGitOptions":
+        if fixed_schedule is not None:
+            try:
+                fixed_schedule = tuple(int(n) for n in fixed_schedule)
+            except (TypeError, ValueError):
+                raise InferenceError(f"maskgit_fixed_schedule must be a list of integers, got {fixed_schedule!r}") from None
+        return cls(n_steps, noise_scale, fixed_schedule, bool(dynamic_cfg_scale), sampling_type)
+
+    def check(self, L: int, use_cfg: bool) -> None:
+        """Refuse, in one line, what NeMo 3.0.0 crashes on (its exception is named in each message); ``L`` is the
+        codes per decoder step (codebooks x frame stacking). NeMo's other MaskGit crash, temperature <= 0 (NaN
+        probabilities), is refused for every sampler by :func:`resolve_parameters`; its crash on unfinished
+        items is reported where it happens (:func:`sample_maskgit`)."""
+        if self.fixed_schedule is None:
+            if not isinstance(self.n_steps, int) or isinstance(self.n_steps, bool) or self.n_steps < 1:
+                raise InferenceError(f"maskgit_n_steps must be an integer >= 1, got {self.n_steps!r} (NeMo: with no "
+                                     "step, MASK tokens are left: AssertionError)")
+        else:
+            fs = self.fixed_schedule
+            if not fs or fs[0] != 0 or any(not 0 <= n <= L for n in fs):
+                raise InferenceError(
+                    f"maskgit_fixed_schedule must be a non-empty list of the positions already unmasked at each step, "
+                    f"starting at 0, each in [0, {L}]; got {list(fs)} (NeMo: a first entry > 0 leaves MASK tokens, "
+                    "AssertionError; an entry outside [0, L] fails in torch.topk)")
+        if not (isinstance(self.noise_scale, (int, float)) and not isinstance(self.noise_scale, bool)):
+            raise InferenceError(f"maskgit_noise_scale must be a number, got {self.noise_scale!r}")
+        if self.noise_scale > 0.0 and not use_cfg:
+            raise InferenceError(f"maskgit_noise_scale={self.noise_scale} needs use_cfg=True (NeMo 3.0.0 fails "
+                                 "without CFG: UnboundLocalError 'actual_batch_size')")
+        if self.dynamic_cfg_scale and use_cfg and self.steps() == 1:
+            raise InferenceError("maskgit_dynamic_cfg_scale needs at least 2 MaskGit steps (maskgit_n_steps or "
+                                 "maskgit_fixed_schedule); NeMo 3.0.0 divides by n_steps - 1: ZeroDivisionError")
+
+    def steps(self) -> int:
+        return len(self.fixed_schedule) if self.fixed_schedule is not None else self.n_steps
+
+
+def maskgit_unmasked_counts(L: int, n_steps: int = 3, fixed_schedule: Optional[Sequence[int]] = None,
+                            sampling_type: Optional[str] = None) -> list[int]:
+    """NeMo's MaskGit schedule: per step, how many of the L positions keep their code from earlier steps.
+
+    The cosine schedule is NeMo's ``cosine_schedule(torch.tensor(step / n_steps))``, in float32 on the CPU:
+    float64 maths gives other counts (L=4, 3 steps: masked 4, 4, 2 in float32; 4, 4, 3 in float64)."""
+    if fixed_schedule is not None:
+        n_steps = len(fixed_schedule)
+    counts = []
+    for step in range(n_steps):
+        progress = step / n_steps
+        frac_masked = torch.cos(torch.tensor(progress, dtype=torch.float32) * (torch.pi / 2))
+        if sampling_type in MASKGIT_CAUSAL:
+            frac_masked = torch.ones_like(frac_masked) * (1.0 - progress)
+        if fixed_schedule is None:
+            n_masked = int(torch.ceil(L * frac_masked).long())
+        else:
+            n_masked = L - fixed_schedule[step]
+        counts.append(L - n_masked)
+    return counts
+
+
+def sample_maskgit(model, dec_last: torch.Tensor, temperature: float, topk: int, unfinished: dict, finished: dict,
+                   use_cfg: bool, cfg_scale: float, forbid_audio_eos: bool,
+                   options: MaskGitOptions = MaskGitOptions()) -> torch.Tensor:
+    """NeMo's ``LocalTransformerHelper.sample_maskgit``: all C*S codes of a step from MASK, over
+    :func:`maskgit_unmasked_counts` refinement steps of the bidirectional local transformer.
+
+    Each step keeps the ``n_unmasked`` most confident codes so far (``torch.topk`` of the confidences, ties broken
+    as torch breaks them; kept codes have confidence 5 and stay chosen), runs the LT over [decoder output | codes,
+    MASK where not kept], combines CFG rows (``s*cond + (1-s)*uncond``; with ``dynamic_cfg_scale`` s goes from 1
+    at the first step to ``cfg_scale`` at the last), edits the logits in NeMo's MaskGit order -- forbidden
+    specials first, then forced EOS for finished items (the reverse of the AR sampler's order) --, keeps the
+    top-k (ties kept), draws ONE ``torch.multinomial`` over all rows x positions (row-major: row r, position j),
+    copies the conditional rows' draws and probabilities to the unconditional rows, and takes as confidence the
+    drawn code's probability (or the top probability for the "purity" types), plus ``(rand_like - 0.5) *
+    noise_scale * (1 - (step + 2) / n_steps)`` noise when ``noise_scale > 0``. Codes are returned (B, C, S):
+    position j = c + C*s.
+
+    The random numbers are NeMo's: per refinement step one multinomial over (rows*C*S, V), then the noise's
+    ``rand_like`` (rows, C*S) if any. Where NeMo 3.0.0 crashes the reference raises a one-line
+    :class:`InferenceError` naming the argument instead (:meth:`MaskGitOptions.check`, and here): unfinished
+    items (``ignore_finished_sentence_tracking=False`` while the attention prior runs: NeMo indexes the codebook
+    axis with the EOS id, IndexError), noise without CFG (UnboundLocalError), dynamic CFG with one step
+    (ZeroDivisionError), a fixed schedule not starting at 0 (AssertionError: MASK tokens left), noise pushing a
+    confidence to 4.9 (AssertionError), temperature <= 0 (NaN probabilities; refused by
+    :func:`resolve_parameters`). NeMo's confidences are float32; a model in another dtype gets its confidences
+    in the probabilities' dtype (NeMo's scatter of a float32 source would fail there).
+    """
+    cfg = model.config
+    C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
+    L = C * S
+    options.check(L, use_cfg)
+    if unfinished:
+        raise InferenceError(
+            "MaskGit sampling with unfinished items (ignore_finished_sentence_tracking=False while the attention prior "
+            f"runs, items {sorted(unfinished)}): NeMo 3.0.0 fails here (IndexError: logits[i, audio_eos_id] indexes "
+            "the codebook axis); use ignore_finished_sentence_tracking=True")
+    rows = dec_last.shape[0]
+    B = rows // 2 if use_cfg else rows
+    device = dec_last.device
+    forbidden = forbidden_tokens(cfg, forbid_audio_eos, device)
+    lt_init = model.local_transformer_in_projection(dec_last[:, None])  # (rows, 1, H)
+    confidences = 0 * torch.ones(rows, L, device=device)  # NeMo's min_confidence * ones: float32
+    codes = cfg.mask_token_id * torch.ones((rows, L), device=device, dtype=torch.long)
+    sampled = codes.clone()
+    counts = maskgit_unmasked_counts(L, options.n_steps, options.fixed_schedule, options.sampling_type)
+    n_steps = len(counts)
+    all_valid = torch.ones(rows, L + 1, dtype=torch.bool, device=device)
+    for step, n_unmasked in enumerate(counts):
+        progress = step / n_steps
+        if options.sampling_type in MASKGIT_CAUSAL:
+            n_frames_to_allow = int(math.floor(progress * S + 1))  # NeMo: int(np.floor(...)), the same double
+            confidences[:, n_frames_to_allow * C :] = -1  # min_confidence - 1
+        _, topk_indices = torch.topk(confidences, k=n_unmasked, dim=1)
+        unmasked = torch.gather(sampled, dim=1, index=topk_indices)
+        codes.scatter_(dim=1, index=topk_indices, src=unmasked)
+        x = lt_init
+        for j in range(L):  # one embedding + projection per position, as NeMo (no audio_in_projection: identity)
+            x = torch.cat([x, model.local_transformer_in_projection(model.audio_embeddings[j](codes[:, j]).unsqueeze(1))],
+                          dim=1)
+        out = model.local_transformer(x, all_valid)
+        logits = torch.stack([model.local_transformer_out_projections[j](out[:, j + 1, :]) for j in range(L)], dim=1)
+        if use_cfg:
+            s = cfg_scale if not options.dynamic_cfg_scale else (cfg_scale - 1) * (step / (n_steps - 1)) + 1.0
+            logits[:B] = s * logits[:B] + (1.0 - s) * logits[B:]
+        logits.masked_fill_(forbidden, float("-inf"))  # NeMo's clear_forbidden_logits, first ...
+        for b in finished:  # ... then the forced EOS (a finished item gets EOS even while EOS is forbidden)
+            logits[b, :, :] = float("-inf")
+            logits[b, :, cfg.audio_eos_id] = 0.0
+        kth = torch.topk(logits, topk, dim=-1)[0][:, :, -1].unsqueeze(-1)
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")) / temperature, dim=-1)
+        sampled = torch.multinomial(probs.view(rows * L, -1), 1).view(rows, L)
+        if use_cfg:
+            sampled[B:] = sampled[:B]
+            probs[B:] = probs[:B]
+        if options.sampling_type not in MASKGIT_PURITY:
+            confidences = torch.gather(probs, dim=2, index=sampled.unsqueeze(-1)).squeeze(-1)
+        else:
+            confidences = probs.max(dim=2)[0]
+        sampled.scatter_(dim=1, index=topk_indices, src=unmasked)  # what was kept stays
+        if options.noise_scale > 0.0:
+            noise = (torch.rand_like(confidences) - 0.5) * options.noise_scale * (1 - (step + 2) / n_steps)
+            confidences += noise
+            confidences[B:] = confidences[:B]
+        if not bool(confidences.max() + 0.1 < _MAX_CONFIDENCE):  # NeMo's assertion, the same float32 maths
+            raise InferenceError(f"maskgit_noise_scale={options.noise_scale} pushed a MaskGit confidence to "
+                                 f"{float(confidences.max())} (>= {_MAX_CONFIDENCE} - 0.1); NeMo 3.0.0 fails its "
+                                 "assertion here: use a smaller noise scale")
+        confidences.scatter_(dim=1, index=topk_indices,
+                             src=_MAX_CONFIDENCE * torch.ones_like(topk_indices, dtype=confidences.dtype))
+    if bool((sampled == cfg.mask_token_id).any()):
+        raise InferenceError("MaskGit sampling left MASK tokens (NeMo 3.0.0: AssertionError); check "
+                             "maskgit_fixed_schedule")
+    return sampled.reshape(rows, S, C).permute(0, 2, 1)[:B]
+
+
+def maskgit_process_batch_draws(batch: dict, cfg, generator: Optional[torch.Generator] = None) -> None:
+    """Advance the random stream as NeMo's ``process_batch`` does for a MaskGit model, in eval mode too.
+
+    NeMo's ``process_batch`` masks the targets at random for the MaskGit local transformer's logits
+    (``LocalTransformerHelper.apply_random_mask``: ``torch.rand(B, T)`` then ``torch.rand(B, C, T)``, T = the
+    padded audio frames + 1, EOS). Those draws feed only ``local_transformer_logits`` / ``_loss``, which the
+    reference's ``process_batch`` does not compute; its ``logits`` do not depend on them, so it draws nothing.
+    A caller chaining a teacher-forced pass and seeded sampling on one generator (as NeMo's global RNG would be)
+    calls this after the reference's ``process_batch`` to be where NeMo's RNG is."""
+    codes = batch["audio_codes"]
+    B, T = codes.shape[0], codes.shape[2] + 1
+    torch.rand(B, T, device=codes.device, generator=generator)
+    torch.rand(B, cfg.num_audio_codebooks, T, device=codes.device, generator=generator)
+
+
+# ---- one decoding step, shared by infer_batch and generate_speech ------------------------------------------------
+
+
+def local_transformer_mode(cfg, use_local_transformer_for_inference: bool) -> Optional[str]:
+    """The sampler NeMo dispatches to: None (the decoder's logits), "autoregressive" or "maskgit"."""
+    if not use_local_transformer_for_inference:
+        return None
+    if cfg.local_transformer_type not in ("autoregressive", "maskgit"):
+        raise InferenceError(
+            f"use_local_transformer_for_inference needs a local transformer; this checkpoint has "
+            f"local_transformer_type={cfg.local_transformer_type!r} (NeMo: ValueError)")
+    return cfg.local_transformer_type
+
+
+def sample_frame(model, dec_last: torch.Tensor, logits: torch.Tensor, p: InferenceParameters, unfinished: dict,
+                 finished: dict, forbid_audio_eos: bool, use_cfg: bool, local_transformer: Optional[str] = None,
+                 maskgit: MaskGitOptions = MaskGitOptions(), argmax_temperature: float = 0.01) -> StepCodes:
+    """The codes of one decoder step, NeMo's dispatch in both loops: the local transformer's sampler (AR:
+    :func:`sample_local_transformer`, MaskGit: :func:`sample_maskgit`) on the decoder output ``dec_last`` (rows,
+    D), or the sampled pass on the (CFG-combined) ``logits`` (B, C*V*S); then, always, the "argmax" pass on those
+    logits (temperature ``argmax_temperature``, top-1), whose codes decide EOS with the sampled ones."""
+    cfg = model.config
+    if local_transformer is None:
+        return sample_step(logits, cfg, p.temperature, p.topk, unfinished, finished, forbid_audio_eos,
+                           argmax_temperature=argmax_temperature)
+    if local_transformer == "maskgit":
+        sampled = sample_maskgit(model, dec_last, p.temperature, p.topk, unfinished, finished, use_cfg, p.cfg_scale,
+                                 forbid_audio_eos, maskgit)
+    else:
+        sampled = sample_local_transformer(model, dec_last, p.temperature, p.topk, unfinished, finished, use_cfg,
+                                           p.cfg_scale, p.use_LT_kv_cache, forbid_audio_eos)
+    invalid: list[torch.Tensor] = []
+    argmax = sample_codes(logits, cfg, argmax_temperature, 1, unfinished, finished, forbid_audio_eos, invalid=invalid)
+    return StepCodes(sampled, argmax, ~invalid[0].reshape(1))
+
+
+def read_codes(codes: StepCodes, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's two code tensors on the host, with one device-to-host copy for both and the validity flags (a
+    GPU sync each otherwise); invalid sampling probabilities -> InferenceError. Returns (argmax, sampled)."""
+    n = codes.sampled.numel()
+    host = torch.cat([codes.argmax.reshape(-1), codes.sampled.reshape(-1), codes.valid.long()]).cpu()
+    if not host[2 * n :].all():
+        raise InferenceError(f"step {step}: the sampling probabilities contain NaN, Inf or negative values "
+                             "(non-finite logits?); torch.multinomial would refuse them")
+    return host[:n].view(codes.argmax.shape), host[n : 2 * n].view(codes.sampled.shape)
+
+
+def eos_frames(argmax: torch.Tensor, sampled: torch.Tensor, eos_id: int, method: str) -> list[float]:
+    """NeMo's ``detect_eos`` for every item: the first frame of the stack with EOS in the argmax codes (and, for
+    the "argmax_or_multinomial" methods, the earlier of that and the sampled codes'), or inf."""
+    sampling_type, detection = EOS_METHODS[method]
+    found = find_eos(argmax, eos_id, detection)
+    if sampling_type == "argmax_or_multinomial":
+        found = [min(a, s) for a, s in zip(found, find_eos(sampled, eos_id, detection))]
+    return found
 
 
 def find_eos(codes: torch.Tensor, eos_id: int, detection: str) -> list[float]:
@@ -407,6 +748,78 @@ class LoopHooks:
 NEMO_HOOKS = LoopHooks()
 
 
+class DecoderSteps:
+    """The decoder's forward of one decoding step, as NeMo's loops run it (``infer_batch``, ``generate_speech``):
+    over [context prefix | the frames so far], with CFG's unconditional rows appended, on either of NeMo's
+    paths (recompute, or cached: see the module docstring). One copy for both loops.
+
+    cond, cond_mask, ctx_emb, ctx_mask: with the CFG rows already appended (:func:`dummy_cfg_conditioning`) when
+    ``use_cfg``. Calling it with the step index, the codes so far (B, C, S*(idx+1)) and the per-layer prior returns
+    the decoder output (rows, T, D) and the newest position's CFG-combined float32 logits (B, C*V*S)."""
+
+    def __init__(self, model, cond, cond_mask, ctx_emb, ctx_mask, B: int, use_cfg: bool, cfg_scale: float,
+                 cached: bool, max_steps: int, nemo_unmasked_padded_keys: bool = False, hooks: LoopHooks = NEMO_HOOKS):
+        self.model, self.cond, self.cond_mask, self.ctx_emb, self.ctx_mask = model, cond, cond_mask, ctx_emb, ctx_mask
+        self.B, self.use_cfg, self.cfg_scale, self.hooks = B, use_cfg, cfg_scale, hooks
+        self.rows = ctx_emb.shape[0]
+        self.device = ctx_emb.device
+        dtype = next(model.parameters()).dtype
+        T_ctx = ctx_mask.shape[1]
+        self.state = model.decoder.new_state(self.rows, T_ctx + max_steps + 1, cond, self.device, dtype) if cached else None
+        # Cached decode steps attend the valid context keys and every frame since: one mask for all steps, sliced;
+        # no mask at all where nothing is masked (NeMo's 1x1 mask of ones, or no padded context): masked_fill with
+        # an all-False mask changes nothing.
+        self.valid_keys = None
+        if cached and not nemo_unmasked_padded_keys and not bool(ctx_mask.all()):
+            self.valid_keys = torch.cat(
+                [ctx_mask, torch.ones(self.rows, max_steps + 1, dtype=torch.bool, device=self.device)], 1)
+
+    def __call__(self, idx: int, codes_in: torch.Tensor, layer_prior: list,
+                 probs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        model, hooks, B, S = self.model, self.hooks, self.B, self.model.config.frame_stacking_factor
+        device, rows = self.device, self.rows
+        if self.state is None:
+            audio_emb, audio_lens = model.embed_audio_tokens(codes_in, torch.full((B,), codes_in.shape[2], device=device))
+            audio_mask = lengths_to_mask(audio_lens)
+            if self.use_cfg:
+                audio_emb = torch.cat([audio_emb, hooks.uncond_audio_embedding(audio_emb)])
+                audio_mask = torch.cat([audio_mask, audio_mask])
+            x = model.decoder_input(torch.cat([self.ctx_emb, audio_emb], dim=1))
+            x_mask = torch.cat([self.ctx_mask, audio_mask], dim=1)
+            dec = model.decoder(x, x_mask, self.cond, self.cond_mask, layer_prior, probs_out=probs)
+        else:
+            if idx == 0:
+                bos_emb, _ = model.embed_audio_tokens(codes_in, torch.full((B,), S, device=device))
+                if self.use_cfg:
+                    bos_emb = torch.cat([bos_emb, hooks.uncond_audio_embedding(bos_emb)])
+                x = model.decoder_input(torch.cat([self.ctx_emb, bos_emb], dim=1))
+                x_mask = torch.cat([self.ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=device)], 1)
+                key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
+            else:
+                new_emb, _ = model.embed_audio_tokens(codes_in[:, :, -S:], None)
+                if self.use_cfg:
+                    new_emb = torch.cat([new_emb, new_emb])
+                x = model.decoder_input(new_emb)
+                x_mask = None  # one new, valid frame per row: NeMo's multiplications by ones are skipped
+                key_mask = None if self.valid_keys is None else self.valid_keys[:, None, None, : self.state.length + 1]
+            dec = model.decoder.forward_cached(x, x_mask, self.state, key_mask, self.cond_mask, layer_prior,
+                                               probs_out=probs)
+        all_logits = hooks.lm_head(model, dec)
+        logits_t = all_logits[:, -1, :]
+        logits_t = logits_t.float()
+        if self.use_cfg:
+            logits_t = (1 - self.cfg_scale) * logits_t[B:] + self.cfg_scale * logits_t[:B]
+        model.logits(logits_t[:, None])
+        return dec, logits_t
+
+
+def layer_priors(prior: Optional[torch.Tensor], p: InferenceParameters, n_layers: int) -> list:
+    """The prior per decoder layer: every layer, or those of ``apply_prior_to_layers``."""
+    if p.apply_prior_to_layers is not None:
+        return [prior if i in p.apply_prior_to_layers else None for i in range(n_layers)]
+    return [prior] * n_layers
+
+
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
@@ -422,6 +835,11 @@ def infer_batch(
     progress: bool = False,
     hooks: LoopHooks = NEMO_HOOKS,
     use_local_transformer_for_inference: bool = False,
+    maskgit_n_steps: int = 3,
+    maskgit_noise_scale: float = 0.0,
+    maskgit_fixed_schedule: Optional[Sequence[int]] = None,
+    maskgit_dynamic_cfg_scale: bool = False,
+    maskgit_sampling_type: Optional[str] = None,
     **params: Any,
 ) -> InferOutput:
     """NeMo's ``infer_batch`` for this model. ``params`` are NeMo's ``inference_parameters`` fields.
@@ -431,31 +849,31 @@ def infer_batch(
     still runs, so random numbers are drawn as in a free run); decoding continues until they run out or
     max_decoder_steps, ignoring EOS.
     hooks: :class:`LoopHooks` (default: NeMo 3.0.0's behaviour); ``trt.engine`` passes an engine's.
-    use_local_transformer_for_inference: sample with the checkpoint's autoregressive local transformer (NeMo's
-    argument of the same name; off by default, as in NeMo).
+    use_local_transformer_for_inference: sample with the checkpoint's local transformer (NeMo's argument of the
+    same name; off by default, as in NeMo): autoregressive, or MaskGit with NeMo's ``maskgit_*`` arguments
+    (:class:`MaskGitOptions`; ignored otherwise, as NeMo ignores them). Where NeMo's MaskGit crashes the
+    reference raises a one-line :class:`InferenceError` (see :func:`sample_maskgit`).
     """
     cfg = model.config
     p = resolve_parameters(cfg.inference, **params)
     validate_batch(batch, cfg, require_audio=False)
     check_parameters(p, cfg)
-    if use_local_transformer_for_inference and cfg.local_transformer_type != "autoregressive":
-        raise InferenceError(
-            f"use_local_transformer_for_inference needs an autoregressive local transformer; this checkpoint has "
-            f"local_transformer_type={cfg.local_transformer_type!r} (MaskGit sampling is not implemented)"
-        )
+    lt_mode = local_transformer_mode(cfg, use_local_transformer_for_inference)
+    maskgit = MaskGitOptions.from_args(maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule,
+                                       maskgit_dynamic_cfg_scale, maskgit_sampling_type)
+    if lt_mode == "maskgit":
+        maskgit.check(cfg.num_audio_codebooks * cfg.frame_stacking_factor, use_cfg)
     cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
     C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     capture = getattr(model, "_active_capture", None)
-    sampling_type, detection = EOS_METHODS[p.eos_detection_method]
 
     text_lens_t = batch["text_lens"]
     text_lens = [int(n) for n in text_lens_t.tolist()]  # one device read, not one per item
     B = len(text_lens)
     enc = hooks.encode_text(model, batch["text"], text_lens_t)
     ctx_emb, ctx_mask = model.decoder_context(batch)
-    T_ctx, T_text = ctx_mask.shape[1], enc.output.shape[1]
+    T_text = enc.output.shape[1]
     cond, cond_mask = enc.output, enc.mask
     if use_cfg:
         cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
@@ -463,13 +881,8 @@ def infer_batch(
 
     codes_in = torch.full((B, C, S), cfg.audio_bos_id, dtype=torch.long, device=device)
     max_steps = p.max_decoder_steps // S
-    state = model.decoder.new_state(rows, T_ctx + max_steps + 1, cond, device, dtype) if cached else None
-    # Cached decode steps attend the valid context keys and every frame since: one mask for all steps, sliced;
-    # no mask at all where nothing is masked (NeMo's 1x1 mask of ones, or no padded context): masked_fill with
-    # an all-False mask changes nothing.
-    valid_keys = None
-    if cached and not nemo_unmasked_padded_keys and not bool(ctx_mask.all()):
-        valid_keys = torch.cat([ctx_mask, torch.ones(rows, max_steps + 1, dtype=torch.bool, device=device)], 1)
+    decode = DecoderSteps(model, cond, cond_mask, ctx_emb, ctx_mask, B, use_cfg, p.cfg_scale, cached, max_steps,
+                          nemo_unmasked_padded_keys, hooks)
     prior_state = PriorState.new(B, hooks.first_attended_position())
     prior: Optional[torch.Tensor] = None
     end_indices: dict[int, int] = {}
@@ -493,44 +906,10 @@ def infer_batch(
     for idx in steps:
         if capture is not None:
             capture.step = idx
-        if p.apply_prior_to_layers is not None:
-            layer_prior = [prior if i in p.apply_prior_to_layers else None for i in range(cfg.decoder.n_layers)]
-        else:
-            layer_prior = [prior] * cfg.decoder.n_layers
+        layer_prior = layer_priors(prior, p, cfg.decoder.n_layers)
         out.step_priors.append(prior)
         probs: list[torch.Tensor] = []
-        if not cached:
-            audio_emb, audio_lens = model.embed_audio_tokens(codes_in, torch.full((B,), codes_in.shape[2], device=device))
-            audio_mask = lengths_to_mask(audio_lens)
-            if use_cfg:
-                audio_emb = torch.cat([audio_emb, hooks.uncond_audio_embedding(audio_emb)])
-                audio_mask = torch.cat([audio_mask, audio_mask])
-            x = model.decoder_input(torch.cat([ctx_emb, audio_emb], dim=1))
-            x_mask = torch.cat([ctx_mask, audio_mask], dim=1)
-            dec = model.decoder(x, x_mask, cond, cond_mask, layer_prior, probs_out=probs)
-            all_logits = hooks.lm_head(model, dec)
-        else:
-            if idx == 0:
-                bos_emb, _ = model.embed_audio_tokens(codes_in, torch.full((B,), S, device=device))
-                if use_cfg:
-                    bos_emb = torch.cat([bos_emb, hooks.uncond_audio_embedding(bos_emb)])
-                x = model.decoder_input(torch.cat([ctx_emb, bos_emb], dim=1))
-                x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=device)], 1)
-                key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
-            else:
-                new_emb, _ = model.embed_audio_tokens(codes_in[:, :, -S:], None)
-                if use_cfg:
-                    new_emb = torch.cat([new_emb, new_emb])
-                x = model.decoder_input(new_emb)
-                x_mask = None  # one new, valid frame per row: NeMo's multiplications by ones are skipped
-                key_mask = None if valid_keys is None else valid_keys[:, None, None, : state.length + 1]
-            dec = model.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, layer_prior, probs_out=probs)
-            all_logits = hooks.lm_head(model, dec)
-        logits_t = all_logits[:, -1, :]
-        logits_t = logits_t.float()
-        if use_cfg:
-            logits_t = (1 - p.cfg_scale) * logits_t[B:] + p.cfg_scale * logits_t[:B]
-        model.logits(logits_t[:, None])
+        dec, logits_t = decode(idx, codes_in, layer_prior, probs)
         if keep_logits:
             out.step_logits.append(logits_t.clone())
 
@@ -553,33 +932,16 @@ def infer_batch(
             finished = {k: v for k, v in prior_state.finished_counter.items() if v >= 20}
             unfinished = {k: v for k, v in prior_state.unfinished.items() if v}
         forbid_eos = idx * S < p.min_generated_frames
-        if use_local_transformer_for_inference:
-            codes_next = sample_local_transformer(model, dec[:, -1, :], p.temperature, p.topk, unfinished, finished,
-                                                  use_cfg, p.cfg_scale, p.use_LT_kv_cache, forbid_eos)
-            invalid: list[torch.Tensor] = []
-            codes_argmax = sample_codes(logits_t, cfg, 0.01, 1, unfinished, finished, forbid_eos, invalid=invalid)
-            valid = ~invalid[0].reshape(1)
-        else:
-            both = sample_step(logits_t, cfg, p.temperature, p.topk, unfinished, finished, forbid_eos)
-            codes_next, codes_argmax, valid = both.sampled, both.argmax, both.valid
-        # One device-to-host copy for both passes' codes and the validity flags (a GPU sync each otherwise).
-        host = torch.cat([codes_argmax.reshape(-1), codes_next.reshape(-1), valid.long()]).cpu()
-        if not host[2 * codes_next.numel() :].all():
-            raise InferenceError(f"step {idx}: the sampling probabilities contain NaN, Inf or negative values "
-                                 "(non-finite logits?); torch.multinomial would refuse them")
+        codes = sample_frame(model, dec[:, -1, :], logits_t, p, unfinished, finished, forbid_eos, use_cfg, lt_mode,
+                             maskgit)
+        codes_next = codes.sampled
+        argmax_host, sampled_host = read_codes(codes, idx)
         if scores_host is not None:
             prior = next_prior(scores_host, idx)
-        eos_argmax = find_eos(host[: codes_next.numel()].view(codes_argmax.shape), cfg.audio_eos_id, detection)
-        eos_sampled = find_eos(host[codes_next.numel() : 2 * codes_next.numel()].view(codes_next.shape),
-                               cfg.audio_eos_id, detection)
+        eos = eos_frames(argmax_host, sampled_host, cfg.audio_eos_id, p.eos_detection_method)
         for b in range(B):
-            if b in end_indices:
-                continue
-            e = eos_argmax[b]
-            if sampling_type == "argmax_or_multinomial":
-                e = min(e, eos_sampled[b])
-            if e != float("inf"):
-                end_indices[b] = idx * S + int(e)
+            if b not in end_indices and eos[b] != float("inf"):
+                end_indices[b] = idx * S + int(eos[b])
         if forced_codes is not None:
             if forced_codes.shape[2] < (idx + 1) * S:
                 # The forced run ends here: this step's logits depended only on earlier frames.
