@@ -20,6 +20,7 @@ from torch import nn
 
 from reference.batch import BatchError, lengths_to_mask, speaker_index_tensor, validate_batch  # noqa: F401
 from reference.config import MagpieConfig, TransformerConfig
+from reference.chunked import create_chunk_state as _create_chunk_state, generate_speech as _generate_speech
 from reference.inference import infer_batch as _infer_batch
 
 
@@ -629,6 +630,17 @@ class MagpieTTS(nn.Module):
     def infer_batch(self, batch: dict[str, torch.Tensor], use_cfg: bool = False, **kw):
         """Autoregressive generation equal to NeMo's ``infer_batch``; see :func:`reference.inference.infer_batch`."""
         return _infer_batch(self, batch, use_cfg=use_cfg, **kw)
+
+    # ---- chunked generation (NeMo's create_chunk_state / generate_speech, what do_tts calls) ---------------
+
+    def create_chunk_state(self, batch_size: int):
+        """A fresh :class:`reference.chunked.ChunkState` for :meth:`generate_speech` (NeMo's ``create_chunk_state``)."""
+        return _create_chunk_state(batch_size)
+
+    def generate_speech(self, batch: dict, chunk_state, end_of_text, beginning_of_text: bool, use_cfg: bool = True,
+                        **kw):
+        """One text chunk's codes, equal to NeMo's ``generate_speech``; see :func:`reference.chunked.generate_speech`."""
+        return _generate_speech(self, batch, chunk_state, end_of_text, beginning_of_text, use_cfg=use_cfg, **kw)
 
     # ---- capture ------------------------------------------------------------------------------------------
 
