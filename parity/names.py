@@ -156,14 +156,18 @@ class CanonicalPoint:
     """One canonical capture template (a module path of the reference model; ``{i}`` = layer index)."""
 
     template: str
-    stack: Optional[str]  # "encoder" / "decoder": {i} runs over that stack's layers; None: no layer index
+    stack: Optional[str]  # "encoder" / "context_encoder" / "decoder": {i} runs over that stack's layers; None: none
     reference: str  # "reference/<file>.py: <Class.method>" (checked to exist by the tests)
     nemo: NemoPoint
     shape: str
     note: str = ""
+    # "context_encoder": the point exists only in models that run a context encoder (decoder_ce, not baked)
+    requires: Optional[str] = None
 
 
 _FWD = "forward"
+_NO_TRT_CONTEXT = ("No TensorRT-LLM generation runs a context encoder: the forks take its output ready-made as the "
+                   "decoder input `decoder_context_features` (fork_497d0e69), so no engine exports these tensors")
 CANONICAL: tuple[CanonicalPoint, ...] = (
     CanonicalPoint(
         "text_embedding", None, "reference/model.py: MagpieTTS.encode_text",
@@ -185,6 +189,28 @@ CANONICAL: tuple[CanonicalPoint, ...] = (
         "encoder.norm_out", None, "reference/model.py: Transformer.forward",
         NemoPoint("encoder.norm_out", "output", _FWD, "torch.nn.LayerNorm"), "(B, T_text, D)",
         "the encoder's final LayerNorm = the text encoder output (cross-attention memory)"),
+    CanonicalPoint(
+        "context_encoder.layers.{i}.self_attention", "context_encoder", "reference/model.py: SelfAttention.forward",
+        NemoPoint("context_encoder.layers.{i}.self_attention", "output[0]", _FWD, "transformer_2501.SelfAttention"),
+        "(B, T_ctx, D)", "decoder_ce only (absent when the speaker context is baked): the context encoder's "
+        "self-attention over the embedded context-audio frames (BOS/EOS added, stacked frames averaged); o_net "
+        "output before the residual add. " + _NO_TRT_CONTEXT, requires="context_encoder"),
+    CanonicalPoint(
+        "context_encoder.layers.{i}.pos_ff", "context_encoder", "reference/model.py: PositionwiseConvFF.forward",
+        NemoPoint("context_encoder.layers.{i}.pos_ff", "output", _FWD, "ffn_modules.PositionwiseConvFF"),
+        "(B, T_ctx, D)", "decoder_ce only: the context encoder's conv FFN output before the residual add",
+        requires="context_encoder"),
+    CanonicalPoint(
+        "context_encoder.layers.{i}", "context_encoder", "reference/model.py: TransformerLayer.forward",
+        NemoPoint("context_encoder.layers.{i}", "output['output']", _FWD, "transformer_2501.TransformerLayer"),
+        "(B, T_ctx, D)", "decoder_ce only: residual stream after the context-encoder layer (masked)",
+        requires="context_encoder"),
+    CanonicalPoint(
+        "context_encoder.norm_out", None, "reference/model.py: Transformer.forward",
+        NemoPoint("context_encoder.norm_out", "output", _FWD, "torch.nn.LayerNorm"), "(B, T_ctx, D)",
+        "decoder_ce only: the context encoder's final LayerNorm = the decoder's context prefix (padded rows are "
+        "exactly 0 after the mask in decoder_input); a baked checkpoint stores this tensor per speaker "
+        "(baked_context_embedding) and runs no context encoder", requires="context_encoder"),
     CanonicalPoint(
         "decoder_input", None, "reference/model.py: MagpieTTS.process_batch",
         NemoPoint("decoder", "args[0]", "forward_pre", "transformer_2501.Transformer"), "(B, T_ctx + T_audio, D)",
@@ -223,36 +249,40 @@ CANONICAL: tuple[CanonicalPoint, ...] = (
         "logits", None, "reference/model.py: MagpieTTS.process_batch",
         NemoPoint(None, "output['logits']", "return", "magpietts.MagpieTTSModel.process_batch"), "(B, T_audio, C * V)",
         "final_proj after the context positions (a HookPoint); in infer dumps one step's CFG-combined logits "
-        "(B, 1, C * V) before sampling edits"),
+        "(B, 1, C * V) before sampling edits (generate_speech dumps: the same, steps counted over all chunks)"),
 )
 _POINT = {p.template: p for p in CANONICAL}
 
 
-def canonical_names(n_enc_layers: int, n_dec_layers: int) -> list[str]:
+def canonical_names(n_enc_layers: int, n_dec_layers: int, n_ctx_layers: int = 0) -> list[str]:
     """The table's canonical templates expanded for a model, in execution order (= ``MagpieTTS.capture_points()``).
 
-    Consecutive templates of one stack form that stack's per-layer block, repeated for each layer."""
+    Consecutive templates of one stack form that stack's per-layer block, repeated for each layer.
+    ``n_ctx_layers``: the context encoder's layer count in a ``decoder_ce`` model that runs it; 0 (the default) for
+    other model types and for baked speaker tables, which drops every ``requires="context_encoder"`` point."""
+    counts = {"encoder": n_enc_layers, "decoder": n_dec_layers, "context_encoder": n_ctx_layers}
+    points = [p for p in CANONICAL if p.requires is None or (p.requires == "context_encoder" and n_ctx_layers > 0)]
     out: list[str] = []
     k = 0
-    while k < len(CANONICAL):
-        stack = CANONICAL[k].stack
+    while k < len(points):
+        stack = points[k].stack
         if stack is None:
-            out.append(CANONICAL[k].template)
+            out.append(points[k].template)
             k += 1
             continue
         j = k
-        while j < len(CANONICAL) and CANONICAL[j].stack == stack:
+        while j < len(points) and points[j].stack == stack:
             j += 1
-        for i in range(n_enc_layers if stack == "encoder" else n_dec_layers):
-            out += [_fill(p.template, i) for p in CANONICAL[k:j]]
+        for i in range(counts[stack]):
+            out += [_fill(p.template, i) for p in points[k:j]]
         k = j
     return out
 
 
-def nemo_hook_points(n_enc_layers: int, n_dec_layers: int) -> list[tuple[str, NemoPoint]]:
+def nemo_hook_points(n_enc_layers: int, n_dec_layers: int, n_ctx_layers: int = 0) -> list[tuple[str, NemoPoint]]:
     """(canonical name, NeMo point with the layer index filled in) in execution order; forward and pre hooks only
     (the ``return`` points are read from ``process_batch``'s return value: :func:`nemo_return_points`)."""
-    return [(n, p) for n, p in _nemo_points(n_enc_layers, n_dec_layers) if p.hook != "return"]
+    return [(n, p) for n, p in _nemo_points(n_enc_layers, n_dec_layers, n_ctx_layers) if p.hook != "return"]
 
 
 def nemo_return_points() -> list[tuple[str, NemoPoint]]:
@@ -260,9 +290,9 @@ def nemo_return_points() -> list[tuple[str, NemoPoint]]:
     return [(p.template, p.nemo) for p in CANONICAL if p.nemo.hook == "return"]
 
 
-def _nemo_points(n_enc_layers: int, n_dec_layers: int) -> list[tuple[str, NemoPoint]]:
-    nm = NameMap(n_enc_layers, n_dec_layers)
-    return [(n, nm.nemo_path(n)) for n in canonical_names(n_enc_layers, n_dec_layers)]
+def _nemo_points(n_enc_layers: int, n_dec_layers: int, n_ctx_layers: int = 0) -> list[tuple[str, NemoPoint]]:
+    nm = NameMap(n_enc_layers, n_dec_layers, n_ctx_layers)
+    return [(n, nm.nemo_path(n)) for n in canonical_names(n_enc_layers, n_dec_layers, n_ctx_layers)]
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT-LLM
@@ -402,9 +432,11 @@ class InferencePoint:
 INFERENCE: tuple[InferencePoint, ...] = (
     InferencePoint(
         "inference.attn_prior", "reference/inference.py: PriorState.build_prior",
-        "MagpieTTSModel.construct_inference_prior return[0] (method wrapped by parity/nemo_capture.py "
-        "dump_nemo_infer)", "(rows, 1, T_text)",
-        "the prior built at step k (used at step k+1); CFG uncond rows stay epsilon"),
+        "MagpieTTSModel.construct_inference_prior return[0], in generate_speech after the first chunk "
+        "construct_multi_chunk_prior return[0] (methods wrapped by parity/nemo_capture.py dump_nemo_infer / "
+        "dump_nemo_generate_speech)", "(rows, 1, T_text)",
+        "the prior built at step k (used at step k+1); CFG uncond rows stay epsilon; in generate_speech dumps k "
+        "counts decoder steps over all chunks and T_text is the chunk's text window"),
     InferencePoint(
         "inference.attended_text_position", "reference/inference.py: PriorState.most_attended",
         "MagpieTTSModel.get_most_attended_text_timestep return[0][:B] (method wrapped by parity/nemo_capture.py "
@@ -414,12 +446,56 @@ INFERENCE: tuple[InferencePoint, ...] = (
         "attention_prior_focus at step k+1 is its own version of this at step k"),
     InferencePoint(
         "predicted_codes", "reference/inference.py: infer_batch",
-        "MagpieTTSModel.infer_batch return value .predicted_codes", "(B, C, T_out)",
-        "the generated codes (step None)"),
+        "MagpieTTSModel.infer_batch / generate_speech return value .predicted_codes", "(B, C, T_out)",
+        "the generated codes (step None); in generate_speech dumps one per chunk (step = chunk index)"),
     InferencePoint(
         "predicted_codes_lens", "reference/inference.py: infer_batch",
-        "MagpieTTSModel.infer_batch return value .predicted_codes_lens", "(B,)",
-        "the generated lengths (step None)"),
+        "MagpieTTSModel.infer_batch / generate_speech return value .predicted_codes_lens", "(B,)",
+        "the generated lengths (step None); in generate_speech dumps one per chunk (step = chunk index): the "
+        "frame of the chunk's EOS, (step + 1) * frame_stacking_factor for a forced chunk end, else the call's "
+        "steps * frame_stacking_factor (also for items that ended in an earlier chunk)"),
+    InferencePoint(
+        "inference.chunk_initial_prior", "",
+        "MagpieTTSModel._initialize_chunked_attn_prior return value (wrapped by parity/nemo_capture.py "
+        "dump_nemo_generate_speech)", "(rows, 1, T_text)",
+        "generate_speech dumps, chunks after the first (step = chunk index): the prior the chunk's first decoder "
+        "step uses (the history part of the window eps^2, then 0.5, 1.0, 0.8, 0.2, 0.2 from the chunk's start; "
+        "uncond rows eps); the first chunk has none"),
+    InferencePoint(
+        "inference.chunk_attended_text_positions", "",
+        "MagpieTTSModel.get_most_attended_text_timestep return[0][:B] of each decoder step of one generate_speech "
+        "call (wrapped by parity/nemo_capture.py dump_nemo_generate_speech)", "(steps, B)",
+        "generate_speech dumps (step = chunk index): the absolute text position found attended at each of the "
+        "chunk's decoder steps (0 rows without the attention prior); the per-step "
+        "inference.attended_text_position of dumps that capture steps, gathered per chunk"),
+    InferencePoint(
+        "chunk.text", "", "the batch['text'] given to MagpieTTSModel.generate_speech", "(B, T_chunk)",
+        "generate_speech dumps (step = chunk index): the chunk's text tokens (EOS-terminated, padded with 0) as "
+        "given, before NeMo replaces batch['text'] with the text window; int32 as NeMo's chunker and runner make "
+        "them"),
+    InferencePoint(
+        "chunk.text_lens", "", "the batch['text_lens'] given to MagpieTTSModel.generate_speech", "(B,)",
+        "generate_speech dumps (step = chunk index): the chunk lengths as given (NeMo overwrites them in place with "
+        "the window lengths); a runner padding chunk is [EOS] of length 1"),
+    InferencePoint(
+        "chunk.speaker_indices", "", "the batch['speaker_indices'] given to MagpieTTSModel.generate_speech",
+        "(B,)", "generate_speech dumps of baked models (step = chunk index): the baked speaker row per item"),
+    InferencePoint(
+        "chunk.context_audio_codes", "", "the batch['context_audio_codes'] given to "
+        "MagpieTTSModel.generate_speech", "(B, C, T_ctx)",
+        "generate_speech dumps of models with a context encoder (step = chunk index): raw codec codes, NeMo adds "
+        "BOS/EOS"),
+    InferencePoint(
+        "chunk.context_audio_codes_lens", "", "the batch['context_audio_codes_lens'] given to "
+        "MagpieTTSModel.generate_speech", "(B,)",
+        "generate_speech dumps of models with a context encoder (step = chunk index)"),
+    InferencePoint(
+        "chunk.end_of_text", "", "the end_of_text argument of MagpieTTSModel.generate_speech", "(B,)",
+        "generate_speech dumps (step = chunk index): bool per item, True on an item's last chunk (and on the "
+        "runner's padding chunks)"),
+    InferencePoint(
+        "chunk.beginning_of_text", "", "the beginning_of_text argument of MagpieTTSModel.generate_speech", "()",
+        "generate_speech dumps (step = chunk index): bool, True for the first chunk only"),
     InferencePoint(
         "inference.attention_prior_focus", "", "", "(rows,)",
         "engine-only: the focus text position the engine's prior is centred on this step (reference counterpart: "
@@ -523,19 +599,25 @@ class NameMap:
     """Lookups over the table. Layer-indexed names are matched by regex; indices are checked against the model's
     layer counts when given."""
 
-    def __init__(self, n_enc_layers: Optional[int] = None, n_dec_layers: Optional[int] = None):
-        self.n_enc_layers, self.n_dec_layers = n_enc_layers, n_dec_layers
+    def __init__(self, n_enc_layers: Optional[int] = None, n_dec_layers: Optional[int] = None,
+                 n_ctx_layers: Optional[int] = None):
+        # n_ctx_layers: the context encoder's layers (decoder_ce that runs one); 0: the model has none (other
+        # model types, baked speaker tables); None: unknown (names are not checked against it)
+        self.n_enc_layers, self.n_dec_layers, self.n_ctx_layers = n_enc_layers, n_dec_layers, n_ctx_layers
         self._canon = [(p.template, _regex(p.template)) for p in CANONICAL]
         self._trt = [(r.canonical, r.generation, r.trt, _regex(r.trt), r.info) for r in TRT_NAMES]
 
     # ---- canonical ------------------------------------------------------------------------------------------
-    def all_canonical(self, n_enc_layers: Optional[int] = None, n_dec_layers: Optional[int] = None) -> list[str]:
-        """Every canonical name in execution order (= ``MagpieTTS.capture_points()``)."""
+    def all_canonical(self, n_enc_layers: Optional[int] = None, n_dec_layers: Optional[int] = None,
+                      n_ctx_layers: Optional[int] = None) -> list[str]:
+        """Every canonical name in execution order (= ``MagpieTTS.capture_points()``); the context encoder's
+        points only with a context-encoder layer count > 0 (given here or to the constructor)."""
         ne = n_enc_layers if n_enc_layers is not None else self.n_enc_layers
         nd = n_dec_layers if n_dec_layers is not None else self.n_dec_layers
+        nc = n_ctx_layers if n_ctx_layers is not None else (self.n_ctx_layers or 0)
         if ne is None or nd is None:
             raise ValueError("all_canonical needs the encoder and decoder layer counts")
-        return canonical_names(ne, nd)
+        return canonical_names(ne, nd, nc)
 
     def _parse_canonical(self, name: str) -> tuple[str, Optional[int]]:
         for template, rx in self._canon:
@@ -547,9 +629,13 @@ class NameMap:
         raise UnknownNameError(self._unknown("canonical name", name, self._examples_canonical()))
 
     def _check_layer(self, name: str, template: str, i: Optional[int]) -> None:
+        if _POINT[template].requires == "context_encoder" and self.n_ctx_layers == 0:
+            raise UnknownNameError(f"'{name}' exists only in decoder_ce models that run a context encoder "
+                                   f"(this model has none: another model type, or a baked speaker table)")
         if i is None:
             return
-        n = self.n_enc_layers if _POINT[template].stack == "encoder" else self.n_dec_layers
+        n = {"encoder": self.n_enc_layers, "decoder": self.n_dec_layers,
+             "context_encoder": self.n_ctx_layers}[_POINT[template].stack]
         if n is not None and i >= n:
             raise UnknownNameError(f"'{name}': layer {i} does not exist (the model has {n} layers there)")
 
@@ -633,7 +719,8 @@ class NameMap:
         generation_info(g)
 
     def _examples_canonical(self) -> list[str]:
-        return self.all_canonical(self.n_enc_layers or 1, self.n_dec_layers or 1)
+        return self.all_canonical(self.n_enc_layers or 1, self.n_dec_layers or 1,
+                                  1 if self.n_ctx_layers is None else self.n_ctx_layers)
 
     @staticmethod
     def _unknown(kind: str, name: str, known: list[str], extra: str = "") -> str:
@@ -698,7 +785,10 @@ def markdown_table() -> str:
     ]
     lines += _table(["generation", "source", "what it exports", "detected by (`trt/ingest.py: detect_generation`)"],
                     [[f"`{g.name}`", f"`{g.source}`", g.summary, g.detection] for g in GENERATION_INFO])
-    lines += ["", "## Capture points", ""]
+    lines += ["", "## Capture points", "",
+              "The `context_encoder` rows exist only in `decoder_ce` models that run their context encoder; a baked "
+              "speaker table (`baked_context_embedding`) replaces it, and other model types have none: "
+              "`canonical_names(n_enc, n_dec, n_ctx)` expands them for `n_ctx` > 0 only.", ""]
     rows = []
     for p in CANONICAL:
         by_gen = {r.generation: r.trt for r in TRT_NAMES if r.canonical == p.template}
@@ -709,8 +799,9 @@ def markdown_table() -> str:
     lines += ["", "What each capture point holds:", ""]
     lines += [f"- `{p.template}`: {p.note}." for p in CANONICAL]
     lines += ["", "## Inference-loop and engine-I/O names", "",
-              "Written by `--mode infer` dumps (reference, NeMo) or by `trt/ingest.py` from engine inputs/outputs "
-              "that are not layer activations.", ""]
+              "Written by `--mode infer` dumps (reference, NeMo), by NeMo `generate_speech` dumps "
+              "(`parity/nemo_capture.py: dump_nemo_generate_speech`; `chunk.*` are the inputs of each chunk's call) "
+              "or by `trt/ingest.py` from engine inputs/outputs that are not layer activations.", ""]
     rows = []
     for p in INFERENCE:
         by_gen = {r.generation: f"{r.trt} ({r.direction})" for r in ENGINE_IO if r.canonical == p.name}
