@@ -22,7 +22,16 @@ def _nemo_capture_points(model) -> list[tuple[str, object, Callable, str]]:
 
     kinds = {"forward": "fwd", "forward_pre": "pre"}
     return [(name, model.get_submodule(p.module), p.pick, kinds[p.hook])
-            for name, p in nemo_hook_points(len(model.encoder.layers), len(model.decoder.layers))]
+            for name, p in nemo_hook_points(len(model.encoder.layers), len(model.decoder.layers),
+                                            nemo_context_encoder_layers(model))]
+
+
+def nemo_context_encoder_layers(model) -> int:
+    """The layers of the context encoder a NeMo ``MagpieTTSModel`` runs: ``decoder_ce`` models only, and 0 when
+    the speaker context is baked (NeMo still builds the module, randomly initialised, and never calls it)."""
+    if getattr(model, "model_type", None) != "decoder_ce" or getattr(model, "has_baked_context_embedding", False):
+        return 0
+    return len(model.context_encoder.layers)
 
 
 class NemoCapture:
@@ -54,32 +63,53 @@ class NemoCapture:
         self._handles.clear()
 
 
-def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Run NeMo's teacher-forced ``process_batch`` under hooks and write every capture point to a dump."""
+def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str | Path, overwrite: bool = False,
+                            seed: Optional[int] = None) -> Path:
+    """Run NeMo's teacher-forced ``process_batch`` under hooks and write every capture point to a dump.
+
+    ``seed``: ``torch.manual_seed(seed)`` right before the call, recorded as the layout's ``seed``. NeMo draws random
+    numbers in ``process_batch`` even in eval mode when the local transformer is MaskGit (``apply_random_mask``:
+    ``torch.rand(B, T)`` then ``torch.rand(B, C, T)``); other models draw none and need no seed."""
     from parity.dump import DumpWriter
     from parity.names import nemo_return_points
 
     model.eval()
     inputs = {k: list(v.shape) for k, v in batch.items()}
-    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs,
-                    layout={"mode": "teacher-forced", "tensors": "B,T,... as NeMo's modules return them"},
+    layout = {"mode": "teacher-forced", "tensors": "B,T,... as NeMo's modules return them"}
+    if seed is not None:
+        layout["seed"] = seed
+    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, layout=layout,
                     meta={"nemo_class": type(model).__name__}, overwrite=overwrite) as writer:
         with torch.no_grad(), NemoCapture(model, lambda n, t, s: writer.add(n, t, step=s)):
+            if seed is not None:
+                torch.manual_seed(seed)
             out = model.process_batch(batch)
         for name, point in nemo_return_points():  # 'logits': NeMo's return value, not a module's
             writer.add(name, point.pick(out), step=None)
     return Path(out_dir)
 
 
+def _params_json(model) -> dict:
+    """``model.inference_parameters`` as JSON values: lists for the layer lists (a restored NeMo model holds them as
+    omegaconf ListConfig)."""
+    def value(v):
+        if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
+            return v
+        return [int(x) for x in v]
+
+    return {k: value(v) for k, v in vars(model.inference_parameters).items()}
+
+
 def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, *, use_cfg: bool, seed: int,
                     capture_layers: bool = False, overwrite: bool = False, infer_kwargs: dict | None = None,
-                    **params):
+                    capture_steps: bool = True, **params):
     """Run NeMo's ``infer_batch`` and record, per decoding step, what the reference must reproduce.
 
     Per step k: ``logits`` (B, 1, C*V) the CFG-combined logits before NeMo's in-place sampling edits,
     ``inference.attn_prior`` (rows, 1, T_text) the prior built at step k (used at k+1), and
     ``inference.attended_text_position`` (B,) int64. With ``capture_layers`` every layer's tensors are captured
-    too (use it with the recompute path, where each step's tensors are whole sequences). Returns NeMo's output.
+    too (use it with the recompute path, where each step's tensors are whole sequences); with ``capture_steps``
+    false only the returned ``predicted_codes`` / ``predicted_codes_lens`` are written. Returns NeMo's output.
     """
     import contextlib
     import io
@@ -101,8 +131,8 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
                             "use_local_transformer_for_inference": bool((infer_kwargs or {}).get(
                                 "use_local_transformer_for_inference", False)),
                             "use_kv_cache": bool(model.use_kv_cache_for_inference),
-                            "params": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in
-                                       vars(model.inference_parameters).items()}}) as writer:
+                            "params": _params_json(model),
+                            **({} if capture_steps else {"steps": "none (capture_steps=False)"})}) as writer:
         cap = NemoCapture(model, lambda n, t, s: writer.add(n, t, step=s)) if capture_layers else contextlib.nullcontext()
 
         def forward(*a, **kw):
@@ -116,19 +146,22 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
         def sample(logits, *a, **kw):
             # NeMo calls this once or twice a step (sampled unless a local transformer samples, then argmax);
             # the first call of a step sees the logits before NeMo's in-place edits.
-            if step["k"] not in recorded:
+            if capture_steps and step["k"] not in recorded:
                 writer.add("logits", logits[:, None].clone(), step=step["k"])
                 recorded.add(step["k"])
             return orig_sample(logits, *a, **kw)
 
         def attend(*a, **kw):
             attended, counter = orig_attend(*a, **kw)
-            writer.add("inference.attended_text_position", torch.tensor(attended[:B], dtype=torch.long), step=step["k"])
+            if capture_steps:
+                writer.add("inference.attended_text_position", torch.tensor(attended[:B], dtype=torch.long),
+                           step=step["k"])
             return attended, counter
 
         def prior(*a, **kw):
             res = orig_prior(*a, **kw)
-            writer.add("inference.attn_prior", res[0].clone(), step=step["k"])
+            if capture_steps:
+                writer.add("inference.attn_prior", res[0].clone(), step=step["k"])
             return res
 
         model.forward, model.sample_codes_from_logits = forward, sample
@@ -143,6 +176,169 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
         writer.add("predicted_codes", out.predicted_codes, step=None)
         writer.add("predicted_codes_lens", out.predicted_codes_lens, step=None)
     return out
+
+
+# The batch keys of one generate_speech chunk, as recorded (``chunk.<key>``); NeMo reads these and nothing else.
+CHUNK_KEYS = ("text", "text_lens", "speaker_indices", "context_audio_codes", "context_audio_codes_lens")
+
+
+def dump_nemo_generate_speech(model, chunks: list[dict], out_dir: str | Path, *, use_cfg: bool, seed: int,
+                              use_local_transformer_for_inference: bool = True, maskgit: dict | None = None,
+                              capture_steps: bool = True, overwrite: bool = False, **params):
+    """Run NeMo's chunked ``generate_speech`` over consecutive chunks sharing one ``ChunkState`` and record it.
+
+    ``chunks``: one dict per call, in order, ``{"batch": {...}, "end_of_text": [bool] * B, "beginning_of_text":
+    bool}``; ``batch`` holds tensors only (``text``, ``text_lens`` and ``speaker_indices`` (baked speaker table)
+    or ``context_audio_codes`` / ``context_audio_codes_lens``), built as NeMo's ``do_tts`` / long-form runner build
+    them. ``params`` are set on ``model.inference_parameters`` first (they stay set); ``maskgit`` holds
+    ``generate_speech``'s ``maskgit_*`` keyword arguments (without the prefix), used as given.
+
+    The run is NeMo's: ``model.decoder.reset_cache(use_cache=...)`` as the long-form runner does it (the model's
+    ``use_kv_cache_for_inference`` for a single chunk, else off), ``chunk_state = model.create_chunk_state(B)``,
+    ``torch.manual_seed(seed)`` once before the first chunk (the RNG stream runs on across chunks, as in
+    ``do_tts``), then one ``generate_speech`` call per chunk. NeMo edits the caller's batch in place
+    (``text_lens``, ``text``); the dump records each chunk's inputs as given, before the call, and NeMo gets copies.
+
+    Written per chunk k (step = k): ``chunk.<key>`` for the batch keys present, ``chunk.end_of_text`` (B,) bool,
+    ``chunk.beginning_of_text`` () bool, ``predicted_codes`` / ``predicted_codes_lens`` (NeMo's return value),
+    ``inference.chunk_attended_text_positions`` (steps of the chunk, B) int64 (the absolute text position NeMo
+    found attended at each decoder step: cheap, and it follows the text windows and priors where the sampled codes
+    of a tiny random model hardly do) and, from the second chunk on, ``inference.chunk_initial_prior``. With
+    ``capture_steps``, per decoder step g counted over all chunks (step = g; layout ``chunk_steps`` gives each
+    chunk's first step and step count): ``logits`` (B, 1, C * V, CFG-combined, before NeMo's in-place sampling
+    edits), ``inference.attended_text_position`` (B,) (absolute text positions, as NeMo keeps them) and
+    ``inference.attn_prior`` (the prior built at step g for step g + 1). The layout also records ChunkState after
+    each chunk (``chunk_states``: left_offset, end_indices, overall_idx, previous_attn_len, window_text_lens).
+    Returns NeMo's outputs, one per chunk.
+    """
+    import contextlib
+    import io
+
+    from parity.dump import DumpWriter
+
+    model.eval()
+    for k, v in params.items():
+        setattr(model.inference_parameters, k, v)
+    if not chunks:
+        raise ValueError("dump_nemo_generate_speech needs at least one chunk")
+    B = int(chunks[0]["batch"]["text"].shape[0])
+    use_cache = bool(model.use_kv_cache_for_inference) if len(chunks) == 1 else False
+    maskgit = dict(maskgit or {})
+    gen_kwargs = {f"maskgit_{k}": v for k, v in maskgit.items()}
+    inputs = {f"chunk{k}.{key}": list(v.shape) for k, c in enumerate(chunks) for key, v in c["batch"].items()}
+    step = {"g": -1, "chunk": -1}
+    chunk_steps: list[list[int]] = []
+    chunk_states: list[dict] = []
+    layout = {"mode": "generate_speech", "use_cfg": use_cfg, "seed": seed, "n_chunks": len(chunks),
+              "use_local_transformer_for_inference": bool(use_local_transformer_for_inference),
+              "maskgit": maskgit, "use_kv_cache": use_cache,
+              "seeding": "torch.manual_seed(seed) once, before the first chunk",
+              "steps": {"chunk.*, predicted_codes, predicted_codes_lens, inference.chunk_initial_prior, "
+                        "inference.chunk_attended_text_positions": "chunk index",
+                        "logits, inference.attended_text_position, inference.attn_prior":
+                        "decoder step counted over all chunks (chunk_steps: [first step, steps] per chunk)"},
+              "params": _params_json(model)}
+    orig = {name: getattr(model, name) for name in (
+        "forward", "sample_codes_from_logits", "construct_inference_prior", "construct_multi_chunk_prior",
+        "get_most_attended_text_timestep", "_initialize_chunked_attn_prior")}
+    outputs = []
+    # The layout is written when the writer opens; chunk_steps / chunk_states are known only at the end, so the
+    # run happens first (tensors kept in order) and the dump is written after it.
+    records: list[tuple[str, torch.Tensor, int]] = []
+
+    def add(name, t, s):
+        records.append((name, t.detach().clone(), s))
+
+    def forward(*a, **kw):
+        step["g"] += 1
+        return orig["forward"](*a, **kw)
+
+    seen: set[int] = set()
+
+    def sample(logits, *a, **kw):
+        if capture_steps and step["g"] not in seen:
+            add("logits", logits[:, None], step["g"])
+            seen.add(step["g"])
+        return orig["sample_codes_from_logits"](logits, *a, **kw)
+
+    chunk_attended: list[list[int]] = []
+
+    def attend(*a, **kw):
+        attended, counter = orig["get_most_attended_text_timestep"](*a, **kw)
+        positions = [int(x) for x in list(attended)[:B]]
+        chunk_attended.append(positions)
+        if capture_steps:
+            add("inference.attended_text_position", torch.tensor(positions, dtype=torch.long), step["g"])
+        return attended, counter
+
+    def prior_first(*a, **kw):
+        res = orig["construct_inference_prior"](*a, **kw)
+        if capture_steps:
+            add("inference.attn_prior", res[0], step["g"])
+        return res
+
+    def prior_multi(*a, **kw):
+        res = orig["construct_multi_chunk_prior"](*a, **kw)
+        if capture_steps:
+            add("inference.attn_prior", res[0], step["g"])
+        return res
+
+    def initial_prior(*a, **kw):
+        res = orig["_initialize_chunked_attn_prior"](*a, **kw)
+        if res is not None:
+            add("inference.chunk_initial_prior", res, step["chunk"])
+        return res
+
+    model.forward, model.sample_codes_from_logits = forward, sample
+    model.construct_inference_prior, model.construct_multi_chunk_prior = prior_first, prior_multi
+    model.get_most_attended_text_timestep, model._initialize_chunked_attn_prior = attend, initial_prior
+    try:
+        model.decoder.reset_cache(use_cache=use_cache)
+        chunk_state = model.create_chunk_state(B)
+        torch.manual_seed(seed)
+        with contextlib.redirect_stdout(io.StringIO()):
+            for k, c in enumerate(chunks):
+                step["chunk"] = k
+                batch, eot, bot = c["batch"], [bool(x) for x in c["end_of_text"]], bool(c["beginning_of_text"])
+                unknown = set(batch) - set(CHUNK_KEYS)
+                if unknown:
+                    raise ValueError(f"chunk {k}: unexpected batch keys {sorted(unknown)} (known: {CHUNK_KEYS})")
+                if len(eot) != B:
+                    raise ValueError(f"chunk {k}: end_of_text has {len(eot)} entries for a batch of {B}")
+                for key in CHUNK_KEYS:
+                    if key in batch:
+                        add(f"chunk.{key}", batch[key], k)
+                add("chunk.end_of_text", torch.tensor(eot, dtype=torch.bool), k)
+                add("chunk.beginning_of_text", torch.tensor(bot, dtype=torch.bool), k)
+                first = step["g"] + 1
+                chunk_attended.clear()
+                out = model.generate_speech({key: v.clone() for key, v in batch.items()}, chunk_state=chunk_state,
+                                            end_of_text=eot, beginning_of_text=bot, use_cfg=use_cfg,
+                                            use_local_transformer_for_inference=use_local_transformer_for_inference,
+                                            **gen_kwargs)
+                chunk_steps.append([first, step["g"] + 1 - first])
+                add("predicted_codes", out.predicted_codes, k)
+                add("predicted_codes_lens", out.predicted_codes_lens, k)
+                add("inference.chunk_attended_text_positions",
+                    torch.tensor(chunk_attended, dtype=torch.long).reshape(len(chunk_attended), B), k)
+                chunk_states.append({
+                    "left_offset": [int(x) for x in chunk_state.left_offset],
+                    "end_indices": {str(i): int(v) for i, v in sorted(chunk_state.end_indices.items())},
+                    "overall_idx": int(chunk_state.overall_idx),
+                    "previous_attn_len": [int(x) for x in chunk_state.previous_attn_len],
+                    "window_text_lens": [int(x) for x in chunk_state.history_text_lens],
+                })
+                outputs.append(out)
+    finally:
+        for name in orig:
+            delattr(model, name)
+    layout["chunk_steps"] = chunk_steps
+    layout["chunk_states"] = chunk_states
+    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, overwrite=overwrite, layout=layout,
+                    meta={"nemo_class": type(model).__name__}) as writer:
+        for name, t, s in records:
+            writer.add(name, t, step=s)
+    return outputs
 
 
 def load_nemo_transformer_2501():
