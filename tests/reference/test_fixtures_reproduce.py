@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CASES, FIXTURES
+import make_fixtures
+from conftest import FIXTURES
 
 pytestmark = [pytest.mark.nemo, pytest.mark.slow]
+CASES = make_fixtures.ALL_CASES  # the decoder_context_tts cases and the decoder_ce ones (make_fixtures.DCE_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,21 @@ def test_weights_config_and_batch_reproduce_exactly(regenerated, case):
         assert torch.equal(a.state_dict[k], b.state_dict[k]), k
     ba, bb = load_file(FIXTURES / f"{case}.batch.safetensors"), load_file(regenerated / f"{case}.batch.safetensors")
     assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
+
+
+@pytest.mark.parametrize("case", list(make_fixtures.DCE_CASES))
+def test_generate_speech_chunks_reproduce_exactly(regenerated, case):
+    """The chunk inputs of the generate_speech runs (NeMo's tokenizer, chunker and runner) are the same tensors,
+    dtypes and metadata (texts, chunk texts)."""
+    from safetensors import safe_open
+
+    name = f"{case}.chunks.safetensors"
+    with safe_open(str(FIXTURES / name), "pt") as a, safe_open(str(regenerated / name), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            assert x.dtype == y.dtype and torch.equal(x, y), k
 
 
 @pytest.mark.parametrize("case", CASES)
