@@ -509,7 +509,8 @@ class FastDecoder:
             raise ValueError(f"batch of {B} requests > max_batch {self.max_batch}")
         rows = 2 * B if use_cfg else B
         max_steps = p.max_decoder_steps // S
-        T_ctx = int(batch["context_audio_codes_lens"].max()) + 2  # BOS + EOS specials around the context
+        # the decoder prefix: the baked table's frames, or the context codes framed by their BOS + EOS specials
+        T_ctx = c.baked_frames if c.baked else -(-(int(batch["context_audio_codes_lens"].max()) + 2) // S)
         if T_ctx + 1 + max_steps > self.max_len:
             raise ValueError(f"context {T_ctx} + 1 + {max_steps} steps > max_len {self.max_len}")
         if forced_codes is not None and forced_codes.shape[2] < max_steps * S:
@@ -542,7 +543,7 @@ class FastDecoder:
         dev = self.device
         text_lens = batch["text_lens"]
         enc = m.encode_text(batch["text"], text_lens)
-        ctx_emb, ctx_mask = m.context_embedding(batch["context_audio_codes"], batch["context_audio_codes_lens"])
+        ctx_emb, ctx_mask = m.decoder_context(batch)  # the reference's prefix: embeddings, context encoder or baked
         cond, cond_mask = enc.output, enc.mask
         if use_cfg:
             cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)

@@ -30,6 +30,8 @@ import sys  # noqa: E402
 sys.path.insert(0, str(REPO / "fixtures"))  # make_fixtures' pure helpers (single_item, make_batch) need no NeMo
 FIXTURES = REPO / "fixtures" / "data"
 CASES = ["released_small", "bidir_encoder", "multihead_xattn", "decoder_kernel3", "four_codebooks", "stacked_lt"]
+# decoder_ce, as users download it (fixtures/make_fixtures.py DCE_CASES): context encoder, baked speakers, MaskGit
+DCE_CASES = ["dce_context", "dce_baked_v2607", "dce_baked_v2602", "dce_maskgit"]
 
 # Parity runs compare float32 results bit-for-bit where the op order is the same; keep the CPU math
 # deterministic and single-threaded so BLAS blocking does not vary with the machine's core count.
@@ -44,7 +46,7 @@ def load_batch(case: str) -> dict[str, torch.Tensor]:
 
 
 def infer_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k.startswith(("text", "context"))}
+    return {k: v for k, v in batch.items() if k.startswith(("text", "context", "speaker"))}
 
 
 @pytest.fixture(scope="session")

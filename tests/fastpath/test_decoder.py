@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import CASES, infer_inputs, load_batch, reference_model
+from conftest import CASES, infer_inputs, load_batch, reference_model  # decoder_ce cases: by name below
 from fastpath.decoder import FastDecoder
 from reference.inference import InferenceError
 
@@ -31,7 +31,7 @@ def _compare(ref, out, logits=True):
             torch.testing.assert_close(b, a, atol=ATOL_LOGITS, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + ["dce_context", "dce_baked_v2607"])
 @pytest.mark.parametrize("use_cfg", [True, False])
 def test_greedy_codes_equal_eager_cached(case, use_cfg):
     """topk=1, float32, default semantics (padded context keys masked): codes, lengths, attended positions and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CASES, FIXTURES, load_batch, reference_model
+from conftest import CASES, DCE_CASES, FIXTURES, load_batch, reference_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +17,7 @@ from parity.tolerances import policy
 ATOL_FP32 = policy("fixtures").default.atol  # 1e-6
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + DCE_CASES)
 def test_every_capture_point_matches_nemo(case):
     from parity.dump import DumpReader
 
