@@ -96,9 +96,17 @@ def _read_regular_file(p: Path) -> bytes:
         # O_NONBLOCK: should the file be swapped for a FIFO after the check, open() does not wait for a writer
         fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            fst = os.fstat(f.fileno())
+            if not stat.S_ISREG(fst.st_mode):
                 raise CheckpointError(f"{p}: not a regular file")
-            return f.read(MAX_CHECKPOINT_BYTES + 1)
+            # read() allocates the size it is asked for up front: ask for what the file holds (+1 to see it grow),
+            # never the whole budget (an 8 GB allocation fails under a memory limit or strict overcommit)
+            size = min(fst.st_size, MAX_CHECKPOINT_BYTES)
+            data = f.read(size + 1)
+            if len(data) > size:
+                raise CheckpointError(f"{p}: grew while being read (or exceeds MAGPIE_PARITY_MAX_CHECKPOINT_BYTES "
+                                      f"{MAX_CHECKPOINT_BYTES})")
+            return data
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read ({e.strerror or e})") from None
 
