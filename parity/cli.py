@@ -13,7 +13,9 @@ traceback on stderr).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
@@ -55,6 +57,15 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM (a CI timeout, ``kill``) raised in the main thread, so every writer's cleanup runs (temp files and
+    folders removed, nothing half-published) before the command exits 143."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated()
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line too (argparse prints the whole usage first)."""
 
@@ -84,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2); return instead of exiting
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_BAD_INPUT
     c: Command = args._command
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(c.run(args))
     except BadInput as exc:
@@ -92,10 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        print(f"{PROG} {c.name}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception:
         traceback.print_exc()
         print(f"{PROG} {c.name}: internal error (exit {EXIT_INTERNAL})", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,8 @@ def configure_check(p: argparse.ArgumentParser) -> None:
 def run_check(args: argparse.Namespace) -> int:
     """Run the reference on each bundled NeMo-made model and compare every capture point with NeMo's dump, with the
     tolerance policy "parity" (parity.tolerances)."""
+    fx = Path(args.fixtures)
+    separate({"--fixtures": fx}, {"--plot": args.plot})
     import torch
 
     from parity.compare import compare_dumps
@@ -178,8 +180,6 @@ def run_check(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise BadInput(f"--threads must be >= 1, got {args.threads}")
-    fx = Path(args.fixtures)
-    separate({"--fixtures": fx}, {"--plot": args.plot})
     if not fx.is_dir():
         raise BadInput(f"--fixtures {fx}: not a folder")
     if args.plot:
@@ -275,15 +275,15 @@ def run_compare(args: argparse.Namespace) -> int:
     separate({"dump a": args.a, "dump b": args.b, "--tolerances": tolerance_file},
              {"--json": args.json, "--plot": args.plot})
 
-    from parity.compare import compare_dumps
-    from parity.report import format_table, plot, to_json
-    from parity.tolerances import load_policy
-
     json_kind, png_kind = _report_kinds()
     if args.json and args.json != "-":
         output_file(args.json, "--json", json_kind)
     if args.plot:
         output_file(args.plot, "--plot", png_kind)
+
+    from parity.compare import compare_dumps
+    from parity.report import format_table, plot, to_json
+    from parity.tolerances import load_policy
     with user_errors():
         policy = load_policy(args.tolerances, default="")
         result = compare_dumps(
@@ -331,9 +331,9 @@ def configure_dump(p: argparse.ArgumentParser) -> None:
 
 
 def run_dump(args: argparse.Namespace) -> int:
+    separate({"--checkpoint": args.checkpoint, "--batch": args.batch, "--codec": args.codec}, {"--out": args.out})
     import torch
 
-    separate({"--checkpoint": args.checkpoint, "--batch": args.batch, "--codec": args.codec}, {"--out": args.out})
     output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
     batch = load_batch(args.batch)
     params = parse_assignments(args.param, "--param")
@@ -352,8 +352,8 @@ def run_dump(args: argparse.Namespace) -> int:
                 dump_reference_process_batch(model, batch, args.out, overwrite=args.overwrite)
             else:
                 dump_reference_infer(model, inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
-                                     capture_layers=args.layers, overwrite=args.overwrite, progress=True,
-                                     use_kv_cache=KV_CACHE[args.kv_cache], **params)
+                                     capture_layers=args.layers, overwrite=args.overwrite,
+                                     progress=sys.stderr.isatty(), use_kv_cache=KV_CACHE[args.kv_cache], **params)
     else:
         from parity.nemo_capture import dump_nemo_infer, dump_nemo_process_batch
 
@@ -389,12 +389,12 @@ def configure_infer(p: argparse.ArgumentParser) -> None:
 def run_infer(args: argparse.Namespace) -> int:
     separate({"--checkpoint": args.checkpoint, "--inputs": args.inputs}, {"--out": args.out, "--dump": args.dump})
 
-    import torch
-    from safetensors.torch import save
-
     output_file(args.out, "--out", CODES_FILE)
     if args.dump:
         output_dir(args.dump, "--dump", overwrite_flag=None)
+    import torch
+    from safetensors.torch import save
+
     check_device(args.device)
     params = parse_assignments(args.param, "--param")
     batch = infer_inputs(load_batch(args.inputs, "--inputs"))
@@ -409,10 +409,11 @@ def run_infer(args: argparse.Namespace) -> int:
 
             with writing(args.dump, "--dump"):
                 out = dump_reference_infer(model, batch, args.dump, use_cfg=args.use_cfg, seed=args.seed,
-                                           capture_layers=True, progress=True, use_kv_cache=kv, **params)
+                                           capture_layers=True, progress=sys.stderr.isatty(), use_kv_cache=kv, **params)
         else:
             torch.manual_seed(args.seed)
-            out = model.infer_batch(batch, use_cfg=args.use_cfg, use_kv_cache=kv, progress=True, **params)
+            out = model.infer_batch(batch, use_cfg=args.use_cfg, use_kv_cache=kv, progress=sys.stderr.isatty(),
+                                    **params)
     data = save({"predicted_codes": out.predicted_codes.cpu().contiguous(),
                  "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()},
                 metadata={"format": CODES_FORMAT})

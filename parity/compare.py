@@ -24,8 +24,9 @@ equate ``2**62`` and ``2**62 + 100``), whatever tolerance the policy names: the 
 :data:`~parity.tolerances.EXACT`, ``exact`` is set, ``n_failed`` is the count of differing elements and
 ``tol_ratio`` is None (no ratio to a zero tolerance). Their error figures are exact differences shown as float64.
 
-Math runs in float32 for float inputs that float32 holds exactly (fp16, bf16, fp8) and in float64 otherwise. Per-chunk sums are float32 (torch's cascaded summation) and are accumulated in
-float64; a chunk whose float32 sums or differences overflow is redone in float64.
+Math runs in float32 for float inputs that float32 holds exactly (fp16, bf16, fp8) and in float64 otherwise.
+Per-chunk sums are float32 (torch's cascaded summation) and are accumulated in float64; a chunk whose float32 sums
+or differences overflow is redone in float64.
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ import math
 import os
 import pathlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from parity.compare import DumpCompareResult, TensorCompareResult, result_to_dict
 from parity.files import atomic_write_bytes, png_text, read_head
+
+if TYPE_CHECKING:  # parity.compare imports torch: the CLI's output checks use this module without it
+    from parity.compare import DumpCompareResult, TensorCompareResult
 
 # The JSON report's first key, and the PNG plot's Software text: what `compare --json/--plot` recognise as their
 # own output before replacing an existing file (they replace nothing else).
@@ -89,7 +91,8 @@ def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) 
         if t.reason:
             why = t.reason
         elif t.exact:
-            why = f"{t.n_failed}/{t.numel} elements differ (exact {t.dtype_a} vs {t.dtype_b}), max_abs {_num(t.max_abs)}"
+            why = (f"{t.n_failed}/{t.numel} elements differ (exact {t.dtype_a} vs {t.dtype_b}), "
+                   f"max_abs {_num(t.max_abs)}")
         else:
             why = f"max_abs {_num(t.max_abs)}, {t.n_failed}/{t.numel} elements out of tolerance"
         if t.nan_a or t.nan_b:
@@ -144,6 +147,8 @@ def _json_safe(x: Any) -> Any:
 
 
 def to_json(result: DumpCompareResult) -> dict:
+    from parity.compare import result_to_dict
+
     fd = result.first_divergence
     return _json_safe(
         {

@@ -67,11 +67,11 @@ def configure_convert(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
     from reference.checkpoint import CheckpointError, read_checkpoint
     from reference.config import ConfigError, MagpieConfig
     from trt.convert import ConversionError, convert_state_dict, fork_deviations, write_converted
 
-    separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
     if args.tp_size < 1:
         raise BadInput(f"--tp-size must be >= 1, got {args.tp_size}")
     output_dir(args.out, "--out", args.overwrite, replaces=CONVERTED_FOLDER)
@@ -83,11 +83,18 @@ def run_convert(args: argparse.Namespace) -> int:
                                   drop_lm_head_bias=args.drop_lm_head_bias, where=where)
     except (CheckpointError, ConfigError, ConversionError) as exc:
         raise BadInput(str(exc)) from None
+    from safetensors import SafetensorError
+
     with writing(args.out, "--out"):
         try:
             out = write_converted(conv, args.out, overwrite=args.overwrite)
         except ConversionError as exc:  # the folder appeared meanwhile
             raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None
+        except SafetensorError as exc:  # safetensors' writer reports a full disk as its own error, not an OSError
+            why = str(exc).partition("I/O error: ")[2]
+            if not why:
+                raise
+            raise BadInput(f"--out {args.out}: cannot write: {why}") from None
     print(f"wrote {out} (encoder/, decoder/; dtype {args.dtype}, tp {args.tp_size}"
           f"{', lm_head bias dropped' if args.drop_lm_head_bias else ''})")
     devs = fork_deviations(cfg)
@@ -128,10 +135,10 @@ def _cli_words(msg: str) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    separate({"--ckpt-dir": args.ckpt_dir}, {"--engine-dir": args.engine_dir})
     from trt.build import BackendUnavailable, BuildConfigError, BuildError, build_commands
     from trt.build import run_build as build_engines
 
-    separate({"--ckpt-dir": args.ckpt_dir}, {"--engine-dir": args.engine_dir})
     overrides = {}
     for key, value in parse_assignments(args.set, "--set").items():
         # trtllm-build spells booleans as the words given (enable/disable mostly): JSON true/false stay words
@@ -225,6 +232,7 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
+    output_file(args.out, "--out", DATASET_FILE)
     from trt.benchmark_data import (SEED_CONTEXT_FRAMES, SEED_NUM_SAMPLES, SEED_OUTPUT_FRAMES, SEED_TEXT_LEN,
                                     BenchmarkDataError, generate_dataset, read_dataset, write_dataset)
 
@@ -232,7 +240,6 @@ def run_bench(args: argparse.Namespace) -> int:
                        ("context_frames", SEED_CONTEXT_FRAMES), ("output_frames", SEED_OUTPUT_FRAMES)):
         if getattr(args, name) is None:
             setattr(args, name, seed)
-    output_file(args.out, "--out", DATASET_FILE)
     config = None
     if args.checkpoint:
         from reference.checkpoint import CheckpointError, read_checkpoint
