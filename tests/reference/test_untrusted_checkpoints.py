@@ -4,10 +4,8 @@ large allocation, without blocking, and without resolving anything from the envi
 from __future__ import annotations
 
 import copy
-import io
 import os
 import signal
-import tarfile
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
+from crafted import JUNK, TOP_KEYS, TRANSFORMER_KEYS, alias_bomb_yaml, gzip_bomb_nemo, sparse_nemo, write_nemo
 from reference import CheckpointError, ConfigError, MagpieConfig, MagpieTTS
 from reference.checkpoint import read_checkpoint
 
@@ -25,17 +24,6 @@ SRC = FIXTURES / "released_small.nemo"
 @pytest.fixture(scope="module")
 def raw():
     return read_checkpoint(SRC)
-
-
-def write_nemo(dst, config_text: str, weights, mode: str = "w"):
-    buf = io.BytesIO()
-    torch.save(weights, buf)
-    with tarfile.open(dst, mode) as tf:
-        for name, data in (("./model_config.yaml", config_text.encode()), ("./model_weights.ckpt", buf.getvalue())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return dst
 
 
 @pytest.fixture
@@ -67,54 +55,21 @@ def test_a_link_to_a_regular_file_is_read_as_that_file(tmp_path):
 
 def test_sparse_member_is_refused(tmp_path, raw):
     """A PAX sparse member may declare gigabytes in a few bytes of archive."""
-    dst = tmp_path / "sparse.nemo"
-    with tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tf:
-        cfg = yaml.safe_dump(raw.config).encode()
-        info = tarfile.TarInfo("./model_config.yaml")
-        info.size = len(cfg)
-        tf.addfile(info, io.BytesIO(cfg))
-        info = tarfile.TarInfo("./model_weights.ckpt")
-        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "model_weights.ckpt",
-                            "GNU.sparse.realsize": str(2_500_000_000)}
-        sparse_map = b"1\n0\n0\n".ljust(512, b"\0")
-        info.size = len(sparse_map)
-        tf.addfile(info, io.BytesIO(sparse_map))
+    dst = sparse_nemo(tmp_path / "sparse.nemo", raw.config)
     assert dst.stat().st_size < 20_000
     with pytest.raises(CheckpointError, match="sparse.nemo: member '.*model_weights.ckpt' is a sparse file"):
         MagpieTTS.from_nemo(dst)
 
 
-class _Zeros(io.RawIOBase):
-    def __init__(self, n):
-        self.left = n
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        n = min(len(b), self.left)
-        b[:n] = bytes(n)
-        self.left -= n
-        return n
-
-
 def test_compressed_bomb_is_refused_before_decompressing(tmp_path):
-    dst = tmp_path / "bomb.nemo"
-    n = 64 * 2**20  # compresses ~1000x
-    with tarfile.open(dst, "w:gz") as tf:
-        info = tarfile.TarInfo("./model_weights.ckpt")
-        info.size = n
-        tf.addfile(info, io.BufferedReader(_Zeros(n)))
+    dst = gzip_bomb_nemo(tmp_path / "bomb.nemo", 64 * 2**20)  # compresses ~1000x
     assert dst.stat().st_size < 200_000
     with pytest.raises(CheckpointError, match="bomb.nemo: members declare 67108864 bytes .* decompression bomb"):
         MagpieTTS.from_nemo(dst)
 
 
 def test_alias_bomb_in_the_config_is_refused(tmp_path, raw):
-    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
-    lines += [f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
-              for p, c in zip("abcdefgh", "bcdefghi")]
-    dst = write_nemo(tmp_path / "alias.nemo", "\n".join(lines) + "\n", raw.state_dict)
+    dst = write_nemo(tmp_path / "alias.nemo", alias_bomb_yaml(), raw.state_dict)
     with pytest.raises(CheckpointError, match="alias.nemo:model_config.yaml: .*more than 64 YAML aliases"):
         MagpieTTS.from_nemo(dst)
 
@@ -171,17 +126,6 @@ def test_a_config_larger_than_its_weights_is_refused_before_building(raw):
     cfg["decoder"]["d_ffn"] = 1_500_000
     with pytest.raises(ConfigError, match="'d_ffn' must lie in"):
         MagpieConfig.from_nemo(cfg, raw.state_dict)
-
-
-# Every value a careless or hostile config could hold, in every field of the transformer and the model.
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
-                 st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3),
-                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-TRANSFORMER_KEYS = ["n_layers", "d_model", "d_ffn", "sa_n_heads", "kernel_size", "is_causal", "apply_norm_out",
-                    "max_length_causal_mask", "use_learnable_pos_emb", "has_xattn", "xa_d_memory", "xa_n_heads",
-                    "xa_d_head", "apply_norm_to_cond"]
-TOP_KEYS = ["embedding_dim", "frame_stacking_factor", "ctc_prior_layer_ids", "use_kv_cache_for_inference",
-            "local_transformer_type", "forced_audio_eos_id", "inference_parameters", "encoder", "decoder"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

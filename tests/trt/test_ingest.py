@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crafted import small_tree as _small_tree  # shared with the CLI tests
 from parity.compare import compare_dumps
 from parity.dump import DumpReader
 from parity.names import NameMap
@@ -416,15 +417,6 @@ def test_pad_trailing():
 # ------------------------------------------------------------------------------------ errors
 
 
-def _small_tree(tmp_path: Path, **kw) -> Path:
-    d = tmp_path / "tllm_debug" / "PP_1" / "TP_1" / "iteration_0"
-    d.mkdir(parents=True)
-    np.save(d / "request_ids.npy", np.array([0], dtype=np.uint64))
-    np.save(d / "host_context_lengths.npy", np.array([3], np.int32))
-    np.save(d / "decoder_layer_0_output.npy", np.arange(12, dtype=np.float32).reshape(3, 4) + 1)
-    for k, v in kw.items():
-        np.save(d / f"{k}.npy", v)
-    return d
 
 
 def test_small_tree_ingests(tmp_path):

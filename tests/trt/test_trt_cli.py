@@ -243,7 +243,7 @@ def test_convert_overwrite_onto_a_folder_of_notes_is_refused_before_converting(t
 
 
 def test_ingest_out_onto_its_own_tree_or_the_trees_parent_is_refused(tmp_path, capsys):
-    from test_ingest import _small_tree
+    from crafted import small_tree as _small_tree
 
     root = tmp_path / "run"
     _small_tree(root)
