@@ -195,13 +195,13 @@ def runs(request, tmp_path_factory, raw):
             return cid, run_cli(c.argv, cwd=root, env=env)
 
         t_built = time.monotonic()
-        print(f"\nbuilt {len(built)} cases in {t_built - t_start:.1f} s", file=sys.stderr)
         with ThreadPoolExecutor(WORKERS) as pool:
             for cid, run in pool.map(one, sorted(built)):
                 root, c, before_list, before_dig = built[cid]
                 results[cid] = (c, run, root, before_list, listing(root), before_dig,
                                 digests([Path(p) for p in c.inputs]))
-        print(f"ran them in {time.monotonic() - t_built:.1f} s", file=sys.stderr)
+        print(f"\n{len(built)} CLI children built in {t_built - t_start:.1f} s, run in {time.monotonic() - t_built:.1f} s "
+              f"({WORKERS} at a time)", file=sys.stderr)
         yield results
     finally:
         while _MOUNTS:
