@@ -493,12 +493,16 @@ class FastDecoder:
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], use_cfg: bool = False, keep_logits: bool = False,
                  forced_codes: Optional[torch.Tensor] = None, nemo_unmasked_padded_keys: bool = False,
-                 run_all_steps: bool = False, **params: Any) -> InferOutput:
+                 run_all_steps: bool = False, use_local_transformer_for_inference: bool = False,
+                 **params: Any) -> InferOutput:
         """``infer_batch(batch, use_cfg, use_kv_cache=True, ...)`` on the fast path (the same arguments and
         ``InferOutput``: predicted_codes, predicted_codes_lens, num_steps, attended_text_positions per prior step and,
         with keep_logits, step_logits CFG-combined in float32). run_all_steps: decode max_decoder_steps frames even
         when every item ended (benchmarks); the outputs are still truncated where the reference stops."""
         c = self.config
+        if use_local_transformer_for_inference:
+            raise InferenceError("the fast path samples the decoder's logits only: it has no local transformer "
+                                 "(AR or MaskGit); run model.infer_batch(..., use_local_transformer_for_inference=True)")
         p = resolve_parameters(c.inference, **params)
         check_parameters(p, c)
         validate_batch(batch, c, require_audio=False)

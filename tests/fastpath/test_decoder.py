@@ -362,3 +362,12 @@ def test_topk_beyond_the_codebook_is_a_clear_error():
     model = reference_model("released_small")  # its checkpoint's default topk (80) exceeds its 72 tokens
     with pytest.raises(InferenceError, match="topk \\(80\\) exceeds the 72 tokens"):
         FastDecoder(model, 4, _max_len(model)).generate(infer_inputs(load_batch("released_small")))
+
+
+def test_local_transformer_sampling_is_refused_in_one_line():
+    """The released checkpoints have a local transformer; the fast path does not run it and says so."""
+    model = reference_model("dce_baked_v2607")
+    batch = infer_inputs(load_batch("dce_baked_v2607"))
+    with pytest.raises(InferenceError, match="the fast path samples the decoder's logits only: it has no local "
+                                             "transformer"):
+        FastDecoder(model, 3, _max_len(model)).generate(batch, use_local_transformer_for_inference=True)
