@@ -14,6 +14,9 @@ from typing import Callable, Optional
 
 import torch
 
+# The batch keys of one generate_speech chunk, as recorded (``chunk.<key>``); NeMo reads these and nothing else.
+from parity.chunks import CHUNK_KEYS  # one definition, shared with the chunk files
+
 
 def _nemo_capture_points(model) -> list[tuple[str, object, Callable, str]]:
     """(canonical name, NeMo module, output selector, hook kind "fwd"/"pre") in execution order, all taken from the
@@ -176,10 +179,6 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
         writer.add("predicted_codes", out.predicted_codes, step=None)
         writer.add("predicted_codes_lens", out.predicted_codes_lens, step=None)
     return out
-
-
-# The batch keys of one generate_speech chunk, as recorded (``chunk.<key>``); NeMo reads these and nothing else.
-CHUNK_KEYS = ("text", "text_lens", "speaker_indices", "context_audio_codes", "context_audio_codes_lens")
 
 
 def dump_nemo_generate_speech(model, chunks: list[dict], out_dir: str | Path, *, use_cfg: bool, seed: int,
