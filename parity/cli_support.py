@@ -230,8 +230,9 @@ def load_batch(path: str | os.PathLike, flag: str = "--batch") -> dict:
 
 
 def infer_inputs(batch: dict) -> dict:
-    """The keys autoregressive inference takes (text and context), without the teacher-forcing targets."""
-    return {k: v for k, v in batch.items() if k.startswith(("text", "context"))}
+    """The keys autoregressive inference takes (text, context codes, a baked checkpoint's ``speaker_indices``),
+    without the teacher-forcing targets."""
+    return {k: v for k, v in batch.items() if k.startswith(("text", "context")) or k == "speaker_indices"}
 
 
 def load_reference(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):

@@ -37,3 +37,14 @@ def test_infer_bad_input_exits_2(tmp_path, capsys):
     assert "topk" in capsys.readouterr().err
     assert main(base + ["--param", "temperature=nan"]) == 2
     assert main(["infer", "--checkpoint", str(tmp_path / "none.nemo"), "--inputs", str(inputs), "--out", "x"]) == 2
+
+
+def test_dump_infer_of_a_baked_checkpoint_keeps_the_speakers(tmp_path):
+    """A baked checkpoint's batch selects its speakers with speaker_indices: dump --mode infer keeps them (it used to
+    drop them, so every item spoke as speaker 0) and equals NeMo's recorded infer_batch dump."""
+    out = tmp_path / "d"
+    rc = main(["dump", "--checkpoint", str(FIXTURES / "dce_baked_v2607.nemo"), "--batch",
+               str(FIXTURES / "dce_baked_v2607.batch.safetensors"), "--mode", "infer", "--use-cfg", "--param", "topk=1",
+               "--seed", "2036", "--out", str(out)])
+    assert rc == 0
+    assert main(["compare", str(out), str(FIXTURES / "dce_baked_v2607.infer_greedy_cfg"), "-q"]) == 0
