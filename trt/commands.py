@@ -63,6 +63,9 @@ def configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-size", type=int, default=1, metavar="N")
     p.add_argument("--drop-lm-head-bias", action="store_true",
                    help="drop final_proj.bias as the fork's converter does (the engine then differs from NeMo)")
+    p.add_argument("--without-local-transformer", action="store_true",
+                   help="convert the decoder of a checkpoint with a local transformer alone (the forks' decoder engine "
+                        "has none; the engine then samples as NeMo with use_local_transformer_for_inference=False)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
@@ -70,7 +73,8 @@ def run_convert(args: argparse.Namespace) -> int:
     separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
     from reference.checkpoint import CheckpointError, read_checkpoint
     from reference.config import ConfigError, MagpieConfig
-    from trt.convert import ConversionError, convert_state_dict, fork_deviations, write_converted
+    from trt.convert import (OUTSIDE_ENGINE_FILE, ConversionError, context_kind, convert_state_dict, fork_deviations,
+                             outside_engine_parts, write_converted)
 
     if args.tp_size < 1:
         raise BadInput(f"--tp-size must be >= 1, got {args.tp_size}")
@@ -80,9 +84,10 @@ def run_convert(args: argparse.Namespace) -> int:
         where = str(raw.path)
         cfg = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=where)
         conv = convert_state_dict(cfg, raw.state_dict, dtype=args.dtype, tp_size=args.tp_size,
-                                  drop_lm_head_bias=args.drop_lm_head_bias, where=where)
+                                  drop_lm_head_bias=args.drop_lm_head_bias, where=where,
+                                  without_local_transformer=args.without_local_transformer)
     except (CheckpointError, ConfigError, ConversionError) as exc:
-        raise BadInput(str(exc)) from None
+        raise BadInput(str(exc).replace("without_local_transformer=True", "--without-local-transformer")) from None
     from safetensors import SafetensorError
 
     with writing(args.out, "--out"):
@@ -104,6 +109,18 @@ def run_convert(args: argparse.Namespace) -> int:
                          "it (--drop-lm-head-bias reproduces that)")
     elif cfg.final_proj_bias:
         devs.append("final_proj.bias dropped as the fork's converter does: the engine's logits lack NeMo's bias")
+    kind = context_kind(cfg)
+    if kind != "codes":
+        print(f"decoder_ce ({'baked speaker table' if kind == 'baked' else 'context encoder'}): the engine takes the "
+              "context prefix as decoder_context_features (use_context_embeddings: true); the runner feeds the "
+              "reference's decoder_context rows and the BOS-frame embedding, with dummy zero ids")
+    parts = outside_engine_parts(cfg)
+    if parts:
+        print(f"kept beside the engine for the reference: {', '.join(parts)} -> {out / OUTSIDE_ENGINE_FILE}")
+    if cfg.local_transformer is not None:
+        print(f"differs from NeMo's default sampling: the {cfg.local_transformer_type} local transformer is not in the "
+              "engine (--without-local-transformer): it samples every codebook on its own, as NeMo with "
+              "use_local_transformer_for_inference=False")
     for d in conv_devs:
         print(f"differs from the fork's converter: {d}")
     if devs:

@@ -20,6 +20,51 @@ Weight names are the fork's. Differences from the fork, on purpose:
   cross-attention layer is hard-coded to 1 x 128;
 * our own metadata sits under ``magpie_parity`` so that :func:`load_converted` rebuilds the exact NeMo config.
 
+``decoder_ce`` checkpoints (the released ``nvidia/magpie_tts_multilingual_357m`` v2602/v2607). What the forks do
+(sources read, not run):
+
+* the decoder engine takes the context prefix ready-made: inputs ``decoder_context_features`` ``[num_tokens, D]``
+  and ``decoder_context_features_mask`` ``[num_tokens]``; where the mask is set, the row replaces the mean of the
+  codebook embeddings, then the learned position is added (``EncoderDecoderEmbedding``, rmittal-github 497d0e69
+  ``tensorrt_llm/models/t5tts/model.py``, read for shared/spec/architecture.md 4.1; not stored in this session's
+  index, which holds rmittal's c6ff2312 only). The runtime sets the mask over a context request's prompt rows and
+  clears it elsewhere (anand-nv/TensorRT-LLM@0c0df9f0deddec40b2a8fab78da04a8e20f2c5f8
+  ``cpp/tensorrt_llm/batch_manager/runtimeBuffers.cpp``: ``RuntimeBuffers::reshape`` zeroes
+  ``decoderContextFeaturesMask``, ``setFromInputs`` copies the request's rows and sets the mask);
+* anand-nv@0c0df9f0 ``examples/models/contrib/t5tts/convert_checkpoint.py`` writes ``use_context_embeddings: True``
+  in the decoder config (rmittal e7109d5's converter writes no such key) and converts only the ``encoder.*`` /
+  ``decoder.*`` / ``audio_embeddings.*`` / ``final_proj.weight`` / ``text_embedding`` weights it names: neither
+  ``baked_context_embedding.*`` nor ``context_encoder.*`` nor ``local_transformer*`` reaches the engine. The baked
+  rows travel in a side file instead (rmittal-github@ae81c0781cc4336c67aaeed8a6fe7e9ef1c081c0
+  ``run_decoder_multiling.py``: ``torch.load("zh_es_en_fr.pt")[84][0]``; anand-nv@0c0df9f0
+  ``run_decoder_multiling_executor.py``: ``additional_decoder_input.pt``, "218 positions = 217 context + 1 BOS");
+
+so :func:`convert_state_dict` writes ``use_context_embeddings: true`` for ``decoder_ce`` and keeps what the engine
+does not hold (the baked table with ``_baked_embedding_T/_D`` and ``baked_context_embedding_len``, or the context
+encoder's weights) beside the checkpoint in :data:`OUTSIDE_ENGINE_FILE`, NeMo's names, original dtype, so that
+:func:`reference_from_trtllm` rebuilds the exact reference model (the runner feeds those rows to the engine).
+
+Local transformer: the forks' decoder engine has none. Their local transformer is a separate engine: rmittal-github
+``examples/models/contrib/t5tts/convert_lt_to_trt.py`` (@172392c39aa4100612a6ff16c3050a6d9108b3a9 and
+@73e9c59f657f2aa1aa1e4a5d60206ce8b5634098) exports NeMo's module to ONNX and TensorRT with ``cfg_scale=2.5`` inside
+the graph and 8 codebooks in the profile (172392c3 applies every output projection to one pass over the decoder
+state, no code fed back; 73e9c59 embeds all previous codes with one table); anand-nv@0c0df9f0
+``cpp/tensorrt_llm/batch_manager/trtLocalTransformer.cpp`` runs a plan named by the decoder config key
+``localtransformer_path`` (``--localtransformer_path``, default None in convert_checkpoint.py) that returns int32
+codes, with ``hiddenSize{768}`` and ``vocabSize{1032}`` hard-coded. None of them is built from the checkpoint's
+own weights here, so a checkpoint with a local transformer is refused unless ``without_local_transformer=True``:
+the decoder alone is converted (``localtransformer_path: null``, as the fork's converter writes it without the
+flag), the engine samples every codebook on its own (NeMo's ``use_local_transformer_for_inference=False``), and the
+local transformer's weights are kept beside the checkpoint for the reference.
+
+Frame stacking (``frame_stacking_factor`` S > 1): one decoder position is one stacked step of C * S tokens, codebook
+c of frame s in vocabulary ``c + s * C`` (NeMo's ``audio_embeddings[c + s * C]``), so the engine needs C * S
+vocabularies of V tokens (``vocab_sizes``) and nothing else: anand-nv@0c0df9f0 runs v2607 this way
+(convert_checkpoint.py infers ``vocab_sizes`` from the checkpoint's embedding tables; run_decoder_multiling_executor.py
+uses ``num_vocabs = 16`` "= books_num * stacking_factor" and de-offsets frame f, codebook i by ``(i + f * 8) * 2024``).
+Its converter writes ``stacking_factor: 1``; we write S (the Riva Triton backend divides ``len(vocab_sizes)`` by it).
+rmittal-github's converter (@e7109d5) and runner (@ae81c078) hard-code 8 codebooks of one frame.
+
 Tensor parallelism (``tp_size=N``), following what the fork's TensorRT-LLM modules load per rank:
 
 * attention ``qkv`` (``Attention``/``BertAttention``, column-parallel): the fused ``[Q; K; V]`` rows are split
@@ -53,6 +98,11 @@ import torch
 from reference.config import MagpieConfig, TransformerConfig
 
 FORMAT_VERSION = 1
+# What the engine does not hold, kept beside the TensorRT-LLM checkpoint for the reference (trtllm-build reads
+# encoder/ and decoder/ only).
+OUTSIDE_ENGINE_FILE = "magpie_parity/outside_engine.safetensors"
+BAKED_KEYS = ("baked_context_embedding.weight", "_baked_embedding_T", "_baked_embedding_D",
+              "baked_context_embedding_len")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FFN_SPLITS = ("replicate", "split")
 # tensorrt_llm.functional enums, as the fork's converter writes them (IntEnum values).
@@ -75,6 +125,8 @@ class ConvertedCheckpoint:
     decoder_config: dict
     encoder_ranks: list = field(default_factory=list)  # list[dict[str, Tensor]]
     decoder_ranks: list = field(default_factory=list)
+    # NeMo-named weights the engine does not hold (baked table, context encoder, local transformer): OUTSIDE_ENGINE_FILE
+    outside_engine: dict = field(default_factory=dict)
 
     @property
     def tp_size(self) -> int:
@@ -124,6 +176,18 @@ def nemo_config_from_magpie(c: MagpieConfig) -> dict:
     }
     if c.ctc_prior_layer_ids is not None:
         cfg["ctc_prior_layer_ids"] = list(c.ctc_prior_layer_ids)
+    if c.model_type == "decoder_ce":
+        if c.context_encoder is not None:
+            cfg["context_encoder"] = _transformer_to_nemo(c.context_encoder)
+        else:
+            # Baked: NeMo builds a context encoder from this key and never runs it (its weights are not saved);
+            # MagpieConfig keeps none of its sizes, so any valid stack rebuilds the same MagpieConfig.
+            cfg["context_encoder"] = {"n_layers": 1, "d_model": c.d_model, "d_ffn": c.d_model, "sa_n_heads": 1,
+                                      "kernel_size": 1}
+    if c.local_transformer is not None:
+        lt = c.local_transformer
+        cfg.update(local_transformer_hidden_dim=lt.d_model, local_transformer_n_heads=lt.sa_n_heads,
+                   local_transformer_n_layers=lt.n_layers)
     return cfg
 
 
@@ -148,8 +212,48 @@ def fork_deviations(c: MagpieConfig) -> list[str]:
     if not c.encoder.apply_norm_out or not c.decoder.apply_norm_out:
         out.append("apply_norm_out=false: written as has_model_final_layernorm=false")
     if c.frame_stacking_factor != 1:
-        out.append(f"frame_stacking_factor={c.frame_stacking_factor}: rmittal fork has no stacking support")
+        S, C = c.frame_stacking_factor, c.num_audio_codebooks
+        out.append(f"frame_stacking_factor={S}: written as {C * S} vocabularies of one decoder position (anand-nv@0c0df9f0 "
+                   "runs v2607 so, num_vocabs = books x stacking); rmittal-github's converter and runner hard-code 8 "
+                   "codebooks of one frame")
     return out
+
+
+def context_kind(c: MagpieConfig) -> str:
+    """Where the decoder's context prefix comes from: "codes" (decoder_context_tts: the engine embeds the context
+    codes, or takes their embeddings as features), "baked" or "context_encoder" (decoder_ce: the engine takes the
+    prefix as decoder_context_features)."""
+    if c.model_type != "decoder_ce":
+        return "codes"
+    return "baked" if c.baked else "context_encoder"
+
+
+def outside_engine_parts(c: MagpieConfig) -> list[str]:
+    """What of the checkpoint the engine does not hold (kept in :data:`OUTSIDE_ENGINE_FILE`)."""
+    parts = []
+    if c.baked:
+        parts.append("baked speaker table")
+    if c.context_encoder is not None:
+        parts.append("context encoder")
+    if c.local_transformer is not None:
+        parts.append(f"{c.local_transformer_type} local transformer")
+    return parts
+
+
+def outside_engine_names(c: MagpieConfig) -> list[str]:
+    """The reference's weight names of :func:`outside_engine_parts`, sorted."""
+    from reference.model import MagpieTTS
+
+    if not outside_engine_parts(c):
+        return []
+    with torch.device("meta"):
+        keys = list(MagpieTTS(c).state_dict())
+    prefixes = []
+    if c.context_encoder is not None:
+        prefixes.append("context_encoder.")
+    if c.local_transformer is not None:
+        prefixes.append("local_transformer")  # local_transformer., _in_projection., _out_projections.
+    return sorted(k for k in keys if (c.baked and k in BAKED_KEYS) or k.startswith(tuple(prefixes)))
 
 
 def _common(t: TransformerConfig, dtype: str, logits_dtype: str, tp_size: int) -> dict:
@@ -233,7 +337,15 @@ def build_configs(c: MagpieConfig, dtype: str = "float32", tp_size: int = 1, dro
         "ffn_split": ffn_split,
         "fork_q_scaling": {"encoder": 1 / math.sqrt(enc_t.sa_d_head), "decoder": 1 / math.sqrt(dec_t.sa_d_head)},
         "fork_deviations": fork_deviations(c),
+        "context": context_kind(c),
     }
+    parts = outside_engine_parts(c)
+    if parts:
+        meta_common["outside_engine"] = {"file": OUTSIDE_ENGINE_FILE, "parts": parts,
+                                         "tensors": outside_engine_names(c)}
+    if c.local_transformer is not None:
+        meta_common["local_transformer"] = (f"{c.local_transformer_type}: not in the engine (converted with "
+                                            "without_local_transformer); the engine samples every codebook on its own")
     enc = {"architecture": "T5TTSEncoderModel", **_common(enc_t, dtype, logits_dtype, tp_size),
            "vocab_size": c.num_text_tokens, "magpie_parity": {**meta_common, "component": "encoder"}}
     inf = c.inference
@@ -271,6 +383,10 @@ def build_configs(c: MagpieConfig, dtype: str = "float32", tp_size: int = 1, dro
         "attention_prior_lookahead": inf.attention_prior_lookahead_window,
         "attention_prior_window_left": PRIOR_WINDOW_LEFT,
         "attention_prior_window_right": PRIOR_WINDOW_RIGHT,
+        # decoder_ce: the prefix comes in as decoder_context_features (anand-nv@0c0df9f0 convert_checkpoint.py).
+        **({"use_context_embeddings": True} if c.model_type == "decoder_ce" else {}),
+        # the fork's converter writes the local-transformer engine's path, None without --localtransformer_path
+        **({"localtransformer_path": None} if c.local_transformer is not None else {}),
         "magpie_parity": {**meta_common, "component": "decoder"},
     }
     _check_tp(c, tp_size, ffn_split)
@@ -428,20 +544,32 @@ def _source(ckpt_path_or_model) -> tuple[MagpieConfig, dict[str, torch.Tensor], 
 
 def convert_in_memory(ckpt_path_or_model, dtype: str = "float32", tp_size: int = 1,
                       drop_lm_head_bias: bool = False, logits_dtype: str = "float32",
-                      ffn_split: str = "replicate") -> ConvertedCheckpoint:
+                      ffn_split: str = "replicate", without_local_transformer: bool = False) -> ConvertedCheckpoint:
     """Configs and per-rank weights without touching the disk."""
     c, sd, where = _source(ckpt_path_or_model)
     return convert_state_dict(c, sd, dtype=dtype, tp_size=tp_size, drop_lm_head_bias=drop_lm_head_bias,
-                              logits_dtype=logits_dtype, ffn_split=ffn_split, where=where)
+                              logits_dtype=logits_dtype, ffn_split=ffn_split, where=where,
+                              without_local_transformer=without_local_transformer)
+
+
+def local_transformer_refusal(c: MagpieConfig, where: str) -> str:
+    """The one line for a checkpoint whose local transformer the forks' decoder engine cannot hold."""
+    return (f"{where}: local_transformer_type={c.local_transformer_type!r}: the forks' decoder engine has no local "
+            "transformer (theirs is a separate engine exported from NeMo, convert_lt_to_trt.py / trtLocalTransformer."
+            "cpp); convert the decoder alone with without_local_transformer=True (the engine then samples every "
+            "codebook on its own, as NeMo with use_local_transformer_for_inference=False)")
 
 
 def convert_state_dict(c: MagpieConfig, sd: Mapping[str, torch.Tensor], dtype: str = "float32", tp_size: int = 1,
                        drop_lm_head_bias: bool = False, logits_dtype: str = "float32",
-                       ffn_split: str = "replicate", where: str = "checkpoint") -> ConvertedCheckpoint:
+                       ffn_split: str = "replicate", where: str = "checkpoint",
+                       without_local_transformer: bool = False) -> ConvertedCheckpoint:
+    """The TensorRT-LLM checkpoint of a validated NeMo state dict (see the module docstring for decoder_ce, the
+    local transformer and frame stacking)."""
     from reference.model import check_weights
 
-    if c.local_transformer_type != "none":
-        raise ConversionError(f"{where}: local_transformer_type={c.local_transformer_type!r} is not supported")
+    if c.local_transformer is not None and not without_local_transformer:
+        raise ConversionError(local_transformer_refusal(c, where))
     sd = check_weights(c, sd, where)  # the reference loader's own validation: the same weights pass both or neither
     enc_cfg, dec_cfg = build_configs(c, dtype, tp_size, drop_lm_head_bias, logits_dtype, ffn_split)
     td = DTYPES[dtype]
@@ -451,15 +579,20 @@ def convert_state_dict(c: MagpieConfig, sd: Mapping[str, torch.Tensor], dtype: s
         dw = decoder_weights(c, sd, tp_size, r, ffn_split, drop_lm_head_bias, where)
         out.encoder_ranks.append({k: v.to(td).contiguous() for k, v in ew.items()})
         out.decoder_ranks.append({k: v.to(td).contiguous() for k, v in dw.items()})
+    # not the engine's: the original tensors, the reference's dtype (the runner casts the rows it feeds)
+    out.outside_engine = {k: sd[k].detach().contiguous() for k in outside_engine_names(c)}
     return out
 
 
 def convert_checkpoint(ckpt_path_or_model, out_dir: Union[str, os.PathLike], dtype: str = "float32",
                        tp_size: int = 1, drop_lm_head_bias: bool = False, logits_dtype: str = "float32",
-                       ffn_split: str = "replicate", overwrite: bool = False) -> Path:
-    """Write ``out_dir/{encoder,decoder}/{config.json,rank{r}.safetensors}``; atomic (temp dir, then rename)."""
+                       ffn_split: str = "replicate", overwrite: bool = False,
+                       without_local_transformer: bool = False) -> Path:
+    """Write ``out_dir/{encoder,decoder}/{config.json,rank{r}.safetensors}`` (and, for what the engine does not
+    hold, ``out_dir/`` :data:`OUTSIDE_ENGINE_FILE`); atomic (temp dir, then rename)."""
     conv = convert_in_memory(ckpt_path_or_model, dtype=dtype, tp_size=tp_size, drop_lm_head_bias=drop_lm_head_bias,
-                             logits_dtype=logits_dtype, ffn_split=ffn_split)
+                             logits_dtype=logits_dtype, ffn_split=ffn_split,
+                             without_local_transformer=without_local_transformer)
     return write_converted(conv, out_dir, overwrite=overwrite)
 
 
@@ -509,6 +642,10 @@ def write_converted(conv: ConvertedCheckpoint, out_dir: Union[str, os.PathLike],
             (d / "config.json").write_text(json.dumps(cfg, indent=4, sort_keys=False) + "\n")
             for r, w in enumerate(ranks):
                 save_file(w, str(d / f"rank{r}.safetensors"), metadata={"format": "pt"})
+        if conv.outside_engine:
+            f = tmp / OUTSIDE_ENGINE_FILE
+            f.parent.mkdir()
+            save_file(conv.outside_engine, str(f), metadata={"format": "pt"})
         if os.path.lexists(out):
             _check_replaceable(out)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -619,8 +756,10 @@ def load_converted(ckpt_dir: Union[str, os.PathLike]) -> tuple[dict, dict[str, t
     tp = len(enc_ranks)
     has_bias = meta.get("lm_head_bias") == "kept"
 
-    # Rebuild the MagpieConfig from the metadata, then check the TRT-LLM keys against it (names the key).
-    c = _config_from_meta(meta, has_bias, where_e)
+    # Rebuild the MagpieConfig from the metadata (and what is kept beside the engine), then check the TRT-LLM keys
+    # against it (names the key).
+    outside = _read_outside(root, meta)
+    c = _config_from_meta(meta, has_bias, where_e, outside)
     exp_enc, exp_dec = build_configs(c, dtype=enc_cfg.get("dtype", "float32"), tp_size=tp,
                                      logits_dtype=enc_cfg.get("logits_dtype", "float32"), ffn_split=ffn_split)
     for cfg, exp, where in ((enc_cfg, exp_enc, where_e), (dec_cfg, exp_dec, where_d)):
@@ -630,10 +769,39 @@ def load_converted(ckpt_dir: Union[str, os.PathLike]) -> tuple[dict, dict[str, t
     if c.hash() != meta.get("config_hash"):
         raise ConversionError(f"{where_e}: magpie_parity.config_hash does not match magpie_parity.nemo_config")
 
+    want = outside_engine_names(c)
+    if sorted(outside) != want:
+        extra, missing = sorted(set(outside) - set(want)), sorted(set(want) - set(outside))
+        raise ConversionError(f"{root / OUTSIDE_ENGINE_FILE}: tensors do not match the config: missing {missing[:8]}, "
+                              f"unknown {extra[:8]}")
     sd: dict[str, torch.Tensor] = {}
     sd.update(_unmap_encoder(c, enc_ranks, ffn_split, str(root / "encoder")))
     sd.update(_unmap_decoder(c, dec_ranks, ffn_split, str(root / "decoder")))
+    sd.update(outside)
     return nemo_cfg, sd
+
+
+def _read_outside(root: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The tensors kept beside the engine (:data:`OUTSIDE_ENGINE_FILE`), if the metadata lists any."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = root / OUTSIDE_ENGINE_FILE
+    oe = meta.get("outside_engine")
+    if oe is None:
+        if os.path.lexists(f):
+            raise ConversionError(f"{f}: present, but magpie_parity in config.json lists nothing kept beside the "
+                                  "engine (mixed checkpoints?)")
+        return {}
+    if not isinstance(oe, dict) or not isinstance(oe.get("parts"), list):
+        raise ConversionError(f"{root / 'encoder' / 'config.json'}: magpie_parity.outside_engine is malformed")
+    if f.is_symlink() or not f.is_file():
+        raise ConversionError(f"{f}: missing: the {', '.join(map(str, oe['parts']))} the engine does not hold are "
+                              "kept there (convert the checkpoint again)")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{f}: unreadable safetensors file ({e})") from e
 
 
 # Keys whose value must agree with the metadata (hyper-parameters the engine is built from).
@@ -642,12 +810,14 @@ _CHECKED_KEYS = (
     "intermediate_size", "norm_epsilon", "vocab_size", "vocab_sizes", "num_vocabs", "max_position_embeddings",
     "has_position_embedding", "has_model_final_layernorm", "encoder_hidden_size", "encoder_num_heads",
     "encoder_head_size", "cross_attention_num_heads", "cross_attention_head_size", "has_encoder_input_layernorm",
-    "has_lm_head_bias", "pos_ff_kernel_size", "is_causal", "q_scaling", "mapping",
+    "has_lm_head_bias", "pos_ff_kernel_size", "is_causal", "q_scaling", "mapping", "use_context_embeddings",
 )
 
 
-def _config_from_meta(meta: dict, has_bias: bool, where: str) -> MagpieConfig:
-    """MagpieConfig from the stored NeMo config, with weight shapes synthesised from it (shape-only tensors)."""
+def _config_from_meta(meta: dict, has_bias: bool, where: str,
+                      outside: Optional[Mapping[str, torch.Tensor]] = None) -> MagpieConfig:
+    """MagpieConfig from the stored NeMo config, with weight shapes synthesised from it (shape-only tensors) and the
+    tensors kept beside the engine (the baked table's sizes and lengths are read from their values)."""
     from reference.config import ConfigError
 
     try:
@@ -668,6 +838,7 @@ def _config_from_meta(meta: dict, has_bias: bool, where: str) -> MagpieConfig:
             for i in range(t.n_layers):
                 shapes[f"{stack}.layers.{i}.norm_self.weight"] = (t.d_model,)
         fake = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+        fake.update(outside or {})
         return MagpieConfig.from_nemo(nemo_cfg, fake, where=where)
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{where}: magpie_parity.nemo_config is not a valid MagpieTTS config ({e})") from e

@@ -444,3 +444,116 @@ def test_overwrite_replaces_only_a_converted_checkpoint(fixture_dir, tmp_path):
     out = convert_checkpoint(fixture_dir / "released_small.nemo", tmp_path / "ckpt")
     assert convert_checkpoint(fixture_dir / "four_codebooks.nemo", out, overwrite=True) == out  # its own: replaced
     assert reference_from_trtllm(out).config.num_audio_codebooks == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoder_ce (baked speaker tables, context encoders), local transformers, frame stacking
+# ---------------------------------------------------------------------------------------------------------------
+
+DCE_CASES = ["dce_context", "dce_baked_v2607", "dce_baked_v2602", "dce_maskgit"]
+DATA = ROOT / "fixtures" / "data"
+
+
+def dce_case(case):
+    if not (DATA / f"{case}.nemo").is_file():
+        pytest.skip(f"fixtures/data/{case}.nemo is not built")
+    return MagpieTTS.from_nemo(DATA / f"{case}.nemo"), load_file(str(DATA / f"{case}.batch.safetensors"))
+
+
+@pytest.mark.parametrize("case", DCE_CASES + ["stacked_lt"])
+def test_decoder_ce_and_local_transformer_round_trip(case, tmp_path):
+    """Every dce fixture (and the decoder_context_tts one with a local transformer): refused in one line without
+    without_local_transformer; with it, the engine weights hold only what the forks' decoder engine holds, the rest is
+    kept beside, and the reference rebuilt from the converted folder is the original, logits bit for bit."""
+    model, batch = dce_case(case)
+    c = model.config
+    with pytest.raises(ConversionError, match=r"local_transformer_type='(autoregressive|maskgit)': the forks' decoder "
+                                              r"engine has no local transformer .*without_local_transformer=True") as e:
+        convert_checkpoint(DATA / f"{case}.nemo", tmp_path / "refused")
+    assert "\n" not in str(e.value) and not (tmp_path / "refused").exists()
+    out = convert_checkpoint(DATA / f"{case}.nemo", tmp_path / "ck", without_local_transformer=True)
+    back = reference_from_trtllm(out)
+    assert back.config == c
+    sd, orig = back.state_dict(), model.state_dict()
+    assert set(sd) == set(orig) and all(torch.equal(sd[k], orig[k]) for k in orig)
+    ref = logits(model, batch)
+    assert ref.abs().max() > 0 and torch.equal(logits(back, batch), ref)
+    # the engine's weights: the fork's names only (no baked table, context encoder or local transformer)
+    dec_w = load_file(str(out / "decoder" / "rank0.safetensors"))
+    assert set(dec_w) == expected_names(c, "decoder")
+    assert set(load_file(str(out / "encoder" / "rank0.safetensors"))) == expected_names(c, "encoder")
+    # beside it, NeMo's names, the original values and dtypes
+    side = load_file(str(out / "magpie_parity" / "outside_engine.safetensors"))
+    assert all(torch.equal(side[k], orig[k]) and side[k].dtype == orig[k].dtype for k in side)
+    want = {k for k in orig if k.startswith("local_transformer")}
+    if c.baked:
+        want |= {"baked_context_embedding.weight", "_baked_embedding_T", "_baked_embedding_D",
+                 "baked_context_embedding_len"}
+    want |= {k for k in orig if k.startswith("context_encoder.")}
+    assert set(side) == want
+    d = json.loads((out / "decoder" / "config.json").read_text())
+    S, C, V = c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
+    assert d["vocab_sizes"] == [V] * (C * S) and d["num_vocabs"] == C * S and d["stacking_factor"] == S
+    assert d["localtransformer_path"] is None  # the fork's converter without --localtransformer_path
+    meta = d["magpie_parity"]
+    assert meta["outside_engine"]["file"] == "magpie_parity/outside_engine.safetensors"
+    assert meta["outside_engine"]["tensors"] == sorted(want)
+    if c.model_type == "decoder_ce":
+        assert d["use_context_embeddings"] is True  # anand-nv@0c0df9f0 convert_checkpoint.py
+        assert meta["context"] == ("baked" if c.baked else "context_encoder")
+    else:
+        assert "use_context_embeddings" not in d and meta["context"] == "codes"
+
+
+@pytest.mark.parametrize("case", DCE_CASES)
+def test_minimal_nemo_config_rebuilds_decoder_ce_configs(case):
+    model, _ = dce_case(case)
+    cfg = nemo_config_from_magpie(model.config)
+    json.dumps(cfg)
+    assert MagpieConfig.from_nemo(cfg, model.state_dict()) == model.config
+
+
+def test_decoder_ce_in_reduced_precision_keeps_the_side_tensors_exact(tmp_path):
+    model, batch = dce_case("dce_baked_v2607")
+    out = convert_checkpoint(model, tmp_path / "fp16", dtype="float16", without_local_transformer=True)
+    side = load_file(str(out / "magpie_parity" / "outside_engine.safetensors"))
+    assert side["baked_context_embedding.weight"].dtype == torch.float32
+    back = reference_from_trtllm(out)
+    assert torch.equal(back.baked_context_embedding.weight, model.baked_context_embedding.weight)
+    ref, got = logits(model, batch), logits(back, batch)
+    assert 0 < (got - ref).abs().max().item() <= 2e-3 * ref.abs().max().item()
+
+
+def test_side_file_missing_or_disagreeing_is_one_error(tmp_path):
+    model, _ = dce_case("dce_baked_v2602")
+    out = convert_checkpoint(model, tmp_path / "ck", without_local_transformer=True)
+    side = out / "magpie_parity" / "outside_engine.safetensors"
+    tensors = load_file(str(side))
+    side.unlink()
+    with pytest.raises(ConversionError, match=r"outside_engine.safetensors: missing: the baked speaker table, "
+                                              r"autoregressive local transformer the engine does not hold"):
+        load_converted(out)
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, str(side))
+    with pytest.raises(ConversionError, match=r"tensors do not match the config: missing \[\], unknown \['extra"):
+        load_converted(out)
+    side.write_bytes(b"garbage")
+    with pytest.raises(ConversionError, match=r"unreadable safetensors file"):
+        load_converted(out)
+    # a side file the metadata does not list
+    plain = convert_checkpoint(tiny_model(), tmp_path / "plain")
+    (plain / "magpie_parity").mkdir()
+    save_file(tensors, str(plain / "magpie_parity" / "outside_engine.safetensors"))
+    with pytest.raises(ConversionError, match=r"present, but magpie_parity in config.json lists nothing"):
+        load_converted(plain)
+
+
+def test_decoder_ce_config_key_is_checked(tmp_path):
+    model, _ = dce_case("dce_context")
+    out = convert_checkpoint(model, tmp_path / "ck", without_local_transformer=True)
+    p = out / "decoder" / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["use_context_embeddings"] = False
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=r"config key 'use_context_embeddings' is False but the checkpoint "
+                                              r"metadata implies True"):
+        load_converted(out)

@@ -63,6 +63,25 @@ def test_convert_bad_input_exits_2(tmp_path, capsys, converted):
                  "--tp-size", "0"]) == 2
 
 
+def test_convert_decoder_ce_refuses_the_local_transformer_in_one_line_then_converts_without_it(tmp_path, capsys):
+    for case in ("dce_baked_v2607", "dce_context"):
+        out = tmp_path / case
+        assert main(["convert", "--checkpoint", f"{FIX}/{case}.nemo", "--out", str(out)]) == 2
+        line = _err_line(capsys)
+        assert "local_transformer_type='autoregressive': the forks' decoder engine has no local transformer" in line
+        assert "--without-local-transformer" in line and "without_local_transformer=True" not in line
+        assert not out.exists()
+        assert main(["convert", "--checkpoint", f"{FIX}/{case}.nemo", "--out", str(out),
+                     "--without-local-transformer"]) == 0
+        text = capsys.readouterr().out
+        kind = "baked speaker table" if "baked" in case else "context encoder"
+        assert f"decoder_ce ({kind}): the engine takes the context prefix as decoder_context_features" in text
+        assert f"kept beside the engine for the reference: {kind}, autoregressive local transformer" in text
+        assert "as NeMo with use_local_transformer_for_inference=False" in text
+        assert (out / "magpie_parity" / "outside_engine.safetensors").is_file()
+    assert "frame_stacking_factor=2: written as 4 vocabularies" not in text  # dce_context: fsf 1
+
+
 def test_build_prints_commands(converted, tmp_path, capsys):
     eng = tmp_path / "engines"
     assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(eng), "--profile", "parity",
