@@ -12,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trt.build import BackendUnavailable
-from trt.runner import (RunnerInputError, build_requests, decode_outputs, decoder_engine_dir, flat_ids,
-                        generate_kwargs, prompt_codes, reference_context_features, reference_encoder_features,
-                        run_engine, runner_kwargs, sampling_kwargs, unflatten_ids)
+from trt.runner import (RunnerInputError, bos_embedding, build_requests, decode_outputs, decoder_engine_dir,
+                        flat_ids, generate_kwargs, prompt_codes, reference_context_features,
+                        reference_encoder_features, run_engine, runner_kwargs, sampling_kwargs,
+                        uncond_context_features, unflatten_ids)
 
 CASES = ["released_small", "four_codebooks"]
+DCE_CASES = ["dce_context", "dce_baked_v2607", "dce_baked_v2602", "dce_maskgit"]
 
 
 def _model_batch(case):
@@ -140,6 +142,141 @@ def test_decode_outputs_like_the_fork_runner():
     lens = torch.tensor([[ids0.numel()], [prompt.numel() + 2]])
     codes = decode_outputs(out, lens, [prompt.numel()] * 2, C, V, eos)
     assert torch.equal(codes[0], gen[:, :2]) and torch.equal(codes[1], gen1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(0, 6), st.integers(2, 50), st.data())
+def test_stacked_flat_ids_round_trip_and_layout(C, S, P, V, data):
+    """Frame stacking: a position holds S frames of C codebooks, frame s codebook c in vocabulary c + s * C
+    (anand-nv@0c0df9f0 run_decoder_multiling_executor.py's de-offset (i + f * books_num) * book_size)."""
+    T = P * S
+    codes = torch.tensor(data.draw(st.lists(st.integers(0, V - 1), min_size=C * T, max_size=C * T)),
+                         dtype=torch.long).reshape(C, T)
+    ids = flat_ids(codes, V, S)
+    assert ids.numel() == C * T
+    for p in range(P):
+        for s in range(S):
+            for c in range(C):
+                assert int(ids[p * C * S + s * C + c]) == int(codes[c, p * S + s]) + (c + s * C) * V
+    assert torch.equal(unflatten_ids(ids, C, V, S), codes)
+    if S > 1:
+        with pytest.raises(RunnerInputError, match="whole stacks"):
+            flat_ids(torch.zeros(C, S + 1, dtype=torch.long), V, S)
+        with pytest.raises(RunnerInputError, match="stacked frames"):
+            unflatten_ids(torch.zeros(C * S + C, dtype=torch.int32), C, V, S)
+
+
+@pytest.mark.parametrize("tail", [None, 33])
+def test_stacked_prompt_is_the_reference_step0_input(tail):
+    """decoder_context_tts with frame stacking (stacked_lt, S = 2): prompt ids and features are the reference's
+    step-0 decoder input, NeMo's padding of the last context stack included (the batch row's frames after the
+    context's end: ``tail`` fills them with a code that is not 0)."""
+    model, batch = _model_batch("stacked_lt")
+    c = model.config
+    if tail is not None:
+        batch = dict(batch, context_audio_codes=batch["context_audio_codes"].clone())
+        for b, n in enumerate(batch["context_audio_codes_lens"].tolist()):
+            batch["context_audio_codes"][b, :, n:] = tail
+    S, C, V = c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
+    assert S == 2
+    feats = reference_context_features(model, batch)
+    with model.capture(["decoder_input"]) as cap:
+        model.infer_batch(batch, use_cfg=True, use_kv_cache=True, topk=1, max_decoder_steps=4)
+    dec_in = cap.get("decoder_input", 0)
+    B, T = batch["text"].shape[0], dec_in.shape[1]
+    enc = reference_encoder_features(model, batch)
+    reqs = build_requests(c, batch, enc)
+    for b in range(B):
+        n = int(batch["context_audio_codes_lens"][b])
+        P = -(-(n + 2) // S)
+        p = prompt_codes(c, batch["context_audio_codes"][b], n)
+        assert p.shape == (C, (P + 1) * S) and (p[:, -S:] == c.audio_bos_id).all()
+        assert feats[b].shape[0] == P + 1
+        assert torch.equal(feats[b][:-1], dec_in[b, :P]) and torch.equal(feats[b][-1], dec_in[b, T - 1])
+        assert torch.equal(feats[b][-1:], bos_embedding(model))
+        assert torch.equal(unflatten_ids(reqs[b].input_ids, C, V, S), p)
+        assert reqs[b].input_ids.numel() == (P + 1) * C * S
+
+
+@pytest.mark.parametrize("case", DCE_CASES)
+def test_decoder_ce_requests_are_the_reference_prefix_and_bos(case):
+    """decoder_ce: decoder_context_features = the reference's decoder_context rows (valid length) + the BOS-frame
+    embedding, dummy zero ids P * C * S; with CFG the unconditional rows are NeMo's (zero prefix, BOS kept): both
+    equal the reference's step-0 decoder input, conditional and unconditional rows."""
+    model, batch = _model_batch(case)
+    c = model.config
+    S, C = c.frame_stacking_factor, c.num_audio_codebooks
+    B = batch["text"].shape[0]
+    feats = reference_context_features(model, batch)
+    with model.capture(["decoder_input"]) as cap:
+        model.infer_batch(batch, use_cfg=True, use_kv_cache=True, topk=1, max_decoder_steps=4)
+    dec_in = cap.get("decoder_input", 0)  # (2B, T_ctx + 1, D): cond rows, then uncond rows
+    T = dec_in.shape[1]
+    with torch.no_grad():
+        emb, mask = model.decoder_context(batch)
+    enc = reference_encoder_features(model, batch)
+    reqs = build_requests(c, batch, enc, context_features=feats, context_as_features=True, use_cfg=True,
+                          dtype=torch.float32)
+    for b in range(B):
+        n = int(mask[b].sum())
+        assert feats[b].shape == (n + 1, c.d_model) and feats[b].abs().max() > 0
+        assert torch.equal(feats[b][:n], emb[b, :n]) and torch.equal(feats[b][:n], dec_in[b, :n])
+        assert torch.equal(feats[b][-1], dec_in[b, T - 1])
+        unc = reqs[b].decoder_context_features[n + 1:]
+        assert torch.equal(reqs[b].decoder_context_features[:n + 1], feats[b])
+        assert torch.equal(unc, uncond_context_features(feats[b]))
+        assert torch.equal(unc[:n], dec_in[B + b, :n]) and torch.equal(unc[-1], dec_in[B + b, T - 1])
+        assert reqs[b].input_ids.numel() == (n + 1) * C * S and not reqs[b].input_ids.any()
+        assert reqs[b].input_ids.dtype == torch.int32
+    # cond rows only (run_decoder_multiling(_executor).py), the engine dtype
+    half = build_requests(c, batch, enc, context_features=feats, context_as_features=True, use_cfg=True,
+                          cfg_uncond_features=False)
+    assert all(torch.equal(r.decoder_context_features, f.half()) for r, f in zip(half, feats))
+    kw = generate_kwargs(half, sampling_kwargs(use_cfg=True, cfg_scale=2.5, temperature=0.6, top_k=80,
+                                               end_id=c.audio_eos_id, max_new_tokens=5), context_as_features=True)
+    assert [t.shape[0] for t in kw["decoder_context_features"]] == [f.shape[0] for f in feats]
+    with pytest.raises(RunnerInputError, match=r"^decoder_ce: the engine (holds no baked speaker table|cannot run the "
+                                               r"context encoder); its prompt is decoder_context_features .*pass "
+                                               r"context_as_features=True$"):
+        build_requests(c, batch, enc)
+
+
+def test_baked_speakers_select_their_rows():
+    model, batch = _model_batch("dce_baked_v2607")
+    c = model.config
+    b2 = dict(batch, speaker_indices=torch.tensor([3, 0, 3]))
+    feats = reference_context_features(model, b2)
+    table = model.baked_context_embedding.weight.detach().view(c.baked_speakers, c.baked_frames, c.d_model)
+    for f, k in zip(feats, [3, 0, 3]):
+        assert torch.equal(f[:-1], table[k]) and torch.equal(f[-1:], bos_embedding(model))
+    assert not torch.equal(feats[0], feats[1]) and torch.equal(feats[0], feats[2])
+    no_idx = {k: v for k, v in batch.items() if k != "speaker_indices"}  # None: speaker 0 for every item, as NeMo
+    assert all(torch.equal(f[:-1], table[0]) for f in reference_context_features(model, no_idx))
+
+
+def test_decode_stacked_outputs_like_the_fork_runner():
+    """S = 2: each step emits 2 frames of C codebooks; EOS in the second frame of a step keeps the first."""
+    C, V, S, eos = 2, 10, 2, 7
+    prompt = torch.zeros(2 * C * S, dtype=torch.int32)  # 2 positions of dummy ids
+    gen = torch.tensor([[1, 2, 3, 7], [4, 5, 6, 1]])  # frames 0..3, frame 3 holds EOS
+    ids = torch.cat([prompt, flat_ids(gen, V, S)])
+    out = ids.view(1, 1, -1)
+    codes = decode_outputs(out, torch.tensor([[ids.numel()]]), [prompt.numel()], C, V, eos, S)
+    assert torch.equal(codes[0], gen[:, :3])
+    with pytest.raises(RunnerInputError, match="whole stacks"):
+        flat_ids(gen[:, :3], V, S)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
+def test_run_engine_on_decoder_ce_needs_features_and_then_the_backend(tmp_path):
+    model, batch = _model_batch("dce_baked_v2602")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RunnerInputError, match="holds no baked speaker table"):
+        run_engine(tmp_path, batch, use_cfg=True, cfg_scale=2.5, max_new_tokens=4, temperature=0.6, top_k=80,
+                   model=model)
+    with pytest.raises(BackendUnavailable, match="TensorRT-LLM is not importable"):
+        run_engine(tmp_path, batch, use_cfg=True, cfg_scale=2.5, max_new_tokens=4, temperature=0.6, top_k=80,
+                   model=model, context_as_features=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
