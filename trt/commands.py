@@ -243,21 +243,34 @@ def configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-frames", type=int, default=None, help="default: the seed benchmark's")
     p.add_argument("--output-frames", type=int, default=None, help="default: the seed benchmark's")
     p.add_argument("--checkpoint", metavar="CKPT", default=None,
-                   help="take codebooks, vocabulary and text ids from this checkpoint (default: the fork's defaults)")
+                   help="take codebooks, vocabulary and text ids from this checkpoint (default: the fork's defaults); "
+                        "a decoder_ce checkpoint gives input_feat/context_feat samples (the reference's encoder "
+                        "output and context prefix + BOS row)")
+    p.add_argument("--speakers", default=None, metavar="K,K,...",
+                   help="decoder_ce with baked speakers: the speaker indices, cycled over the samples (default: all)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     separate({"--checkpoint": args.checkpoint}, {"--out": args.out})
     output_file(args.out, "--out", DATASET_FILE)
+    speakers = None
+    if args.speakers is not None:
+        try:
+            speakers = [int(k) for k in args.speakers.split(",")]
+        except ValueError:
+            raise BadInput(f"--speakers {args.speakers!r}: expected comma-separated speaker indices") from None
+        if not args.checkpoint:
+            raise BadInput("--speakers needs --checkpoint (a decoder_ce checkpoint with baked speakers)")
     from trt.benchmark_data import (SEED_CONTEXT_FRAMES, SEED_NUM_SAMPLES, SEED_OUTPUT_FRAMES, SEED_TEXT_LEN,
-                                    BenchmarkDataError, generate_dataset, read_dataset, write_dataset)
+                                    BenchmarkDataError, decoder_ce_dataset, generate_dataset, read_dataset,
+                                    write_dataset)
 
     for name, seed in (("samples", SEED_NUM_SAMPLES), ("text_len", SEED_TEXT_LEN),
                        ("context_frames", SEED_CONTEXT_FRAMES), ("output_frames", SEED_OUTPUT_FRAMES)):
         if getattr(args, name) is None:
             setattr(args, name, seed)
-    config = None
+    config = raw = None
     if args.checkpoint:
         from reference.checkpoint import CheckpointError, read_checkpoint
         from reference.config import ConfigError, MagpieConfig
@@ -267,9 +280,24 @@ def run_bench(args: argparse.Namespace) -> int:
             config = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(raw.path))
         except (CheckpointError, ConfigError) as exc:
             raise BadInput(str(exc)) from None
+        if speakers is not None and not config.baked:
+            raise BadInput(f"--speakers: {args.checkpoint} bakes no speakers (model_type {config.model_type}"
+                           f"{', context encoder' if config.context_encoder is not None else ''})")
     try:
-        ds = generate_dataset(args.samples, args.text_len, args.context_frames, args.output_frames, config=config,
-                              seed=args.seed)
+        if config is not None and config.model_type == "decoder_ce":
+            from reference.batch import BatchError
+            from reference.checkpoint import CheckpointError
+            from reference.model import MagpieTTS
+
+            try:
+                model = MagpieTTS.from_state_dict(raw.config, raw.state_dict, where=str(raw.path))
+                ds = decoder_ce_dataset(model, args.samples, args.text_len, args.context_frames, args.output_frames,
+                                        speakers=speakers, seed=args.seed)
+            except (CheckpointError, BatchError) as exc:
+                raise BadInput(str(exc)) from None
+        else:
+            ds = generate_dataset(args.samples, args.text_len, args.context_frames, args.output_frames,
+                                  config=config, seed=args.seed)
         if os.path.lexists(args.out):
             check_replaceable_file(args.out, "--out", DATASET_FILE)
         with writing(args.out, "--out"):
@@ -278,6 +306,8 @@ def run_bench(args: argparse.Namespace) -> int:
     except (ValueError, BenchmarkDataError) as exc:
         raise BadInput(str(exc)) from None
     kind = f"input_feat dim {back.feature_dim}" if back.feature_dim else "input_ids"
+    if back.metadata.get("model_type") == "decoder_ce":
+        kind += f" + context_feat ({back.metadata['context']}, conditional rows: context prefix + BOS row)"
     print(f"wrote {path}: {len(back.samples)} samples, {kind}, num_vocabs {back.num_vocabs}, "
           f"audio_vocab_size {back.audio_vocab_size}")
     return EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -148,3 +149,100 @@ def test_to_reference_batch_runs_the_reference(tmp_path):
     with pytest.raises(bd.BenchmarkDataError, match="has input_feat"):
         bd.to_reference_batch(bd.generate_dataset(num_samples=1, config=c, feature_dim=4, text_len=2,
                                                   context_frames=2), c)
+
+
+# ------------------------------------------------------------------------------------ decoder_ce
+
+DCE_CASES = ["dce_context", "dce_baked_v2607", "dce_baked_v2602", "dce_maskgit"]
+
+
+def _dce_model(case):
+    fx = ROOT / "fixtures" / "data" / f"{case}.nemo"
+    if not fx.is_file():
+        pytest.fail(f"fixtures/data/{case}.nemo is missing: the bundled fixtures are part of the repository")
+    return MagpieTTS.from_nemo(fx)
+
+
+@pytest.mark.parametrize("case", DCE_CASES)
+def test_decoder_ce_dataset_is_the_runners_requests(case, tmp_path):
+    """A decoder_ce dataset in the fork's feature layout (input_feat, context_ids, context_feat), read back: the batch
+    to_reference_batch rebuilds gives the reference (and the runner) exactly the written features; the ids are the
+    forks' dummy zeros over (P + 1) positions of C * S vocabularies."""
+    from trt.runner import reference_context_features, reference_encoder_features
+
+    model = _dce_model(case)
+    c = model.config
+    C, S, D = c.num_audio_codebooks, c.frame_stacking_factor, c.d_model
+    speakers = [2, 0] if c.baked else None
+    ds = bd.decoder_ce_dataset(model, num_samples=3, text_len=5, context_frames=4, output_frames=6,
+                               speakers=speakers, seed=1)
+    path = bd.write_dataset(ds, tmp_path / "b.json")
+    blob = json.loads(path.read_text())
+    s0 = blob["samples"][0]
+    assert list(s0) == ["input_len", "output_len", "task_id", "input_feat", "context_ids", "context_feat", "magpie"]
+    md = blob["metadata"]
+    assert md["num_vocabs"] == C * S and md["feature_dim"] == D and md["model_type"] == "decoder_ce"
+    assert md["context"] == ("baked" if c.baked else "context_encoder") and md["config_hash"] == c.hash()
+    back = bd.read_dataset(path)
+    batch = bd.to_reference_batch(back, c, audio_seed=0)
+    if c.baked:
+        assert batch["speaker_indices"].tolist() == [2, 0, 2] and "context_audio_codes" not in batch
+    else:
+        assert batch["context_audio_codes"].shape == (3, C, 4) and batch["context_audio_codes_lens"].tolist() == [4] * 3
+    enc, ctx = reference_encoder_features(model, batch), reference_context_features(model, batch)
+    for s, e, f in zip(back.samples, enc, ctx):
+        assert torch.equal(torch.tensor(s.input_feat).view(-1, D), e)
+        assert torch.equal(torch.tensor(s.context_feat).view(-1, D), f)
+        assert s.context_ids == [0] * (f.shape[0] * C * S)
+        assert (s.input_len, s.output_len) == (5, 6)
+    with torch.no_grad():
+        out = model.process_batch(batch)["logits"]
+    assert torch.isfinite(out).all()
+
+
+def test_decoder_ce_dataset_and_batch_errors(tmp_path):
+    baked, ctx_model = _dce_model("dce_baked_v2602"), _dce_model("dce_context")
+    with pytest.raises(bd.BenchmarkDataError, match=r"speakers \[3\] outside \[0, 2\] \(the checkpoint bakes 3"):
+        bd.decoder_ce_dataset(baked, num_samples=1, text_len=2, speakers=[0, 3])
+    with pytest.raises(bd.BenchmarkDataError, match="has a context encoder, not baked speakers"):
+        bd.decoder_ce_dataset(ctx_model, num_samples=1, text_len=2, speakers=[0])
+    plain = MagpieTTS.from_nemo(ROOT / "fixtures" / "data" / "released_small.nemo")
+    with pytest.raises(bd.BenchmarkDataError, match="is not decoder_ce"):
+        bd.decoder_ce_dataset(plain, num_samples=1)
+    ds = bd.decoder_ce_dataset(baked, num_samples=2, text_len=3, output_frames=2, seed=0)
+    good = json.loads(bd.write_dataset(ds, tmp_path / "g.json").read_text())
+
+    def read(edit):
+        blob = json.loads(json.dumps(good))
+        edit(blob)
+        return bd.read_dataset(write_raw(tmp_path, blob))
+
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]\.context_feat: needs input_feat"):
+        read(lambda b: b["samples"][0].update(input_ids=[1, 2, 3]) or b["samples"][0].pop("input_feat"))
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[1\]\.context_feat: 31 values is not the prompt's 9 rows"):
+        read(lambda b: b["samples"][1].update(context_feat=b["samples"][1]["context_feat"][:31]))
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]\.context_ids: with context_feat the ids are "
+                                                    r"placeholders but must lie in \[0, 144\)"):
+        read(lambda b: b["samples"][0]["context_ids"].__setitem__(0, 144))
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]\.magpie: needs exactly one of"):
+        read(lambda b: b["samples"][0]["magpie"].update(context_codes=[[1], [2]]))
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[1\]\.magpie\.text_ids: must be input_len 3"):
+        read(lambda b: b["samples"][1]["magpie"].update(text_ids=[1]))
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]\.magpie: unknown fields \['x'\]"):
+        read(lambda b: b["samples"][0]["magpie"].update(x=1))
+    c = baked.config
+    no_extras = read(lambda b: [s.pop("magpie") for s in b["samples"]])
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]: no 'magpie' extras .* bench-data --checkpoint"):
+        bd.to_reference_batch(no_extras, c)
+    far = read(lambda b: b["samples"][1]["magpie"].update(speaker_index=7))
+    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[1\]\.magpie\.speaker_index: 7 outside \[0, 2\]"):
+        bd.to_reference_batch(far, c)
+    other = read(lambda b: b["metadata"].update(config_hash="0" * 16))
+    with pytest.raises(bd.BenchmarkDataError, match="was written for another checkpoint"):
+        bd.to_reference_batch(other, c)
+    with pytest.raises(bd.BenchmarkDataError, match="dataset metadata.context is 'baked', the checkpoint's context is "
+                                                    "'context_encoder'"):
+        bd.to_reference_batch(bd.read_dataset(tmp_path / "g.json"), ctx_model.config)
+    with pytest.raises(bd.BenchmarkDataError, match="was written for a decoder_ce checkpoint"):
+        bd.to_reference_batch(bd.read_dataset(tmp_path / "g.json"),
+                              dataclasses.replace(c, model_type="decoder_context_tts", baked_speakers=0, baked_frames=0))

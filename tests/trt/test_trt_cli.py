@@ -180,6 +180,31 @@ def test_bench_data_round_trip(tmp_path, capsys):
     assert "num_vocabs 4" in capsys.readouterr().out
 
 
+def test_bench_data_decoder_ce(tmp_path, capsys):
+    from trt.benchmark_data import read_dataset
+
+    out = tmp_path / "dce.json"
+    assert main(["bench-data", "--out", str(out), "--samples", "3", "--text-len", "4", "--output-frames", "5",
+                 "--checkpoint", f"{FIX}/dce_baked_v2607.nemo", "--speakers", "1,3"]) == 0
+    assert "+ context_feat (baked, conditional rows: context prefix + BOS row), num_vocabs 4" in capsys.readouterr().out
+    ds = read_dataset(out)
+    assert [s.magpie["speaker_index"] for s in ds.samples] == [1, 3, 1] and ds.feature_dim == 32
+    out2 = tmp_path / "dce_ctx.json"
+    assert main(["bench-data", "--out", str(out2), "--samples", "2", "--text-len", "4", "--context-frames", "3",
+                 "--output-frames", "5", "--checkpoint", f"{FIX}/dce_context.nemo"]) == 0
+    assert len(read_dataset(out2).samples[0].magpie["context_codes"][0]) == 3
+    for argv, want in (
+            (["--checkpoint", f"{FIX}/dce_context.nemo", "--speakers", "0"],
+             "--speakers: fixtures/data/dce_context.nemo bakes no speakers (model_type decoder_ce, context encoder)"),
+            (["--checkpoint", f"{FIX}/dce_baked_v2607.nemo", "--speakers", "0,4"],
+             "speakers [4] outside [0, 3] (the checkpoint bakes 4 speakers)"),
+            (["--checkpoint", f"{FIX}/dce_baked_v2607.nemo", "--speakers", "a"], "expected comma-separated"),
+            (["--speakers", "1"], "--speakers needs --checkpoint")):
+        assert main(["bench-data", "--out", str(tmp_path / "x.json"), "--samples", "1", "--text-len", "2"] + argv) == 2
+        assert want in _err_line(capsys)
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_bench_data_bad_input_exits_2(tmp_path, capsys):
     assert main(["bench-data", "--out", str(tmp_path / "b.json"), "--samples", "0"]) == 2
     assert "num_samples must be >= 1" in _err_line(capsys)
