@@ -373,6 +373,14 @@ _add("decoder_input", ("fork_c6ff2312",) + _UP, "embedding_layer_output",
      {"fork_c6ff2312": f"T5TTSDecoderModel.forward: {_RNO}('embedding_layer_output')",
       "upstream_old": f"DecoderModel.forward: {_RNO}('embedding_layer_output')",
       "upstream_new": f"DecoderModel.forward: {_RNO}('embedding_layer_output')"})
+_add("decoder_input", ("fork_497d0e69",), "decoder_context_features",
+     TrtInfo(**_DEC, final_ln="pre",
+             note="engine input, not a debug output: decoder_ce prompts (context prefix + BOS row), used where "
+                  "decoder_context_features_mask is set in place of the mean codebook embedding, before the learned "
+                  "positions; ingested at step 0 only (a CFG unconditional prompt without feature rows is the zero "
+                  "service token); the generation tokens' rows are not the decoder input"),
+     "T5TTSDecoderModel.prepare_inputs: Tensor('decoder_context_features') with use_context_embeddings; "
+     "EncoderDecoderEmbedding: where(decoder_context_features_mask, decoder_context_features, x)")
 for _kind in ("self_attention", "cross_attention"):
     _add(f"decoder.layers.{{i}}.{_kind}", ("fork_c6ff2312", "upstream_old"), f"decoder_layers.{{i}}.{_kind}_output",
          TrtInfo(**_DEC, final_ln="pre", note="dense output, before the residual add"),

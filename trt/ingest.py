@@ -45,6 +45,12 @@ Canonical layout written (what ``parity.reference_capture.dump_reference_infer(.
   ``(rows, 1, T_text)`` after, each sequence's rows against its own encoder columns (split with
   ``encoder_input_lengths`` / ``encoder_output_lengths``), zero padded to the longest text; none has a reference
   counterpart: compare them with ``--names`` or against another engine dump;
+* decoder_ce runs: the decoder engine's ``decoder_context_features`` input (with
+  ``decoder_context_features_mask``) of the context iterations becomes ``decoder_input`` at step 0, each sequence's
+  prompt rows as above: the feature rows where the mask is set; an unconditional prompt without features is the
+  zero service-token embedding (BOS row included); see :func:`_context_feature_rows`. The reference's
+  ``decoder_input`` at step 0 of a KV-cached infer dump is [context prefix | BOS frame]: equal where every prompt has
+  one length (baked speakers of one table);
 * ``embedding_layer_output`` is skipped: it holds the learned position embedding added to the canonical
   ``decoder_input``. Engine I/O that are not activations (KV pool pointers, lengths, ids, ...) are skipped and
   listed in ``meta["skipped"]``; a name that is neither is an error listing every such name.
@@ -78,12 +84,12 @@ _RANK_RE = re.compile(r"^(PP|TP)_(\d+)$")
 
 # Per-iteration bookkeeping tensors the ingest reads itself.
 _META = {"request_ids", "host_request_types", "host_context_lengths", "context_lengths", "sequence_length",
-         "encoder_input_lengths", "encoder_output_lengths"}
+         "encoder_input_lengths", "encoder_output_lengths", "decoder_context_features_mask"}
 # Engine I/O that are not activations (trtllm.md 1.2-1.3, architecture.md 10): skipped, listed in the manifest.
 _SKIP_EXACT = {
     "input_ids", "position_ids", "last_token_ids", "cache_indirection", "encoder_max_input_length",
-    "cross_attention_mask", "cross_attention_packed_mask", "decoder_context_features",
-    "decoder_context_features_mask", "cross_kv_cache_gen", "skip_cross_attn_blocks", "attention_mask",
+    "cross_attention_mask", "cross_attention_packed_mask", "cross_kv_cache_gen", "skip_cross_attn_blocks",
+    "attention_mask",
     "hidden_states_input", "hidden_states_output", "scores", "runtime_perf_knobs", "language_adapter_routings",
 }
 _SKIP_RE = re.compile(
@@ -388,14 +394,22 @@ def detect_generation(names: Iterable[str], shapes: Optional[Mapping[str, Sequen
 
     shapes: name -> shape of some dumped tensors; only ``logits`` and ``encoder_output`` are read, to tell
     fork_497d0e69 (``logits`` is the hidden state, as wide as ``encoder_output``) from fork_19ff87be (real
-    logits) when the dump lacks the ``decoder_context_features`` inputs that only fork_497d0e69 has.
+    logits) when the dump lacks the ``decoder_context_features`` inputs that only fork_497d0e69 has among the
+    generations of parity/names.py, and to refuse a dump with those inputs and real logits (a later anand-nv engine,
+    anand-nv@0c0df9f0 runtimeBuffers.cpp, which parity/names.py does not describe).
     """
     names = set(names)
-    if names & _PRIOR_IO:
-        if names & _CONTEXT_FEATURES:
-            return "fork_497d0e69"
+    if names & (_PRIOR_IO | _CONTEXT_FEATURES):
         widths = {n: tuple(shapes[n])[-1] for n in ("logits", "encoder_output")
                   if shapes and n in shapes and len(tuple(shapes[n])) >= 2}
+        if names & _CONTEXT_FEATURES:
+            if len(widths) == 2 and widths["logits"] != widths["encoder_output"]:
+                raise IngestError(
+                    "decoder_context_features with 'logits' wider than 'encoder_output' (real logits, not "
+                    "fork_497d0e69's hidden state): an anand-nv engine after 19ff87be (runtimeBuffers.cpp@0c0df9f0 "
+                    "takes context features and the prior buffers), which no generation of parity/names.py "
+                    "describes; pass generation= to read it as one of them knowingly")
+            return "fork_497d0e69"
         if len(widths) == 2:
             return "fork_497d0e69" if widths["logits"] == widths["encoder_output"] else "fork_19ff87be"
         raise IngestError("attention_prior_focus/attention_prior_scores are in the dump but neither "
@@ -432,6 +446,8 @@ def classify(name: str, generation: str, names: NameMap) -> Optional[Kind]:
         return Kind("engine_io", io.canonical, layout=io.layout)
     if name == "encoder_output":
         return Kind("encoder_output", "encoder.norm_out")
+    if name == "decoder_context_features":  # every generation that takes it (fork_497d0e69, anand-nv after 19ff87be)
+        return Kind("context_features", "decoder_input")
     try:
         canon, _i, info = names.to_canonical(name, generation, engine="decoder")
     except UnknownNameError:
@@ -526,10 +542,11 @@ def _infer_cfg(tree: Tree, kinds: dict[str, Kind]) -> bool:
                 seen |= {s.request_id for s in seqs}
                 for name, p in it.files.items():
                     k = kinds[name]
-                    if k.what != "activation":
+                    if k.what not in ("activation", "context_features"):
                         continue
                     arr = _squeeze_packed(load_npy(p), p)
-                    want = sum(s.n_tokens for s in seqs) if k.info.layout == "packed_tokens" else len(seqs)
+                    packed = k.what == "context_features" or k.info.layout == "packed_tokens"
+                    want = sum(s.n_tokens for s in seqs) if packed else len(seqs)
                     if arr.shape[0] != want:
                         ok = False
                     break
@@ -563,8 +580,8 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
     t = scan_tree(tree)
     all_names = t.names()
     if generation is None:
-        ambiguous = bool(set(all_names) & _PRIOR_IO) and not set(all_names) & _CONTEXT_FEATURES
-        generation = detect_generation(all_names, _shapes(t, ("logits", "encoder_output")) if ambiguous else None)
+        needs_widths = bool(set(all_names) & (_PRIOR_IO | _CONTEXT_FEATURES))
+        generation = detect_generation(all_names, _shapes(t, ("logits", "encoder_output")) if needs_widths else None)
     elif generation not in GENERATIONS:
         raise IngestError(f"unknown generation {generation!r}; known: {list(GENERATIONS)}")
     nm = NameMap()
@@ -632,6 +649,13 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
                 arr = load_npy(path)
             if k.what == "encoder_output":
                 _encoder_rows(arr, path, it, seqs, cache, col, skipped)
+                continue
+            if k.what == "context_features":
+                for s, c in _context_feature_rows(arr, path, it, seqs, cache, skipped):
+                    col.put(k.canonical, steps[s.request_id], (s.request_id, s.cfg_index), c, str(path))
+                    layout_of[k.canonical] = "packed_tokens"
+                    if dtype_seen is None and c.dtype.kind == "f":
+                        dtype_seen = c.dtype
                 continue
             if k.what == "engine_io":
                 if k.layout == "per_sequence_block":
@@ -794,6 +818,50 @@ def _encoder_rows(arr: np.ndarray, path: Path, it: Iteration, seqs: list[Seq], c
         if s.cfg_index == 0:
             col.encoder[s.request_id] = arr[pos:pos + n]
         pos += n
+
+
+def _context_feature_rows(arr: np.ndarray, path: Path, it: Iteration, seqs: list[Seq], cache: dict,
+                          skipped: dict) -> list[tuple[Seq, np.ndarray]]:
+    """The decoder engine's ``decoder_context_features`` input ``[num_tokens, D]`` -> per context sequence its prompt
+    rows as the decoder's input before the learned positions (canonical ``decoder_input`` at step 0).
+
+    The engine's embedding takes the feature row where ``decoder_context_features_mask`` is set, else the mean of the
+    token embeddings (architecture.md 4.1, rmittal 497d0e69 model.py); the runtime sets the mask over a context
+    request's prompt rows, for the unconditional sequence too when given ``[cond; uncond]`` rows, and leaves it
+    cleared elsewhere (anand-nv@0c0df9f0 runtimeBuffers.cpp ``setFromInputs``). An unconditional prompt without
+    features holds the service token ``vocab_size`` in every row, whose embedding row is zero (convert_checkpoint.py
+    appends it): those rows are zeros here, BOS row included (the known difference from NeMo, which keeps the BOS
+    frame). A conditional prompt without features (context given as ids) or a partly set mask is skipped with the
+    reason: its token embeddings are not in the dump. Generation tokens' rows are never the decoder's input."""
+    ctx = [s for s in seqs if s.phase == CONTEXT]
+    if not ctx:
+        return []
+    mp = it.files.get("decoder_context_features_mask")
+    if mp is None:
+        skipped.setdefault("decoder_context_features", "no decoder_context_features_mask to tell the feature rows from "
+                                                       "the token-embedding rows")
+        return []
+    arr = _squeeze_packed(arr, path)
+    mask = (cache[mp] if mp in cache else load_npy(mp)).reshape(-1).astype(bool)
+    if arr.ndim != 2:
+        raise IngestError(f"{path}: expected a 2-D [num_tokens, hidden] tensor, got shape {arr.shape}")
+    if mask.shape[0] != arr.shape[0]:
+        raise IngestError(f"{mp}: inconsistent token counts: {mask.shape[0]} mask entries for the {arr.shape[0]} rows "
+                          f"of {path.name}")
+    out = []
+    for s, rows, m in zip(seqs, split_packed(arr, seqs, str(path)), split_packed(mask, seqs, str(mp))):
+        if s.phase != CONTEXT:
+            continue
+        if m.all():
+            out.append((s, rows))
+        elif not m.any() and s.cfg_index == 1:
+            out.append((s, np.zeros_like(rows)))  # the zero service-token row in every position
+        else:
+            why = ("the conditional prompt has no feature rows (context given as ids)" if not m.any() else
+                   f"the mask is set on {int(m.sum())} of the prompt's {m.shape[0]} rows")
+            skipped["decoder_context_features"] = f"{mp.parent.name}: request {s.request_id}: {why}"
+            return []
+    return out
 
 
 def pad_trailing(chunks: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -5,6 +5,7 @@ with messages naming the file."""
 from __future__ import annotations
 
 import io
+import re
 
 from pathlib import Path
 
@@ -399,6 +400,13 @@ def test_detect_generation_rules():
     assert detect_generation(prior, {"logits": (4, 16192), "encoder_output": (0, 768)}) == "fork_19ff87be"
     with pytest.raises(IngestError, match="pass generation='fork_497d0e69' or 'fork_19ff87be'"):
         detect_generation(prior, {"logits": (4, 768)})
+    ctx = {"decoder_context_features", "decoder_context_features_mask", "logits", "request_ids"}
+    assert detect_generation(ctx, {"logits": (4, 768), "encoder_output": (20, 768)}) == "fork_497d0e69"
+    assert detect_generation(ctx | prior) == "fork_497d0e69"
+    with pytest.raises(IngestError, match=r"^decoder_context_features with 'logits' wider than 'encoder_output' "
+                                          r"\(real logits, not fork_497d0e69's hidden state\): an anand-nv engine "
+                                          r"after 19ff87be \(runtimeBuffers.cpp@0c0df9f0.*pass generation= to read"):
+        detect_generation(ctx | prior, {"logits": (4, 16192), "encoder_output": (20, 768)})
     assert detect_generation({"scores", "logits"}) == "fork_e7109d5"
     assert detect_generation({"decoder_layers.3.pos_ff_output"}) == "fork_c6ff2312"
     assert detect_generation({"decoder_layers.3.mlp_output"}) == "upstream_old"
@@ -630,5 +638,105 @@ def test_pickled_npy_is_not_loaded(tmp_path):
     p = tmp_path / "x.npy"
     with open(p, "wb") as fh:
         np.lib.format.write_array(fh, np.array([object()], dtype=object), allow_pickle=True)
-    with pytest.raises(IngestError, match="x.npy: .npy dtype .\|O. is not a plain"):
+    with pytest.raises(IngestError, match=r"x.npy: .npy dtype .\|O. is not a plain"):
         load_npy(p)
+
+
+# ------------------------------------------------------------------------------------ decoder_ce
+
+
+def _dce_reference_dump(case: str, root: Path, steps: int = 4) -> Path:
+    from conftest import infer_inputs, load_batch, reference_model
+
+    from parity.reference_capture import dump_reference_infer
+
+    key = ("dce", case, steps)
+    if key not in _REF:
+        out = root / f"ref_{case}"
+        dump_reference_infer(reference_model(case), infer_inputs(load_batch(case)), out, use_cfg=True, seed=0,
+                             capture_layers=True, use_kv_cache=True, topk=1, max_decoder_steps=steps)
+        _REF[key] = out
+    return _REF[key]
+
+
+def write_context_feature_tree(root: Path, ref: DumpReader, B: int, rids, *, uncond_features: bool,
+                               drop_mask: bool = False, partial_mask: bool = False) -> Path:
+    """A fork_497d0e69-style executor tree of a decoder_ce CFG run: iteration 0 holds every request's context (cond,
+    uncond), later ones one token per sequence. decoder_context_features carry the prompt rows where the mask is set:
+    the conditional rows always, the unconditional rows only with ``uncond_features`` ([cond; uncond] given to the
+    runtime); generation tokens' rows are noise with the mask cleared. 'logits' is the final-LN hidden state."""
+    rng = np.random.default_rng(0)
+    prompt = ref.load("decoder_input", 0).numpy()  # (2B, T, D): cond rows, then uncond rows
+    T, D = prompt.shape[1:]
+    steps = sorted({e.step for e in ref.entries if e.name == "decoder.norm_out" and e.step})
+    leaf = root / "tllm_debug" / "PP_1" / "TP_1"
+    order = [2, 0, 1]  # packed request order differs from the canonical one
+    for it, step in enumerate([0] + steps):
+        d = leaf / f"iteration_{it}"
+        d.mkdir(parents=True)
+        seqs = [(b, ci) for b in order for ci in (0, 1)]
+        np.save(d / "request_ids.npy", np.array([rids[b] for b in order], dtype=np.uint64))
+        np.save(d / "host_request_types.npy", np.full(len(seqs), CONTEXT if step == 0 else GENERATION, np.int32))
+        np.save(d / "host_context_lengths.npy", np.full(len(seqs), T, np.int32))
+        feats, mask = [], []
+        for b, ci in seqs:
+            if step == 0:
+                keep = ci == 0 or uncond_features
+                feats.append(prompt[b + ci * B] if keep else rng.standard_normal((T, D)).astype(np.float32))
+                m = np.full(T, keep)
+                if partial_mask and ci == 0 and b == order[0]:
+                    m[0] = False
+                mask.append(m)
+            else:
+                feats.append(rng.standard_normal((1, D)).astype(np.float32))
+                mask.append(np.zeros(1, bool))
+        np.save(d / "decoder_context_features.npy", pack_rows(feats))
+        if not drop_mask:
+            np.save(d / "decoder_context_features_mask.npy", np.concatenate(mask))
+        if step:
+            hid = ref.load("decoder.norm_out", step).numpy()[:, -1]  # (2B, D)
+            np.save(d / "logits.npy", np.stack([hid[b + ci * B] for b, ci in seqs]))
+    return root / "tllm_debug"
+
+
+@pytest.mark.parametrize("case", ["dce_baked_v2602", "dce_baked_v2607"])
+def test_decoder_ce_context_features_become_the_decoder_input(case, ref_root, tmp_path):
+    """decoder_ce: the engine's decoder_context_features (where the mask is set) are the reference's step-0
+    decoder_input, cond and uncond rows, when the runtime gets [cond; uncond] rows; the engine's hidden-state
+    'logits' are decoder.norm_out. Exact."""
+    ref_path = _dce_reference_dump(case, ref_root)
+    ref = DumpReader(ref_path)
+    B, rids = 3, [4, 9, 17]
+    tree = write_context_feature_tree(tmp_path / "t", ref, B, rids, uncond_features=True)
+    got = DumpReader(ingest_trtllm(tree, tmp_path / "ing", generation="fork_497d0e69", use_cfg=True, batch_size=B))
+    assert got.load("decoder_input", 0).shape == ref.load("decoder_input", 0).shape
+    assert ("decoder_input", 1) not in got  # generation tokens' feature rows are not the decoder input
+    assert "decoder_context_features" not in got.meta["skipped"]
+    res = compare_dumps(got.path, ref_path, progress=False, intersect=True)
+    assert res.passed and {t.name for t in res.tensors} == {"decoder_input", "decoder.norm_out"}
+    assert all(t.max_abs == 0 for t in res.tensors)
+
+
+def test_decoder_ce_uncond_prompt_without_features_is_the_zero_service_token(ref_root, tmp_path):
+    """Conditional rows only (run_decoder_multiling(_executor).py): the runtime leaves the unconditional prompt to the
+    zero service-token row, BOS included; NeMo keeps the BOS frame there, so exactly those rows differ."""
+    ref_path = _dce_reference_dump("dce_baked_v2602", ref_root)
+    ref = DumpReader(ref_path)
+    B = 3
+    tree = write_context_feature_tree(tmp_path / "t", ref, B, [1, 2, 3], uncond_features=False)
+    got = DumpReader(ingest_trtllm(tree, tmp_path / "ing", generation="fork_497d0e69", use_cfg=True))
+    a, b = got.load("decoder_input", 0), ref.load("decoder_input", 0)
+    diff = (a != b).any(-1)  # (2B, T)
+    assert diff[B:, -1].all() and diff.sum() == B  # only the unconditional BOS rows
+    assert (a[B:] == 0).all() and b[B:, -1].abs().max() > 0
+
+
+def test_decoder_ce_context_features_without_a_usable_mask_are_skipped_with_the_reason(ref_root, tmp_path):
+    ref = DumpReader(_dce_reference_dump("dce_baked_v2602", ref_root))
+    for kw, why in (({"drop_mask": True}, "no decoder_context_features_mask"),
+                    ({"partial_mask": True}, r"iteration_0: request 3: the mask is set on 8 of the prompt's 9 rows")):
+        tree = write_context_feature_tree(tmp_path / str(len(why)), ref, 3, [1, 2, 3], uncond_features=True, **kw)
+        got = DumpReader(ingest_trtllm(tree, tmp_path / f"ing{len(why)}", generation="fork_497d0e69", use_cfg=True))
+        assert ("decoder_input", 0) not in got
+        assert re.search(why, got.meta["skipped"]["decoder_context_features"])
+        assert ("decoder.norm_out", 1) in got
