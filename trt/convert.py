@@ -213,9 +213,9 @@ def fork_deviations(c: MagpieConfig) -> list[str]:
         out.append("apply_norm_out=false: written as has_model_final_layernorm=false")
     if c.frame_stacking_factor != 1:
         S, C = c.frame_stacking_factor, c.num_audio_codebooks
-        out.append(f"frame_stacking_factor={S}: written as {C * S} vocabularies of one decoder position (anand-nv@0c0df9f0 "
-                   "runs v2607 so, num_vocabs = books x stacking); rmittal-github's converter and runner hard-code 8 "
-                   "codebooks of one frame")
+        out.append(f"frame_stacking_factor={S}: written as {C * S} vocabularies of one decoder position "
+                   "(anand-nv@0c0df9f0 runs v2607 so, num_vocabs = books x stacking); rmittal-github's converter and "
+                   "runner hard-code 8 codebooks of one frame")
     return out
 
 

@@ -219,7 +219,8 @@ def test_decoder_ce_dataset_and_batch_errors(tmp_path):
 
     with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]\.context_feat: needs input_feat"):
         read(lambda b: b["samples"][0].update(input_ids=[1, 2, 3]) or b["samples"][0].pop("input_feat"))
-    with pytest.raises(bd.BenchmarkDataError, match=r"samples\[1\]\.context_feat: 31 values is not the prompt's 9 rows"):
+    with pytest.raises(bd.BenchmarkDataError,
+                       match=r"samples\[1\]\.context_feat: 31 values is not the prompt's 9 rows"):
         read(lambda b: b["samples"][1].update(context_feat=b["samples"][1]["context_feat"][:31]))
     with pytest.raises(bd.BenchmarkDataError, match=r"samples\[0\]\.context_ids: with context_feat the ids are "
                                                     r"placeholders but must lie in \[0, 144\)"):
@@ -244,5 +245,5 @@ def test_decoder_ce_dataset_and_batch_errors(tmp_path):
                                                     "'context_encoder'"):
         bd.to_reference_batch(bd.read_dataset(tmp_path / "g.json"), ctx_model.config)
     with pytest.raises(bd.BenchmarkDataError, match="was written for a decoder_ce checkpoint"):
-        bd.to_reference_batch(bd.read_dataset(tmp_path / "g.json"),
-                              dataclasses.replace(c, model_type="decoder_context_tts", baked_speakers=0, baked_frames=0))
+        plain_c = dataclasses.replace(c, model_type="decoder_context_tts", baked_speakers=0, baked_frames=0)
+        bd.to_reference_batch(bd.read_dataset(tmp_path / "g.json"), plain_c)
