@@ -180,6 +180,32 @@ def test_bench_data_round_trip(tmp_path, capsys):
     assert "num_vocabs 4" in capsys.readouterr().out
 
 
+def test_ingest_trtllm_refuses_context_features_with_real_logits_in_one_line(tmp_path, capsys):
+    d = tmp_path / "tllm_debug" / "PP_1" / "TP_1" / "iteration_0"
+    d.mkdir(parents=True)
+    for name, arr in (("request_ids", np.array([1], np.uint64)), ("host_request_types", np.zeros(1, np.int32)),
+                      ("host_context_lengths", np.array([3], np.int32)),
+                      ("decoder_context_features", np.ones((3, 8), np.float16)),
+                      ("decoder_context_features_mask", np.ones(3, bool)),
+                      ("attention_prior_focus", np.zeros(1, np.int32)), ("logits", np.zeros((1, 40), np.float16)),
+                      ("encoder_output", np.zeros((5, 8), np.float16))):
+        np.save(d / f"{name}.npy", arr)
+    assert main(["ingest-trtllm", str(tmp_path / "tllm_debug"), "--out", str(tmp_path / "ing")]) == 2
+    line = _err_line(capsys)
+    assert "decoder_context_features with 'logits' wider than 'encoder_output'" in line and "pass generation=" in line
+    assert not (tmp_path / "ing").exists()
+
+
+def test_convert_overwrites_a_decoder_ce_checkpoint_it_wrote(tmp_path, capsys):
+    out = tmp_path / "ck"
+    for case in ("dce_baked_v2602", "dce_context"):
+        assert main(["convert", "--checkpoint", f"{FIX}/{case}.nemo", "--out", str(out), "--without-local-transformer",
+                     "--overwrite"]) == 0
+    from trt.convert import reference_from_trtllm
+
+    assert reference_from_trtllm(out).config.context_encoder is not None  # the second one replaced the first
+
+
 def test_bench_data_decoder_ce(tmp_path, capsys):
     from trt.benchmark_data import read_dataset
 
