@@ -86,7 +86,7 @@ def chunk_file_bytes(sets: Sequence[ChunkSet]) -> bytes:
                                 "chunk_texts": [list(x) for x in s.chunk_texts]}
         for k, c in enumerate(s.chunks):
             for key, v in c["batch"].items():
-                tensors[f"{s.name}.chunk{k}.{key}"] = v.contiguous()
+                tensors[f"{s.name}.chunk{k}.{key}"] = v.detach().cpu().clone().contiguous()  # no shared storage
             tensors[f"{s.name}.chunk{k}.end_of_text"] = torch.tensor(c["end_of_text"], dtype=torch.bool)
             tensors[f"{s.name}.chunk{k}.beginning_of_text"] = torch.tensor(c["beginning_of_text"], dtype=torch.bool)
     return save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
@@ -251,3 +251,47 @@ def read_chunk_set(path: str | os.PathLike, name: Optional[str] = None) -> Chunk
 def chunk_inputs(chunks: Sequence[Mapping]) -> dict[str, list[int]]:
     """A dump manifest's ``inputs`` of a generate_speech run: ``chunk<k>.<key>`` -> shape."""
     return {f"chunk{k}.{key}": list(v.shape) for k, c in enumerate(chunks) for key, v in c["batch"].items()}
+
+
+def concatenate_chunk_codes(chunks: Sequence[Mapping], outputs: Sequence[Any]):
+    """Each item's codes over all chunks, as NeMo's long-form runner (and, for one item, ``do_tts``) puts them
+    together: per chunk the first ``predicted_codes_lens[b]`` frames, skipping an item's padding chunk (its text
+    ended and this chunk is one token); zero padded to the longest item (at least 1 frame wide, as the runner).
+    Returns ``(codes (B, C, T), lens (B,) int64)``."""
+    import torch
+
+    B = int(outputs[0].predicted_codes.shape[0])
+    C = int(outputs[0].predicted_codes.shape[1])
+    parts: list[list] = [[] for _ in range(B)]
+    for c, out in zip(chunks, outputs):
+        lens = c["batch"]["text_lens"].tolist()
+        for b in range(B):
+            if c["end_of_text"][b] and int(lens[b]) == 1:
+                continue
+            n = int(out.predicted_codes_lens[b])
+            if n > 0:
+                parts[b].append(out.predicted_codes[b, :, :n].cpu())
+    lens = torch.tensor([sum(int(p.shape[-1]) for p in ps) for ps in parts], dtype=torch.long)
+    codes = torch.zeros(B, C, max(int(lens.max()), 1), dtype=outputs[0].predicted_codes.dtype)
+    for b, ps in enumerate(parts):
+        if ps:
+            cat = torch.cat(ps, dim=-1)
+            codes[b, :, : cat.shape[-1]] = cat
+    return codes, lens
+
+
+def text_windows(chunks: Sequence[Mapping], history_len: int = 20) -> list[int]:
+    """Per chunk, the longest text window ``generate_speech`` encodes (NeMo's ``_prepare_chunked_text_tensors``):
+    the previous window followed by the chunk, cut after the first chunk to the chunk plus at most
+    ``history_len`` (NeMo's ``history_len_heuristic``) tokens before it. Items that ended in an earlier call get a
+    window of 1, which this bound does not assume: exact for one item (``do_tts``), an upper bound otherwise."""
+    prev: Optional[list[int]] = None
+    out = []
+    for c in chunks:
+        lens = [int(x) for x in c["batch"]["text_lens"].tolist()]
+        cur = [(prev[i] if prev is not None else 0) + n for i, n in enumerate(lens)]
+        if not c["beginning_of_text"]:
+            cur = [min(w, n + min(n, history_len)) for w, n in zip(cur, lens)]
+        out.append(max(cur))
+        prev = cur
+    return out

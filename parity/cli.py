@@ -44,6 +44,8 @@ COMMANDS: tuple[Command, ...] = (
             "capture a reference or live-NeMo run into a dump"),
     Command("infer", parity_commands.configure_infer, parity_commands.run_infer,
             "autoregressive inference with the reference"),
+    Command("batch", parity_commands.configure_batch, parity_commands.run_batch,
+            "text -> the chunk file NeMo's do_tts would run (NeMo's tokenizer and chunker)"),
     Command("diagnose", parity_commands.configure_diagnose, parity_commands.run_diagnose,
             "which known TensorRT-LLM behaviours explain an engine dump, and where the rest starts"),
     Command("convert", trt_commands.configure_convert, trt_commands.run_convert,

@@ -1,17 +1,21 @@
-"""``magpie-parity`` commands of the parity side: ``check`` (the main job), ``compare``, ``dump``, ``infer`` and
-``diagnose``. Each is a ``configure_<name>(parser)`` and a ``run_<name>(args) -> exit status`` pair listed in
-``parity.cli``'s command table; heavy imports happen inside ``run_*``. User errors raise
-:class:`parity.cli_support.BadInput` (one line, exit 2), checked before any work where they can be.
+"""``magpie-parity`` commands of the parity side: ``check`` (the main job), ``compare``, ``dump``, ``infer``,
+``batch`` (text -> the chunk file of NeMo's ``do_tts``) and ``diagnose``. Each is a ``configure_<name>(parser)``
+and a ``run_<name>(args) -> exit status`` pair listed in ``parity.cli``'s command table; heavy imports happen
+inside ``run_*``. User errors raise :class:`parity.cli_support.BadInput` (one line, exit 2), checked before any
+work where they can be.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from parity.cli_support import (
@@ -98,9 +102,10 @@ def check_params(config, params: dict, flag: str = "--param") -> None:
         raise BadInput(f"{flag} {given}: a value of the wrong type ({e})") from None
 
 
-def _nemo_checks(path: str, batch: dict, batch_path: str, *, teacher_forced: bool, params: dict) -> None:
-    """--source nemo, before NeMo is imported: a readable .nemo archive (NeMo restores no .ckpt), and a batch and
-    parameters that fit it (the reference reads the config and weight shapes without NeMo)."""
+def _nemo_archive_config(path: str, what: str = "--source nemo"):
+    """Before NeMo is imported: a readable .nemo archive (NeMo restores no .ckpt); its config as the reference reads
+    it (config and weight shapes, without NeMo), or None for a model the reference does not build (NeMo alone
+    decides then)."""
     import tarfile
 
     from reference.checkpoint import CheckpointError, read_checkpoint
@@ -111,12 +116,19 @@ def _nemo_checks(path: str, batch: dict, batch_path: str, *, teacher_forced: boo
     except CheckpointError as e:
         raise BadInput(str(e)) from None
     if not tarfile.is_tarfile(path):
-        raise BadInput(f"{path}: a Lightning .ckpt; --source nemo restores .nemo archives only "
+        raise BadInput(f"{path}: a Lightning .ckpt; {what} restores .nemo archives only "
                        "(--source reference reads both)")
     try:
-        config = MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(path))
+        return MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(path))
     except ConfigError:
-        return  # a model the reference does not build: NeMo alone decides
+        return None
+
+
+def _nemo_checks(path: str, batch: dict, batch_path: str, *, teacher_forced: bool, params: dict) -> None:
+    """--source nemo, before NeMo is imported: a readable .nemo archive, and a batch and parameters that fit it."""
+    config = _nemo_archive_config(path)
+    if config is None:
+        return
     check_batch_fits(batch if teacher_forced else infer_inputs(batch), config, batch_path, path,
                      require_audio=teacher_forced)
     if not teacher_forced:
@@ -134,11 +146,17 @@ def _nemo_restore(restore, path, what: str, **kw):
         raise BadInput(f"{what}: NeMo cannot restore it ({type(e).__name__}: {detail})") from None
 
 
-def _load_nemo(path: str, codec: str | None):
+def _nemo_model_class(who: str = "--source nemo"):
+    """NeMo's ``MagpieTTSModel``, or one line saying NeMo is missing (``who`` needs it)."""
     try:
         from nemo.collections.tts.models import MagpieTTSModel
     except Exception as e:  # ImportError, or NeMo's own import-time failures
-        raise BadInput(f"--source nemo needs NeMo 3.0.0 (pip install '.[nemo]'): {type(e).__name__}: {e}") from None
+        raise BadInput(f"{who} needs NeMo 3.0.0 (pip install '.[nemo]'): {type(e).__name__}: {e}") from None
+    return MagpieTTSModel
+
+
+def _load_nemo(path: str, codec: str | None, who: str = "--source nemo"):
+    MagpieTTSModel = _nemo_model_class(who)
     if codec and not Path(codec).is_file():
         raise BadInput(f"--codec {codec}: no such file")
     cfg = _nemo_restore(MagpieTTSModel.restore_from, path, path, return_config=True)
@@ -153,6 +171,101 @@ def _load_nemo(path: str, codec: str | None):
     cfg.codecmodel_path = str(codec_path)
     model = _nemo_restore(MagpieTTSModel.restore_from, path, f"{path} (codec {codec_path})", override_config_path=cfg)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------ generate_speech (do_tts)
+
+# generate_speech's MaskGit arguments, given as --param maskgit_<name>=VALUE
+MASKGIT_ARGS = ("n_steps", "noise_scale", "fixed_schedule", "dynamic_cfg_scale", "sampling_type")
+GENERATE_ONLY = (("chunk_set", "--chunk-set"), ("no_local_transformer", "--no-local-transformer"),
+                 ("no_steps", "--no-steps"))
+
+
+def _split_maskgit(params: dict, flag: str = "--param") -> tuple[dict, dict]:
+    """``--param`` assignments -> (inference_parameters fields, generate_speech's maskgit_* arguments without the
+    prefix)."""
+    maskgit = {k[len("maskgit_"):]: v for k, v in params.items() if k.startswith("maskgit_")}
+    unknown = sorted(set(maskgit) - set(MASKGIT_ARGS))
+    if unknown:
+        raise BadInput(f"{flag}: unknown MaskGit argument(s) {['maskgit_' + k for k in unknown]}; known: "
+                       f"{', '.join('maskgit_' + k for k in MASKGIT_ARGS)}")
+    return {k: v for k, v in params.items() if not k.startswith("maskgit_")}, maskgit
+
+
+def _read_chunks(path: str, name: str | None, flag: str):
+    """The chunk set of a chunk file (``parity.chunks``), or one line naming the flag."""
+    from parity.chunks import ChunkFileError, read_chunk_set
+
+    try:
+        return read_chunk_set(path, name)
+    except ChunkFileError as e:
+        raise BadInput(f"{flag} {e}") from None
+
+
+def _generate_speech_checks(config, chunk_set, chunks_path: str, checkpoint: str, params: dict, maskgit: dict, *,
+                            use_cfg: bool, local_transformer: bool, flag: str) -> None:
+    """Before any work: the parameters are usable, the local transformer exists when do_tts's default asks for it,
+    NeMo's MaskGit crashes are refused, every chunk fits the checkpoint (token ids, speakers or context codes) and
+    every text window its text encoder's positions (the reference's checks, one line each)."""
+    from parity.chunks import text_windows
+    from reference.inference import InferenceError, MaskGitOptions
+
+    check_params(config, params)
+    lt_type = config.local_transformer_type
+    if local_transformer and lt_type not in ("autoregressive", "maskgit"):
+        raise BadInput(f"{checkpoint}: has no local transformer (local_transformer_type={lt_type!r}); generate-speech "
+                       "samples with it by default, as do_tts: pass --no-local-transformer")
+    try:
+        opts = MaskGitOptions.from_args(**maskgit)
+        if local_transformer and lt_type == "maskgit":
+            opts.check(config.num_audio_codebooks * config.frame_stacking_factor, use_cfg)
+    except InferenceError as e:
+        raise BadInput(f"--param: {e}") from None
+    where = f"{flag} {chunks_path} (chunk set {chunk_set.name!r}, chunk {{k}})"
+    for k, c in enumerate(chunk_set.chunks):
+        check_batch_fits(c["batch"], config, where.format(k=k), checkpoint, require_audio=False)
+    enc = config.encoder
+    if enc.use_learnable_pos_emb or enc.is_causal:  # positions (or the causal mask) end at max_length_causal_mask
+        for k, w in enumerate(text_windows(chunk_set.chunks)):
+            if w > enc.max_length_causal_mask:
+                raise BadInput(
+                    f"{where.format(k=k)}: generate_speech encodes a text window of {w} tokens there (the chunk and "
+                    f"up to 20 tokens before it), more than the {enc.max_length_causal_mask} positions of "
+                    f"{checkpoint}'s text encoder (max_length_causal_mask; NeMo fails too); shorter sentences make "
+                    "shorter chunks")
+
+
+# NeMo 3.0.0's generate_speech fails on some runs (both NeMo and the reference, which reproduces it): the
+# multi-chunk prior indexes the window at attended position - left_offset, out of range once the attention lags
+# more than a window behind (tiny random models do; a seed or text changes it).
+_CHUNK_PRIOR_FRAMES = {"construct_multi_chunk_prior", "_set_attention_prior_weights", "build_chunk_prior"}
+
+
+@contextlib.contextmanager
+def _generation_failures():
+    """That failure as one line (exit 2) instead of a traceback: it is NeMo's, for this input and seed; and the
+    reference's refusal of a decoder input longer than its learned positions (NeMo: IndexError in the embedding)."""
+    try:
+        yield
+    except ValueError as e:
+        if "learned positions (max_length_causal_mask)" not in str(e):
+            raise
+        raise BadInput(f"generate_speech: {e} (fewer max_decoder_steps, or a shorter context, fit it)") from None
+    except IndexError as e:
+        frames = {f.name for f in traceback.extract_tb(e.__traceback__)}
+        if not frames & _CHUNK_PRIOR_FRAMES:
+            raise
+        raise BadInput(f"generate_speech cannot run these chunks with this seed: the multi-chunk prior indexes past "
+                       f"the text window (IndexError: {e}); NeMo 3.0.0 fails the same way (construct_multi_chunk_prior "
+                       "at attended position - left_offset, an attention lagging a window behind): another --seed "
+                       "or text avoids it") from None
+
+
+def _generate_only_flags(args: argparse.Namespace) -> None:
+    """The generate-speech flags are refused in the other modes rather than ignored."""
+    for attr, flag in GENERATE_ONLY:
+        if getattr(args, attr, None):
+            raise BadInput(f"{flag}: only with --mode generate-speech")
 
 
 # ------------------------------------------------------------------------------------------------- check
@@ -316,25 +429,45 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def configure_dump(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help=".nemo or .ckpt (--source nemo: .nemo)")
-    p.add_argument("--batch", required=True, help="safetensors file holding NeMo's batch keys")
+    p.add_argument("--batch", required=True,
+                   help="safetensors file holding NeMo's batch keys (generate-speech: a chunk file, "
+                        "'magpie-parity batch' writes them)")
     p.add_argument("--out", required=True, help="dump folder to create")
     p.add_argument("--source", choices=["reference", "nemo"], default="reference")
-    p.add_argument("--mode", choices=["teacher-forced", "infer"], default="teacher-forced")
-    p.add_argument("--use-cfg", action="store_true", help="infer mode: classifier-free guidance")
-    p.add_argument("--seed", type=int, default=0, help="infer mode: torch.manual_seed before decoding")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="infer mode: NeMo inference_parameters field")
+    p.add_argument("--mode", choices=["teacher-forced", "infer", "generate-speech"], default="teacher-forced",
+                   help="teacher-forced: process_batch; infer: infer_batch; generate-speech: NeMo's generate_speech "
+                        "over the chunks of --batch sharing one ChunkState (do_tts's loop)")
+    p.add_argument("--use-cfg", action="store_true", help="infer / generate-speech: classifier-free guidance")
+    p.add_argument("--seed", type=int, default=0,
+                   help="infer / generate-speech: torch.manual_seed before decoding (generate-speech: once, before "
+                        "the first chunk, as do_tts and NeMo's dumps)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="infer / generate-speech: NeMo inference_parameters field; generate-speech also takes "
+                        "generate_speech's MaskGit arguments: " + ", ".join(f"maskgit_{a}" for a in MASKGIT_ARGS))
     p.add_argument("--layers", action="store_true", help="infer mode: also dump every layer each step")
     p.add_argument("--kv-cache", choices=list(KV_CACHE), default="checkpoint",
-                   help="reference infer mode: decoding path (engines always cache: use 'on' to line steps up)")
+                   help="reference infer / generate-speech: decoding path (engines always cache: use 'on' to line "
+                        "steps up; generate-speech's 'checkpoint' is NeMo's runner: the checkpoint's "
+                        "use_kv_cache_for_inference for one chunk, recompute for several)")
+    p.add_argument("--chunk-set", metavar="NAME",
+                   help="generate-speech: the chunk set of --batch (default: its only set)")
+    p.add_argument("--no-local-transformer", action="store_true",
+                   help="generate-speech: sample the decoder's logits (default: the local transformer, as do_tts)")
+    p.add_argument("--no-steps", action="store_true",
+                   help="generate-speech: only each chunk's inputs, codes and attended positions (no per-step "
+                        "logits and priors)")
     p.add_argument("--codec", help="--source nemo: codec .nemo (default: the recorded path, or beside the checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
 def run_dump(args: argparse.Namespace) -> int:
     separate({"--checkpoint": args.checkpoint, "--batch": args.batch, "--codec": args.codec}, {"--out": args.out})
+    output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
+    if args.mode == "generate-speech":
+        return _dump_generate_speech(args)
+    _generate_only_flags(args)
     import torch
 
-    output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
     batch = load_batch(args.batch)
     params = parse_assignments(args.param, "--param")
     teacher_forced = args.mode == "teacher-forced"
@@ -369,18 +502,73 @@ def run_dump(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _dump_generate_speech(args: argparse.Namespace) -> int:
+    """dump --mode generate-speech: NeMo's generate_speech loop (or the reference's) over the chunks of --batch,
+    in one dump layout for both sources (``parity.nemo_capture.dump_nemo_generate_speech``,
+    ``parity.reference_capture.dump_reference_generate_speech``)."""
+    if args.layers:
+        raise BadInput("--layers: only with --mode infer (generate-speech records every step's logits, priors and "
+                       "attended positions)")
+    if args.source == "nemo" and args.kv_cache != "checkpoint":
+        raise BadInput(f"--kv-cache {args.kv_cache}: --source nemo runs NeMo's runner rule (the checkpoint's "
+                       "use_kv_cache_for_inference for one chunk, recompute for several); the flag is the "
+                       "reference's")
+    chunk_set = _read_chunks(args.batch, args.chunk_set, "--batch")
+    params, maskgit = _split_maskgit(parse_assignments(args.param, "--param"))
+    lt = not args.no_local_transformer
+    run = dict(use_cfg=args.use_cfg, seed=args.seed, use_local_transformer_for_inference=lt, maskgit=maskgit,
+               capture_steps=not args.no_steps, overwrite=args.overwrite)
+    if args.source == "reference":
+        from parity.reference_capture import dump_reference_generate_speech
+
+        model = load_reference(args.checkpoint)
+        _generate_speech_checks(model.config, chunk_set, args.batch, args.checkpoint, params, maskgit,
+                                use_cfg=args.use_cfg, local_transformer=lt, flag="--batch")
+        with user_errors(), writing(args.out, "--out"), _generation_failures():
+            outs = dump_reference_generate_speech(model, chunk_set.chunks, args.out,
+                                                  use_kv_cache=KV_CACHE[args.kv_cache], **run, **params)
+    else:
+        import torch
+
+        from parity.nemo_capture import dump_nemo_generate_speech
+
+        config = _nemo_archive_config(args.checkpoint)
+        if config is not None:
+            _generate_speech_checks(config, chunk_set, args.batch, args.checkpoint, params, maskgit,
+                                    use_cfg=args.use_cfg, local_transformer=lt, flag="--batch")
+        model = _load_nemo(args.checkpoint, args.codec)
+        with torch.no_grad(), user_errors(), writing(args.out, "--out"), _generation_failures():
+            outs = dump_nemo_generate_speech(model, chunk_set.chunks, args.out, **run, **params)
+    lens = [o.predicted_codes_lens.tolist() for o in outs]
+    print(f"wrote {args.out}: {len(outs)} chunk(s) of chunk set {chunk_set.name!r}, codes per chunk {lens}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------- infer
 
 
 def configure_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help=".nemo or .ckpt")
-    p.add_argument("--inputs", required=True, help="safetensors with text, text_lens, context_audio_codes, context_audio_codes_lens")
+    p.add_argument("--inputs", required=True,
+                   help="safetensors with text, text_lens, context_audio_codes, context_audio_codes_lens (or a baked "
+                        "checkpoint's speaker_indices); generate-speech: a chunk file ('magpie-parity batch')")
     p.add_argument("--out", required=True, help="safetensors file to write predicted_codes and predicted_codes_lens to")
+    p.add_argument("--mode", choices=["infer", "generate-speech"], default="infer",
+                   help="infer: infer_batch; generate-speech: NeMo's generate_speech over the chunks of --inputs "
+                        "(do_tts's loop), each item's codes concatenated over its chunks as do_tts and NeMo's "
+                        "long-form runner do")
     p.add_argument("--use-cfg", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before decoding (generate-speech: once)")
     p.add_argument("--kv-cache", choices=list(KV_CACHE), default="checkpoint",
-                   help="decoding path (default: the checkpoint's use_kv_cache_for_inference, as NeMo)")
-    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="NeMo inference_parameters field, e.g. topk=1")
+                   help="decoding path (default: the checkpoint's use_kv_cache_for_inference, as NeMo; "
+                        "generate-speech: NeMo's runner, recompute for several chunks)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="NeMo inference_parameters field, e.g. topk=1; generate-speech also "
+                        + ", ".join(f"maskgit_{a}" for a in MASKGIT_ARGS))
+    p.add_argument("--chunk-set", metavar="NAME",
+                   help="generate-speech: the chunk set of --inputs (default: its only set)")
+    p.add_argument("--no-local-transformer", action="store_true",
+                   help="generate-speech: sample the decoder's logits (default: the local transformer, as do_tts)")
     p.add_argument("--dump", metavar="DIR", help="also write every step's captured tensors to this dump (a new folder)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -392,8 +580,10 @@ def run_infer(args: argparse.Namespace) -> int:
     output_file(args.out, "--out", CODES_FILE)
     if args.dump:
         output_dir(args.dump, "--dump", overwrite_flag=None)
+    if args.mode == "generate-speech":
+        return _infer_generate_speech(args)
+    _generate_only_flags(args)
     import torch
-    from safetensors.torch import save
 
     check_device(args.device)
     params = parse_assignments(args.param, "--param")
@@ -414,12 +604,196 @@ def run_infer(args: argparse.Namespace) -> int:
             torch.manual_seed(args.seed)
             out = model.infer_batch(batch, use_cfg=args.use_cfg, use_kv_cache=kv, progress=sys.stderr.isatty(),
                                     **params)
-    data = save({"predicted_codes": out.predicted_codes.cpu().contiguous(),
-                 "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()},
+    _write_codes(args.out, out.predicted_codes, out.predicted_codes_lens)
+    return EXIT_OK
+
+
+def _write_codes(path: str, codes, lens, note: str = "") -> None:
+    from safetensors.torch import save
+
+    data = save({"predicted_codes": codes.cpu().contiguous(), "predicted_codes_lens": lens.cpu().contiguous()},
                 metadata={"format": CODES_FORMAT})
-    write_output_file(args.out, "--out", data, CODES_FILE)
-    print(f"wrote {args.out}: codes {tuple(out.predicted_codes.shape)}, lengths {out.predicted_codes_lens.tolist()}",
-          file=sys.stderr)
+    write_output_file(path, "--out", data, CODES_FILE)
+    print(f"wrote {path}: codes {tuple(codes.shape)}, lengths {lens.tolist()}{note}", file=sys.stderr)
+
+
+def _infer_generate_speech(args: argparse.Namespace) -> int:
+    """infer --mode generate-speech: the reference's generate_speech over the chunks of --inputs (one ChunkState,
+    seeded once before the first chunk), each item's codes concatenated over its chunks
+    (``parity.chunks.concatenate_chunk_codes``: do_tts's and NeMo's long-form runner's rule)."""
+    check_device(args.device)
+    chunk_set = _read_chunks(args.inputs, args.chunk_set, "--inputs")
+    params, maskgit = _split_maskgit(parse_assignments(args.param, "--param"))
+    lt = not args.no_local_transformer
+    import torch
+
+    from parity.chunks import concatenate_chunk_codes
+    from parity.reference_capture import dump_reference_generate_speech, generate_speech_kv_cache
+
+    model = load_reference(args.checkpoint, args.device, args.dtype)
+    _generate_speech_checks(model.config, chunk_set, args.inputs, args.checkpoint, params, maskgit,
+                            use_cfg=args.use_cfg, local_transformer=lt, flag="--inputs")
+    chunks = [{**c, "batch": {k: v.to(args.device) for k, v in c["batch"].items()}} for c in chunk_set.chunks]
+    cached = generate_speech_kv_cache(model, len(chunks), KV_CACHE[args.kv_cache])
+    with user_errors(), _generation_failures():
+        if args.dump:
+            with writing(args.dump, "--dump"):
+                outs = dump_reference_generate_speech(model, chunks, args.dump, use_cfg=args.use_cfg, seed=args.seed,
+                                                      use_local_transformer_for_inference=lt, maskgit=maskgit,
+                                                      use_kv_cache=cached, **params)
+        else:
+            state = model.create_chunk_state(int(chunks[0]["batch"]["text"].shape[0]))
+            gen = {f"maskgit_{k}": v for k, v in maskgit.items()}
+            torch.manual_seed(args.seed)
+            outs = [model.generate_speech(c["batch"], state, c["end_of_text"], c["beginning_of_text"],
+                                          use_cfg=args.use_cfg, use_local_transformer_for_inference=lt,
+                                          use_kv_cache=cached, **gen, **params) for c in chunks]
+    codes, lens = concatenate_chunk_codes(chunk_set.chunks, outs)
+    _write_codes(args.out, codes, lens, f" over {len(outs)} chunk(s) of chunk set {chunk_set.name!r}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- batch
+
+# What `batch --out` replaces: a chunk file (parity.chunks), whoever wrote it.
+def _chunk_file_kind() -> Replaceable:
+    from parity.chunks import is_chunk_file
+
+    return ("a chunk file (safetensors with 'chunks' metadata, as magpie-parity batch writes)", is_chunk_file)
+
+
+BATCH_SET = "do_tts"  # the chunk set `batch` writes
+_LANGUAGE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,31}$")
+
+
+def configure_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help=".nemo archive; its tokenizer is restored with NeMo")
+    p.add_argument("--text", required=True, help="the text to speak (as given: no text normalisation, do_tts's "
+                                                  "default apply_TN=False)")
+    p.add_argument("--language", default="en",
+                   help="picks NeMo's tokenizer (get_tokenizer_for_language) and sentence-split threshold "
+                        "(chunk_text_for_inference: en splits from 45 words on)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--speaker-index", type=int, metavar="N",
+                     help="a baked checkpoint's speaker (default: 0, as do_tts)")
+    who.add_argument("--context-audio", metavar="CODES.safetensors",
+                     help="a checkpoint without baked speakers: the speaker's codec codes, 'context_audio_codes' "
+                          "(C, T) or (1, C, T) and optionally 'context_audio_codes_lens' (the frames to use)")
+    p.add_argument("--codec", help="codec .nemo NeMo restores with the model (default: the recorded path, or beside "
+                                   "the checkpoint)")
+    p.add_argument("--out", required=True, metavar="B.chunks.safetensors",
+                   help=f"chunk file to write (one chunk set, {BATCH_SET!r}; replaces only a chunk file)")
+
+
+def _speaker(args: argparse.Namespace, checkpoint: str, baked_speakers: int | None) -> None:
+    """The speaker flags against the checkpoint: a baked checkpoint takes --speaker-index in [0, N) and ignores
+    context audio; any other needs --context-audio."""
+    if baked_speakers:
+        if args.context_audio:
+            raise BadInput(f"--context-audio {args.context_audio}: {checkpoint} bakes {baked_speakers} speakers and "
+                           "ignores context audio; pick one with --speaker-index")
+        if args.speaker_index is not None and not 0 <= args.speaker_index < baked_speakers:
+            raise BadInput(f"--speaker-index {args.speaker_index}: {checkpoint} bakes {baked_speakers} speakers "
+                           f"(0..{baked_speakers - 1})")
+    else:
+        if args.speaker_index is not None:
+            raise BadInput(f"--speaker-index {args.speaker_index}: {checkpoint} has no baked speakers; give the "
+                           "speaker's codes with --context-audio CODES.safetensors")
+        if not args.context_audio:
+            raise BadInput(f"{checkpoint} has no baked speakers: --context-audio CODES.safetensors is required "
+                           "(the speaker's codec codes)")
+
+
+def _context_audio(path: str) -> dict:
+    """--context-audio: ``context_audio_codes`` (C, T) or (1, C, T) integer codes and an optional length (cut to
+    it) -> the batch keys (1, C, T) / (1,) int64."""
+    import torch
+
+    t = load_batch(path, "--context-audio")
+    codes = t.get("context_audio_codes")
+    if codes is None:
+        raise BadInput(f"--context-audio {path}: no 'context_audio_codes' tensor (it holds {sorted(t)})")
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise BadInput(f"--context-audio {path}: context_audio_codes must hold integer codes, got {codes.dtype}")
+    if codes.dim() == 2:
+        codes = codes[None]
+    if codes.dim() != 3 or codes.shape[0] != 1 or codes.shape[2] < 1:
+        raise BadInput(f"--context-audio {path}: context_audio_codes must be (C, T) or (1, C, T) with T >= 1, got "
+                       f"shape {tuple(t['context_audio_codes'].shape)}")
+    n = int(codes.shape[2])
+    lens = t.get("context_audio_codes_lens")
+    if lens is not None:
+        if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool or lens.numel() != 1 \
+                or lens.dim() > 1:
+            raise BadInput(f"--context-audio {path}: context_audio_codes_lens must be one integer, got "
+                           f"{lens.dtype} of shape {tuple(lens.shape)}")
+        n = int(lens.reshape(-1)[0])
+        if not 1 <= n <= codes.shape[2]:
+            raise BadInput(f"--context-audio {path}: context_audio_codes_lens {n} outside [1, {codes.shape[2]}] "
+                           "(the frames context_audio_codes holds)")
+    return {"context_audio_codes": codes[:, :, :n].to(torch.long).contiguous(),
+            "context_audio_codes_lens": torch.tensor([n], dtype=torch.long)}
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """The chunks NeMo's do_tts runs for --text: NeMo's tokenizer for the language (restored from the checkpoint),
+    chunk_text_for_inference (sentence chunks from the language's word threshold on, each + EOS), per chunk
+    text (1, T) int32, text_lens (1,) int64, end_of_text [last chunk], beginning_of_text (first chunk), and the
+    speaker: speaker_indices (1,) (baked) or the context codes; written as a chunk file (parity.chunks)."""
+    separate({"--checkpoint": args.checkpoint, "--context-audio": args.context_audio, "--codec": args.codec},
+             {"--out": args.out})
+    kind = _chunk_file_kind()
+    output_file(args.out, "--out", kind)
+    text = args.text
+    if not text.strip():
+        raise BadInput("--text: nothing to speak (empty)")
+    if not _LANGUAGE.match(args.language):
+        raise BadInput(f"--language {args.language!r}: expected a language code such as en, de, es")
+    if args.codec and not Path(args.codec).is_file():
+        raise BadInput(f"--codec {args.codec}: no such file")
+    config = _nemo_archive_config(args.checkpoint, "batch (NeMo's tokenizer)")
+    if config is not None:
+        _speaker(args, args.checkpoint, config.baked_speakers)
+    cond = _context_audio(args.context_audio) if args.context_audio else {}
+    model = _load_nemo(args.checkpoint, args.codec, who="batch (NeMo's tokenizer and chunk_text_for_inference)")
+    if config is None:
+        baked = bool(getattr(model, "has_baked_context_embedding", False))
+        _speaker(args, args.checkpoint, int(model.num_baked_speakers) if baked else None)
+    import torch
+    from nemo.collections.tts.parts.utils.tts_dataset_utils import (chunk_text_for_inference,
+                                                                    get_tokenizer_for_language)
+
+    from parity.chunks import ChunkSet, chunk_file_bytes
+
+    if args.language == "ja":  # do_tts: the ja normaliser does not take spaces
+        text = re.sub(r"\s+", "", text)
+    try:
+        tokenizer = get_tokenizer_for_language(args.language, list(model.tokenizer.tokenizers))
+        tokens, lens, chunk_texts = chunk_text_for_inference(text=text, language=args.language,
+                                                             tokenizer_name=tokenizer, text_tokenizer=model.tokenizer,
+                                                             eos_token_id=model.eos_id)
+    except Exception as e:  # the tokenizer's own refusals (a language it lacks, a phonemizer missing, ...)
+        raise BadInput(f"--text: NeMo's tokenizer for {args.language!r} cannot encode it: {type(e).__name__}: "
+                       f"{e}") from None
+    if not tokens:
+        raise BadInput("--text: NeMo's chunker made no chunk of it")
+    if not cond:  # a baked checkpoint: do_tts's speaker_index (None is speaker 0)
+        cond = {"speaker_indices": torch.tensor([args.speaker_index or 0], dtype=torch.long)}
+    chunks = []
+    for k, (t, n) in enumerate(zip(tokens, lens)):
+        batch = {"text": t.unsqueeze(0), "text_lens": torch.tensor([int(n)], dtype=torch.long),
+                 **{key: v.clone() for key, v in cond.items()}}
+        chunks.append({"batch": batch, "end_of_text": [k == len(tokens) - 1], "beginning_of_text": k == 0})
+    if config is not None:
+        for k, c in enumerate(chunks):
+            check_batch_fits(c["batch"], config, f"chunk {k} of --text", args.checkpoint, require_audio=False)
+    data = chunk_file_bytes([ChunkSet(name=BATCH_SET, chunks=chunks, texts=[args.text], chunk_texts=[list(chunk_texts)],
+                                      language=args.language, tokenizer=tokenizer)])
+    write_output_file(args.out, "--out", data, kind)
+    speaker = (f"context audio {args.context_audio} ({int(cond['context_audio_codes_lens'][0])} frames)"
+               if args.context_audio else f"speaker {args.speaker_index or 0}")
+    print(f"wrote {args.out}: chunk set {BATCH_SET!r}, {len(chunks)} chunk(s) of {[int(n) for n in lens]} tokens "
+          f"(tokenizer {tokenizer}, language {args.language}), {speaker}", file=sys.stderr)
     return EXIT_OK
 
 
