@@ -217,6 +217,10 @@ class PriorState:
             if n <= short_text:
                 prior[b, 0, :] = 1.0
             else:  # NeMo's _set_attention_prior_weights
+                if pos < -T_text:  # NeMo indexes prior[b, 0, pos] and raises IndexError; Python wraps smaller lags
+                    raise InferenceError(f"item {b}: the attended text position {attended[b]} lies more than the "
+                                         f"{T_text}-token window behind its start {left_offset[b]}: NeMo 3.0.0 fails the "
+                                         "same way (construct_multi_chunk_prior, IndexError); another seed or text avoids it")
                 history_end = max(1, pos - 1)
                 prior[b, 0, :history_end] = eps_sq
                 prior[b, 0, history_end] = weights[0]

@@ -353,8 +353,8 @@ class Transformer(nn.Module):
         if self.position_embeddings is None:
             return x
         end = start + x.shape[1]
-        if end > self.position_embeddings.num_embeddings:
-            raise ValueError(
+        if end > self.position_embeddings.num_embeddings:  # the input does not fit the checkpoint
+            raise BatchError(
                 f"sequence of {end} positions exceeds the model's {self.position_embeddings.num_embeddings} "
                 "learned positions (max_length_causal_mask)"
             )
