@@ -382,8 +382,9 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """Exit 0: every tensor within tolerance; 1: a mismatch; 2: bad input (missing/corrupt/truncated file,
-    incompatible manifests, bad tolerance file, bad arguments)."""
+    """Exit 0: every tensor within tolerance; 1: a mismatch (or tensors missing on one side without
+    --intersect, counted apart from the numeric check); 2: bad input (missing/corrupt/truncated file, incompatible
+    manifests or dumps of different models, nothing to compare, bad tolerance file, bad arguments)."""
     tolerance_file = args.tolerances if args.tolerances and os.path.lexists(args.tolerances) else None
     separate({"dump a": args.a, "dump b": args.b, "--tolerances": tolerance_file},
              {"--json": args.json, "--plot": args.plot})
@@ -395,7 +396,7 @@ def run_compare(args: argparse.Namespace) -> int:
         output_file(args.plot, "--plot", png_kind)
 
     from parity.compare import compare_dumps
-    from parity.report import format_table, plot, to_json
+    from parity.report import format_table, plot, to_json, verdict
     from parity.tolerances import load_policy
     with user_errors():
         policy = load_policy(args.tolerances, default="")
@@ -408,10 +409,14 @@ def run_compare(args: argparse.Namespace) -> int:
             workers=args.workers,
             intersect=args.intersect,
         )
+    if not result.tensors:
+        _nothing_compared(args, result)
     report = to_json(result)
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
     if not args.quiet and args.json != "-":
         print(format_table(result, max_rows=args.max_rows))
+    elif not result.passed:  # no table: the verdict still says why it failed, in one line
+        print(verdict(result), file=sys.stderr)
     if args.json == "-":
         sys.stdout.write(text)
     elif args.json:
@@ -422,6 +427,22 @@ def run_compare(args: argparse.Namespace) -> int:
         with writing(args.plot, "--plot"):
             plot(result, args.plot)
     return EXIT_OK if result.passed else EXIT_MISMATCH
+
+
+def _nothing_compared(args: argparse.Namespace, result) -> None:
+    """No tensor present in both dumps: no verdict to give (never "0/0 tensors"), one line saying why."""
+    def some(keys) -> str:
+        names = list(dict.fromkeys(n for n, _ in keys))
+        return f"{len(keys)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if keys else "none"
+
+    sel = f" matching --names {' '.join(args.names)}" if args.names else ""
+    if not result.missing_in_a and not result.missing_in_b:
+        if args.names:
+            raise BadInput(f"--names {' '.join(args.names)}: matches no tensor of either dump; nothing compared "
+                           f"(inspect a dump's names with 'magpie-parity inspect {args.b}')")
+        raise BadInput(f"{args.a} and {args.b}: neither dump holds a tensor; nothing compared")
+    raise BadInput(f"{args.a} and {args.b}: no tensor{sel} is present in both (a holds {some(result.missing_in_b)}, "
+                   f"b holds {some(result.missing_in_a)}); nothing compared (dumps of different runs?)")
 
 
 # -------------------------------------------------------------------------------------------------- dump

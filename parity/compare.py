@@ -541,8 +541,9 @@ def _check_compatible(a: DumpReader, b: DumpReader) -> list[str]:
     """Raise DumpError for manifests that must not be compared; return warnings for softer mismatches."""
     if a.config_hash is not None and b.config_hash is not None and a.config_hash != b.config_hash:
         raise DumpError(
-            f"incompatible manifests: {a.manifest_path} has config_hash {a.config_hash!r}, "
-            f"{b.manifest_path} has {b.config_hash!r}"
+            f"dumps of different models: {a.manifest_path} has config_hash {a.config_hash!r}, "
+            f"{b.manifest_path} has {b.config_hash!r} (the reference config hash of the checkpoint each was made "
+            "from); nothing compared"
         )
     for k in sorted(set(a.layout) & set(b.layout)):
         if a.layout[k] != b.layout[k]:

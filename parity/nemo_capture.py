@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +36,24 @@ def nemo_context_encoder_layers(model) -> int:
     if getattr(model, "model_type", None) != "decoder_ce" or getattr(model, "has_baked_context_embedding", False):
         return 0
     return len(model.context_encoder.layers)
+
+
+def nemo_config_hash(model) -> Optional[str]:
+    """The reference's config hash of a live NeMo model (what the reference's dumps of the same checkpoint record:
+    ``MagpieConfig.from_nemo`` of its config and weights), so ``compare`` refuses dumps of different models; None
+    for a model the reference does not build (nothing to check against)."""
+    from omegaconf import OmegaConf
+
+    from reference.config import ConfigError, MagpieConfig
+
+    try:
+        cfg = OmegaConf.to_container(model.cfg, resolve=True)
+        with warnings.catch_warnings():  # NeMo's state_dict warns about its own positional call
+            warnings.simplefilter("ignore", FutureWarning)
+            state = model.state_dict()
+        return MagpieConfig.from_nemo(cfg, state, where=type(model).__name__).hash()
+    except ConfigError:
+        return None
 
 
 class NemoCapture:
@@ -81,7 +100,8 @@ def dump_nemo_process_batch(model, batch: dict[str, torch.Tensor], out_dir: str 
     layout = {"mode": "teacher-forced", "tensors": "B,T,... as NeMo's modules return them"}
     if seed is not None:
         layout["seed"] = seed
-    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, layout=layout,
+    with DumpWriter(out_dir, source="nemo", config_hash=nemo_config_hash(model), dtype="float32", inputs=inputs,
+                    layout=layout,
                     meta={"nemo_class": type(model).__name__}, overwrite=overwrite) as writer:
         with torch.no_grad(), NemoCapture(model, lambda n, t, s: writer.add(n, t, step=s)):
             if seed is not None:
@@ -129,7 +149,8 @@ def dump_nemo_infer(model, batch: dict[str, torch.Tensor], out_dir: str | Path, 
     orig_attend = model.get_most_attended_text_timestep
     B = batch["text"].shape[0]
     inputs = {k: list(v.shape) for k, v in batch.items()}
-    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, overwrite=overwrite,
+    with DumpWriter(out_dir, source="nemo", config_hash=nemo_config_hash(model), dtype="float32", inputs=inputs,
+                    overwrite=overwrite,
                     layout={"mode": "infer", "use_cfg": use_cfg, "seed": seed,
                             "use_local_transformer_for_inference": bool((infer_kwargs or {}).get(
                                 "use_local_transformer_for_inference", False)),
@@ -333,7 +354,8 @@ def dump_nemo_generate_speech(model, chunks: list[dict], out_dir: str | Path, *,
             delattr(model, name)
     layout["chunk_steps"] = chunk_steps
     layout["chunk_states"] = chunk_states
-    with DumpWriter(out_dir, source="nemo", dtype="float32", inputs=inputs, overwrite=overwrite, layout=layout,
+    with DumpWriter(out_dir, source="nemo", config_hash=nemo_config_hash(model), dtype="float32", inputs=inputs,
+                    overwrite=overwrite, layout=layout,
                     meta={"nemo_class": type(model).__name__}) as writer:
         for name, t, s in records:
             writer.add(name, t, step=s)

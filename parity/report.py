@@ -66,6 +66,30 @@ def _worst(t: TensorCompareResult) -> str:
     return _num(_ratio_key(t))
 
 
+MISSING_SHOWN = 5  # missing tensors named in the table (the rest are counted)
+
+
+def _n(k: int, what: str = "tensor") -> str:
+    return f"{k} {what}{'' if k == 1 else 's'}"
+
+
+def verdict(result: DumpCompareResult) -> str:
+    """The one-line verdict: PASS/FAIL, missing tensors counted apart from the numeric comparison (with the
+    ``--intersect`` hint), and the compared tensors within tolerance, e.g. ``FAIL: 27 tensors missing in b (pass
+    --intersect to compare the 59 present in both); 59/59 present tensors within tolerance``."""
+    ts = result.tensors
+    n_ok = sum(t.passed for t in ts)
+    head = "PASS" if result.passed else "FAIL"
+    missing = ", ".join(f"{_n(len(m))} missing in {side}"
+                        for side, m in (("a", result.missing_in_a), ("b", result.missing_in_b)) if m)
+    if not missing:
+        return f"{head}: {n_ok}/{len(ts)} tensors within tolerance"
+    within = f"{n_ok}/{len(ts)} present tensors within tolerance"
+    if result.intersect:
+        return f"{head}: {within} (--intersect: {missing}, not compared)"
+    return f"{head}: {missing} (pass --intersect to compare the {len(ts)} present in both); {within}"
+
+
 def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) -> str:
     """Terminal report: summary, first divergence, worst tensors by error/tolerance ratio, per-tensor rows.
 
@@ -73,18 +97,12 @@ def format_table(result: DumpCompareResult, max_rows: int = 60, worst: int = 5) 
     rest up to the limit; the table says how many were left out.
     """
     ts = result.tensors
-    n_fail = sum(not t.passed for t in ts)
-    lines = [
-        f"{'PASS' if result.passed else 'FAIL'}: {len(ts) - n_fail}/{len(ts)} tensors within tolerance"
-        f" ({result.source_a} {result.a}  vs  {result.source_b} {result.b})",
-    ]
-    if result.missing_in_a or result.missing_in_b:
-        lines.append(f"missing in a: {len(result.missing_in_a)}, missing in b: {len(result.missing_in_b)}")
-        for label, miss in (("a", result.missing_in_a), ("b", result.missing_in_b)):
-            for name, step in miss[:5]:
-                lines.append(f"  only in {'b' if label == 'a' else 'a'}: {name} step {_step(step)}")
-            if len(miss) > 5:
-                lines.append(f"  ... {len(miss) - 5} more missing in {label}")
+    lines = [f"{verdict(result)} ({result.source_a} {result.a}  vs  {result.source_b} {result.b})"]
+    for label, other, miss in (("a", "b", result.missing_in_a), ("b", "a", result.missing_in_b)):
+        if miss:
+            shown = ", ".join(f"{name}@{_step(step)}" for name, step in miss[:MISSING_SHOWN])
+            more = f" and {len(miss) - MISSING_SHOWN} more" if len(miss) > MISSING_SHOWN else ""
+            lines.append(f"missing in {label} ({len(miss)}, only in {other}): {shown}{more}")
     fd = result.first_divergence
     if fd is not None:
         t = next(t for t in ts if t.key == fd)

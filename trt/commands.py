@@ -205,19 +205,36 @@ def configure_ingest(p: argparse.ArgumentParser) -> None:
     cfg.add_argument("--no-cfg", dest="use_cfg", action="store_const", const=False)
     p.add_argument("--cfg-scale", type=float, default=None, help="with CFG, also write the combined logits")
     p.add_argument("--batch-size", type=int, default=None, help="expected number of requests (checked)")
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="the .nemo/.ckpt the engine was converted from: its config hash is recorded, so compare "
+                        "refuses the dump against a dump of another model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
+def _config_hash(path: str) -> str:
+    """The reference config hash of a checkpoint (what the reference's dumps of it record), or one line."""
+    from reference.checkpoint import CheckpointError, read_checkpoint
+    from reference.config import ConfigError, MagpieConfig
+
+    try:
+        raw = read_checkpoint(path)
+        return MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(path)).hash()
+    except (CheckpointError, ConfigError) as e:
+        raise BadInput(f"--checkpoint {e}" if str(path) not in str(e) else str(e)) from None
+
+
 def run_ingest(args: argparse.Namespace) -> int:
-    separate({"TREE": args.tree}, {"--out": args.out})
+    separate({"TREE": args.tree, "--checkpoint": args.checkpoint}, {"--out": args.out})
     from parity.dump import DumpError, DumpReader
     from trt.ingest import IngestError, ingest_trtllm
 
     output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
+    config_hash = _config_hash(args.checkpoint) if args.checkpoint else None
     try:
         with writing(args.out, "--out"):
             out = ingest_trtllm(args.tree, args.out, generation=args.generation, batch_size=args.batch_size,
-                                use_cfg=args.use_cfg, cfg_scale=args.cfg_scale, overwrite=args.overwrite)
+                                use_cfg=args.use_cfg, cfg_scale=args.cfg_scale, overwrite=args.overwrite,
+                                config_hash=config_hash)
         d = DumpReader(out)
     except (IngestError, DumpError) as exc:
         raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None

@@ -568,12 +568,15 @@ def _infer_cfg(tree: Tree, kinds: dict[str, Kind]) -> bool:
 
 def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, generation: Optional[str] = None,
                   batch_size: Optional[int] = None, use_cfg: Optional[bool] = None,
-                  cfg_scale: Optional[float] = None, overwrite: bool = False) -> Path:
+                  cfg_scale: Optional[float] = None, overwrite: bool = False,
+                  config_hash: Optional[str] = None) -> Path:
     """Read a ``tllm_debug`` tree (either layout) and write a canonical dump to ``out_dir``. See the module doc.
 
     generation: one of ``parity.names.GENERATIONS`` (default: detected from the tensor names).
     batch_size: expected number of requests (checked). use_cfg: default detected (C++ layout) or False (Python).
     cfg_scale: with CFG, also write the reference's CFG-combined ``logits``.
+    config_hash: the reference config hash of the checkpoint the engine was converted from
+    (``MagpieConfig.hash()``), recorded so ``compare`` refuses a dump of another model.
     """
     from parity.dump import DumpWriter
 
@@ -775,7 +778,8 @@ def ingest_trtllm(tree: str | os.PathLike, out_dir: str | os.PathLike, *, genera
     }
     layout = {"mode": "infer", "use_cfg": bool(use_cfg), "use_kv_cache": True}
     dtype = str(torch.from_numpy(np.zeros(0, dtype=dtype_seen)).dtype).replace("torch.", "") if dtype_seen else "float32"
-    with DumpWriter(out_dir, source="trtllm", dtype=dtype, layout=layout, meta=meta, overwrite=overwrite) as w:
+    with DumpWriter(out_dir, source="trtllm", config_hash=config_hash, dtype=dtype, layout=layout, meta=meta,
+                    overwrite=overwrite) as w:
         for name, step, ten in out:
             w.add(name, ten, step=step)
     return Path(out_dir)

@@ -168,3 +168,92 @@ def test_plot_of_thousands_of_tensors_has_a_bounded_width(tmp_path):
     png = plot(res, tmp_path / "p.png")
     width = struct.unpack(">I", png.read_bytes()[16:20])[0]
     assert width <= MAX_PLOT_WIDTH * 100
+
+
+# ------------------------------------------------------------------------------ verdicts that cannot mislead
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_names_matching_nothing_is_exit_2_not_a_0_of_0_fail(tmp_path, capsys):
+    a, b = make(tmp_path, "a"), make(tmp_path, "b")
+    assert main(["compare", str(a), str(b), "--names", "nosuch.*", "--no-progress"]) == 2
+    line = _one_line(capsys)
+    assert "--names nosuch.*: matches no tensor of either dump" in line and "0/0" not in line
+
+
+def test_dumps_sharing_no_tensor_are_exit_2(tmp_path, capsys):
+    a = write_dump(tmp_path / "a", [("x", None, torch.ones(2))], source="trtllm")
+    b = write_dump(tmp_path / "b", [("y", None, torch.ones(2))], source="reference")
+    for extra in ([], ["--intersect"]):
+        assert main(["compare", str(a), str(b), "--no-progress", *extra]) == 2
+        line = _one_line(capsys)
+        assert "no tensor is present in both" in line and "a holds 1 (x)" in line and "b holds 1 (y)" in line
+
+
+def test_missing_tensors_are_counted_apart_and_named(tmp_path, capsys):
+    """27 of b's tensors absent from a: the verdict counts them apart from the numeric check and hints at
+    --intersect; never 'FAIL: N/N tensors within tolerance'."""
+    b = make(tmp_path, "b")
+    keep = {("logits", 1), ("decoder.layers.0", 1)}
+    a = write_dump(tmp_path / "a", [(n, s, t) for n, s, t in _tensors() if (n, s) in keep], source="trtllm")
+    assert main(["compare", str(a), str(b), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]
+    n_missing = len(NAMES) - 2
+    assert first.startswith(f"FAIL: {n_missing} tensors missing in a (pass --intersect to compare the 2 present in "
+                            "both); 2/2 present tensors within tolerance")
+    assert "FAIL: 2/2 tensors within tolerance" not in out
+    assert f"missing in a ({n_missing}, only in b): text_embedding@-, " in out and f"and {n_missing - 5} more" in out
+    assert main(["compare", str(a), str(b), "--no-progress", "--intersect"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"PASS: 2/2 present tensors within tolerance (--intersect: {n_missing} tensors missing in "
+                            "a, not compared)")
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [(n, s, torch.randn(2, 3, 8, generator=g)) for n, s in NAMES]
+
+
+def test_quiet_failure_prints_the_one_line_verdict(tmp_path, capsys):
+    a = make(tmp_path, "a", edit=lambda n, s, t: t + 1 if n == "logits" else t)
+    b = make(tmp_path, "b")
+    assert main(["compare", str(a), str(b), "--no-progress", "-q"]) == 1
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.strip() == f"FAIL: {len(NAMES) - 1}/{len(NAMES)} tensors within tolerance"
+    assert main(["compare", str(a), str(b), "--no-progress", "--json", "-"]) == 1
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["passed"] is False and cap.err.startswith("FAIL: ")
+    assert main(["compare", str(b), str(b), "--no-progress", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_dumps_of_different_models_are_refused_before_comparing(tmp_path, capsys):
+    ts = _tensors()
+    a = write_dump(tmp_path / "a", ts, source="nemo", config_hash="1111")
+    b = write_dump(tmp_path / "b", ts, source="reference", config_hash="2222")
+    assert main(["compare", str(a), str(b), "--no-progress"]) == 2
+    line = _one_line(capsys)
+    assert "dumps of different models" in line and "'1111'" in line and "'2222'" in line
+    # one side without a hash (the committed fixtures): compared
+    c = write_dump(tmp_path / "c", ts, source="nemo")
+    assert main(["compare", str(c), str(b), "--no-progress", "-q"]) == 0
+
+
+def test_exact_codes_rank_by_mismatch_count_never_a_ratio_to_zero(tmp_path, capsys):
+    codes = torch.randint(0, 70, (2, 4, 9))
+    other = codes.clone()
+    other[0, 1, 3] += 5
+    a = write_dump(tmp_path / "a", [("predicted_codes", None, other), ("logits", 0, torch.ones(3))], source="trtllm")
+    b = write_dump(tmp_path / "b", [("predicted_codes", None, codes), ("logits", 0, torch.ones(3))],
+                   source="reference")
+    assert main(["compare", str(a), str(b), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    worst = out.split("worst (")[1].splitlines()[1]
+    assert worst.split() == ["1", "differ", "predicted_codes", "step", "-"]
+    assert "e+" not in out.split("worst (")[1].split("\n  ")[1]

@@ -318,6 +318,7 @@ def test_compare_named_tolerance_policy(tmp_path, capsys):
     a = write_dump(tmp_path / "a2", [("logits", 0, torch.ones(4) + 5e-6)], source="reference")
     assert main(["compare", str(a), str(b), "-q", "--tolerances", "parity"]) == 0  # 1e-5 / 1e-5
     assert main(["compare", str(a), str(b), "-q", "--tolerances", "fixtures"]) == 1  # 1e-6 / 0
+    assert capsys.readouterr().err == "FAIL: 0/1 tensors within tolerance\n"  # -q: the verdict, one line
     line = one_line_error(capsys, ["compare", str(a), str(b), "-q", "--tolerances", "bogus"])
     assert "bogus" in line and "parity" in line
 

@@ -23,8 +23,14 @@ def test_reference_dump_equals_live_nemo_dump(tmp_path, case):
     data = json.loads(report.read_text())
     from reference import MagpieTTS
 
-    names = MagpieTTS.from_nemo(FIXTURES / f"{case}.nemo").capture_points()
+    model = MagpieTTS.from_nemo(FIXTURES / f"{case}.nemo")
+    names = model.capture_points()
     assert data["passed"] and [t["name"] for t in data["tensors"]] == names  # every layer compared
+    from parity.dump import DumpReader
+
+    # NeMo's dump records the checkpoint's reference config hash, as the reference's does
+    assert DumpReader(tmp_path / "nemo").config_hash == DumpReader(tmp_path / "ref").config_hash \
+        == model.config.hash()
 
 
 def test_infer_dumps_agree(tmp_path):

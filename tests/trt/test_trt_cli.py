@@ -148,6 +148,23 @@ def test_ingest_trtllm_of_a_tree_matches_the_reference(tmp_path, capsys):
     assert f"wrote {out}" in text and "generation fork_c6ff2312" in text and "host_kv_cache_pool_pointers" in text
     res = compare_dumps(out, ref_path, progress=False)
     assert not res.missing_in_b and res.tensors and all(t.max_abs == 0 for t in res.tensors)
+    assert DumpReader(out).config_hash is None  # no --checkpoint: nothing to record
+    # --checkpoint records the checkpoint's reference config hash: compare then refuses a dump of another model
+    hashed = tmp_path / "ing_hashed"
+    assert main(["ingest-trtllm", str(tree), "--out", str(hashed), "--cfg-scale", "2.5",
+                 "--checkpoint", f"{FIX}/released_small.nemo"]) == 0
+    capsys.readouterr()
+    assert DumpReader(hashed).config_hash == ref.config_hash is not None
+    assert main(["compare", str(hashed), str(ref_path), "--intersect", "-q", "--no-progress"]) == 0
+    other = tmp_path / "ing_other"
+    assert main(["ingest-trtllm", str(tree), "--out", str(other), "--cfg-scale", "2.5",
+                 "--checkpoint", f"{FIX}/four_codebooks.nemo"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(other), str(ref_path), "--intersect", "--no-progress"]) == 2
+    assert "dumps of different models" in _err_line(capsys)
+    assert main(["ingest-trtllm", str(tree), "--out", str(tmp_path / "x"), "--checkpoint",
+                 str(tmp_path / "nope.nemo")]) == 2
+    assert "nope.nemo" in _err_line(capsys) and not (tmp_path / "x").exists()
     # existing output, bad tree: exit 2, one line naming the file
     assert main(["ingest-trtllm", str(tree), "--out", str(out)]) == 2
     line = _err_line(capsys)
@@ -341,3 +358,4 @@ def test_bench_data_replaces_only_a_dataset(tmp_path, capsys):
 def test_build_engine_dir_inside_the_checkpoint_is_refused(converted, tmp_path, capsys):
     assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(converted / "engines")]) == 2
     assert f"--engine-dir {converted / 'engines'}: lies inside the input --ckpt-dir {converted}" in _err_line(capsys)
+
