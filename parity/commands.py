@@ -828,22 +828,73 @@ def configure_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", choices=["dump", "on", "off"], default="dump", help="CFG setting (default: from the dump's layout)")
     p.add_argument("--tolerance", type=float,
                    help="max |dlogit| accepted (default: parity.tolerances.DIAGNOSE for the dump's dtype)")
-    p.add_argument("--codes", help="safetensors with the engine's predicted_codes (default: the dump's own)")
+    p.add_argument("--codes", metavar="CODES.safetensors",
+                   help="the engine's predicted_codes (B, C, T), which teacher-force the reference (default: the "
+                        "dump's own; an ingested engine dump holds none)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="a NeMo inference_parameters field the engine ran with, as infer takes them (cfg_scale, "
+                        "topk, temperature, the attention prior's settings); default: the dump's layout params, "
+                        "else the checkpoint's inference_parameters")
+
+
+def _diagnose_params(config, reader, given: dict) -> tuple[dict, str]:
+    """The inference parameters to teacher-force with: the dump's layout ``params`` (the fields the checkpoint's
+    config knows), overridden by ``--param``; checked before any work, an error naming where the value came from
+    and the flag that sets it. Returns them and where they came from, in words."""
+    import dataclasses
+
+    from reference.inference import InferenceError, check_parameters, resolve_parameters
+
+    known = {f.name for f in dataclasses.fields(config.inference)}
+    recorded = reader.layout.get("params") if isinstance(reader.layout.get("params"), dict) else {}
+    from_dump = {k: v for k, v in recorded.items() if k in known}
+    params = {**from_dump, **given}
+    try:
+        check_parameters(resolve_parameters(config.inference, **params), config)
+    except InferenceError as e:
+        m = re.match(r"\w+", str(e))
+        key = m.group(0) if m and m.group(0) in known else None
+        if key is None or key in given:
+            raise BadInput(f"--param: {e}") from None
+        origin = (f"{reader.path}'s layout params" if key in from_dump
+                  else "the checkpoint's inference_parameters (the dump records none)")
+        raise BadInput(f"{key} from {origin}: {e}; pass the engine's value with --param {key}=VALUE") from None
+    except (TypeError, ValueError) as e:
+        shown = " ".join(f"{k}={v!r}" for k, v in given.items())
+        raise BadInput(f"--param {shown}: a value of the wrong type ({e})") from None
+    parts = []
+    if from_dump:
+        parts.append(f"the dump's layout params ({len(from_dump)})")
+    if given:
+        parts.append("--param " + " ".join(f"{k}={v}" for k, v in given.items()))
+    if not from_dump:
+        parts.append("the checkpoint's inference_parameters for the rest (the dump records none)")
+    return params, ", ".join(parts)
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
+    from parity.dump import open_dump
     from trt.diagnose import DiagnoseError, diagnose
 
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise BadInput(f"--tolerance must be a finite number > 0, got {args.tolerance}")
+    given = parse_assignments(args.param, "--param")
     batch = infer_inputs(load_batch(args.batch))
     codes = load_batch(args.codes, "--codes").get("predicted_codes") if args.codes else None
     if args.codes and codes is None:
         raise BadInput(f"--codes {args.codes}: no 'predicted_codes' tensor")
     model = load_reference(args.checkpoint)
     check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
+    with user_errors():
+        reader = open_dump(args.dump)
+    if codes is None and ("predicted_codes", None) not in reader:
+        raise BadInput(f"{args.dump}: holds no 'predicted_codes' (an engine dump ingested from a tllm_debug tree has "
+                       "none): pass the engine's codes with --codes CODES.safetensors (predicted_codes (B, C, T)); "
+                       "they teacher-force the reference")
+    params, origin = _diagnose_params(model.config, reader, given)
     use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
     with user_errors(DiagnoseError, ValueError):
-        d = diagnose(model, args.dump, batch, use_cfg=use_cfg, tolerance=args.tolerance, codes=codes)
+        d = diagnose(model, reader, batch, use_cfg=use_cfg, tolerance=args.tolerance, codes=codes, params=params)
+    print(f"codes: {'--codes ' + args.codes if args.codes else 'the dump'}; inference parameters: {origin}")
     print(d.report())
     return EXIT_OK if d.explained or (not d.explanation and d.baseline.max_abs <= d.tolerance) else EXIT_MISMATCH

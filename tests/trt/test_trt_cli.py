@@ -359,3 +359,41 @@ def test_build_engine_dir_inside_the_checkpoint_is_refused(converted, tmp_path, 
     assert main(["build", "--ckpt-dir", str(converted), "--engine-dir", str(converted / "engines")]) == 2
     assert f"--engine-dir {converted / 'engines'}: lies inside the input --ckpt-dir {converted}" in _err_line(capsys)
 
+
+def test_ingest_then_diagnose_from_the_cli_alone(tmp_path, capsys):
+    """An ingested engine tree has no codes and no inference parameters: diagnose names --codes, then the
+    checkpoint's default that does not fit with --param, and with both runs (the 'engine' is the reference here:
+    no deviation)."""
+    from safetensors.torch import save_file
+
+    import test_ingest as ti
+
+    ref_path = ti.reference_dump("released_small", tmp_path)
+    ref = DumpReader(ref_path)
+    rows, steps, text_lens = ti.sequence_rows(ref, 3, use_cfg=True)
+    tree = ti.write_executor_tree(tmp_path / "t", rows, 3, True, ti.executor_schedule(3, steps, late=0), [1, 2, 3],
+                                  text_lens=text_lens)
+    ing = tmp_path / "ing"
+    ckpt = f"{FIX}/released_small.nemo"
+    assert main(["ingest-trtllm", str(tree), "--out", str(ing), "--cfg-scale", "2.5", "--checkpoint", ckpt]) == 0
+    batch = tmp_path / "batch.safetensors"
+    save_file({k: v.contiguous() for k, v in ti._equal_context_batch("released_small").items()}, str(batch))
+    codes = tmp_path / "codes.safetensors"
+    save_file({"predicted_codes": ref.load("predicted_codes").contiguous()}, str(codes))
+    capsys.readouterr()
+    base = ["diagnose", str(ing), "--checkpoint", ckpt, "--batch", str(batch)]
+    assert main(base) == 2
+    line = _err_line(capsys)
+    assert "holds no 'predicted_codes'" in line and "--codes CODES.safetensors" in line
+    assert main([*base, "--codes", str(codes)]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("magpie-parity diagnose: error: topk from the checkpoint's inference_parameters")
+    assert "exceeds the" in line and "--param topk=VALUE" in line
+    assert main([*base, "--codes", str(codes), "--param", "topk=99"]) == 2
+    assert _err_line(capsys).startswith("magpie-parity diagnose: error: --param: topk (99) exceeds")
+    assert main([*base, "--codes", str(codes), "--param", "topk"]) == 2
+    assert "--param 'topk': expected KEY=VALUE" in _err_line(capsys)
+    assert main([*base, "--codes", str(codes), "--param", "topk=1", "--param", "cfg_scale=2.5"]) == 0
+    out = capsys.readouterr().out
+    assert "codes: --codes" in out and "--param topk=1 cfg_scale=2.5" in out
+    assert "No deviation" in out
