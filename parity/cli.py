@@ -40,6 +40,8 @@ COMMANDS: tuple[Command, ...] = (
             "the main job: reference vs NeMo's dumps on the bundled fixture models, layer by layer"),
     Command("compare", parity_commands.configure_compare, parity_commands.run_compare,
             "compare two dumps tensor by tensor"),
+    Command("inspect", parity_commands.configure_inspect, parity_commands.run_inspect,
+            "print a dump's manifest as a table: source, mode, config hash, precision, layout, tensors per name"),
     Command("dump", parity_commands.configure_dump, parity_commands.run_dump,
             "capture a reference or live-NeMo run into a dump"),
     Command("infer", parity_commands.configure_infer, parity_commands.run_infer,

@@ -445,6 +445,108 @@ def _nothing_compared(args: argparse.Namespace, result) -> None:
                    f"b holds {some(result.missing_in_a)}); nothing compared (dumps of different runs?)")
 
 
+# ------------------------------------------------------------------------------------------------- inspect
+
+
+def configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dump", help="dump folder (a manifest.json and its shards)")
+    p.add_argument("--names", nargs="+", metavar="GLOB", help="only the tensor rows whose name matches a glob")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _total(n: int) -> str:
+    return _size(n) if n < 1024 else f"{_size(n)} ({n} bytes)"
+
+
+def _steps(steps: list[int]) -> str:
+    """``0..13`` for a contiguous range, ``0..20 (12 steps)`` for one with gaps; ``-`` for none."""
+    if not steps:
+        return "-"
+    lo, hi = min(steps), max(steps)
+    if len(steps) == 1:
+        return str(lo)
+    return f"{lo}..{hi}" if len(set(steps)) == hi - lo + 1 else f"{lo}..{hi} ({len(set(steps))} steps)"
+
+
+def _value(v) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def inspect_table(reader, names=None) -> str:
+    """A dump's manifest as a table: what it is (source, mode, config hash, precision, inputs, layout), then its
+    tensors per name (steps, entries, shape, dtype, bytes)."""
+    m = reader.manifest
+    layout = dict(reader.layout)
+    params = layout.pop("params", None)
+    entries = reader.entries
+    all_steps = [e.step for e in entries if e.step is not None]
+    rows = [("dump", str(reader.path)), ("source", reader.source), ("mode", str(layout.pop("mode", "-"))),
+            ("config hash", reader.config_hash or "none recorded (compare cannot check the model)"),
+            ("precision", reader.dtype),
+            ("tensors", f"{len(entries)} in {len(reader.names())} names, steps {_steps(all_steps)}, "
+                        f"{_total(sum(e.nbytes for e in entries))}")]
+    if reader.inputs:
+        rows.append(("inputs", ", ".join(f"{k} {_value(v)}" for k, v in reader.inputs.items())))
+    for k in ("use_cfg", "seed"):
+        rows.append((k, _value(layout.pop(k)) if k in layout else "-"))
+    for k, v in layout.items():
+        rows.append((k, _value(v)))
+    if isinstance(params, dict):
+        rows.append(("params", " ".join(f"{k}={_value(v)}" for k, v in params.items()) or "-"))
+    elif params is not None:
+        rows.append(("params", _value(params)))
+    else:
+        rows.append(("params", "- (none recorded)"))
+    if reader.meta:
+        rows.append(("meta", ", ".join(reader.meta)))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    by_name: dict[str, list] = {}
+    for e in entries:
+        if names is None or _matches(e.name, names):
+            by_name.setdefault(e.name, []).append(e)
+    header = ("name", "steps", "entries", "shape", "dtype", "bytes")
+    body = []
+    for name, es in by_name.items():
+        shapes = {e.shape for e in es}
+        shape = "x".join(map(str, es[0].shape)) or "scalar"
+        if len(shapes) > 1:
+            shape += f" (+{len(shapes) - 1} other)"
+        dtypes = ",".join(dict.fromkeys(e.dtype for e in es))
+        body.append((name, _steps([e.step for e in es if e.step is not None]), str(len(es)), shape, dtypes,
+                     _size(sum(e.nbytes for e in es))))
+    w = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines.append("")
+    lines.extend("  ".join(c.rjust(w[i]) if i in (2, 5) else c.ljust(w[i]) for i, c in enumerate(r)).rstrip()
+                 for r in [header, *body])
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print a dump's manifest and tensors as a table; a folder that is not a readable dump is one line, exit 2."""
+    from parity.dump import open_dump
+
+    with user_errors():
+        reader = open_dump(args.dump)
+    if args.names and not any(_matches(e.name, args.names) for e in reader.entries):
+        raise BadInput(f"--names {' '.join(args.names)}: matches no tensor of {args.dump}")
+    print(inspect_table(reader, args.names))
+    return EXIT_OK
+
+
+def _matches(name: str, globs) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
 # -------------------------------------------------------------------------------------------------- dump
 
 
