@@ -989,6 +989,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
     check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
     with user_errors():
         reader = open_dump(args.dump)
+    if reader.config_hash is not None and reader.config_hash != model.config.hash():
+        raise BadInput(f"{args.dump}: records config_hash {reader.config_hash!r}, --checkpoint {args.checkpoint} has "
+                       f"{model.config.hash()!r}: the dump is of another model (give the checkpoint the engine was "
+                       "converted from)")
     if codes is None and ("predicted_codes", None) not in reader:
         raise BadInput(f"{args.dump}: holds no 'predicted_codes' (an engine dump ingested from a tllm_debug tree has "
                        "none): pass the engine's codes with --codes CODES.safetensors (predicted_codes (B, C, T)); "

@@ -397,3 +397,13 @@ def test_ingest_then_diagnose_from_the_cli_alone(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "codes: --codes" in out and "--param topk=1 cfg_scale=2.5" in out
     assert "No deviation" in out
+    # a dump recording another model's config hash is refused before any work
+    import torch
+
+    from parity.dump import write_dump
+
+    other = write_dump(tmp_path / "other", [("logits", 0, torch.zeros(3, 1, 8))], source="trtllm",
+                       config_hash="0123456789abcdef")
+    assert main(["diagnose", str(other), "--checkpoint", ckpt, "--batch", str(batch), "--codes", str(codes)]) == 2
+    line = _err_line(capsys)
+    assert "records config_hash '0123456789abcdef'" in line and "the dump is of another model" in line
