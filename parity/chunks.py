@@ -102,18 +102,12 @@ def write_chunk_file(path: str | os.PathLike, sets: Sequence[ChunkSet]) -> Path:
 def is_chunk_file(path: str | os.PathLike) -> bool:
     """A chunk file this format describes: a safetensors file whose metadata holds a ``chunks`` JSON object with
     ``sets``. Only its header is read (at most 1 MiB); how ``batch --out`` recognises a file it may replace."""
-    import struct
+    from parity.files import read_safetensors_header
 
-    from parity.files import read_head
-
-    head = read_head(path, 8 + (1 << 20))
-    if head is None or len(head) < 8:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > len(head) - 8:
+    header = read_safetensors_header(path, 1 << 20)
+    if header is None:
         return False
     try:
-        header = json.loads(head[8:8 + n])
         meta = json.loads(header["__metadata__"][METADATA_KEY])
     except (ValueError, RecursionError, KeyError, TypeError):
         return False

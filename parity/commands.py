@@ -64,21 +64,10 @@ def is_codes_file(path) -> bool:
     """A codes file ``infer`` wrote: a safetensors file whose metadata names :data:`CODES_FORMAT`, or (as earlier
     versions wrote it) one holding exactly ``predicted_codes`` and ``predicted_codes_lens``. Only its header is
     read (at most 64 KB)."""
-    import struct
+    from parity.files import read_safetensors_header
 
-    from parity.files import read_head
-
-    head = read_head(path, 8 + 65536)
-    if head is None or len(head) < 8:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > len(head) - 8:
-        return False
-    try:
-        header = json.loads(head[8:8 + n])
-    except (ValueError, RecursionError):
-        return False
-    if not isinstance(header, dict):
+    header = read_safetensors_header(path, 65536)
+    if header is None:
         return False
     meta = header.get("__metadata__")
     if isinstance(meta, dict) and meta.get("format") == CODES_FORMAT:
@@ -482,7 +471,6 @@ def _value(v) -> str:
 def inspect_table(reader, names=None) -> str:
     """A dump's manifest as a table: what it is (source, mode, config hash, precision, inputs, layout), then its
     tensors per name (steps, entries, shape, dtype, bytes)."""
-    m = reader.manifest
     layout = dict(reader.layout)
     params = layout.pop("params", None)
     entries = reader.entries

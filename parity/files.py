@@ -101,6 +101,25 @@ def read_head(path: PathLike, n: int = 65536) -> bytes | None:
         os.close(fd)
 
 
+def read_safetensors_header(path: PathLike, limit: int) -> dict | None:
+    """The JSON header of a safetensors file, if ``path`` is a regular file whose header fits in ``limit`` bytes and
+    parses to an object; ``None`` otherwise. Only the head of the file is read (:func:`read_head`)."""
+    import json
+    import struct
+
+    head = read_head(path, 8 + limit)
+    if head is None or len(head) < 8:
+        return None
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > len(head) - 8:
+        return None
+    try:
+        header = json.loads(head[8:8 + n])
+    except (ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
