@@ -49,11 +49,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from reference.batch import BatchError, validate_batch
-from reference.inference import (InferenceError, InferOutput, MaskGitOptions, PriorState, DecoderSteps,
-                                 check_parameters, chunk_initial_prior, cross_attention_scores,
-                                 dummy_cfg_conditioning, eos_frames, layer_priors, local_transformer_mode,
-                                 read_codes, resolve_parameters, sample_frame)
+from reference.batch import BatchError
+from reference.inference import (DecoderSteps, InferenceError, InferOutput, PriorState, checked_call,
+                                 chunk_initial_prior, cross_attention_scores, dummy_cfg_conditioning, eos_frames,
+                                 layer_priors, read_codes, sample_frame)
 
 
 @dataclass(frozen=True)
@@ -211,15 +210,10 @@ def generate_speech(
     """
     cfg = model.config
     cc = chunked_config if chunked_config is not None else ChunkedInferenceConfig()
-    p = resolve_parameters(cfg.inference, **params)
-    validate_batch(batch, cfg, require_audio=False)
-    check_parameters(p, cfg)
-    C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
-    lt_mode = local_transformer_mode(cfg, use_local_transformer_for_inference)
-    maskgit = MaskGitOptions.from_args(maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule,
+    p, lt_mode, maskgit = checked_call(cfg, batch, params, use_cfg, use_local_transformer_for_inference,
+                                       maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule,
                                        maskgit_dynamic_cfg_scale, maskgit_sampling_type)
-    if lt_mode == "maskgit":
-        maskgit.check(C * S, use_cfg)
+    C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     B = int(batch["text"].shape[0])
     _check_state(chunk_state, B)
     if isinstance(end_of_text, (bool, str, bytes)) or not hasattr(end_of_text, "__len__") or len(end_of_text) != B:

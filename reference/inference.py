@@ -827,6 +827,23 @@ def layer_priors(prior: Optional[torch.Tensor], p: InferenceParameters, n_layers
 # ---- the loop ---------------------------------------------------------------------------------------------------
 
 
+def checked_call(cfg, batch: dict, params: dict, use_cfg: bool, use_local_transformer_for_inference: bool,
+                 maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule, maskgit_dynamic_cfg_scale,
+                 maskgit_sampling_type) -> tuple:
+    """What every NeMo loop (``infer_batch``, ``generate_speech``) checks before any work, in this order: the
+    parameters resolved, the batch, the parameters against the model, the local transformer, MaskGit's options.
+    Returns (parameters, local-transformer mode, MaskGit options)."""
+    p = resolve_parameters(cfg.inference, **params)
+    validate_batch(batch, cfg, require_audio=False)
+    check_parameters(p, cfg)
+    lt_mode = local_transformer_mode(cfg, use_local_transformer_for_inference)
+    maskgit = MaskGitOptions.from_args(maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule,
+                                       maskgit_dynamic_cfg_scale, maskgit_sampling_type)
+    if lt_mode == "maskgit":
+        maskgit.check(cfg.num_audio_codebooks * cfg.frame_stacking_factor, use_cfg)
+    return p, lt_mode, maskgit
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: less host time per op than no_grad
 def infer_batch(
     model,
@@ -859,14 +876,9 @@ def infer_batch(
     reference raises a one-line :class:`InferenceError` (see :func:`sample_maskgit`).
     """
     cfg = model.config
-    p = resolve_parameters(cfg.inference, **params)
-    validate_batch(batch, cfg, require_audio=False)
-    check_parameters(p, cfg)
-    lt_mode = local_transformer_mode(cfg, use_local_transformer_for_inference)
-    maskgit = MaskGitOptions.from_args(maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule,
+    p, lt_mode, maskgit = checked_call(cfg, batch, params, use_cfg, use_local_transformer_for_inference,
+                                       maskgit_n_steps, maskgit_noise_scale, maskgit_fixed_schedule,
                                        maskgit_dynamic_cfg_scale, maskgit_sampling_type)
-    if lt_mode == "maskgit":
-        maskgit.check(cfg.num_audio_codebooks * cfg.frame_stacking_factor, use_cfg)
     cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
     C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     device = next(model.parameters()).device
