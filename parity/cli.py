@@ -56,6 +56,11 @@ COMMANDS: tuple[Command, ...] = (
             "print (or --run) the trtllm-build commands for a converted checkpoint"),
     Command("ingest-trtllm", trt_commands.configure_ingest, trt_commands.run_ingest,
             "turn a TensorRT-LLM tllm_debug tree into a canonical dump"),
+    Command("emulate", trt_commands.configure_emulate, trt_commands.run_emulate,
+            "an engine-like run: the reference under emulated engine behaviours (dump, codes, debug tree)"),
+    Command("closed-loop", trt_commands.configure_closed_loop, trt_commands.run_closed_loop,
+            "engine codes vs reference codes of free-running runs: first divergence per item, over seeds; "
+            "then the teacher-forced replay"),
     Command("bench-data", trt_commands.configure_bench, trt_commands.run_bench,
             "write a benchmark dataset JSON in the fork's prepare_benchmark.py format"),
 )

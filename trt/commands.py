@@ -328,3 +328,251 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {len(back.samples)} samples, {kind}, num_vocabs {back.num_vocabs}, "
           f"audio_vocab_size {back.audio_vocab_size}")
     return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ emulate
+
+
+def configure_emulate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="NeMo MagpieTTS .nemo or Lightning .ckpt")
+    p.add_argument("--batch", required=True, metavar="B.safetensors", help="the inputs (NeMo's batch keys)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="dump of the emulated run (every step's logits, its codes; with --layers or --debug-tree every "
+                        "layer), its layout recording the policy and that it is an emulation")
+    p.add_argument("--engine", action="append", default=[], metavar="BEHAVIOUR=VALUE",
+                   help="an engine behaviour of trt/engine.py's EnginePolicy (multi_block_mode=true, prior=kernel, "
+                        "cfg_prompt=zeros, lm_head_bias=false, encoder=bidirectional, packed_encoder_conv=true, "
+                        "dtype=float16, kernel_prior.first_focus=4, ...); default: NeMo's behaviour, KV-cached as "
+                        "engines decode (kv_cache=true)")
+    p.add_argument("--use-cfg", action="store_true", help="classifier-free guidance")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before decoding")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a NeMo inference_parameters field")
+    p.add_argument("--layers", action="store_true", help="also dump every layer each step")
+    p.add_argument("--debug-tree", metavar="DIR",
+                   help="also write DIR/tllm_debug: the run as a TensorRT-LLM C++ executor debug tree (generation "
+                        "fork_c6ff2312, every prompt the reference's padded one), for ingest-trtllm")
+    p.add_argument("--codes-out", metavar="CODES.safetensors",
+                   help="also write the run's predicted_codes and predicted_codes_lens (infer --out's format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out dump")
+
+
+def run_emulate(args: argparse.Namespace) -> int:
+    separate({"--checkpoint": args.checkpoint, "--batch": args.batch},
+             {"--out": args.out, "--debug-tree": args.debug_tree, "--codes-out": args.codes_out})
+    from parity.cli_support import (check_batch_fits, infer_inputs, load_batch, load_reference, user_errors,
+                                    write_output_file)
+    from parity.commands import CODES_FILE, CODES_FORMAT, check_params
+
+    settings = parse_assignments(args.engine, "--engine")
+    settings.setdefault("kv_cache", True)
+    from trt.engine import EMULATED_NOTE, dump_engine_emulation, policy_from_settings
+
+    try:
+        policy = policy_from_settings(settings)
+    except ValueError as exc:
+        raise BadInput(f"--engine: {exc}") from None
+    if args.debug_tree is not None:
+        if not policy.kv_cache:
+            raise BadInput("--debug-tree needs a KV-cached run (an engine's steps: the prompt, then one frame a step); "
+                           "drop --engine kv_cache=false")
+        if policy.unpadded_requests:
+            raise BadInput("--debug-tree with --engine unpadded_requests=true: the emulation decodes every request "
+                           "alone and captures no layers; drop one of them")
+        output_dir(args.debug_tree, "--debug-tree", overwrite=None)
+        if os.path.lexists(Path(args.debug_tree) / "tllm_debug"):
+            raise BadInput(f"--debug-tree {args.debug_tree}: already holds a tllm_debug folder (name a new folder)")
+    output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
+    if args.codes_out:
+        output_file(args.codes_out, "--codes-out", CODES_FILE)
+    params = parse_assignments(args.param, "--param")
+    batch = infer_inputs(load_batch(args.batch))
+    model = load_reference(args.checkpoint)
+    check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
+    check_params(model.config, params)
+    layers = args.layers or args.debug_tree is not None
+    with user_errors(), writing(args.out, "--out"):
+        out = dump_engine_emulation(model, batch, args.out, policy, use_cfg=args.use_cfg, seed=args.seed,
+                                    capture_layers=layers, overwrite=args.overwrite, progress=sys.stderr.isatty(),
+                                    **params)
+    emulated = ", ".join(f"{k}={v}" for k, v in settings.items()) or "none"
+    print(f"wrote {args.out}: EMULATED engine ({EMULATED_NOTE}); behaviours: {emulated}; codes "
+          f"{tuple(out.predicted_codes.shape)}, lengths {out.predicted_codes_lens.tolist()}")
+    if args.codes_out:
+        from safetensors.torch import save
+
+        meta = {"format": CODES_FORMAT, "emulated": EMULATED_NOTE, "engine": emulated, "seed": str(args.seed)}
+        data = save({"predicted_codes": out.predicted_codes.cpu().contiguous(),
+                     "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()}, metadata=meta)
+        write_output_file(args.codes_out, "--codes-out", data, CODES_FILE)
+        print(f"wrote {args.codes_out}: the emulated engine's codes")
+    if args.debug_tree is not None:
+        from trt.debug_tree import write_debug_tree
+
+        with writing(args.debug_tree, "--debug-tree"):
+            tree = write_debug_tree(args.out, args.debug_tree)
+            (Path(args.debug_tree) / "EMULATED.txt").write_text(
+                f"Written by magpie-parity emulate from {args.out}: {EMULATED_NOTE}.\nBehaviours: {emulated}\n")
+        scale = ""
+        if args.use_cfg:
+            from reference.inference import resolve_parameters
+
+            cfg_scale = resolve_parameters(model.config.inference, **params).cfg_scale
+            scale = f" --cfg-scale {cfg_scale}"
+        print(f"wrote {tree}: a TensorRT-LLM debug tree of the emulated run (ingest it: magpie-parity ingest-trtllm "
+              f"{tree} --out DUMP --checkpoint {args.checkpoint}{scale})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ closed-loop
+
+
+def configure_closed_loop(p: argparse.ArgumentParser) -> None:
+    p.add_argument("codes", nargs="+", metavar="ENGINE REF",
+                   help="pairs of codes: the engine's, then the reference's of the same inputs and seed (a codes file "
+                        "as infer --out / emulate --codes-out write it, or a dump holding predicted_codes); several "
+                        "pairs (seeds) give the distribution of first-divergence steps")
+    p.add_argument("--checkpoint", metavar="CKPT",
+                   help="the model (its frame stacking turns frames into decoder steps; needed by --dump)")
+    p.add_argument("--dump", metavar="ENGINE_DUMP",
+                   help="then replay: the engine's dump (per-step logits, e.g. from ingest-trtllm); the reference is "
+                        "teacher-forced with the first pair's engine codes under every known engine behaviour "
+                        "(diagnose), and, where the dump holds layers, the first layer beyond tolerance at the first "
+                        "divergence step is named")
+    p.add_argument("--batch", metavar="B.safetensors", help="with --dump: the inputs the engine ran on")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="with --dump: a NeMo inference_parameters field the engine ran with (default: the dump's "
+                        "layout params, else the checkpoint's)")
+    p.add_argument("--cfg", choices=["dump", "on", "off"], default="dump",
+                   help="with --dump: CFG setting (default: from the dump's layout)")
+    p.add_argument("--tolerances", metavar="FILE|NAME",
+                   help="with --dump: the tolerance policy for the layers (e.g. a calibrated file); default: the "
+                        "per-dtype defaults")
+
+
+def load_codes(path: str, flag: str):
+    """(predicted_codes, predicted_codes_lens or None) of a codes file or a dump, or one line naming the file."""
+    import torch
+
+    from parity.cli_support import load_batch, user_errors
+    from parity.dump import is_dump, open_dump
+
+    if os.path.isdir(path) and is_dump(path):
+        with user_errors():
+            d = open_dump(path)
+            if ("predicted_codes", None) not in d:
+                raise BadInput(f"{flag} {path}: a dump without 'predicted_codes' (an ingested engine dump holds none: "
+                               "give the engine's codes file)")
+            lens = d.load("predicted_codes_lens") if ("predicted_codes_lens", None) in d else None
+            return d.load("predicted_codes"), lens
+    data = load_batch(path, flag)
+    codes = data.get("predicted_codes")
+    if codes is None:
+        raise BadInput(f"{flag} {path}: no 'predicted_codes' tensor")
+    lens = data.get("predicted_codes_lens")
+    ok = codes.dim() == 3 and not codes.is_floating_point() and (
+        lens is None or (lens.shape == codes.shape[:1] and not lens.is_floating_point()))
+    if not ok:
+        raise BadInput(f"{flag} {path}: predicted_codes must be integer (B, C, T) and predicted_codes_lens (B,), got "
+                       f"{tuple(codes.shape)} {codes.dtype}" + ("" if lens is None else f", {tuple(lens.shape)}"))
+    return codes.to(torch.long), None if lens is None else lens.to(torch.long)
+
+
+def run_closed_loop(args: argparse.Namespace) -> int:
+    if len(args.codes) % 2:
+        raise BadInput(f"closed-loop takes pairs ENGINE REF: {len(args.codes)} codes files given")
+    if args.dump is not None and (args.checkpoint is None or args.batch is None):
+        raise BadInput("--dump (the teacher-forced replay) needs --checkpoint and --batch")
+    extra = {"--param": args.param, "--tolerances": args.tolerances}
+    used = [flag for flag, v in extra.items() if v] + (["--cfg"] if args.cfg != "dump" else [])
+    if args.dump is None and used:
+        raise BadInput(f"{used[0]} is for the replay: give --dump ENGINE_DUMP --batch B too")
+    from parity.closed_loop import compare_codes, first_divergence, format_report
+
+    model = None
+    stacking = 1
+    if args.checkpoint:
+        from parity.cli_support import load_reference
+
+        model = load_reference(args.checkpoint)
+        stacking = model.config.frame_stacking_factor
+    per_pair, engine_codes = [], []
+    pairs = list(zip(args.codes[::2], args.codes[1::2]))
+    for k, (e, r) in enumerate(pairs):
+        ec, el = load_codes(e, "ENGINE")
+        rc, rl = load_codes(r, "REF")
+        engine_codes.append(ec)
+        try:
+            per_pair.append(compare_codes(ec, el, rc, rl, frame_stacking=stacking,
+                                          run=os.path.basename(e.rstrip("/"))))
+        except ValueError as exc:
+            raise BadInput(f"{e} vs {r}: {exc}") from None
+    items = [i for p in per_pair for i in p]
+    print(format_report(items))
+    if args.dump is not None:
+        first = first_divergence(per_pair[0])
+        _replay(args, model, engine_codes[0], None if first is None else first.first.step)
+    return EXIT_OK if first_divergence(items) is None else EXIT_MISMATCH
+
+
+def _replay(args: argparse.Namespace, model, codes, step) -> None:
+    """Teacher-forced replay from the engine's codes: diagnose, then the first layer beyond tolerance at ``step``
+    (the first pair's first divergence step) where the engine dump holds layers."""
+    import dataclasses
+    import tempfile
+
+    from parity.cli_support import check_batch_fits, infer_inputs, load_batch, user_errors
+    from parity.commands import check_params
+    from parity.dump import open_dump
+    from trt.diagnose import DiagnoseError, diagnose
+
+    batch = infer_inputs(load_batch(args.batch))
+    check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
+    with user_errors():
+        reader = open_dump(args.dump)
+        policy = None
+        if args.tolerances:
+            from parity.tolerances import load_policy
+
+            policy = load_policy(args.tolerances, default="")
+    if reader.config_hash is not None and reader.config_hash != model.config.hash():
+        raise BadInput(f"{args.dump}: records config_hash {reader.config_hash!r}, --checkpoint {args.checkpoint} has "
+                       f"{model.config.hash()!r}: the dump is of another model")
+    known = {f.name for f in dataclasses.fields(model.config.inference)}
+    recorded = reader.layout.get("params") if isinstance(reader.layout.get("params"), dict) else {}
+    params = {**{k: v for k, v in recorded.items() if k in known}, **parse_assignments(args.param, "--param")}
+    check_params(model.config, params)
+    use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
+    print()
+    print("teacher-forced replay from the engine's codes (the first pair's):")
+    with user_errors(DiagnoseError, ValueError):
+        d = diagnose(model, reader, batch, use_cfg=use_cfg, codes=codes, params=params)
+    print(d.report())
+    if not any(n.startswith(("decoder.layers.", "encoder.layers.")) for n in reader.names()):
+        print("(the engine dump holds no layers: no layer to name)")
+        return
+    from parity.compare import compare_dumps
+    from parity.reference_capture import dump_reference_infer
+
+    steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
+    with tempfile.TemporaryDirectory(prefix="magpie-parity-replay-") as tmp:
+        with user_errors():
+            dump_reference_infer(model, batch, os.path.join(tmp, "ref"), use_cfg=bool(reader.layout.get(
+                "use_cfg", False)) if use_cfg is None else use_cfg, seed=0, capture_layers=True, use_kv_cache=True,
+                forced_codes=codes, **{**params, "max_decoder_steps": len(steps)})
+            res = compare_dumps(reader, os.path.join(tmp, "ref"), policy, progress=False, intersect=True)
+    noise = "calibrated noise" if args.tolerances else "tolerance"
+    bad = [t for t in res.tensors if not t.passed]
+    if not bad:
+        print(f"layers, teacher-forced with the engine's codes (NeMo's behaviour): every tensor within {noise}")
+        return
+    first = bad[0]
+    print(f"layers, teacher-forced with the engine's codes (NeMo's behaviour): first tensor beyond {noise}: "
+          f"{first.name} at step {first.step} (max |err| {first.max_abs:.3e}, atol {first.tolerance.atol:.1e})")
+    if step is not None:
+        at = [t for t in bad if t.step == step]
+        if at:
+            t = at[0]
+            print(f"at the first divergence step {step}: first layer beyond {noise}: {t.name} "
+                  f"(max |err| {t.max_abs:.3e}, atol {t.tolerance.atol:.1e})")
+        else:
+            print(f"at the first divergence step {step}: every layer within {noise}")

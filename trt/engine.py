@@ -124,6 +124,42 @@ class EnginePolicy:
         return cls.engine(kernel_prior=kp, lm_head_bias=lm_bias, prior=prior, **kw)
 
 
+_BOOL_FIELDS = ("multi_block_mode", "lm_head_bias", "packed_encoder_conv", "unpadded_requests")
+
+
+def policy_from_settings(settings: dict[str, Any], base: Optional[EnginePolicy] = None) -> EnginePolicy:
+    """``{"multi_block_mode": True, "prior": "kernel", "kernel_prior.first_focus": 4}`` -> an :class:`EnginePolicy`
+    (fields of ``base``, default NeMo's, replaced). ValueError naming the key for an unknown field or a value of
+    the wrong kind."""
+    base = base or EnginePolicy()
+    fields = {f.name for f in dataclasses.fields(EnginePolicy)} - {"kernel_prior"}
+    kp_fields = {f.name: f.type for f in dataclasses.fields(KernelPrior)}
+    top, kp = {}, {}
+    for key, value in settings.items():
+        if key in fields:
+            if key in _BOOL_FIELDS and not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r}: expected true or false")
+            if key == "kv_cache" and value is not None and not isinstance(value, bool):
+                raise ValueError(f"kv_cache={value!r}: expected true, false or none")
+            top[key] = value
+        elif key.startswith("kernel_prior.") and key.partition(".")[2] in kp_fields:
+            name = key.partition(".")[2]
+            if name.endswith("_layers"):
+                ok = value is None or (isinstance(value, list) and all(type(i) is int for i in value))
+                value = tuple(value) if isinstance(value, list) else value
+            else:
+                ok = type(value) is (float if name == "epsilon" else int) or (name == "epsilon" and type(value) is int)
+            if not ok:
+                raise ValueError(f"{key}={value!r}: a value of the wrong kind")
+            kp[name] = value
+        else:
+            known = sorted(fields) + [f"kernel_prior.{n}" for n in kp_fields]
+            raise ValueError(f"unknown engine behaviour {key!r}; known: {', '.join(known)}")
+    if kp:
+        top["kernel_prior"] = dataclasses.replace(base.kernel_prior, **kp)
+    return dataclasses.replace(base, **top)
+
+
 def _tuple(x) -> Optional[tuple[int, ...]]:
     return tuple(int(i) for i in x) if x is not None else None
 
@@ -310,6 +346,9 @@ def _infer_unpadded(model, batch, policy: EnginePolicy, *, forced_codes=None, ke
     return res
 
 
+EMULATED_NOTE = ("the reference under an emulated engine policy (trt/engine.py); no TensorRT-LLM engine ran")
+
+
 def dump_engine_emulation(model, batch: dict[str, torch.Tensor], out_dir, policy: EnginePolicy, *, use_cfg: bool,
                           seed: int, **kw):
     """An engine-like dump: the reference under ``policy``, written as ``parity.reference_capture`` writes the
@@ -320,5 +359,8 @@ def dump_engine_emulation(model, batch: dict[str, torch.Tensor], out_dir, policy
         return infer(m, b, policy, **run_kw)
 
     dtype = policy.dtype or str(next(model.parameters()).dtype).replace("torch.", "")
+    extra = {"semantics": dataclasses.asdict(policy), "emulated": EMULATED_NOTE,
+             "engine_behaviours": policy.differences()}
+    kw.setdefault("use_kv_cache", policy.kv_cache)  # the layout records the decoding path the run took
     return dump_reference_infer(model, batch, out_dir, use_cfg=use_cfg, seed=seed, run=run, dtype=dtype,
-                                layout_extra={"semantics": dataclasses.asdict(policy)}, **kw)
+                                layout_extra=extra, **kw)
