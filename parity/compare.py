@@ -23,6 +23,17 @@ by equality in their own values (widened to int64 where the dtypes differ; never
 equate ``2**62`` and ``2**62 + 100``), whatever tolerance the policy names: the result's tolerance is
 :data:`~parity.tolerances.EXACT`, ``exact`` is set, ``n_failed`` is the count of differing elements and
 ``tol_ratio`` is None (no ratio to a zero tolerance). Their error figures are exact differences shown as float64.
+The same holds, by value in float64, for an integer tensor against a floating one (codes an engine stored as
+floats) and for floating tensors given a zero tolerance (``atol`` = ``rtol`` = 0, elementwise): a ratio to a zero
+tolerance means nothing, the count of differing elements does.
+
+``worst_index`` locates the error: the multi-index (in the tensor's shape: batch item, step, position, head or
+codebook, as the tensor is laid out) of the element of largest ``|a - b|`` (NaN and a mismatched Inf count as
+infinite; the first such element on ties), or for exact tensors of the first differing element; None when no
+element differs.
+
+Default tolerances follow the precision the runs computed in (each dump's manifest ``dtype``, the less precise of
+the two), not the dtype a tensor is stored in: a float32-stored tensor of a bfloat16 run gets the bfloat16 default.
 
 Math runs in float32 for float inputs that float32 holds exactly (fp16, bf16, fp8) and in float64 otherwise.
 Per-chunk sums are float32 (torch's cascaded summation) and are accumulated in float64; a chunk whose float32 sums
@@ -52,6 +63,7 @@ from parity.tolerances import (  # noqa: F401
     Tolerance,
     TolerancePolicy,
     dtype_default,
+    loosest_precision,
 )
 from parity.tolerances import policy as default_policy
 
@@ -107,6 +119,10 @@ class TensorCompareResult:
     reason: str | None = None  # set when the tensors could not be compared (shape/length mismatch)
     shape_a: tuple[int, ...] | None = None  # a's shape when it differs from ``shape`` (b's)
     exact: bool = False  # integer/bool on both sides: equality decides, n_failed counts the differing elements
+    worst_index: tuple[int, ...] | None = None  # where the largest |a - b| is (exact: the first differing element)
+    # a calibrated policy's bound for this (name, step) (parity.tolerances.CalibratedPolicy): max |a - b| allowed
+    # for a floating tensor (its tolerance's atol), elements allowed to differ for an exact one; None otherwise
+    envelope: float | None = None
 
     def __bool__(self) -> bool:
         return self.passed
@@ -114,6 +130,19 @@ class TensorCompareResult:
     @property
     def key(self) -> tuple[str, int | None]:
         return (self.name, self.step)
+
+    @property
+    def envelope_ratio(self) -> float | None:
+        """Error over the calibrated envelope (> 1: beyond the precision's noise): max |a - b| / envelope, or for
+        exact tensors differing elements / allowed ones (inf when none are allowed); None without an envelope."""
+        if self.envelope is None or self.reason is not None:
+            return None if self.reason is None else math.inf
+        err = float(self.n_failed) if self.exact else self.max_abs
+        if err is None or math.isnan(err):
+            return math.inf
+        if self.envelope == 0:
+            return 0.0 if err == 0 else math.inf
+        return err / self.envelope
 
 
 @dataclass
@@ -130,6 +159,8 @@ class DumpCompareResult:
     # An engine dump holds a subset of what the reference captures (no attention probabilities, last-token
     # outputs only): with intersect=True the tensors only one side has are reported but do not fail.
     intersect: bool = False
+    precision_a: str | None = None  # the manifests' dtype: the precision each run computed in
+    precision_b: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -199,9 +230,19 @@ class _Accumulator:
         self.sum_rel = 0.0
         self.dot_ab = self.dot_aa = self.dot_bb = 0.0
         self.tol_ratio = 0.0
+        self.worst_flat: int | None = None  # flat index of the largest error so far (see worst_index)
+        self.worst_key = 0.0
         self.hist_abs = torch.zeros(_HIST_BINS, dtype=torch.int64)
         self.want_rel_hist = tol.check in ("median", "quantile")
         self.hist_rel = torch.zeros(_HIST_BINS, dtype=torch.int64) if self.want_rel_hist else None
+
+    def _worst(self, key: torch.Tensor) -> None:
+        """Track the flat index of the largest per-element error ``key`` of the chunk just counted in ``numel``
+        (the first maximal element: argmax returns the first; a later chunk must be strictly larger)."""
+        k = key.amax().item()
+        if k > self.worst_key:
+            self.worst_key = k
+            self.worst_flat = self.numel - key.numel() + int(torch.argmax(key))
 
     def update(self, ca: torch.Tensor, cb: torch.Tensor) -> None:
         n = ca.numel()
@@ -221,6 +262,8 @@ class _Accumulator:
         if not math.isfinite(mx):  # a finite - finite overflow (bf16 near its max): redo in float64
             self._slow(a.double(), b.double())
             return
+        if mx > self.worst_key:
+            self._worst(d)
         s_abs = d.sum().item()
         if not math.isfinite(s_abs):
             s_abs = d.sum(dtype=torch.float64).item()
@@ -263,6 +306,7 @@ class _Accumulator:
             d = torch.where(fin, d.clamp_max(fmax), d)  # float64 overflow: report the largest double
         inf_match = inf_a & inf_b & (a == b)  # same-signed Inf at the same position
         inf_bad = (inf_a | inf_b) & ~inf_match & ~nan
+        self._worst(d.masked_fill(inf_match, 0.0).masked_fill_(nan, math.inf))
         self.nan_a += int(nan_a.sum())
         self.nan_b += int(nan_b.sum())
         self.inf_a += int(inf_a.sum())
@@ -331,8 +375,18 @@ class _Accumulator:
             inf_b=self.inf_b,
             n_failed=self.n_failed,
             tol_ratio=self.tol_ratio,
+            worst_index=None if self.worst_flat is None else unravel(self.worst_flat, ident.get("shape", ())),
             **ident,
         )
+
+
+def unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+    """The multi-index of flat (row-major) element ``flat`` of a tensor of ``shape``."""
+    idx = []
+    for n in reversed(tuple(shape)):
+        flat, i = divmod(flat, n) if n else (flat, 0)
+        idx.append(i)
+    return tuple(reversed(idx))
 
 
 def is_exact_dtype(dtype: torch.dtype) -> bool:
@@ -377,7 +431,9 @@ def exact_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class _ExactAccumulator(_Accumulator):
-    """Integer/bool chunk pairs: ``n_failed`` counts the elements that differ; the error figures are exact."""
+    """Integer/bool chunk pairs: ``n_failed`` counts the elements that differ; the error figures are exact.
+    A pair with a floating side (codes stored as floats, or a zero tolerance) is compared by value in float64
+    (NaN differs from everything; an Inf equals the same Inf)."""
 
     def __init__(self) -> None:
         super().__init__(EXACT, torch.float64)
@@ -388,8 +444,14 @@ class _ExactAccumulator(_Accumulator):
             return
         self.numel += n
         self.n_valid += n
+        if ca.is_floating_point() or cb.is_floating_point():
+            self._update_float(ca.to(torch.float64), cb.to(torch.float64))
+            return
         ne, d = exact_difference(ca, cb)
-        self.n_failed += int(torch.count_nonzero(ne))
+        n_ne = int(torch.count_nonzero(ne))
+        if n_ne and self.worst_flat is None:
+            self.worst_flat = self.numel - n + int(torch.argmax(ne.to(torch.uint8)))
+        self.n_failed += n_ne
         self.max_abs = max(self.max_abs, d.amax().item())
         self.sum_abs += d.sum().item()
         self.hist_abs += torch.bincount(_bins(d), minlength=_HIST_BINS)
@@ -401,6 +463,29 @@ class _ExactAccumulator(_Accumulator):
         self.dot_ab += torch.dot(a, b).item()
         self.dot_aa += torch.dot(a, a).item()
         self.dot_bb += torch.dot(b, b).item()
+
+    def _update_float(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        ne = a != b  # NaN differs from everything, itself included
+        n_ne = int(torch.count_nonzero(ne))
+        if n_ne and self.worst_flat is None:
+            self.worst_flat = self.numel - a.numel() + int(torch.argmax(ne.to(torch.uint8)))
+        self.n_failed += n_ne
+        self.nan_a += int(torch.isnan(a).sum())
+        self.nan_b += int(torch.isnan(b).sum())
+        self.inf_a += int(torch.isinf(a).sum())
+        self.inf_b += int(torch.isinf(b).sum())
+        d = torch.where(ne, (a - b).abs(), 0.0).nan_to_num_(nan=math.inf)
+        self.max_abs = max(self.max_abs, d.amax().item())
+        self.sum_abs += d.sum().item()
+        self.hist_abs += torch.bincount(_bins(d), minlength=_HIST_BINS)
+        rel = torch.div(d, b.abs().clamp_min_(TINY)).nan_to_num_(nan=math.inf)
+        self.max_rel = max(self.max_rel, rel.amax().item())
+        self.sum_rel += rel.sum().item()
+        fin = torch.isfinite(a) & torch.isfinite(b)
+        af, bf = torch.where(fin, a, 0.0), torch.where(fin, b, 0.0)
+        self.dot_ab += torch.dot(af, bf).item()
+        self.dot_aa += torch.dot(af, af).item()
+        self.dot_bb += torch.dot(bf, bf).item()
 
     def finish(self, **ident: Any) -> TensorCompareResult:
         r = super().finish(**ident)  # EXACT is elemwise: passed iff no element differs
@@ -442,6 +527,13 @@ def _aligned(it_a: Iterable[torch.Tensor], it_b: Iterable[torch.Tensor]) -> Iter
         ca, cb = ca[n:], cb[n:]
 
 
+def is_exact_comparison(dtype_a: torch.dtype, dtype_b: torch.dtype, tol: Tolerance) -> bool:
+    """Compared by equality (a count of differing elements, never a ratio): integer/bool on either side (codes,
+    positions, lengths; an engine may store them as floats), or a zero elementwise tolerance."""
+    return (is_exact_dtype(dtype_a) or is_exact_dtype(dtype_b)
+            or (tol.atol == 0 and tol.rtol == 0 and tol.check == "elemwise"))
+
+
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
@@ -462,7 +554,7 @@ def compare_streams(
 
     ``on_chunk(n_elems)`` is called after each aligned chunk pair (progress reporting).
     """
-    exact = is_exact_dtype(dtype_a) and is_exact_dtype(dtype_b)
+    exact = is_exact_comparison(dtype_a, dtype_b, tol)
     if exact:
         tol = EXACT
     acc = _ExactAccumulator() if exact else _Accumulator(tol, _math_dtype(dtype_a, dtype_b))
@@ -516,7 +608,7 @@ def compare_tensors(
 def _shape_mismatch(name, step, shape_a, shape_b, dtype_a, dtype_b, tol) -> TensorCompareResult:
     da = dtype_a if isinstance(dtype_a, str) else _dtype_name(dtype_a)
     db = dtype_b if isinstance(dtype_b, str) else _dtype_name(dtype_b)
-    exact = all(is_exact_dtype(getattr(torch, d)) for d in (da, db))
+    exact = is_exact_comparison(getattr(torch, da), getattr(torch, db), tol)
     if exact:
         tol = EXACT
     return TensorCompareResult(
@@ -584,6 +676,10 @@ def compare_dumps(
     ra, rb = open_dump(a), open_dump(b)
     policy = policy or default_policy("")
     warnings = _check_compatible(ra, rb)
+    precision = loosest_precision(ra.dtype, rb.dtype)  # the runs' precision: what the default tolerances follow
+    check_policy = getattr(policy, "check_dumps", None)  # a calibrated policy refuses dumps it was not made for
+    if check_policy is not None:
+        check_policy(ra, rb)
     ea = {(e.name, e.step): e for e in ra.entries if _selected(e.name, names)}
     eb = [e for e in rb.entries if _selected(e.name, names)]
     keys_b = {(e.name, e.step) for e in eb}
@@ -599,7 +695,7 @@ def compare_dumps(
 
     def one(pair: tuple[TensorEntry, TensorEntry]) -> TensorCompareResult:
         x, y = pair
-        tol = policy.lookup(y.name, x.dtype, y.dtype)
+        tol = policy.lookup(y.name, x.dtype, y.dtype, step=y.step, precision=precision)
         if x.shape != y.shape:
             with lock:
                 bar.update(x.nbytes + y.nbytes)
@@ -632,6 +728,12 @@ def compare_dumps(
                 results = list(pool.map(one, pairs))
     finally:
         bar.close()
+    envelope = getattr(policy, "envelope", None)
+    if envelope is not None:
+        for r in results:
+            r.envelope = envelope(r.name, r.step, exact=r.exact)
+            if r.exact and r.envelope is not None and r.reason is None and not (r.nan_a or r.nan_b):
+                r.passed = r.n_failed <= r.envelope  # integer tensors within the mismatches calibration saw
     return DumpCompareResult(
         a=str(ra.path),
         b=str(rb.path),
@@ -643,6 +745,8 @@ def compare_dumps(
         warnings=warnings,
         bytes_compared=total_bytes,
         intersect=intersect,
+        precision_a=ra.dtype,
+        precision_b=rb.dtype,
     )
 
 
@@ -670,4 +774,8 @@ def result_to_dict(r: TensorCompareResult) -> dict:
     d["shape"] = list(r.shape)
     if r.shape_a is not None:
         d["shape_a"] = list(r.shape_a)
+    if r.worst_index is not None:
+        d["worst_index"] = list(r.worst_index)
+    if r.envelope is not None:
+        d["envelope_ratio"] = r.envelope_ratio
     return d

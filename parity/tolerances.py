@@ -97,14 +97,24 @@ _PRECISION_ORDER = ["float8_e5m2", "float8_e4m3fn", "bfloat16", "float16", "floa
 EXACT = Tolerance(0.0, 0.0)  # integers and bools must match exactly
 
 
-def dtype_default(dtype_a: str | None, dtype_b: str | None) -> Tolerance:
-    """The dtype-aware default tolerance for a pair of dtype names (loosest of the two wins).
+def loosest_precision(*names: str | None) -> str | None:
+    """The least precise of the floating dtype names given (None when none is one)."""
+    floats = [d for d in names if d in DTYPE_DEFAULTS]
+    return min(floats, key=_PRECISION_ORDER.index) if floats else None
 
-    Integer/bool dtypes are exact; no dtype at all (``None, None``) gets the float32 default."""
+
+def dtype_default(dtype_a: str | None, dtype_b: str | None, precision: str | None = None) -> Tolerance:
+    """The default tolerance for a pair of stored dtype names and the precision the runs computed in.
+
+    ``precision``: the less precise of the two dumps' manifest ``dtype`` (the precision each run computed in): a
+    float32-stored tensor of a bfloat16 run carries bfloat16 error, so a floating tensor gets the loosest of its
+    stored dtypes and ``precision``. Integer/bool dtypes are exact; no dtype at all (``None, None``) gets the
+    default of ``precision`` (float32 without one)."""
     floats = [d for d in (dtype_a, dtype_b) if d in DTYPE_DEFAULTS]
-    if not floats:
-        return EXACT if (dtype_a or dtype_b) else DTYPE_DEFAULTS["float32"]
-    return DTYPE_DEFAULTS[min(floats, key=_PRECISION_ORDER.index)]
+    if not floats and (dtype_a or dtype_b):
+        return EXACT
+    loosest = loosest_precision(*floats, precision) or "float32"
+    return DTYPE_DEFAULTS[loosest]
 
 
 @dataclass
@@ -113,13 +123,16 @@ class TolerancePolicy:
 
     ``per_name`` maps exact names or :mod:`fnmatch` globs (``*`` also matches dots) to tolerances.
     Lookup order: exact name, then the first matching glob in insertion (file) order, then the key
-    ``""`` or ``default``, then :data:`DTYPE_DEFAULTS` for the tensor's dtypes.
+    ``""`` or ``default``, then :data:`DTYPE_DEFAULTS` for the tensor's dtypes and the runs' precision.
     """
 
     per_name: dict[str, Tolerance] = field(default_factory=dict)
     default: Tolerance | None = None
 
-    def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None) -> Tolerance:
+    def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None, *,
+               step: int | None = None, precision: str | None = None) -> Tolerance:
+        """The tolerance of tensor ``name`` (``step``: its decode step, for per-step policies; ignored here) stored
+        as ``dtype_a``/``dtype_b`` by runs whose less precise computed in ``precision`` (see :func:`dtype_default`)."""
         if name in self.per_name and name != "":
             return self.per_name[name]
         for pattern, tol in self.per_name.items():
@@ -129,7 +142,7 @@ class TolerancePolicy:
             return self.per_name[""]
         if self.default is not None:
             return self.default
-        return dtype_default(dtype_a, dtype_b)
+        return dtype_default(dtype_a, dtype_b, precision)
 
     __call__ = lookup
 
@@ -190,6 +203,8 @@ class TolerancePolicy:
             raise PolicyError(f"{p}: tolerance file is not valid JSON: nested too deeply") from None
         except ValueError as exc:
             raise PolicyError(f"{p}: tolerance file is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and data.get("format") == CALIBRATION_FORMAT:
+            return CalibratedPolicy.from_calibration(data, where=str(p))
         return cls.from_dict(data, where=str(p))
 
 
@@ -240,6 +255,120 @@ def _tolerance(obj: Any, what: str, where: str) -> Tolerance:
         raise PolicyError(f"{where}: {what}.check: must be one of {list(CHECKS)}, got {_short(check)}")
     atol, rtol = _number(obj, "atol", what, where), _number(obj, "rtol", what, where)
     return Tolerance(atol, rtol, check, _number(obj, "quantile", what, where, default=0.99))
+
+
+# ------------------------------------------------------------------------------------- calibrated policies
+
+CALIBRATION_FORMAT = "magpie-parity-calibration"  # the first key of a file `magpie-parity calibrate` writes
+CALIBRATION_VERSION = 1
+
+
+def step_key(step: int | None) -> str:
+    """A decode step as a calibration file's key ("-" for a tensor without steps)."""
+    return "-" if step is None else str(step)
+
+
+@dataclass
+class CalibratedPolicy(TolerancePolicy):
+    """Tolerances measured by ``magpie-parity calibrate`` (:mod:`parity.calibrate`): per name (and, where the file
+    gives one, per (name, step)) the error envelope of a reduced-precision reference run against its float32 run,
+    times the file's safety factor.
+
+    A floating tensor gets ``atol`` = its envelope (``rtol`` 0): within it the difference is that precision's
+    noise, beyond it is not. An exact tensor (attended positions, codes) may differ in at most the calibrated
+    number of elements (:meth:`envelope`). A name the calibration never saw gets the per-dtype defaults of the runs'
+    precision (no envelope: it is judged, but not called noise)."""
+
+    precision: str = "bfloat16"
+    reference_precision: str = "float32"
+    safety_factor: float = 1.0
+    config_hash: str | None = None
+    where: str = "calibration"
+    steps: dict = field(default_factory=dict)  # (name, step_key) -> float atol | int allowed mismatches
+    names: dict = field(default_factory=dict)  # name -> float atol | int allowed mismatches
+
+    def envelope(self, name: str, step: int | None = None, *, exact: bool = False) -> float | None:
+        """The calibrated bound of (name, step): max |a - b| for a floating tensor, differing elements for an
+        exact one; None where the calibration has nothing of that kind."""
+        for v in (self.steps.get((name, step_key(step))), self.names.get(name)):
+            if v is not None and isinstance(v, int) == exact:
+                return v
+        return None
+
+    def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None, *,
+               step: int | None = None, precision: str | None = None) -> Tolerance:
+        env = self.envelope(name, step)
+        if env is not None:
+            return Tolerance(env, 0.0)
+        return dtype_default(dtype_a, dtype_b, precision)
+
+    __call__ = lookup
+
+    def check_dumps(self, a: Any, b: Any) -> None:
+        """Refuse dumps this calibration does not describe: the less precise run's precision (its manifest
+        ``dtype``) must be the calibrated one and the other the float32 reference's, and a recorded config hash
+        the calibrated model's."""
+        pa, pb = a.dtype, b.dtype
+        low = loosest_precision(pa, pb) or pa
+        high = pb if low == pa else pa
+        if (low, high) != (self.precision, self.reference_precision):
+            raise PolicyError(
+                f"{self.where}: calibrated for {self.precision} against {self.reference_precision}, but the dumps "
+                f"computed in {pa} (a) and {pb} (b): calibrate {low} (magpie-parity calibrate --dtype {low}) or "
+                "compare without it")
+        for r in (a, b):
+            h = r.config_hash
+            if self.config_hash is not None and h is not None and h != self.config_hash:
+                raise PolicyError(f"{self.where}: calibrated on the model of config hash {self.config_hash!r}, "
+                                  f"{r.path} records {h!r}: another model's calibration")
+
+    @classmethod
+    def from_calibration(cls, data: dict, *, where: str = "calibration") -> "CalibratedPolicy":
+        """The policy of a parsed calibration file; anything malformed is one :class:`PolicyError` naming it."""
+        def bad(msg: str) -> PolicyError:
+            return PolicyError(f"{where}: calibration file {msg}")
+
+        if data.get("version") != CALIBRATION_VERSION:
+            raise bad(f"version {_short(data.get('version'))} (this magpie-parity reads {CALIBRATION_VERSION})")
+        prec, ref = data.get("precision"), data.get("reference_precision", "float32")
+        for k, v in (("precision", prec), ("reference_precision", ref)):
+            if v not in DTYPE_DEFAULTS:
+                raise bad(f"{k}: {_short(v)} is not a floating dtype name")
+        factor = _number(data, "safety_factor", "top level", where)
+        h = data.get("config_hash")
+        if h is not None and not isinstance(h, str):
+            raise bad(f"config_hash must be a string or null, got {_kind(h)}")
+
+        def bound(e: Any, what: str, required: bool = True) -> float | int | None:
+            if not isinstance(e, dict):
+                raise bad(f"{what}: must be an object, got {_kind(e)}")
+            if "atol" in e:
+                return _number(e, "atol", what, where)
+            if "mismatches" in e:
+                m = e["mismatches"]
+                if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+                    raise bad(f"{what}.mismatches: must be an integer >= 0, got {_short(m)}")
+                return m
+            if required:
+                raise bad(f"{what}: needs atol (a floating tensor) or mismatches (an exact one)")
+            return None
+
+        steps, names = {}, {}
+        per_step, per_name = data.get("per_step", {}), data.get("per_name", {})
+        for k, v in (("per_step", per_step), ("per_name", per_name)):
+            if not isinstance(v, dict):
+                raise bad(f"{k} must be an object, got {_kind(v)}")
+        for name, by_step in per_step.items():
+            if not isinstance(by_step, dict):
+                raise bad(f"per_step[{_short(name)}]: must be an object of step -> envelope")
+            for s, e in by_step.items():  # observed figures; a bound here overrides the name's
+                v = bound(e, f"per_step[{_short(name)}][{_short(s)}]", required=False)
+                if v is not None:
+                    steps[(name, s)] = v
+        for name, e in per_name.items():
+            names[name] = bound(e, f"per_name[{_short(name)}]")
+        return cls(precision=prec, reference_precision=ref, safety_factor=factor, config_hash=h, where=where,
+                   steps=steps, names=names)
 
 
 # ------------------------------------------------------------------------------------------ named policies

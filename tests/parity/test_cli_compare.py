@@ -255,5 +255,5 @@ def test_exact_codes_rank_by_mismatch_count_never_a_ratio_to_zero(tmp_path, caps
     assert main(["compare", str(a), str(b), "--no-progress"]) == 1
     out = capsys.readouterr().out
     worst = out.split("worst (")[1].splitlines()[1]
-    assert worst.split() == ["1", "differ", "predicted_codes", "step", "-"]
+    assert worst.split()[:5] == ["1", "differ", "predicted_codes", "step", "-"]  # (the table may add where)
     assert "e+" not in out.split("worst (")[1].split("\n  ")[1]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from parity.compare import compare_dumps, compare_streams, compare_tensors
 from parity.dump import DumpError, write_dump
-from parity.tolerances import PolicyError, Tolerance, TolerancePolicy, dtype_default, policy
+from parity.tolerances import DTYPE_DEFAULTS, PolicyError, Tolerance, TolerancePolicy, dtype_default, policy
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -345,3 +345,56 @@ def test_integer_verdict_is_torch_equal(pair, chunk):
     assert r.exact and r.passed == torch.equal(wa, wb)
     assert r.n_failed == int((wa != wb).sum())
     assert (r.max_abs == 0.0) == torch.equal(wa, wb)
+
+
+def test_worst_index_is_where_the_largest_error_is_across_chunks():
+    b = torch.zeros(3, 4, 5)
+    a = b.clone()
+    a[2, 1, 3] = 0.5
+    a[0, 0, 1] = 0.25
+    for chunk in (None, 7):
+        r = compare_tensors(a, b, Tolerance(1e-3, 0), chunk_elems=chunk)
+        assert r.worst_index == (2, 1, 3) and r.max_abs == 0.5
+    a[1, 2, 0] = float("nan")  # NaN counts as the largest error
+    assert compare_tensors(a, b, chunk_elems=7).worst_index == (1, 2, 0)
+    assert compare_tensors(b, b.clone()).worst_index is None  # nothing differs
+
+
+def test_exact_worst_index_is_the_first_differing_element():
+    b = torch.arange(24).reshape(2, 3, 4)
+    a = b.clone()
+    a[1, 0, 2] += 1
+    a[1, 2, 3] += 9
+    r = compare_tensors(a, b, chunk_elems=5)
+    assert r.exact and r.n_failed == 2 and r.worst_index == (1, 0, 2) and r.tol_ratio is None
+
+
+def test_codes_against_float_codes_and_zero_tolerance_count_mismatches():
+    codes = torch.randint(0, 70, (2, 4, 9))
+    as_float = codes.to(torch.float32)
+    as_float[1, 3, 8] = 0.5 + as_float[1, 3, 8]
+    r = compare_tensors(as_float, codes)
+    assert r.exact and r.n_failed == 1 and r.tol_ratio is None and r.worst_index == (1, 3, 8)
+    x = torch.zeros(4)
+    y = x.clone()
+    y[2] = 1e-3  # a zero tolerance on floats: a count of differing elements, never 1e-3 / 0
+    r = compare_tensors(y, x, Tolerance(0, 0))
+    assert r.exact and r.n_failed == 1 and r.tol_ratio is None and r.tolerance == Tolerance(0, 0)
+
+
+def test_default_tolerance_follows_the_runs_precision_not_the_stored_dtype(tmp_path):
+    from parity.dump import write_dump
+
+    b = torch.randn(2, 8)
+    a = b + 1e-2  # bfloat16 noise on float32-stored logits of a bfloat16 run
+    ra = write_dump(tmp_path / "a", [("logits", 0, a), ("hidden", 0, a.bfloat16())], source="reference",
+                    dtype="bfloat16")
+    rb = write_dump(tmp_path / "b", [("logits", 0, b), ("hidden", 0, b.bfloat16())], source="nemo",
+                    dtype="float32")
+    res = compare_dumps(ra, rb, progress=False)
+    assert res.passed and [t.tolerance for t in res.tensors] == [DTYPE_DEFAULTS["bfloat16"]] * 2
+    assert (res.precision_a, res.precision_b) == ("bfloat16", "float32")
+    rc = write_dump(tmp_path / "c", [("logits", 0, a), ("hidden", 0, a.bfloat16())], source="reference",
+                    dtype="float32")
+    res = compare_dumps(rc, rb, progress=False)  # both float32 runs: the float32-stored logits get 1e-5
+    assert res.tensors[0].tolerance == DTYPE_DEFAULTS["float32"] and not res.tensors[0].passed
