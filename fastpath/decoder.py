@@ -10,9 +10,11 @@ decoder's static buffers; every later step is one new frame per row, written her
 come from the reference (``resolve_parameters`` / ``check_parameters``, ``EOS_METHODS``, ``forbidden_tokens``,
 ``dummy_cfg_conditioning``, ``cross_attention_scores``); three of them exist here a second time as device-tensor
 ops, because the reference's run on the host: the prior state machine (:func:`_prior_update`, ``PriorState``), the
-sampling edits and draw (:func:`_edit_logits`, :func:`_sample`; ``edit_logits``, ``sample_step``) and the EOS scan
-(:func:`_eos_index`; ``eos_frames``). tests/fastpath/test_rules.py holds each copy equal to the reference's function
-on random inputs (hypothesis).
+sampling edits and draw (:func:`_edit_logits`, :func:`_sample`; ``edit_logits``, ``sample_step``), the local
+transformer's sampler (:func:`_f_lt_sub`; ``sample_local_transformer``) and the EOS scan (:func:`_eos_index`;
+``eos_frames``). tests/fastpath/test_rules.py holds each copy equal to the reference's function
+on random inputs (hypothesis); the local transformer's is held by whole runs against the eager reference
+(tests/fastpath/test_decoder.py on the fixtures, test_released_shape.py on hypothesis-drawn sizes).
 
 * **KV cache**: one static buffer per layer for ``max_batch`` requests (x2 rows with CFG) and ``max_len``
   positions, preallocated once. Keys are stored *compacted* per row: the valid context frames, then the BOS frame
@@ -37,6 +39,13 @@ on random inputs (hypothesis).
   checks (which sync). The exponential noise is drawn in the reference's order and shape (per step: sampled pass
   then the argmax pass, codebook by codebook), so on the CPU the sampled codes equal the eager reference's for the
   same ``torch.manual_seed``.
+* **the local transformer** (``use_local_transformer_for_inference=True``, autoregressive; the released checkpoints'
+  sampler): NeMo's per-codebook loop (``sample_local_transformer``) runs inside the step as C*S sub-steps
+  (:func:`_f_lt_sub`: one new position through the local transformer with a static per-step K/V buffer, CFG of its
+  logits, the sampling edits, top-k, temperature, the draw), no host round trip per sub-step, so the whole step,
+  sub-steps included, is one CUDA graph. On the CPU the noise is drawn in the reference's order, so sampled codes
+  equal the eager reference's for the same seed. MaskGit is refused in one line. Decoder_ce prefixes (baked
+  speakers, the context encoder) and frame stacking (S frames a step, C*S heads) come from the reference's prefill.
 * **stopping**: whether every item has ended is kept on the device; the host looks only every ``sync_every``
   steps and the output is truncated to the step where the reference would have stopped (identical results).
 
@@ -64,7 +73,8 @@ import torch.nn.functional as F
 import fastpath.kernels as kernels
 from reference.batch import validate_batch
 from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, InferOutput, InferenceError, check_parameters,
-                                 cross_attention_scores, dummy_cfg_conditioning, forbidden_tokens, resolve_parameters)
+                                 cross_attention_scores, dummy_cfg_conditioning, forbidden_tokens,
+                                 local_transformer_mode, resolve_parameters)
 from reference.model import ConvFFState, DecoderState, LayerKVCache
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
@@ -159,6 +169,60 @@ def _f_head(x, ln_w, eps: float, w, b):
     if ln_w is not None:
         x = F.layer_norm(x, (x.shape[-1],), ln_w, None, eps)
     return F.linear(x, w, b)[:, 0]
+
+
+def _f_lt_in(x, ln_w, eps: float, w_in, b_in):
+    """The local transformer's first input: the decoder output of the newest position (norm_out, or identity, of
+    the residual stream x (rows, 1, D)) through ``local_transformer_in_projection`` (a Linear, or identity: w_in
+    None) -> ((rows, 1, H), the decoder output (rows, 1, D))."""
+    dec = x if ln_w is None else F.layer_norm(x, (x.shape[-1],), ln_w, None, eps)
+    return (dec if w_in is None else F.linear(dec, w_in, b_in)), dec
+
+
+def _f_lt_sub(new, pos, key_valid, n_keys: int, pos_table, layers: list, n_heads: int, scale: float, w_out, b_out,
+              B: int, cfg_scale: float, eos: int, unfinished, finished, only_eos, forbidden, topk: int,
+              temperature: float, noise, emb, w_in, b_in):
+    """One sub-step of NeMo's autoregressive local transformer (``reference.inference.sample_local_transformer``,
+    cached: ``Transformer.forward_cached`` over one new position) as device-tensor ops, no host sync:
+
+    new (rows, 1, H): the position's input; pos (1,) long: its index (the sub-step, codebook j = c + C*s);
+    each layer's self-attention key/value is written at pos into its k/v buffers (rows, H_lt, C*S, Dh) and the first
+    ``n_keys`` are attended -- pos + 1 (the reference's keys, exact), or all C*S with ``key_valid`` (C*S,) bool
+    masking those past pos (one shape for every sub-step: one compiled graph; the masked keys add exact zeros).
+    Then the codebook's output projection, CFG (NeMo's LT order: s * cond + (1 - s) * uncond), the sampling edits
+    (``edit_logits``: EOS ban / forced EOS by the (B,) masks, forbidden tokens), top-k, temperature and the draw
+    ``argmax(p / noise)`` (noise (B, V): ``torch.multinomial``'s Exp(1) draws) of the B conditional rows; the
+    unconditional rows take the same code (NeMo: ``pred[B:] = pred[:B]``). emb: this codebook's audio embedding
+    table -> (code (B,), the next sub-step's input (rows, 1, H))."""
+    rows = new.shape[0]
+    x = new + pos_table.index_select(0, pos)
+    for lw in layers:
+        h = F.layer_norm(x, (x.shape[-1],), lw["ln_sa"], None, lw["eps_sa"])
+        qkv = F.linear(h, lw["qkv"]).view(rows, 1, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (rows, H, 1, Dh)
+        K, V = lw["k"], lw["v"]
+        K.index_copy_(2, pos, k)
+        V.index_copy_(2, pos, v)
+        score = torch.matmul(q, K[:, :, :n_keys].transpose(2, 3)) * scale
+        if key_valid is not None:
+            score = score.masked_fill(~key_valid, float("-inf"))
+        y = torch.matmul(F.softmax(score, dim=-1), V[:, :, :n_keys])
+        x = x + F.linear(y.transpose(1, 2).reshape(rows, 1, -1), lw["w_o"])
+        h = F.layer_norm(x, (x.shape[-1],), lw["ln_ff"], None, lw["eps_ff"])
+        x = x + F.linear(F.gelu(F.linear(h, lw["w1"]), approximate="tanh"), lw["w2"])
+    lg = F.linear(x[:, 0], w_out, b_out)  # (rows, V)
+    if rows != B:
+        lg = cfg_scale * lg[:B] + (1.0 - cfg_scale) * lg[B:]
+    lg = _edit_logits(lg.float()[:, None], eos, unfinished, finished, only_eos, forbidden)[:, 0]
+    kth = torch.topk(lg, topk, dim=-1)[0][..., -1:]
+    probs = torch.softmax(lg.masked_fill(lg < kth, float("-inf")) / temperature, dim=-1)
+    code = (probs / noise).argmax(dim=-1)  # (B,)
+    e = F.embedding(code, emb)[:, None]
+    if w_in is not None:
+        e = F.linear(e, w_in, b_in)
+    if rows != B:
+        e = torch.cat([e, e])
+    return code, e
 
 
 # ---- the reference's host-side rules as device-tensor ops (tests/fastpath/test_rules.py holds them equal) ----------
@@ -335,6 +399,8 @@ class _Work:
     noise: torch.Tensor  # (2 * S * C, B, V) float32: exponential noise, reference draw order
     logits_buf: Optional[torch.Tensor] = None  # (max_steps, B, C*V*S) float32 when keep_logits
     forced: Optional[torch.Tensor] = None  # (B, C, >= S * max_steps) long
+    lt_layers: list = field(default_factory=list)  # the local transformer's layer weights + k/v (rows, H, C*S, Dh)
+    lt_noise: Optional[torch.Tensor] = None  # (C*S, rows, V) float32: its draws' Exp(1) noise (reference order)
     graphs: dict = field(default_factory=dict)
 
 
@@ -442,6 +508,29 @@ class FastDecoder:
         self._head_w = (no.weight.detach() if isinstance(no, torch.nn.LayerNorm) else None,
                         getattr(no, "eps", 0.0), m.final_proj.weight.detach(),
                         m.final_proj.bias.detach() if m.final_proj.bias is not None else None)
+        # The autoregressive local transformer (NeMo's per-codebook sampler, inside the step): its weights as plain
+        # tensors, and per sub-step j its position index and key mask (static tensors: CUDA graphs keep them)
+        self.lt = c.local_transformer if c.local_transformer_type == "autoregressive" else None
+        if self.lt is not None:
+            lt = m.local_transformer
+            assert not isinstance(lt.norm_out, torch.nn.LayerNorm) and self.lt.kernel_size == 1
+            self._lt_w = [dict(
+                ln_sa=layer.norm_self.weight.detach(), eps_sa=layer.norm_self.eps,
+                qkv=layer.self_attention.qkv_net.weight.detach(), w_o=layer.self_attention.o_net.weight.detach(),
+                ln_ff=layer.norm_pos_ff.weight.detach(), eps_ff=layer.norm_pos_ff.eps,
+                w1=layer.pos_ff.proj.conv.weight[:, :, 0].detach(), w2=layer.pos_ff.o_net.conv.weight[:, :, 0].detach())
+                for layer in lt.layers]
+            inp = m.local_transformer_in_projection
+            self._lt_in = (inp.weight.detach(), inp.bias.detach()) if isinstance(inp, torch.nn.Linear) else (None, None)
+            self._lt_out = [(o.weight.detach(), o.bias.detach()) for o in m.local_transformer_out_projections]
+            self._lt_emb = [e.weight.detach() for e in m.audio_embeddings]
+            self._lt_pos_table = lt.position_embeddings.weight.detach()
+            J = C * S
+            self._lt_pos = [torch.tensor([j], device=self.device) for j in range(J)]
+            self._lt_valid = [torch.arange(J, device=self.device) <= j for j in range(J)]
+        # on CUDA every sub-step attends all C*S key slots, those not yet written masked (one compiled graph for
+        # all sub-steps); on the CPU the written ones only, as the reference (its exact ops)
+        self.lt_full_keys = is_cuda
         if self.compile:
             import torch._dynamo as dynamo
 
@@ -453,11 +542,14 @@ class FastDecoder:
         self._fn_head = _MaybeCompiled(_f_head, self.compile)
         self._fn_post_a = _MaybeCompiled(self._post_a, self.compile)
         self._fn_post_b = _MaybeCompiled(self._post_b, self.compile)
+        self._fn_lt_in = _MaybeCompiled(_f_lt_in, self.compile)
+        self._fn_lt_sub = _MaybeCompiled(_f_lt_sub, self.compile)
 
     @property
     def compile_errors(self) -> dict:
         fns = dict(embed=self._fn_embed, pre=self._fn_pre, xq=self._fn_xq, xo_ffn=self._fn_xo_ffn,
-                   head=self._fn_head, post_a=self._fn_post_a, post_b=self._fn_post_b)
+                   head=self._fn_head, post_a=self._fn_post_a, post_b=self._fn_post_b, lt_in=self._fn_lt_in,
+                   lt_sub=self._fn_lt_sub)
         return {k: f.error for k, f in fns.items() if f.error}
 
     def _work(self, B: int, rows: int, T_text: int, max_steps: int) -> _Work:
@@ -483,6 +575,11 @@ class FastDecoder:
             ended=z(B, dt=bl), done_step=z(1, dt=L), attended=z(max_steps, B, dt=L),
             noise=z(2 * S * C, B, V, dt=torch.float32),
         )
+        if self.lt is not None:
+            H = self.lt.sa_n_heads
+            w.lt_layers = [dict(lw, k=z(rows, H, C * S, self.lt.sa_d_head), v=z(rows, H, C * S, self.lt.sa_d_head))
+                           for lw in self._lt_w]
+            w.lt_noise = z(C * S, rows, V, dt=torch.float32)
         self._works[key] = w
         return w
 
@@ -500,12 +597,13 @@ class FastDecoder:
         with keep_logits, step_logits CFG-combined in float32). run_all_steps: decode max_decoder_steps frames even
         when every item ended (benchmarks); the outputs are still truncated where the reference stops."""
         c = self.config
-        if use_local_transformer_for_inference:
-            raise InferenceError("the fast path samples the decoder's logits only: it has no local transformer "
-                                 "(AR or MaskGit); run model.infer_batch(..., use_local_transformer_for_inference=True)")
         p = resolve_parameters(c.inference, **params)
         check_parameters(p, c)
         validate_batch(batch, c, require_audio=False)
+        lt_mode = local_transformer_mode(c, use_local_transformer_for_inference)
+        if lt_mode == "maskgit":
+            raise InferenceError("the fast path runs the autoregressive local transformer only, not MaskGit; run "
+                                 "model.infer_batch(..., use_local_transformer_for_inference=True)")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         C, S = c.num_audio_codebooks, c.frame_stacking_factor
         B = batch["text"].shape[0]
@@ -526,7 +624,7 @@ class FastDecoder:
             if w.forced is None or w.forced.shape[2] < forced_codes.shape[2]:
                 w.forced = torch.zeros(B, C, forced_codes.shape[2], dtype=torch.long, device=self.device)
             w.forced[:, :, : forced_codes.shape[2]].copy_(forced_codes)
-        opts = (keep_logits, forced_codes is not None)
+        opts = (keep_logits, forced_codes is not None, lt_mode is not None)
         self._post(w, self._prefill(w, batch, use_cfg, p, nemo_unmasked_padded_keys), self._flags(0, p), p, opts)
         n = 1
         for idx in range(1, max_steps):
@@ -625,6 +723,7 @@ class FastDecoder:
         dec = m.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, None, probs_out=probs)
         logits = m.final_proj(dec[:, -1:])[:, 0]
         scores = cross_attention_scores([pr[:, :, -1:] for pr in probs], p.estimate_alignment_from_layers)
+
         # Compact the keys (compact(); float8: done per layer by its flush, the last one's here)
         while pending:
             pending.pop()()
@@ -642,7 +741,7 @@ class FastDecoder:
         if use_cfg:
             w.pre_len[B:] = T_new
         w.pos.fill_(T_new)
-        return logits, scores
+        return logits, scores, (dec[:, -1:], True)  # the local transformer's input: (rows, 1, D), after norm_out
 
     # ------------------------------------------------------------------------------------------------------
     # one decode step (idx >= 1): graph-capturable, no host syncs
@@ -738,7 +837,8 @@ class FastDecoder:
                 x = x + self._ffn(i, layer, x, w)
         if logits is None:
             logits = self._fn_head(x, *self._head_w)
-        self._post(w, (logits, probs), flags, p, opts, advance=True)
+        # x: the residual stream, before norm_out (_f_lt_in applies it for the local transformer)
+        self._post(w, (logits, probs, (x, False)), flags, p, opts, advance=True)
 
     def _after_layer(self, i: int) -> tuple:
         """(norm weight or None, eps, projection weight, bias or None) of what follows decoder layer i: the next
@@ -795,10 +895,14 @@ class FastDecoder:
     # ------------------------------------------------------------------------------------------------------
 
     def _post(self, w: _Work, out, flags: tuple, p, opts, advance: bool = False) -> None:
-        keep_logits, forced = opts
+        """out: (logits, scores, (the decoder's newest output (rows, 1, D), whether norm_out is applied))."""
+        keep_logits, forced, use_lt = opts
         _, update, forbid_eos = flags
-        logits, scores = out
+        logits, scores, dec = out
         lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos, advance)
+        if use_lt:
+            self._fn_post_b(w, lg, None, p, forced, self._local_transformer(w, dec, p, forbid_eos))
+            return
         # the top-k threshold: the k-th largest logit of each (item, codebook), the same float either way
         kth = kernels.topk_threshold(lg, p.topk) if self.triton else None
         # torch.multinomial(probs, 1) is argmax(probs / Exp(1)); the reference draws (B, V) per codebook for the
@@ -833,16 +937,51 @@ class FastDecoder:
                             (w.fin_present & (w.fin_count >= 20)) if track else None, self.only_eos,
                             self.forbid_all if forbid_eos else self.forbid_no_eos)
 
-    def _post_b(self, w: _Work, lg, kth: Optional[torch.Tensor], p, forced: bool) -> None:
+    def _local_transformer(self, w: _Work, dec, p, forbid_eos: bool) -> torch.Tensor:
+        """NeMo's autoregressive local transformer (``sample_local_transformer``) on the decoder's newest output:
+        C*S sub-steps (:func:`_f_lt_sub`), each code fed back, device tensors only -> (B, C, S) the sampled codes.
+        The noise: on the CPU the reference's draws, (rows, V) per sub-step (NeMo draws for the unconditional rows
+        too, then copies the conditional rows' codes), before the argmax pass's; on CUDA the B rows used."""
+        c, lt = self.config, self.lt
+        B, rows, J = w.B, w.rows, c.num_audio_codebooks * c.frame_stacking_factor
+        if self.device.type == "cuda":
+            w.lt_noise[:, :B].exponential_()
+        else:
+            w.lt_noise.exponential_()
+            w.noise[J:].exponential_()  # the argmax pass's draws (an argmax here), after the sub-steps'
+        x, normed = dec
+        ln, eps = (None, 0.0) if normed else self._head_w[:2]
+        new, _ = self._fn_lt_in(x, ln, eps, *self._lt_in)
+        track = not p.ignore_finished_sentence_tracking
+        unfinished = w.unfinished if track else None
+        finished = (w.fin_present & (w.fin_count >= 20)) if track else None
+        forbidden = self.forbid_all if forbid_eos else self.forbid_no_eos
+        full = self.lt_full_keys
+        codes = []
+        for j in range(J):
+            code, new = self._fn_lt_sub(
+                new, self._lt_pos[j], self._lt_valid[j] if full else None, J if full else j + 1, self._lt_pos_table,
+                w.lt_layers, lt.sa_n_heads, lt.sa_d_head ** -0.5, *self._lt_out[j], B, p.cfg_scale, c.audio_eos_id,
+                unfinished, finished, self.only_eos, forbidden, p.topk, p.temperature, w.lt_noise[j, :B],
+                self._lt_emb[j], *self._lt_in)
+            codes.append(code)
+        return torch.stack(codes, 1).view(B, c.frame_stacking_factor, c.num_audio_codebooks).transpose(1, 2)
+
+    def _post_b(self, w: _Work, lg, kth: Optional[torch.Tensor], p, forced: bool,
+                sampled: Optional[torch.Tensor] = None) -> None:
         """Top-k (kth: the k-th largest logit per row, if already known), temperature, the draw, the argmax pass,
-        EOS bookkeeping, next input."""
+        EOS bookkeeping, next input. sampled: the local transformer's codes (B, C, S), if it sampled them (then
+        only the argmax pass runs here)."""
         c = self.config
         B, S, C = w.B, c.frame_stacking_factor, c.num_audio_codebooks
         step = w.step
-        if kth is None:
-            kth = torch.topk(lg, p.topk, dim=-1)[0][..., -1:]
-        sampled, top1 = _sample(lg, kth, p.temperature, w.noise[: S * C])
-        sampled = sampled.view(B, S, C).transpose(1, 2)  # (B, C, S)
+        if sampled is None:
+            if kth is None:
+                kth = torch.topk(lg, p.topk, dim=-1)[0][..., -1:]
+            sampled, top1 = _sample(lg, kth, p.temperature, w.noise[: S * C])
+            sampled = sampled.view(B, S, C).transpose(1, 2)  # (B, C, S)
+        else:
+            top1 = lg.argmax(dim=-1)
         top1 = top1.view(B, S, C).transpose(1, 2)
         e = _eos_index(top1, sampled, c.audio_eos_id, p.eos_detection_method)
         new_end = (~w.ended) & (e < BIG)

@@ -31,7 +31,7 @@ def _compare(ref, out, logits=True):
             torch.testing.assert_close(b, a, atol=ATOL_LOGITS, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES + ["dce_context", "dce_baked_v2607"])
+@pytest.mark.parametrize("case", CASES + ["dce_context", "dce_baked_v2607", "dce_baked_v2602"])
 @pytest.mark.parametrize("use_cfg", [True, False])
 def test_greedy_codes_equal_eager_cached(case, use_cfg):
     """topk=1, float32, default semantics (padded context keys masked): codes, lengths, attended positions and
@@ -364,10 +364,107 @@ def test_topk_beyond_the_codebook_is_a_clear_error():
         FastDecoder(model, 4, _max_len(model)).generate(infer_inputs(load_batch("released_small")))
 
 
-def test_local_transformer_sampling_is_refused_in_one_line():
-    """The released checkpoints have a local transformer; the fast path does not run it and says so."""
+def test_maskgit_is_refused_in_one_line():
+    """The fast path runs the autoregressive local transformer; MaskGit is refused before any work."""
+    model = reference_model("dce_maskgit")
+    batch = infer_inputs(load_batch("dce_maskgit"))
+    fd = FastDecoder(model, 3, _max_len(model))
+    with pytest.raises(InferenceError, match="the fast path runs the autoregressive local transformer only, not "
+                                             "MaskGit"):
+        fd.generate(batch, use_local_transformer_for_inference=True)
+    assert fd._works == {}
+    with pytest.raises(InferenceError, match="needs a local transformer"):  # the reference's own message
+        FastDecoder(reference_model("released_small"), 4, 64).generate(
+            infer_inputs(load_batch("released_small")), topk=1, use_local_transformer_for_inference=True)
+
+
+# ---- the autoregressive local transformer inside the step (the released checkpoints' sampler) ---------------------
+
+LT_CASES = ["dce_baked_v2607", "dce_baked_v2602", "stacked_lt", "dce_context"]
+
+
+@pytest.mark.parametrize("case", LT_CASES)
+@pytest.mark.parametrize("sampling", [dict(topk=1), dict(topk=20, temperature=0.7)], ids=["greedy", "sampled"])
+def test_local_transformer_codes_equal_eager(case, sampling):
+    """use_local_transformer_for_inference=True (NeMo's per-codebook loop, CFG on its logits, the forbidden-token
+    edits) on the four fixtures with an autoregressive local transformer (baked v2607: stacking 2, 2 layers x 2
+    heads as wide as the decoder; v2602: 1 narrow layer; the context encoder; stacked_lt): codes, lengths, steps,
+    attended positions and logits equal infer_batch(use_kv_cache=True)'s at float32, greedy and sampled with the
+    same torch.manual_seed (the noise is drawn in the reference's order: the sub-steps' (rows, V) draws, then the
+    argmax pass's)."""
+    model = reference_model(case)
+    batch = infer_inputs(load_batch(case))
+    fast = FastDecoder(model, batch["text"].shape[0], _max_len(model))
+    for use_cfg in (True, False):
+        kw = dict(use_cfg=use_cfg, keep_logits=True, use_local_transformer_for_inference=True, **sampling)
+        torch.manual_seed(5)
+        ref = model.infer_batch(batch, use_kv_cache=True, **kw)
+        torch.manual_seed(5)
+        _compare(ref, fast.generate(batch, **kw))
+
+
+def test_local_transformer_with_sentence_tracking_and_min_frames():
+    """The local transformer's edits with NeMo's sentence tracking (EOS banned for unfinished items, forced for
+    finished ones) and EOS forbidden over the first frames: the same codes as the eager reference."""
     model = reference_model("dce_baked_v2607")
     batch = infer_inputs(load_batch("dce_baked_v2607"))
-    with pytest.raises(InferenceError, match="the fast path samples the decoder's logits only: it has no local "
-                                             "transformer"):
-        FastDecoder(model, 3, _max_len(model)).generate(batch, use_local_transformer_for_inference=True)
+    kw = dict(use_cfg=True, keep_logits=True, use_local_transformer_for_inference=True, topk=5,
+              ignore_finished_sentence_tracking=False, min_generated_frames=6, max_decoder_steps=24)
+    torch.manual_seed(2)
+    ref = model.infer_batch(batch, use_kv_cache=True, **kw)
+    torch.manual_seed(2)
+    _compare(ref, FastDecoder(model, 3, _max_len(model)).generate(batch, **kw))
+
+
+def test_local_transformer_gpu_form_on_the_cpu():
+    """What the GPU runs: every sub-step attends all C*S key slots with the unwritten ones masked (one shape, one
+    compiled graph for all sub-steps), and each piece traces as one graph (torch.compile fullgraph, eager backend):
+    the same codes as the eager reference, greedy and sampled."""
+    model = reference_model("dce_baked_v2607")
+    batch = infer_inputs(load_batch("dce_baked_v2607"))
+    fd = FastDecoder(model, 3, _max_len(model))
+    fd.lt_full_keys = True
+    for name in COMPILED + ("_fn_lt_in", "_fn_lt_sub"):
+        f = getattr(fd, name)
+        f.compiled = torch.compile(f.fn, fullgraph=True, dynamic=False, backend="eager")
+    for sampling in (dict(topk=1), dict(topk=20)):
+        kw = dict(use_cfg=True, use_local_transformer_for_inference=True, **sampling)
+        torch.manual_seed(9)
+        ref = model.infer_batch(batch, use_kv_cache=True, **kw)
+        torch.manual_seed(9)
+        out = fd.generate(batch, **kw)
+        assert torch.equal(ref.predicted_codes, out.predicted_codes)
+        assert torch.equal(ref.predicted_codes_lens, out.predicted_codes_lens)
+    assert fd.compile_errors == {}
+
+
+@pytest.mark.gpu
+def test_local_transformer_compiled_graphs_equal_eager_on_gpu():
+    """On a GPU, fp32 with TF32 off: the local transformer inside the compiled, graph-captured step gives the eager
+    reference's codes at topk=1 on the four fixtures with one, with CFG; nothing falls back to uncompiled code;
+    sampled runs draw fresh codes per replay."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for case in LT_CASES:
+            model = copy.deepcopy(reference_model(case)).cuda()
+            batch = {k: v.cuda() for k, v in infer_inputs(load_batch(case)).items()}
+            kw = dict(use_cfg=True, topk=1, keep_logits=True, use_local_transformer_for_inference=True)
+            ref = model.infer_batch(batch, use_kv_cache=True, **kw)
+            fd = FastDecoder(model, batch["text"].shape[0], _max_len(model))
+            assert fd.cuda_graphs and fd.compile and fd.lt_full_keys
+            out = fd.generate(batch, **kw)
+            assert fd.compile_errors == {}
+            assert torch.equal(ref.predicted_codes, out.predicted_codes.to(ref.predicted_codes.device)), case
+            assert torch.equal(ref.predicted_codes_lens, out.predicted_codes_lens), case
+            for a, b in zip(ref.step_logits, out.step_logits):
+                torch.testing.assert_close(b, a.to(b.device), atol=1e-4, rtol=0)
+            fd.cuda_graphs = False
+            plain = fd.generate(batch, **kw)
+            assert torch.equal(out.predicted_codes, plain.predicted_codes), case
+            fd.cuda_graphs = True
+        s = fd.generate(batch, use_cfg=True, topk=20, run_all_steps=True, use_local_transformer_for_inference=True)
+        codes = s.predicted_codes
+        assert len({tuple(codes[:, :, k].flatten().tolist()) for k in range(codes.shape[2])}) > 1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
