@@ -3,6 +3,13 @@
     python bench/seed_benchmark.py [--out DIR] [--parts eager,parity,fast,fast_fp8,nemo] [--quick]
     python bench/seed_benchmark.py --merge DIR ... --out DIR      # one table from runs in separate processes
     python bench/seed_benchmark.py --cpu-smoke ...                 # a tiny model on the CPU: checks the script
+    python bench/seed_benchmark.py --shape released --parts sweep,nemo,parity [--sweep 1,8,32,64] [--quick]
+
+Issue 19 adds the **released shape** (``--shape released``: v2607-like decoder_ce, 217 baked context frames, frame
+stacking 2, the 2-layer autoregressive local transformer inside the fast step; :data:`RELEASED`) and, for both shapes,
+the ``sweep`` part: the fast path at 1, 8, 32 and 64 requests (ms per decoder step, frames/s, x real time, time to
+the first frame), beside NeMo's own loop on the same shape (``nemo``; on the released shape with NeMo's local
+transformer module). ``--quick`` without a GPU runs the tiny CPU sizes (checks the script end to end in seconds).
 
 ``bash bench/gpu_check.sh`` runs it on the device (the eager part in a fresh process, the rest in a second one, one
 merged table); bench/RESULTS.md keeps the tables.
@@ -34,6 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -69,6 +77,68 @@ def seed_config(tiny: bool = False) -> MagpieConfig:
         context_audio_bos_id=cb + 2, context_audio_eos_id=cb + 3, mask_token_id=cb + 4, encoder=enc, decoder=dec,
         use_kv_cache_for_inference=True, inference=InferenceParameters(max_decoder_steps=N_FRAMES),
     )
+
+
+# The released shape (issue 19): nvidia/magpie_tts_multilingual_357m v2607 as users run it -- decoder_ce with a baked
+# speaker table of 217 context frames, frame stacking 2 (2 frames a decoder step, 8 x 2 codebook heads), a 2-layer
+# autoregressive local transformer (16 sequential sub-steps a decoder step, CFG on its logits), its causal k=3 text
+# encoder, the prior on decoder layers 2-10 and the alignment read from layers 4, 5, 8, 9 (the v2607 fixture's
+# scaled-down shape, fixtures/make_fixtures.py). The local transformer as wide as the decoder (the fixture's: no
+# in-projection) with 12 heads. Random weights; 128 text tokens, 480 frames = 240 decoder steps, top-k 80,
+# temperature 0.6, CFG 2.5, prior on.
+RELEASED = dict(baked_frames=217, stacking=2, lt_layers=2, text=128, frames=480,
+                params=dict(cfg_scale=2.5, topk=80, temperature=0.6, apply_attention_prior=True))
+
+
+def released_config(tiny: bool = False, d: int = 768, heads: int = 12, lt_hidden: Optional[int] = None,
+                    lt_heads: Optional[int] = None, lt_layers: int = 2, stacking: int = 2, baked_frames: int = 217,
+                    speakers: int = 4, frames: int = 480, n_enc: int = 6, n_dec: int = 12, C: int = 8,
+                    cb: int = 2016) -> MagpieConfig:
+    """The released (v2607-like) decoder_ce shape above; ``tiny`` (or smaller sizes: tests draw them) for the CPU."""
+    if tiny:
+        d, heads, n_enc, n_dec, C, cb, baked_frames = 32, 2, 1, 3, 2, 120, 12
+    lt_hidden = d if lt_hidden is None else lt_hidden
+    lt_heads = heads if lt_heads is None else lt_heads
+    pos = 2048 if not tiny else 256
+    common = dict(d_model=d, d_ffn=4 * d, sa_n_heads=heads, is_causal=True, apply_norm_out=True,
+                  max_length_causal_mask=pos, use_learnable_pos_emb=True)
+    enc = TransformerConfig(n_layers=n_enc, kernel_size=3, **common)
+    dec = TransformerConfig(n_layers=n_dec, kernel_size=1, has_xattn=True, xa_d_memory=d, xa_n_heads=1,
+                            xa_d_head=min(128, d), apply_norm_to_cond=True, **common)
+    ctx = TransformerConfig(n_layers=1, d_model=d, d_ffn=4 * d, sa_n_heads=heads, kernel_size=1, is_causal=False,
+                            max_length_causal_mask=pos, use_learnable_pos_emb=True)
+    lt = TransformerConfig(n_layers=lt_layers, d_model=lt_hidden, d_ffn=4 * lt_hidden, sa_n_heads=lt_heads,
+                           kernel_size=1, is_causal=True, apply_norm_out=False,
+                           max_length_causal_mask=stacking * C + 2, use_learnable_pos_emb=True)
+    prior_layers = tuple(i for i in range(2, 11) if i < n_dec) or None
+    align = tuple(i for i in (4, 5, 8, 9) if i < n_dec) or None
+    return MagpieConfig(
+        model_type="decoder_ce", d_model=d, num_text_tokens=256 if not tiny else 40, num_audio_codebooks=C,
+        codebook_size=cb, num_all_tokens_per_codebook=cb + 8, frame_stacking_factor=stacking, audio_bos_id=cb,
+        audio_eos_id=cb + 1, context_audio_bos_id=cb + 2, context_audio_eos_id=cb + 3, mask_token_id=cb + 4,
+        encoder=enc, decoder=dec, use_kv_cache_for_inference=True, local_transformer_type="autoregressive",
+        local_transformer=lt, context_encoder=ctx, baked_speakers=speakers, baked_frames=baked_frames,
+        inference=InferenceParameters(max_decoder_steps=frames, apply_prior_to_layers=prior_layers,
+                                      estimate_alignment_from_layers=align),
+    )
+
+
+def released_model(cfg: MagpieConfig, device="cpu") -> MagpieTTS:
+    """A random-weight model of a released-shape config; every baked speaker as long as the table (NeMo's
+    baked_context_embedding_len)."""
+    model = MagpieTTS(cfg)
+    model.baked_context_embedding_len.fill_(cfg.baked_frames)
+    return model.to(device).eval()
+
+
+def released_requests(cfg: MagpieConfig, n: int, batch: int, text: int, seed: int = 0) -> list[dict]:
+    """n requests (baked speakers in turn, ``text`` tokens each), in batches of ``batch``."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.num_text_tokens - 2, (n, text), generator=g)
+    tokens[:, -1] = cfg.text_eos_id
+    spk = torch.arange(n) % cfg.baked_speakers
+    return [{"text": tokens[i : i + batch], "text_lens": torch.full((min(batch, n - i),), text),
+             "speaker_indices": spk[i : i + batch]} for i in range(0, n, batch)]
 
 
 def make_requests(cfg: MagpieConfig, n: int, seed: int = 0) -> list[dict]:
@@ -476,7 +546,7 @@ def eager_split(m, req, steps: int) -> dict:
 
 def run_nemo(a, model, cfg, reqs, res, t0):
     """NeMo's loop: time its step at sampled step indices, extrapolate to 480 steps x 8 batches."""
-    steps = [int(s) for s in a.nemo_steps.split(",")] if not a.quick else [1, 240, 478]
+    steps = [int(s) for s in a.nemo_steps.split(",")] if not a.quick else [1, N_FRAMES // 2, N_FRAMES - 2]
     try:
         dec = nemo_decoder(model)
         # sanity: NeMo's decoder with the reference's weights gives the reference decoder's output
@@ -493,12 +563,15 @@ def run_nemo(a, model, cfg, reqs, res, t0):
               f"{res['nemo_vs_reference_decoder_max_abs']:.2e}", flush=True)
         res["nemo"] = {}
         for name, ad in (("float32", None), ("bf16 autocast", torch.bfloat16)):
+            if name not in a.nemo_dtypes.split(","):
+                continue
             if time.time() - t0 > a.budget_s + 60:
                 print(f"[skip] nemo {name}: budget", flush=True)
                 continue
             st = nemo_step_times(model, dec, reqs[0], steps, 2, ad)
             mean_s = statistics.mean(st.values())  # the sampled steps are evenly spaced over the 480
-            r = {"step_s": {str(k): v for k, v in st.items()}, "ms_per_step": mean_s * 1e3,
+            r = {"requests": reqs[0]["text"].shape[0], "step_s": {str(k): v for k, v in st.items()},
+                 "ms_per_step": mean_s * 1e3,
                  "frames_per_s": BATCH / mean_s, "x_realtime": BATCH / mean_s / FRAMES_PER_SECOND,
                  "all_512_s_extrapolated": mean_s * N_FRAMES * math.ceil(N_REQ / BATCH)}
             fb = floor_bytes(model, 2 * BATCH, T_CTX_FRAMES + 3 + (N_FRAMES - 1) / 2, 4 if ad is None else 2, T_TEXT)
@@ -512,6 +585,253 @@ def run_nemo(a, model, cfg, reqs, res, t0):
         res["nemo_error"] = f"{type(e).__name__}: {e}"
 
 
+# ---- issue 19: the batch sweep (both shapes) and the released shape's parity and NeMo loop -----------------------
+
+SWEEP = (1, 8, 32, 64)
+SAVE: Optional[Path] = None  # --out: results.json rewritten after every sweep row and part (a timeout keeps them)
+
+
+def save_partial(res: dict) -> None:
+    if SAVE is not None:
+        (SAVE / "results.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+def shape_workload(shape: str) -> dict:
+    """The decoding workload of a shape: context frames, text tokens, frames, frames a decoder step, parameters."""
+    if shape == "released":
+        return dict(ctx=RELEASED["baked_frames"], text=RELEASED["text"], frames=RELEASED["frames"],
+                    stacking=RELEASED["stacking"], params=dict(RELEASED["params"], max_decoder_steps=RELEASED["frames"]),
+                    lt=True)
+    return dict(ctx=T_CTX_FRAMES + 2, text=T_TEXT, frames=N_FRAMES, stacking=1, params=dict(PARAMS), lt=False)
+
+
+def shape_requests(shape: str, cfg, n: int, batch: int) -> list[dict]:
+    if shape == "released":
+        return [{k: v.to(DEV) for k, v in r.items()} for r in released_requests(cfg, n, batch, shape_workload(shape)["text"])]
+    global BATCH
+    saved, BATCH = BATCH, batch
+    try:
+        return [{k: v.to(DEV) for k, v in r.items()} for r in make_requests(cfg, n)]
+    finally:
+        BATCH = saved
+
+
+def run_sweep(shape: str, model, cfg, sizes, res: dict, t0: float, budget_s: float) -> None:
+    """The fast path's defaults (bf16 on CUDA) at each batch size: ms per decoder step = (a full run - a 4-step run)
+    / (steps - 4), frames/s = requests x frames a step / step time, x real time = frames/s / 21.5, and the time to
+    the first frame = a request's wall time to its first decoder step's frames after the prefill and one decode step
+    (``max_decoder_steps`` = 2 steps, median of 3, host read included). One FastDecoder serves every size (each size
+    compiles and captures its own graphs on its first run, untimed)."""
+    wl = shape_workload(shape)
+    S, steps = wl["stacking"], wl["frames"] // wl["stacking"]
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    fd = FastDecoder(model, max(sizes), wl["ctx"] + 1 + steps, dtype)
+    kw = dict(use_cfg=True, run_all_steps=True, use_local_transformer_for_inference=wl["lt"], **wl["params"])
+    short = dict(kw, max_decoder_steps=4 * S)
+    # the first frame: the prefill and one decode step (EOS allowed from the start: a 2-step run must be valid)
+    first = dict(kw, max_decoder_steps=2 * S, min_generated_frames=min(2 * S, kw["min_generated_frames"])
+                 if "min_generated_frames" in kw else min(2 * S, model.config.inference.min_generated_frames))
+    for B in sizes:
+        if time.time() - t0 > budget_s:
+            print(f"[skip] sweep {shape} {B}: past the --budget-s", flush=True)
+            continue
+        req = shape_requests(shape, cfg, B, B)[0]
+        t_compile, _ = timed(lambda: fd.generate(req, **kw))  # compiles and captures every bucket's graph
+        fd.generate(req, **first)  # its own graphs (other flags) captured, untimed
+        ttff = statistics.median([timed(lambda: fd.generate(req, **first))[0] for _ in range(3)])
+        t_short = statistics.median([timed(lambda: fd.generate(req, **short))[0] for _ in range(3)])
+        t_full = statistics.median([timed(lambda: fd.generate(req, **kw))[0] for _ in range(2)])
+        ms = (t_full - t_short) / (steps - 4) * 1e3
+        r = {"shape": shape, "requests": B, "label": fast_path_name(fd), "dtype": str(dtype).split(".")[-1],
+             "ms_per_step": ms, "frames_per_step": B * S, "frames_per_s": B * S / (ms / 1e3),
+             "first_frame_ms": ttff * 1e3, "batch_s": t_full, "first_run_s": t_compile, "steps": steps,
+             "compile_errors": fd.compile_errors, "graphs": sum(len(w.graphs) for w in fd._works.values())}
+        r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
+        res.setdefault("sweep", []).append(r)
+        save_partial(res)
+        print(f"[sweep] {shape} {B} requests: {ms:.3f} ms/decoder step, {r['frames_per_s']:.0f} frames/s, "
+              f"{r['x_realtime']:.0f}x real time, first frame {ttff * 1e3:.1f} ms; first run {t_compile:.1f} s, "
+              f"compile errors {fd.compile_errors or 'none'}", flush=True)
+    del fd
+
+
+def released_parity(model, cfg, res: dict, steps: int) -> None:
+    """TF32 off, fp32: the fast path's defaults with the local transformer against the eager reference
+    (``infer_batch(use_kv_cache=True, use_local_transformer_for_inference=True)``) at topk=1, 4 requests."""
+    wl = shape_workload("released")
+    req = shape_requests("released", cfg, 4, 4)[0]
+    kw = dict(use_cfg=True, keep_logits=True, use_local_transformer_for_inference=True,
+              **dict(wl["params"], topk=1, max_decoder_steps=steps))
+    ref = model.infer_batch(req, use_kv_cache=True, **kw)
+    fd = FastDecoder(model, 4, wl["ctx"] + 1 + steps // wl["stacking"], torch.float32)
+    f = fd.generate(req, **kw)
+    r = dict(_vs_eager(ref, f, cfg.num_all_tokens_per_codebook), path=fast_path_name(fd), steps=steps,
+             compile_errors=fd.compile_errors)
+    res["parity_released"] = r
+    print(f"[parity] released shape, fp32 {r['path']} (local transformer) vs eager cached, topk=1, 4 requests x "
+          f"{steps} frames: {r}", flush=True)
+
+
+def nemo_transformer(tcfg, module):
+    """NeMo's transformer_2501.Transformer of a reference Transformer config, loaded with its weights."""
+    from parity.nemo_capture import load_nemo_transformer_2501
+
+    t2501 = load_nemo_transformer_2501()
+    m = t2501.Transformer(
+        n_layers=tcfg.n_layers, d_model=tcfg.d_model, d_ffn=tcfg.d_ffn, sa_n_heads=tcfg.sa_n_heads,
+        kernel_size=tcfg.kernel_size, p_dropout=0.0, has_xattn=tcfg.has_xattn, xa_d_memory=tcfg.xa_d_memory,
+        xa_n_heads=tcfg.xa_n_heads, xa_d_head=tcfg.xa_d_head, is_causal=tcfg.is_causal,
+        apply_norm_to_cond=tcfg.apply_norm_to_cond, apply_norm_out=tcfg.apply_norm_out,
+        max_length_causal_mask=tcfg.max_length_causal_mask, use_learnable_pos_emb=tcfg.use_learnable_pos_emb)
+    missing, unexpected = m.load_state_dict(module.state_dict(), strict=False)
+    if unexpected or not all(k.endswith("causal_mask") for k in missing):
+        raise ValueError(f"NeMo's transformer does not take the weights: missing {missing}, unexpected {unexpected}")
+    return m.to(device=next(module.parameters()).device).eval()
+
+
+@torch.no_grad()
+def nemo_released_step_times(model, dec, lt, req: dict, steps: list[int], reps: int) -> dict:
+    """NeMo's loop on the released shape, a decoder step as MagpieTTSModel.infer_batch runs it with its cached
+    decoder (as nemo_step_times: every stacked frame embedded, NeMo's decoder over the whole growing sequence with
+    reset_cache(use_cache=True), final_proj over the whole output, CFG, the prior state machine on the prior layers)
+    and then NeMo's local transformer sampler (LocalTransformerHelper.sample_autoregressive: NeMo's own LT module,
+    reset_cache(use_cache=True), over the growing C*S sequence, sub-step by sub-step; each codebook's projection, CFG
+    of its logits, the edits, top-k, temperature, torch.multinomial, the code fed back) and the argmax pass; the
+    prefix of each timed step is run once untimed (fills NeMo's caches)."""
+    from reference.inference import PriorState, cross_attention_scores, find_eos, restrict_logits, sample_codes
+    from reference.inference import forbidden_tokens, layer_priors
+
+    c = model.config
+    wl = shape_workload("released")
+    p = InferenceParameters(**{**c.inference.__dict__, **wl["params"]})
+    C, S = c.num_audio_codebooks, c.frame_stacking_factor
+    dev = next(model.parameters()).device
+    B = req["text"].shape[0]
+    enc = model.encode_text(req["text"], req["text_lens"])
+    ctx_emb, ctx_mask = model.decoder_context(req)
+    dummy = torch.zeros_like(enc.mask)
+    dummy[:, 0] = True
+    cond, cond_mask = torch.cat([enc.output, torch.zeros_like(enc.output)]), torch.cat([enc.mask, dummy])
+    ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
+    ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+    rows, T_text = 2 * B, cond.shape[1]
+    text_lens = req["text_lens"].tolist()
+    forbidden = forbidden_tokens(c, False, dev)
+    g = torch.Generator(device=dev).manual_seed(1)
+    out = {}
+    for k in steps:
+        codes = torch.randint(0, c.codebook_size, (B, C, S * (k + 1 + reps)), device=dev, generator=g)
+        codes[:, :, :S] = c.audio_bos_id
+        dec.reset_cache(use_cache=True)
+        prior_state = PriorState.new(B)
+        prior = torch.full((rows, 1, T_text), p.attention_prior_epsilon, device=dev)
+
+        def run(n_steps):
+            emb, _ = model.embed_audio_tokens(codes[:, :, : n_steps * S], torch.full((B,), n_steps * S, device=dev))
+            emb = torch.cat([emb, emb])
+            x = torch.cat([ctx_emb, emb], 1)
+            x_mask = torch.cat([ctx_mask, torch.ones(rows, emb.shape[1], dtype=torch.bool, device=dev)], 1)
+            o = dec(x, x_mask, cond=cond, cond_mask=cond_mask, attn_prior=layer_priors(prior, p, c.decoder.n_layers))
+            logits = model.final_proj(o["output"])
+            lg = logits[:, -1].float()
+            lg = (1 - p.cfg_scale) * lg[B:] + p.cfg_scale * lg[:B]
+            probs = [a["cross_attn_probabilities"][0].float() for a in o["attn_probabilities"]]
+            scores = cross_attention_scores(probs, p.estimate_alignment_from_layers)
+            att = prior_state.most_attended(scores, text_lens, p.attention_prior_lookahead_window)
+            prior.copy_(prior_state.build_prior(rows, T_text, text_lens, att, p.attention_prior_epsilon,
+                                                p.attention_prior_lookahead_window, {}, dev))
+            # NeMo's local transformer sampler
+            lt.reset_cache(use_cache=True)
+            seq = model.local_transformer_in_projection(o["output"][:, -1:])
+            preds = []
+            for cb in range(C * S):
+                h = lt(seq, torch.ones(rows, seq.shape[1], dtype=torch.bool, device=dev))["output"]
+                lgc = model.local_transformer_out_projections[cb](h[:, -1])
+                lgc[:B] = p.cfg_scale * lgc[:B] + (1.0 - p.cfg_scale) * lgc[B:]
+                lgc = restrict_logits(lgc, c, p.topk, {}, {}, forbidden)
+                pred = torch.multinomial(torch.softmax(lgc / p.temperature, dim=-1), 1)
+                pred[B:] = pred[:B]
+                preds.append(pred)
+                e = model.local_transformer_in_projection(model.audio_embeddings[cb](pred[:, 0])[:, None])
+                seq = torch.cat([seq, e], 1)
+            nxt = torch.cat(preds, 1)[:B].reshape(B, S, C).transpose(1, 2)
+            am = sample_codes(lg, c, 0.01, 1, {}, {}, False)
+            find_eos(am, c.audio_eos_id, "any")
+            find_eos(nxt, c.audio_eos_id, "any")
+            return nxt
+
+        hooks = [layer.self_attention.register_forward_hook(lambda m, i, o: (o[0], [None, None])) for layer in dec.layers]
+        try:
+            run(k + 1)  # the prefix, untimed (see nemo_step_times)
+        finally:
+            for h in hooks:
+                h.remove()
+        out[k] = statistics.median([timed(lambda: run(k + 2 + r))[0] for r in range(reps)])
+        del codes
+    dec.reset_cache(use_cache=False)
+    lt.reset_cache(use_cache=False)
+    return out
+
+
+def run_nemo_released(a, model, cfg, res: dict, t0: float) -> None:
+    """NeMo's loop on the released shape, fp32, 64 requests (the sweep's largest batch): steps timed at a few decoder
+    step indices, the mean extrapolated to the 240 steps."""
+    wl = shape_workload("released")
+    n_steps = wl["frames"] // wl["stacking"]
+    steps = [int(s) for s in a.nemo_released_steps.split(",") if int(s) < n_steps - 3]
+    B = max(a.sweep_sizes)
+    dec = nemo_decoder(model)
+    lt = nemo_transformer(cfg.local_transformer, model.local_transformer)
+    req = shape_requests("released", cfg, B, B)[0]
+    st = nemo_released_step_times(model, dec, lt, req, steps, 2)
+    mean_s = statistics.mean(st.values())
+    r = {"requests": B, "step_s": {str(k): v for k, v in st.items()}, "ms_per_step": mean_s * 1e3,
+         "frames_per_s": B * wl["stacking"] / mean_s, "batch_s_extrapolated": mean_s * n_steps}
+    r["x_realtime"] = r["frames_per_s"] / FRAMES_PER_SECOND
+    res["nemo_released"] = r
+    print(f"[nemo] released shape, fp32, {B} requests: steps {steps}: " +
+          ", ".join(f"{k}:{v*1e3:.1f}ms" for k, v in st.items()) + f" -> mean {mean_s*1e3:.1f} ms/decoder step",
+          flush=True)
+
+
+def render_sweep(res: dict) -> list[str]:
+    """The issue-19 table: both shapes x the batch sizes, NeMo's loop on each shape as the baseline."""
+    rows = res.get("sweep") or []
+    nemo = {"seed": (res.get("nemo") or {}).get("float32"), "released": res.get("nemo_released")}
+    if not rows and not any(nemo.values()):
+        return []
+    where = f"{res['info']['card']}, {res['info']['date'][:10]}"
+    lines = ["", "Batch sweep (CFG: 2 rows a request; x real time = frames/s / 21.5; released shape: 2 frames a "
+             "decoder step):", "",
+             "| shape | path | requests | ms/decoder step | frames/s | x real time | first frame (ms) | x NeMo's loop "
+             "| card, date | notes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rw, sw = res.get("workload_released") or RELEASED, res["workload"]
+    names = {"released": f"released (v2607-like: decoder_ce, {rw['baked_frames']} baked frames, stacking "
+                         f"{rw['stacking']}, {rw['lt_layers']}-layer AR LT, {rw['frames']} frames)",
+             "seed": f"seed (decoder_context_tts, {sw.get('context', T_CTX_FRAMES)} context frames, no LT, "
+                     f"{sw.get('frames', N_FRAMES)} frames)"}
+    for shape in ("released", "seed"):
+        n = nemo.get(shape)
+        if n:
+            B = n.get("requests", BATCH)
+            lines.append(f"| {names[shape]} | NeMo 3.0.0's loop (fp32) | {B} | {n['ms_per_step']:.1f} | "
+                         f"{n['frames_per_s']:.0f} | {n['x_realtime']:.1f} | - | 1 | {where} | steps "
+                         f"{list(n['step_s'])} timed, mean extrapolated |")
+        for r in sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["requests"]):
+            x = n['ms_per_step'] / r['ms_per_step'] * r['requests'] / n.get('requests', BATCH) if n else None
+            vs = "-" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.2f}"
+            lines.append(f"| {names[shape]} | {r['label']}, {r['dtype']} | {r['requests']} | {r['ms_per_step']:.3f} | "
+                         f"{r['frames_per_s']:.0f} | {r['x_realtime']:.0f} | {r['first_frame_ms']:.1f} | {vs} | "
+                         f"{where} | {r['steps']} steps, first run (compile + capture) {r['first_run_s']:.1f} s"
+                         f"{', compile errors' if r['compile_errors'] else ''} |")
+    p = res.get("parity_released")
+    if p:
+        lines += ["", f"released-shape parity (fp32, TF32 off, 4 requests x {p['steps']} frames, topk=1, local "
+                  f"transformer): {p['path']} vs eager cached: codes identical = {p['codes_identical']}, first "
+                  f"divergent step = {p['first_divergent_step']}, max |dlogit| = {p['max_abs_logit_diff']:.2e}"]
+    return lines
+
+
 # ---- the table --------------------------------------------------------------------------------------------------
 
 
@@ -520,10 +840,14 @@ def merge_results(dirs: list[Path], out_dir: Path) -> int:
     later runs add their parts; their fast rows are appended."""
     res: dict = {}
     for d in dirs:
+        if not (d / "results.json").exists():  # a process that ended before its first result
+            print(f"[skip] merge: no results under {d}", flush=True)
+            continue
         part = json.loads((d / "results.json").read_text())
         fast = res.get("fast", []) + part.pop("fast", [])
+        sweep = res.get("sweep", []) + part.pop("sweep", [])
         res.update(part)
-        res["fast"] = fast
+        res["fast"], res["sweep"] = fast, sweep
     table = render_table(res)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out_dir / "table.md").write_text(table)
@@ -540,6 +864,9 @@ def own_floor(r: dict) -> str:
 
 def render_table(res: dict) -> str:
     info = res["info"]
+    if not (res.get("fast") or res.get("eager") or res.get("nemo") or res.get("parity")):  # the sweep alone
+        return f"card: {info['card']} ({info['sms']} SMs), torch {info['torch']}, {info['date']}\n" + \
+            "\n".join(render_sweep(res)) + "\n"
     where = f"{info['card']}, {info['date'][:10]}"
     lines = [f"card: {info['card']} ({info['sms']} SMs), torch {info['torch']}, {info['date']}; copy bandwidth "
              f"{info['copy_gbps']:.0f} GB/s (read+write); {2 * res['workload']['batch']} rows "
@@ -584,6 +911,7 @@ def render_table(res: dict) -> str:
     if "nemo_vs_reference_decoder_max_abs" in res:
         lines.append(f"NeMo's decoder with the reference's weights vs the reference decoder (fp32): max |d| = "
                      f"{res['nemo_vs_reference_decoder_max_abs']:.2e}")
+    lines += render_sweep(res)
     return "\n".join(lines) + "\n"
 
 
@@ -607,18 +935,33 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-from", type=int, default=220, help="first decode step profiled (40 steps)")
     ap.add_argument("--profile-fp8", action="store_true", help="profile the float8 K/V cache instead")
     ap.add_argument("--budget-s", type=float, default=480, help="skip NeMo's bf16 row once this much time has passed")
+    ap.add_argument("--shape", choices=("seed", "released"), default="seed",
+                    help="seed: the workload above; released: the v2607-like decoder_ce shape (issue 19), parts "
+                         "sweep, parity, nemo")
+    ap.add_argument("--sweep", default=",".join(map(str, SWEEP)), help="batch sizes of the sweep part")
+    ap.add_argument("--nemo-dtypes", default="float32,bf16 autocast", help="NeMo loop rows of the seed shape")
+    ap.add_argument("--nemo-released-steps", default="1,60,120,180,235",
+                    help="decoder steps timed of NeMo's loop on the released shape")
     a = ap.parse_args(argv)
     t0 = time.time()
+    global SAVE
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if a.merge:
         return merge_results([Path(d) for d in a.merge], out_dir)
+    a.sweep_sizes = [int(b) for b in a.sweep.split(",")]
+    SAVE = out_dir
+    if a.quick and not torch.cuda.is_available():  # --quick without a GPU: the tiny CPU model
+        a.cpu_smoke = True
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     if a.cpu_smoke:  # a tiny model and workload, to check the script without a GPU
         DEV, N_REQ, BATCH, N_FRAMES, T_CTX_FRAMES, T_TEXT = "cpu", 8, 4, 24, 10, 12
         PARAMS["max_decoder_steps"] = N_FRAMES
         a.nemo_steps = "1,10,20"
+        RELEASED.update(baked_frames=12, text=12, frames=24)
+        a.sweep_sizes = [min(b, 4) for b in a.sweep_sizes][:2] if a.quick else [1, 4]
+        a.nemo_released_steps = "1,5"
     if DEV == "cuda":
         props = torch.cuda.get_device_properties(0)
         card, sms, mem = props.name, props.multi_processor_count, props.total_memory / 2**30
@@ -631,6 +974,8 @@ def main(argv=None) -> int:
     info["copy_gbps"] = bw
     print(f"[info] device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     torch.manual_seed(0)
+    if a.shape == "released":
+        return main_released(a, info, out_dir, t0)
     cfg = seed_config(tiny=a.cpu_smoke)
     model = MagpieTTS(cfg).to(DEV).eval()
     n_batches = 2 if a.quick else math.ceil(N_REQ / BATCH)
@@ -638,7 +983,7 @@ def main(argv=None) -> int:
     res = {"info": info, "workload": dict(requests=N_REQ, batch=BATCH, rows=2 * BATCH, text=T_TEXT, context=T_CTX_FRAMES,
                                           frames=N_FRAMES, **PARAMS), "fast": []}
     parts = set(a.parts.split(","))
-    unknown = parts - {"eager", "parity", "fast", "fast_fp8", "nemo", "profile"}
+    unknown = parts - {"eager", "parity", "fast", "fast_fp8", "nemo", "profile", "sweep"}
     if unknown:
         ap.error(f"unknown part(s) {sorted(unknown)}")
     import gc
@@ -652,6 +997,7 @@ def main(argv=None) -> int:
 
             traceback.print_exc()
             print(f"[fail] {name}: {type(e).__name__}: {e}", flush=True)
+        save_partial(res)
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -670,10 +1016,48 @@ def main(argv=None) -> int:
             attempt("fast fp8", lambda: time_fast(model, reqs, main_dt, n_batches, res["fast"], bw, **FLOAT8))
         else:
             print("[skip] fast_fp8: the float8 K/V cache needs the Triton kernels (CUDA)", flush=True)
+    if "sweep" in parts:
+        attempt("sweep", lambda: run_sweep("seed", model, cfg, a.sweep_sizes, res, t0, a.budget_s))
     if "nemo" in parts:
         attempt("nemo", lambda: run_nemo(a, model, cfg, reqs, res, t0))
     if "profile" in parts:
         attempt("profile", lambda: profile_fast(model, reqs[0], out_dir, a.profile_fp8, a.profile_from))
+    table = render_table(res)
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (out_dir / "table.md").write_text(table)
+    print(table)
+    return 0
+
+
+def main_released(a, info: dict, out_dir: Path, t0: float) -> int:
+    """--shape released: the sweep, parity and NeMo's loop on the v2607-like shape; results.json and table.md."""
+    import gc
+
+    cfg = released_config(tiny=a.cpu_smoke, frames=RELEASED["frames"], baked_frames=RELEASED["baked_frames"])
+    model = released_model(cfg, DEV)
+    wl = shape_workload("released")
+    res = {"info": info, "workload": dict(requests=max(a.sweep_sizes), batch=max(a.sweep_sizes), text=wl["text"],
+                                          context=wl["ctx"], frames=wl["frames"], **wl["params"]),
+           "workload_released": dict(shape="released", **{k: v for k, v in RELEASED.items()}), "fast": []}
+    parts = set(a.parts.split(",")) & {"sweep", "parity", "nemo"}
+    for name, fn in (("sweep", lambda: run_sweep("released", model, cfg, a.sweep_sizes, res, t0, a.budget_s)),
+                     ("nemo", lambda: run_nemo_released(a, model, cfg, res, t0)),
+                     ("parity", lambda: released_parity(model, cfg, res, 16 if a.quick else 48))):
+        if name not in parts:
+            continue
+        try:
+            fn()
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            print(f"[fail] released {name}: {type(e).__name__}: {e}", flush=True)
+            res.setdefault("errors", {})[f"released {name}"] = f"{type(e).__name__}: {e}"
+        save_partial(res)
+        gc.collect()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[t] {time.time() - t0:.0f} s", flush=True)
     table = render_table(res)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out_dir / "table.md").write_text(table)
