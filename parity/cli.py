@@ -46,6 +46,8 @@ COMMANDS: tuple[Command, ...] = (
             "capture a reference or live-NeMo run into a dump"),
     Command("infer", parity_commands.configure_infer, parity_commands.run_infer,
             "autoregressive inference with the reference"),
+    Command("calibrate", parity_commands.configure_calibrate, parity_commands.run_calibrate,
+            "measure a reduced precision's own noise per capture point and step (a --tolerances file for compare)"),
     Command("batch", parity_commands.configure_batch, parity_commands.run_batch,
             "text -> the chunk file NeMo's do_tts would run (NeMo's tokenizer and chunker)"),
     Command("diagnose", parity_commands.configure_diagnose, parity_commands.run_diagnose,

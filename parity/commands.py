@@ -358,8 +358,10 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write the JSON report here ('-' for stdout)")
     p.add_argument("--plot", metavar="OUT.png", help="write a max-abs-error-per-layer plot")
     p.add_argument("--tolerances", metavar="FILE|NAME",
-                   help='JSON: {"default": {"atol":..,"rtol":..}, "per_name": {glob: {...}}}, or a policy name of '
-                        "parity.tolerances (parity, fixtures, steps); default: the per-dtype defaults")
+                   help='JSON: {"default": {"atol":..,"rtol":..}, "per_name": {glob: {...}}}, a calibration file '
+                        "('magpie-parity calibrate': each tensor within the precision's own noise or beyond it), or "
+                        "a policy name of parity.tolerances (parity, fixtures, steps); default: the defaults of the "
+                        "precision the runs computed in (the dumps' manifests)")
     p.add_argument("--names", nargs="+", metavar="GLOB", help="only compare tensors whose name matches a glob")
     p.add_argument("--intersect", action="store_true",
                    help="compare only tensors both dumps hold (an engine dump is a subset of a reference dump); "
@@ -401,11 +403,16 @@ def run_compare(args: argparse.Namespace) -> int:
     if not result.tensors:
         _nothing_compared(args, result)
     report = to_json(result)
+    noise = getattr(policy, "envelope", None) is not None
+    if noise:
+        report["calibration"] = _json_safe(calibration_summary(policy, result, args.tolerances))
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
     if not args.quiet and args.json != "-":
+        if noise:
+            print(report["calibration"]["verdict"])
         print(format_table(result, max_rows=args.max_rows))
     elif not result.passed:  # no table: the verdict still says why it failed, in one line
-        print(verdict(result), file=sys.stderr)
+        print(report["calibration"]["verdict"] if noise else verdict(result), file=sys.stderr)
     if args.json == "-":
         sys.stdout.write(text)
     elif args.json:
@@ -416,6 +423,70 @@ def run_compare(args: argparse.Namespace) -> int:
         with writing(args.plot, "--plot"):
             plot(result, args.plot)
     return EXIT_OK if result.passed else EXIT_MISMATCH
+
+
+def _json_safe(x):
+    """Strict JSON: non-finite floats as the strings "nan", "inf", "-inf" (as the report writes them)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _where(t) -> str:
+    return f"worst element {list(t.worst_index)}" if t.worst_index is not None else "no element differs"
+
+
+def calibration_summary(policy, result, path: str) -> dict:
+    """A calibrated compare in words and figures: each tensor within the precision's own noise (its calibrated
+    envelope) or beyond it, and the headline: the first tensor and step beyond it in execution order."""
+    prec = policy.precision
+    ts = result.tensors
+    calibrated = [t for t in ts if t.envelope is not None]
+    beyond = [t for t in ts if not t.passed]
+    within = sum(t.passed for t in calibrated)
+    fd = result.first_divergence
+    head = next((t for t in ts if t.key == fd), None) if fd else None
+    source = f"{path}: {prec} against {policy.reference_precision}, safety factor {policy.safety_factor:g}"
+    counts = f"{within}/{len(calibrated)} calibrated tensors within {prec} noise"
+    uncal = len(ts) - len(calibrated)
+    if uncal:
+        counts += f", {uncal} not calibrated (judged by the {prec} defaults)"
+    missing = len(result.missing_in_a) + len(result.missing_in_b)
+    if missing and not result.intersect:
+        counts += f", {missing} tensors missing on one side"
+    if head is None:
+        line = f"{'PASS' if result.passed else 'FAIL'}: {counts} ({source})"
+    else:
+        if head.envelope is None:
+            why = "outside the default tolerance, not calibrated"
+        elif head.reason is not None:
+            why = head.reason
+        elif head.exact:
+            why = f"{head.n_failed} elements differ, {head.envelope:g} allowed; {_where(head)}"
+        else:
+            why = (f"max |a - b| {head.max_abs:.3e} = x {head.envelope_ratio:.1f} of the envelope "
+                   f"{head.envelope:.3e}; {_where(head)}")
+        line = (f"FAIL: beyond {prec} noise first at {head.name} step {'-' if head.step is None else head.step} "
+                f"({why}); {counts} ({source})")
+    return {
+        "file": str(path),
+        "precision": prec,
+        "reference_precision": policy.reference_precision,
+        "safety_factor": policy.safety_factor,
+        "within": within,
+        "calibrated": len(calibrated),
+        "headline": None if head is None else {"name": head.name, "step": head.step,
+                                               "envelope_ratio": head.envelope_ratio,
+                                               "worst_index": None if head.worst_index is None
+                                               else list(head.worst_index)},
+        "beyond": [{"name": t.name, "step": t.step, "envelope_ratio": t.envelope_ratio,
+                    "worst_index": None if t.worst_index is None else list(t.worst_index)} for t in beyond],
+        "verdict": line,
+    }
 
 
 def _nothing_compared(args: argparse.Namespace, result) -> None:
@@ -556,6 +627,13 @@ def configure_dump(p: argparse.ArgumentParser) -> None:
                    help="infer / generate-speech: NeMo inference_parameters field; generate-speech also takes "
                         "generate_speech's MaskGit arguments: " + ", ".join(f"maskgit_{a}" for a in MASKGIT_ARGS))
     p.add_argument("--layers", action="store_true", help="infer mode: also dump every layer each step")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="--source reference, teacher-forced / infer: the precision the reference runs in (the model "
+                        "cast, as infer --dtype; the manifest records it and compare's tolerances follow it)")
+    p.add_argument("--codes", metavar="DUMP|CODES.safetensors",
+                   help="--source reference --mode infer: teacher forcing: feed these codes back instead of the "
+                        "sampled ones (another dump's predicted_codes, e.g. NeMo's float32 run with the same --seed, "
+                        "or a codes file infer wrote), so a reduced-precision run follows that run step by step")
     p.add_argument("--kv-cache", choices=list(KV_CACHE), default="checkpoint",
                    help="reference infer / generate-speech: decoding path (engines always cache: use 'on' to line "
                         "steps up; generate-speech's 'checkpoint' is NeMo's runner: the checkpoint's "
@@ -572,9 +650,16 @@ def configure_dump(p: argparse.ArgumentParser) -> None:
 
 
 def run_dump(args: argparse.Namespace) -> int:
-    separate({"--checkpoint": args.checkpoint, "--batch": args.batch, "--codec": args.codec}, {"--out": args.out})
+    separate({"--checkpoint": args.checkpoint, "--batch": args.batch, "--codec": args.codec, "--codes": args.codes},
+             {"--out": args.out})
     output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
+    if args.source == "nemo" and args.dtype != "float32":
+        raise BadInput(f"--dtype {args.dtype}: --source nemo dumps NeMo's float32 run; the flag is the reference's")
+    if args.codes and (args.source != "reference" or args.mode != "infer"):
+        raise BadInput("--codes: only with --source reference --mode infer (teacher forcing of infer_batch)")
     if args.mode == "generate-speech":
+        if args.dtype != "float32":
+            raise BadInput(f"--dtype {args.dtype}: only with --mode teacher-forced or infer")
         return _dump_generate_speech(args)
     _generate_only_flags(args)
     import torch
@@ -586,18 +671,23 @@ def run_dump(args: argparse.Namespace) -> int:
     if args.source == "reference":
         from parity.reference_capture import dump_reference_infer, dump_reference_process_batch
 
-        model = load_reference(args.checkpoint)
+        model = load_reference(args.checkpoint, dtype=args.dtype)
         check_batch_fits(batch if teacher_forced else inputs, model.config, args.batch, args.checkpoint,
                          require_audio=teacher_forced)
         if not teacher_forced:
             check_params(model.config, params)
+        forced = {}
+        if args.codes:
+            forced = {"forced_codes": forced_codes(args.codes, model.config, inputs),
+                      "layout_extra": {"teacher_forced": True}}
         with user_errors(), writing(args.out, "--out"):
             if teacher_forced:
                 dump_reference_process_batch(model, batch, args.out, overwrite=args.overwrite)
             else:
                 dump_reference_infer(model, inputs, args.out, use_cfg=args.use_cfg, seed=args.seed,
                                      capture_layers=args.layers, overwrite=args.overwrite,
-                                     progress=sys.stderr.isatty(), use_kv_cache=KV_CACHE[args.kv_cache], **params)
+                                     progress=sys.stderr.isatty(), use_kv_cache=KV_CACHE[args.kv_cache], **forced,
+                                     **params)
     else:
         from parity.nemo_capture import dump_nemo_infer, dump_nemo_process_batch
 
@@ -611,6 +701,41 @@ def run_dump(args: argparse.Namespace) -> int:
                                 capture_layers=args.layers, overwrite=args.overwrite, **params)
     print(f"wrote {args.out}")
     return EXIT_OK
+
+
+def forced_codes(path: str, config, inputs: dict, flag: str = "--codes"):
+    """``--codes``: the codes that teacher-force ``infer_batch``: a dump's ``predicted_codes`` (step -) or a codes
+    file's (``infer --out``), (B, C, T) integers that fit the checkpoint and the batch; else one line."""
+    import torch
+
+    from parity.dump import DumpError, is_dump, open_dump
+
+    if Path(path).is_dir():
+        if not is_dump(path):
+            raise BadInput(f"{flag} {path}: a folder that is not a dump (a manifest.json and its shards)")
+        try:
+            reader = open_dump(path)
+            if ("predicted_codes", None) not in reader:
+                raise BadInput(f"{flag} {path}: the dump holds no predicted_codes of a whole run (an infer dump "
+                               "does; a generate-speech dump has them per chunk, an engine dump none)")
+            codes = reader.load("predicted_codes")
+        except DumpError as e:
+            raise BadInput(f"{flag} {e}") from None
+    else:
+        codes = load_batch(path, flag).get("predicted_codes")
+        if codes is None:
+            raise BadInput(f"{flag} {path}: no 'predicted_codes' tensor (a codes file infer wrote, or a dump)")
+    B = int(inputs["text"].shape[0])
+    C = config.num_audio_codebooks
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise BadInput(f"{flag} {path}: predicted_codes must be integers, got {codes.dtype}")
+    if codes.dim() != 3 or codes.shape[0] != B or codes.shape[1] != C or codes.shape[2] < 1:
+        raise BadInput(f"{flag} {path}: predicted_codes of shape {tuple(codes.shape)}; the batch and checkpoint "
+                       f"need ({B}, {C}, T >= 1)")
+    hi = config.num_all_tokens_per_codebook
+    if int(codes.min()) < 0 or int(codes.max()) >= hi:
+        raise BadInput(f"{flag} {path}: predicted_codes outside [0, {hi}) (num_all_tokens_per_codebook)")
+    return codes.to(torch.long)
 
 
 def _dump_generate_speech(args: argparse.Namespace) -> int:
@@ -992,3 +1117,77 @@ def run_diagnose(args: argparse.Namespace) -> int:
     print(f"codes: {'--codes ' + args.codes if args.codes else 'the dump'}; inference parameters: {origin}")
     print(d.report())
     return EXIT_OK if d.explained or (not d.explanation and d.baseline.max_abs <= d.tolerance) else EXIT_MISMATCH
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+
+
+def _calibration_kind() -> Replaceable:
+    from parity.calibrate import is_calibration_file
+
+    return ("a calibration file magpie-parity calibrate wrote", is_calibration_file)
+
+
+def configure_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help=".nemo or .ckpt")
+    p.add_argument("--batch", required=True,
+                   help="safetensors with the inputs (infer: text, text_lens and the speaker's context or index; "
+                        "teacher-forced: NeMo's whole batch)")
+    p.add_argument("--dtype", required=True, choices=["bfloat16", "float16"],
+                   help="the reduced precision to calibrate (the reference cast to it, against its float32 run)")
+    p.add_argument("--seeds", type=int, default=4, metavar="N",
+                   help="infer: seeds 0..N-1, each a float32 run and a teacher-forced run in --dtype (default 4)")
+    p.add_argument("--mode", choices=["infer", "teacher-forced"], default="infer",
+                   help="infer: infer_batch, every step (default); teacher-forced: one process_batch pair")
+    p.add_argument("--use-cfg", action="store_true", help="infer: classifier-free guidance")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="infer: NeMo inference_parameters field, as infer takes them (e.g. topk=80)")
+    p.add_argument("--no-layers", action="store_true",
+                   help="infer: only logits, priors, attended positions and codes (default: every layer each step, "
+                        "as dump --layers)")
+    p.add_argument("--kv-cache", choices=list(KV_CACHE), default="checkpoint",
+                   help="infer: decoding path (as dump's; engines always cache)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (TF32 off)")
+    p.add_argument("--out", required=True, metavar="TOL.json", help="calibration file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration file --out")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """The reference in --dtype against its float32 run, per capture point and step: the error envelope over the
+    seeds, written as a calibration file that 'compare --tolerances' reads (parity.calibrate)."""
+    separate({"--checkpoint": args.checkpoint, "--batch": args.batch}, {"--out": args.out})
+    kind = _calibration_kind()
+    if os.path.lexists(args.out) and not args.overwrite:
+        raise BadInput(f"--out {args.out}: already exists (pass --overwrite to replace it)")
+    output_file(args.out, "--out", kind)
+    if args.seeds < 1:
+        raise BadInput(f"--seeds must be >= 1, got {args.seeds}")
+    infer = args.mode == "infer"
+    if not infer and (args.param or args.use_cfg or args.no_layers or args.kv_cache != "checkpoint"):
+        raise BadInput("--param, --use-cfg, --no-layers, --kv-cache: only with --mode infer")
+    check_device(args.device)
+    import torch
+
+    from parity.calibrate import CalibrationError, calibrate, calibration_bytes, envelope_table
+
+    if args.device.startswith("cuda"):  # float32 means float32: no TF32 matmuls in the reference run
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    params = parse_assignments(args.param, "--param")
+    batch = load_batch(args.batch)
+    model = load_reference(args.checkpoint, args.device)
+    if infer:
+        batch = infer_inputs(batch)
+        check_params(model.config, params)
+    check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=not infer)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    with user_errors(CalibrationError):
+        data = calibrate(model, batch, args.dtype, seeds=range(args.seeds), mode=args.mode, use_cfg=args.use_cfg,
+                         capture_layers=not args.no_layers, use_kv_cache=KV_CACHE[args.kv_cache],
+                         progress=sys.stderr.isatty(), **params)
+    write_output_file(args.out, "--out", calibration_bytes(data), kind)
+    print(envelope_table(data))
+    seeds = f"seeds 0..{args.seeds - 1}" if infer else "one process_batch pair"
+    print(f"wrote {args.out}: {args.dtype} against float32, {len(data['per_name'])} names, {seeds}, safety factor "
+          f"{data['safety_factor']:g}", file=sys.stderr)
+    return EXIT_OK
