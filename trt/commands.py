@@ -542,10 +542,17 @@ def _replay(args: argparse.Namespace, model, codes, step) -> None:
     params = {**{k: v for k, v in recorded.items() if k in known}, **parse_assignments(args.param, "--param")}
     check_params(model.config, params)
     use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
+    steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
+    tolerance, why = None, "the default for the dump's precision"
+    envelope = getattr(policy, "envelope", None)  # a calibrated policy: the logits' noise is measured, not assumed
+    if envelope is not None:
+        found = [v for v in [envelope("logits", k) for k in steps] + [envelope("logits")] if v is not None]
+        if found:
+            tolerance, why = max(found), f"the calibrated noise envelope of the logits ({args.tolerances})"
     print()
-    print("teacher-forced replay from the engine's codes (the first pair's):")
+    print(f"teacher-forced replay from the engine's codes (the first pair's); logit tolerance: {why}")
     with user_errors(DiagnoseError, ValueError):
-        d = diagnose(model, reader, batch, use_cfg=use_cfg, codes=codes, params=params)
+        d = diagnose(model, reader, batch, use_cfg=use_cfg, codes=codes, params=params, tolerance=tolerance)
     print(d.report())
     if not any(n.startswith(("decoder.layers.", "encoder.layers.")) for n in reader.names()):
         print("(the engine dump holds no layers: no layer to name)")
@@ -553,7 +560,6 @@ def _replay(args: argparse.Namespace, model, codes, step) -> None:
     from parity.compare import compare_dumps
     from parity.reference_capture import dump_reference_infer
 
-    steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
     with tempfile.TemporaryDirectory(prefix="magpie-parity-replay-") as tmp:
         with user_errors():
             dump_reference_infer(model, batch, os.path.join(tmp, "ref"), use_cfg=bool(reader.layout.get(

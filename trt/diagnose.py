@@ -185,8 +185,10 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
                 chosen, best = names, full
     chosen = [n for n, _ in candidates if n in chosen]  # report in the table's order
     notes = []
-    ties = [s.name for s in singles if chosen and s.name not in chosen and abs(s.max_abs - best.max_abs) <= tolerance
-            and len(chosen) == 1]
+    # another single behaviour that explains the dump as well (within tolerance itself, not merely close to the
+    # explanation's error: with a loose tolerance every candidate is "close")
+    ties = [s.name for s in singles if len(chosen) == 1 and s.name not in chosen and s.max_abs <= tolerance
+            and best.max_abs <= tolerance]
     if ties:
         notes.append("Indistinguishable on this dump from: " + ", ".join(ties))
     return Diagnosis(baseline, singles, chosen, best, tolerance, len(steps), notes)
