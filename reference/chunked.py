@@ -173,6 +173,73 @@ def _splice_history(cond: torch.Tensor, history: torch.Tensor, state: ChunkState
         cond[i, : -n - pad] = history[i, -(cond[i].shape[0] - n - pad):]
 
 
+def check_call(chunk_state: ChunkState, B: int, end_of_text: Sequence[bool], beginning_of_text: bool) -> list[bool]:
+    """A ``generate_speech`` call's own checks, before any work (one line each): the state fits the batch,
+    ``end_of_text`` holds one bool per item, a later chunk has the state of the call before it. -> end_of_text as
+    a list of bools."""
+    _check_state(chunk_state, B)
+    if isinstance(end_of_text, (bool, str, bytes)) or not hasattr(end_of_text, "__len__") or len(end_of_text) != B:
+        raise BatchError(f"end_of_text must hold one bool per item ({B}), got {end_of_text!r}")
+    eot = [bool(x) for x in end_of_text]
+    if not bool(beginning_of_text) and chunk_state.history_text is None:
+        raise InferenceError("beginning_of_text=False on a fresh chunk_state: a later chunk needs the state of the "
+                             "call before it (NeMo 3.0.0 fails in the encoder-output splice: TypeError)")
+    return eot
+
+
+@dataclass
+class ChunkCall:
+    """What a ``generate_speech`` call decodes from (:func:`start_call`): per item the chunk's and the window's
+    lengths; the spliced encoder output and the context prefix with their masks (CFG's unconditional rows appended
+    when ``use_cfg``); the first step's prior (None on the first call)."""
+
+    chunk_lens: list[int]
+    window_lens: list[int]
+    cond: torch.Tensor
+    cond_mask: torch.Tensor
+    ctx_emb: torch.Tensor
+    ctx_mask: torch.Tensor
+    prior: Optional[torch.Tensor]
+
+
+def start_call(model, batch: dict, chunk_state: ChunkState, beginning_of_text: bool, use_cfg: bool, epsilon: float,
+               cc: ChunkedInferenceConfig) -> ChunkCall:
+    """A ``generate_speech`` call's setup, NeMo's order: the text window, the text encoder over it, the
+    encoder-output splice, the context prefix, CFG's rows; a later chunk's first prior and the window's move
+    (NeMo's ``_initialize_chunked_attn_prior``). Updates ``chunk_state``'s history, ``left_offset`` and
+    ``previous_attn_len`` in place, as NeMo does before its loop. Shared by every loop that runs a call (the
+    reference's :func:`generate_speech`, the fast path's)."""
+    device = next(model.parameters()).device
+    # ---- the text window, its encoding, the splice and the context prefix (NeMo's setup order) ----
+    chunk_lens = [int(n) for n in batch["text_lens"].tolist()]  # NeMo's current_chunk_len (copied before edits)
+    text, window_lens = _text_window(chunk_state, batch["text"], chunk_lens, beginning_of_text,
+                                     cc.history_len_heuristic)
+    T_text = max(window_lens)
+    text_lens = torch.tensor(window_lens, dtype=batch["text_lens"].dtype, device=batch["text_lens"].device)
+    chunk_state.history_text, chunk_state.history_text_lens = text, text_lens
+    window_batch = {**batch, "text": text, "text_lens": text_lens}
+    enc = model.encode_text(text, text_lens)
+    ctx_emb, ctx_mask = model.decoder_context(window_batch)
+    cond, cond_mask = enc.output, enc.mask
+    if not beginning_of_text:
+        _splice_history(cond, chunk_state.history_context_tensor, chunk_state, chunk_lens, window_lens)
+    chunk_state.history_context_tensor = cond
+    if use_cfg:
+        cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
+    rows = ctx_emb.shape[0]
+
+    # ---- a later chunk's first prior, and the window's move (NeMo's _initialize_chunked_attn_prior) ----
+    prior: Optional[torch.Tensor] = None
+    if chunk_state.previous_attn_len:
+        starts: list[Optional[int]] = []
+        for i in range(len(chunk_lens)):
+            chunk_state.left_offset[i] += chunk_state.previous_attn_len[i] + chunk_lens[i] - window_lens[i]
+            starts.append(None if i in chunk_state.end_indices else window_lens[i] - chunk_lens[i])
+        prior = chunk_initial_prior(rows, T_text, starts, epsilon, device, cc.prior_weights_init)
+    chunk_state.previous_attn_len = list(window_lens)
+    return ChunkCall(chunk_lens, window_lens, cond, cond_mask, ctx_emb, ctx_mask, prior)
+
+
 @torch.inference_mode()
 def generate_speech(
     model,
@@ -215,45 +282,15 @@ def generate_speech(
                                        maskgit_dynamic_cfg_scale, maskgit_sampling_type)
     C, S = cfg.num_audio_codebooks, cfg.frame_stacking_factor
     B = int(batch["text"].shape[0])
-    _check_state(chunk_state, B)
-    if isinstance(end_of_text, (bool, str, bytes)) or not hasattr(end_of_text, "__len__") or len(end_of_text) != B:
-        raise BatchError(f"end_of_text must hold one bool per item ({B}), got {end_of_text!r}")
-    eot = [bool(x) for x in end_of_text]
+    eot = check_call(chunk_state, B, end_of_text, beginning_of_text)
     beginning_of_text = bool(beginning_of_text)
-    if not beginning_of_text and chunk_state.history_text is None:
-        raise InferenceError("beginning_of_text=False on a fresh chunk_state: a later chunk needs the state of the "
-                             "call before it (NeMo 3.0.0 fails in the encoder-output splice: TypeError)")
     cached = cfg.use_kv_cache_for_inference if use_kv_cache is None else bool(use_kv_cache)
     device = next(model.parameters()).device
     capture = getattr(model, "_active_capture", None)
-
-    # ---- the text window, its encoding, the splice and the context prefix (NeMo's setup order) ----
-    chunk_lens = [int(n) for n in batch["text_lens"].tolist()]  # NeMo's current_chunk_len (copied before edits)
-    text, window_lens = _text_window(chunk_state, batch["text"], chunk_lens, beginning_of_text,
-                                     cc.history_len_heuristic)
-    T_text = max(window_lens)
-    text_lens = torch.tensor(window_lens, dtype=batch["text_lens"].dtype, device=batch["text_lens"].device)
-    chunk_state.history_text, chunk_state.history_text_lens = text, text_lens
-    window_batch = {**batch, "text": text, "text_lens": text_lens}
-    enc = model.encode_text(text, text_lens)
-    ctx_emb, ctx_mask = model.decoder_context(window_batch)
-    cond, cond_mask = enc.output, enc.mask
-    if not beginning_of_text:
-        _splice_history(cond, chunk_state.history_context_tensor, chunk_state, chunk_lens, window_lens)
-    chunk_state.history_context_tensor = cond
-    if use_cfg:
-        cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
-    rows = ctx_emb.shape[0]
-
-    # ---- a later chunk's first prior, and the window's move (NeMo's _initialize_chunked_attn_prior) ----
-    prior: Optional[torch.Tensor] = None
-    if chunk_state.previous_attn_len:
-        starts: list[Optional[int]] = []
-        for i in range(B):
-            chunk_state.left_offset[i] += chunk_state.previous_attn_len[i] + chunk_lens[i] - window_lens[i]
-            starts.append(None if i in chunk_state.end_indices else window_lens[i] - chunk_lens[i])
-        prior = chunk_initial_prior(rows, T_text, starts, p.attention_prior_epsilon, device, cc.prior_weights_init)
-    chunk_state.previous_attn_len = list(window_lens)
+    call = start_call(model, batch, chunk_state, beginning_of_text, use_cfg, p.attention_prior_epsilon, cc)
+    cond, cond_mask, ctx_emb, ctx_mask = call.cond, call.cond_mask, call.ctx_emb, call.ctx_mask
+    chunk_lens, window_lens, prior = call.chunk_lens, call.window_lens, call.prior
+    T_text, rows = max(window_lens), ctx_emb.shape[0]
 
     # ---- the loop ----
     max_steps = p.max_decoder_steps // S
