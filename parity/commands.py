@@ -1043,6 +1043,9 @@ def configure_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", choices=["dump", "on", "off"], default="dump", help="CFG setting (default: from the dump's layout)")
     p.add_argument("--tolerance", type=float,
                    help="max |dlogit| accepted (default: parity.tolerances.DIAGNOSE for the dump's dtype)")
+    p.add_argument("--tolerances", metavar="TOL.json",
+                   help="a calibration file of the engine's precision ('magpie-parity calibrate'): max |dlogit| "
+                        "accepted = the logits' calibrated noise envelope (instead of --tolerance)")
     p.add_argument("--codes", metavar="CODES.safetensors",
                    help="the engine's predicted_codes (B, C, T), which teacher-force the reference (default: the "
                         "dump's own; an ingested engine dump holds none)")
@@ -1087,12 +1090,43 @@ def _diagnose_params(config, reader, given: dict) -> tuple[dict, str]:
     return params, ", ".join(parts)
 
 
+def _diagnose_calibration(path: str):
+    """--tolerances of diagnose: a calibration file (a named policy or a plain policy file has no logit noise)."""
+    from parity.tolerances import CalibratedPolicy, load_policy
+
+    with user_errors():
+        policy = load_policy(path)
+    if not isinstance(policy, CalibratedPolicy):
+        raise BadInput(f"--tolerances {path}: not a calibration file ('magpie-parity calibrate --out' writes one); "
+                       "diagnose takes one number with --tolerance otherwise")
+    return policy
+
+
+def _calibrated_logit_tolerance(calibration, path: str, reader, config_hash: str) -> float:
+    """The largest calibrated envelope of the logits, after checking the file describes this engine dump: its
+    precision and model."""
+    if reader.dtype != calibration.precision:
+        raise BadInput(f"--tolerances {path}: calibrated for {calibration.precision}, but {reader.path} computed in "
+                       f"{reader.dtype} (magpie-parity calibrate --dtype {reader.dtype})")
+    if calibration.config_hash is not None and calibration.config_hash != config_hash:
+        raise BadInput(f"--tolerances {path}: calibrated on the model of config hash {calibration.config_hash!r}, "
+                       f"--checkpoint has {config_hash!r}: another model's calibration")
+    steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
+    bound = calibration.largest_envelope("logits", steps)
+    if bound is None:
+        raise BadInput(f"--tolerances {path}: holds no envelope for 'logits' (calibrated without them?)")
+    return bound
+
+
 def run_diagnose(args: argparse.Namespace) -> int:
     from parity.dump import open_dump
     from trt.diagnose import DiagnoseError, diagnose
 
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
         raise BadInput(f"--tolerance must be a finite number > 0, got {args.tolerance}")
+    if args.tolerance is not None and args.tolerances:
+        raise BadInput("--tolerance and --tolerances: give one (a number, or a calibration file)")
+    calibration = _diagnose_calibration(args.tolerances) if args.tolerances else None
     given = parse_assignments(args.param, "--param")
     batch = infer_inputs(load_batch(args.batch))
     codes = load_batch(args.codes, "--codes").get("predicted_codes") if args.codes else None
@@ -1111,10 +1145,14 @@ def run_diagnose(args: argparse.Namespace) -> int:
                        "none): pass the engine's codes with --codes CODES.safetensors (predicted_codes (B, C, T)); "
                        "they teacher-force the reference")
     params, origin = _diagnose_params(model.config, reader, given)
+    tolerance, why = args.tolerance, ""
+    if calibration is not None:
+        tolerance = _calibrated_logit_tolerance(calibration, args.tolerances, reader, model.config.hash())
+        why = f"; logit tolerance: the calibrated {calibration.precision} noise of the logits ({args.tolerances})"
     use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
     with user_errors(DiagnoseError, ValueError):
-        d = diagnose(model, reader, batch, use_cfg=use_cfg, tolerance=args.tolerance, codes=codes, params=params)
-    print(f"codes: {'--codes ' + args.codes if args.codes else 'the dump'}; inference parameters: {origin}")
+        d = diagnose(model, reader, batch, use_cfg=use_cfg, tolerance=tolerance, codes=codes, params=params)
+    print(f"codes: {'--codes ' + args.codes if args.codes else 'the dump'}; inference parameters: {origin}{why}")
     print(d.report())
     return EXIT_OK if d.explained or (not d.explanation and d.baseline.max_abs <= d.tolerance) else EXIT_MISMATCH
 

@@ -35,7 +35,7 @@ import os
 import pathlib
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 CHECKS = ("elemwise", "max", "mean", "median", "quantile")
 
@@ -294,6 +294,12 @@ class CalibratedPolicy(TolerancePolicy):
             if v is not None and isinstance(v, int) == exact:
                 return v
         return None
+
+    def largest_envelope(self, name: str, steps: Sequence[int] = ()) -> float | None:
+        """The largest floating envelope of ``name`` over ``steps`` and the name's own: the one bound a check that
+        takes a single tolerance for a whole run (diagnose's logits) can use; None if the calibration has none."""
+        found = [v for v in [self.envelope(name, k) for k in steps] + [self.envelope(name)] if v is not None]
+        return max(found) if found else None
 
     def lookup(self, name: str, dtype_a: str | None = None, dtype_b: str | None = None, *,
                step: int | None = None, precision: str | None = None) -> Tolerance:

@@ -523,6 +523,7 @@ def _replay(args: argparse.Namespace, model, codes, step) -> None:
     from parity.cli_support import check_batch_fits, infer_inputs, load_batch, user_errors
     from parity.commands import check_params
     from parity.dump import open_dump
+    from parity.tolerances import CalibratedPolicy, load_policy
     from trt.diagnose import DiagnoseError, diagnose
 
     batch = infer_inputs(load_batch(args.batch))
@@ -531,8 +532,6 @@ def _replay(args: argparse.Namespace, model, codes, step) -> None:
         reader = open_dump(args.dump)
         policy = None
         if args.tolerances:
-            from parity.tolerances import load_policy
-
             policy = load_policy(args.tolerances, default="")
     if reader.config_hash is not None and reader.config_hash != model.config.hash():
         raise BadInput(f"{args.dump}: records config_hash {reader.config_hash!r}, --checkpoint {args.checkpoint} has "
@@ -544,11 +543,10 @@ def _replay(args: argparse.Namespace, model, codes, step) -> None:
     use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
     steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
     tolerance, why = None, "the default for the dump's precision"
-    envelope = getattr(policy, "envelope", None)  # a calibrated policy: the logits' noise is measured, not assumed
-    if envelope is not None:
-        found = [v for v in [envelope("logits", k) for k in steps] + [envelope("logits")] if v is not None]
-        if found:
-            tolerance, why = max(found), f"the calibrated noise envelope of the logits ({args.tolerances})"
+    if isinstance(policy, CalibratedPolicy):  # the logits' noise is measured, not assumed
+        bound = policy.largest_envelope("logits", steps)
+        if bound is not None:
+            tolerance, why = bound, f"the calibrated noise envelope of the logits ({args.tolerances})"
     print()
     print(f"teacher-forced replay from the engine's codes (the first pair's); logit tolerance: {why}")
     with user_errors(DiagnoseError, ValueError):

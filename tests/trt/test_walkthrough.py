@@ -59,6 +59,18 @@ def test_walkthrough_runs_end_to_end_on_the_bundled_fixtures(tmp_path, monkeypat
     assert "emulated" in text.lower() and "EMULATED engine" in outputs[[a[0] for a, _ in cmds].index("emulate")]
     final = outputs[-1]
     assert "Explained by: multi_block_mode (prior skipped)" in final and "Nothing remains" in final
+    assert "the calibrated float16 noise of the logits (tol.json)" in final  # not the default float16 tolerance
+    diagnoses = [o for (a, _), o in zip(cmds, outputs) if a[0] == "diagnose"]
+    assert len(diagnoses) == 2 and all("Explained by: multi_block_mode (prior skipped)" in o for o in diagnoses)
+    # diagnose --tolerances takes a calibration of the engine dump's precision only: one line, exit 2
+    base = ["diagnose", "engine_dump", "--checkpoint", named[1], "--batch", named[0], "--codes",
+            "engine_codes.safetensors", "--param", "topk=1"]
+    for extra, words in ((["--tolerances", "tol.json"], "calibrated for float16, but engine_dump computed in float32"),
+                         (["--tolerances", "parity"], "not a calibration file"),
+                         (["--tolerances", "tol.json", "--tolerance", "0.1"], "give one")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
     compare_out = outputs[[a[0] for a, _ in cmds].index("compare")]
     assert "first divergence: decoder.layers.0.cross_attention step 5" in compare_out  # what step 4 says
     replay = next(o for (a, _), o in zip(cmds, outputs) if a[0] == "closed-loop" and "--dump" in a)
