@@ -289,7 +289,7 @@ def generate_speech(
     capture = getattr(model, "_active_capture", None)
     call = start_call(model, batch, chunk_state, beginning_of_text, use_cfg, p.attention_prior_epsilon, cc)
     cond, cond_mask, ctx_emb, ctx_mask = call.cond, call.cond_mask, call.ctx_emb, call.ctx_mask
-    chunk_lens, window_lens, prior = call.chunk_lens, call.window_lens, call.prior
+    window_lens, prior = call.window_lens, call.prior
     T_text, rows = max(window_lens), ctx_emb.shape[0]
 
     # ---- the loop ----
