@@ -3,6 +3,9 @@
     from fastpath import FastDecoder
     fast = FastDecoder(model, max_batch=64, max_len=160 + 3 + 480, dtype=torch.bfloat16)
     out = fast.generate(batch, use_cfg=True, topk=80, max_decoder_steps=480)  # like model.infer_batch(...)
+    state = model.create_chunk_state(batch_size=3)  # NeMo's chunked generation, one call per text chunk:
+    out = fast.generate_speech(chunk, state, end_of_text=[True] * 3, beginning_of_text=True,
+                               use_local_transformer_for_inference=True)  # like model.generate_speech(...)
 
 What it computes is the eager reference's *cached* path (``reference.inference.infer_batch(use_kv_cache=True)``):
 step 0 (context prefix + BOS frame) runs through the reference's own ``Transformer.forward_cached`` into this
@@ -46,6 +49,15 @@ on random inputs (hypothesis); the local transformer's is held by whole runs aga
   sub-steps included, is one CUDA graph. On the CPU the noise is drawn in the reference's order, so sampled codes
   equal the eager reference's for the same seed. MaskGit is refused in one line. Decoder_ce prefixes (baked
   speakers, the context encoder) and frame stacking (S frames a step, C*S heads) come from the reference's prefill.
+* **generate_speech** (NeMo's chunked generation, one text chunk per call, a ``ChunkState`` carried across calls):
+  the call's checks and setup are the reference's (``reference.chunked.check_call`` / ``start_call``: the text
+  window, the encoder-output splice, the window's ``left_offset`` move, a later chunk's first prior, applied in
+  the prefill); per step, inside the captured step, the first chunk's prior rule (:func:`_prior_update`) or a
+  later chunk's (:func:`_chunk_prior_update`: ``build_chunk_prior`` with ``left_offset``, the sink penalty, the
+  per-item finished limits), and NeMo's chunk-end rules (forced ends, the stop rule) in ``_post_b``; the chunk
+  state is updated once after the call. NeMo's multi-chunk-prior IndexError is flagged on the device and raised
+  after the call, in the reference's words. A first chunk runs on a fresh state only. Each text window width is
+  its own set of work buffers (compiled variants and CUDA graphs), as each text width is for ``generate``.
 * **stopping**: whether every item has ended is kept on the device; the host looks only every ``sync_every``
   steps and the output is truncated to the step where the reference would have stopped (identical results).
 
@@ -72,9 +84,10 @@ import torch.nn.functional as F
 
 import fastpath.kernels as kernels
 from reference.batch import validate_batch
-from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, InferOutput, InferenceError, check_parameters,
-                                 cross_attention_scores, dummy_cfg_conditioning, forbidden_tokens,
-                                 local_transformer_mode, resolve_parameters)
+from reference.chunked import ChunkedInferenceConfig, check_call, start_call
+from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, InferOutput, InferenceError, PriorState,
+                                 check_parameters, checked_call, cross_attention_scores, dummy_cfg_conditioning,
+                                 forbidden_tokens, layer_priors, local_transformer_mode, resolve_parameters)
 from reference.model import ConvFFState, DecoderState, LayerKVCache
 
 BIG = 1 << 40  # "no EOS yet" / "not done" sentinel on the device
@@ -91,6 +104,8 @@ BUCKET = 64
 # The host reads the device's "every item ended" flag every this many steps (not a speed option: the outputs are cut
 # where the reference stops, whatever the interval).
 SYNC_EVERY = 32
+# Lookahead windows up to this fit the counters a _Work is made with (a longer one reallocates them once)
+COUNTER_SLACK = 64
 
 
 def _f_pre(x, ln_w, eps: float, w_qkv):
@@ -267,37 +282,122 @@ def _eos_index(argmax_codes, sampled_codes, eos: int, eos_detection_method: str)
     return e
 
 
-def _prior_update(w: "_Work", scores: torch.Tensor, p) -> None:
-    """``PriorState.most_attended`` + ``build_prior`` (reference/inference.py) as tensor ops, without host sync: the
-    attended position (attention sink >= 8 visits moves the window on, the last 3 positions never searched, Python
-    slice semantics of ``scores[b, last:end]``), the visit counters, the next step's prior (stuck >= 10 visits
-    suppresses up to the last stuck position), the finished counters and unfinished flags."""
+def _most_attended(w: "_Work", scores: torch.Tensor, lookahead: int) -> torch.Tensor:
+    """``PriorState.most_attended`` (reference/inference.py) as tensor ops, without host sync, with ``left_offset``
+    (``w.left_offset``: zeros for ``infer_batch``, each item's window start for ``generate_speech``): the attended
+    position (attention sink >= 8 visits moves the window on, the last 3 positions never searched, Python slice
+    semantics of ``scores[b, last - off : end]`` for a negative start or end), absolute, recorded at this step; its
+    visit counted. The counters are kept per window-relative position r = t - off at column r + T + lookahead (r
+    lies in (-T - lookahead, T): see ``_counter_width``) -> t (B,)."""
     B, T = w.B, w.T_text
     scores = scores[:B]
+    n, off = w.text_lens, w.left_offset
+    shift, width = T + lookahead, w.counters.shape[1]
+    ar = torch.arange(T, device=scores.device)
+    col = w.last - off + shift  # the previous position's counter; one outside the counters was never visited
+    seen = (col >= 0) & (col < width)
+    count = torch.where(seen, w.counters.gather(1, col.clamp(0, width - 1)[:, None])[:, 0], 0)
+    last = w.last + (count >= 8).long()  # attention sink: move on
+    start = last - off
+    end = torch.minimum(start + lookahead, n - 3)
+    a = torch.where(start < 0, (start + T).clamp(min=0), start).clamp(max=T)  # Python slice semantics
+    e = torch.where(end < 0, (end + T).clamp(min=0), end).clamp(max=T)
+    inwin = (ar[None] >= a[:, None]) & (ar[None] < e[:, None])
+    i = scores.masked_fill(~inwin, float("-inf")).argmax(dim=1)
+    t = torch.where(e > a, i - a + last, n - 1 + off)
+    w.attended.index_copy_(0, w.step, t[None])
+    w.counters.scatter_add_(1, (t - off + shift)[:, None], torch.ones_like(t[:, None]))
+    w.last.copy_(t)
+    return t
+
+
+def _counter_width(T_text: int, lookahead: int) -> int:
+    """Counter columns _most_attended needs: a visited window-relative position r = idx - a + start (window
+    [a, e) non-empty, idx in it) is >= start > -T - lookahead, and < T."""
+    return 2 * T_text + lookahead + 1
+
+
+def _prior_update(w: "_Work", scores: torch.Tensor, p) -> None:
+    """``PriorState.most_attended`` + ``build_prior`` (reference/inference.py) as tensor ops, without host sync
+    (``infer_batch``, and ``generate_speech``'s first chunk: left_offset 0): :func:`_most_attended`, the next
+    step's prior (stuck >= 10 visits suppresses up to the last stuck position), the finished counters and
+    unfinished flags (``w.in_end``: NeMo's end_indices)."""
+    B, T = w.B, w.T_text
     n = w.text_lens
     L = p.attention_prior_lookahead_window
     eps = p.attention_prior_epsilon
     ar = torch.arange(T, device=scores.device)
-    last = w.last + (w.counters.gather(1, w.last[:, None])[:, 0] >= 8).long()  # attention sink: move on
-    end = torch.minimum(last + L, n - 3)
-    end = torch.where(end < 0, (end + T).clamp(min=0), end)  # Python slice semantics of scores[b, a:end]
-    inwin = (ar[None] >= last[:, None]) & (ar[None] < end[:, None])
-    t = scores.masked_fill(~inwin, float("-inf")).argmax(dim=1)
-    t = torch.where(end > last, t, n - 1)
-    w.attended.index_copy_(0, w.step, t[None])
-    w.counters.scatter_add_(1, t[:, None], torch.ones_like(t[:, None]))
-    w.last.copy_(t)
+    t = _most_attended(w, scores, L)
     # the prior for the next step
     ones = (ar[None] == torch.clamp(t - 1, min=1)[:, None]) | (
         (ar[None] >= t[:, None]) & (ar[None] <= torch.minimum(t + L, n - 1)[:, None]))
     ones = ones | (n[:, None] <= 5)
-    stuck = torch.where(w.counters[:, :T] >= 10, ar[None], -1).max(dim=1).values  # last stuck position
+    shift = T + L
+    stuck = torch.where(w.counters[:, shift: shift + T] >= 10, ar[None], -1).max(dim=1).values  # last stuck position
     ones = ones & (ar[None] > stuck[:, None])
     w.prior[:B].copy_(torch.where(ones, 1.0, eps))
-    w.unfinished.copy_((t < n - 3) & ~w.ended)
-    w.fin_present.logical_or_((t >= n - 2) | w.ended)
+    w.unfinished.copy_((t < n - 3) & ~w.in_end)
+    w.fin_present.logical_or_((t >= n - 2) | w.in_end)
     w.fin_count.add_(w.fin_present.long())
     w.unfinished.logical_and_(~(w.fin_present & (w.fin_count > 5)))
+
+
+def _chunk_prior_update(w: "_Work", scores: torch.Tensor, p, cc) -> None:
+    """A later ``generate_speech`` chunk's bookkeeping after a step as tensor ops, without host sync:
+    :func:`_most_attended` with the window's ``left_offset``, ``PriorState.build_chunk_prior`` (NeMo's
+    ``construct_multi_chunk_prior``: its writes in its order, negative window indices wrapped as numpy does; the
+    attention-sink penalty from the counters; finished items: ``w.ended``, the items ended in an earlier call or
+    whose chunk ended in this one) and ``advance_finished`` with the per-item limit (``cc``: NeMo's
+    ``ChunkedInferenceConfig``). NeMo's IndexError (an attended position more than the window behind its start)
+    is flagged in ``w.chunk_err`` (the step + 1), raised by the host after the call."""
+    B, T = w.B, w.T_text
+    n, off = w.text_lens, w.left_offset
+    L = p.attention_prior_lookahead_window
+    eps = p.attention_prior_epsilon
+    eps_sq = eps * eps  # a Python double, rounded once to float32 on store (as NeMo's)
+    ar = torch.arange(T, device=scores.device)[None]
+    t = _most_attended(w, scores, L)
+    pos = (t - off)[:, None]
+    wrap = lambda x: torch.where(x < 0, x + T, x)  # noqa: E731 - numpy's negative index
+    wts = cc.prior_weights
+    hist_end = pos.sub(1).clamp(min=1)
+    v = torch.full((B, T), eps, dtype=torch.float32, device=scores.device)
+    v = torch.where(ar < hist_end, eps_sq, v)
+    v = torch.where(ar == hist_end, wts[0], v)
+    v = torch.where(ar == wrap(pos), wts[1], v)
+    for k, wk in enumerate(wts[2:], start=1):
+        v = torch.where((pos + k < n[:, None]) & (ar == wrap(pos + k)), wk, v)
+    fs = pos + len(wts) - 1
+    v = torch.where((fs < n[:, None]) & (ar >= torch.where(fs < 0, (fs + T).clamp(min=0), fs)), eps_sq, v)
+    v = torch.where(n[:, None] <= cc.short_sentence_threshold, 1.0, v)
+    w.chunk_err.copy_(torch.where((w.chunk_err == 0) & ((n > cc.short_sentence_threshold) & (pos[:, 0] < -T)).any(),
+                                  w.step + 1, w.chunk_err))
+    # the sink penalty: up to the last window position (r > 0) visited >= sink_threshold times
+    shift = T + L
+    if T > 1:
+        r = torch.arange(1, T, device=scores.device)[None]
+        sink = torch.where(w.counters[:, shift + 1: shift + T] >= cc.attention_sink_threshold, r, -1).max(dim=1).values
+    else:
+        sink = torch.full_like(t, -1)
+    finished = w.ended
+    v = torch.where((~finished)[:, None] & (ar <= sink[:, None]), eps_sq, v)
+    w.prior[:B].copy_(v)
+    near = pos[:, 0] >= n - cc.near_end_threshold
+    w.unfinished.copy_(~near & ~finished)
+    w.fin_present.logical_or_(near | finished)
+    # advance_finished, the limit per item (the loop's, after the prior)
+    w.fin_count.add_(w.fin_present.long())
+    limit = torch.where(w.eot, cc.finished_limit_with_eot, cc.finished_limit_without_eot)
+    w.unfinished.logical_and_(~(w.fin_present & (w.fin_count > limit)))
+
+
+def _finished_limit(chunk) -> int:
+    """Steps near the text's end after which sampling forces EOS (NeMo's finished_texts_counter threshold):
+    infer_batch's 20; generate_speech's first chunk finished_limit_first_chunk, later ones finished_limit_with_eot."""
+    if chunk is None:
+        return 20
+    later, cc = chunk
+    return cc.finished_limit_with_eot if later else cc.finished_limit_first_chunk
 
 
 def _end_of_step(w: "_Work", scores, advance: bool):
@@ -388,12 +488,16 @@ class _Work:
     text_lens: torch.Tensor  # (B,) long
     prior: torch.Tensor  # (rows, T_text) float32
     last: torch.Tensor  # (B,) long
-    counters: torch.Tensor  # (B, T_text + 1) long
+    counters: torch.Tensor  # (B, >= _counter_width(T_text, lookahead)) long: visits per window-relative position
     fin_present: torch.Tensor  # (B,) bool: in NeMo's finished_texts_counter
     fin_count: torch.Tensor  # (B,) long
     unfinished: torch.Tensor  # (B,) bool
     end_idx: torch.Tensor  # (B,) long, BIG = none
-    ended: torch.Tensor  # (B,) bool
+    ended: torch.Tensor  # (B,) bool: EOS seen (generate_speech: the chunk ended, or the item ended in an earlier call)
+    in_end: torch.Tensor  # (B,) bool: NeMo's end_indices (infer_batch: = ended; generate_speech: ended texts)
+    eot: torch.Tensor  # (B,) bool: end_of_text (infer_batch: all True)
+    left_offset: torch.Tensor  # (B,) long: each item's window start (infer_batch: 0)
+    chunk_err: torch.Tensor  # (1,) long: 1 + the first step with NeMo's multi-chunk-prior IndexError, 0 = none
     done_step: torch.Tensor  # (1,) long: first step after which the reference stops, BIG = none
     attended: torch.Tensor  # (max_steps, B) long
     noise: torch.Tensor  # (2 * S * C, B, V) float32: exponential noise, reference draw order
@@ -570,9 +674,11 @@ class FastDecoder:
             ff_hidden=[z(rows, self.max_len, d.d_ffn) if d.kernel_size > 1 else None for _ in range(d.n_layers)],
             kv_len=z(rows, dt=L), pre_len=z(rows, dt=torch.int32), pos=z(1, dt=L), step=z(1, dt=L),
             codes_in=z(B, C, S, dt=L), out_codes=z(B, C, S * max_steps, dt=L), text_lens=z(B, dt=L),
-            prior=z(rows, T_text, dt=torch.float32), last=z(B, dt=L), counters=z(B, T_text + 1, dt=L),
+            prior=z(rows, T_text, dt=torch.float32), last=z(B, dt=L),
+            counters=z(B, _counter_width(T_text, COUNTER_SLACK), dt=L),
             fin_present=z(B, dt=bl), fin_count=z(B, dt=L), unfinished=z(B, dt=bl), end_idx=z(B, dt=L),
-            ended=z(B, dt=bl), done_step=z(1, dt=L), attended=z(max_steps, B, dt=L),
+            ended=z(B, dt=bl), in_end=z(B, dt=bl), eot=z(B, dt=bl), left_offset=z(B, dt=L), chunk_err=z(1, dt=L),
+            done_step=z(1, dt=L), attended=z(max_steps, B, dt=L),
             noise=z(2 * S * C, B, V, dt=torch.float32),
         )
         if self.lt is not None:
@@ -605,50 +711,132 @@ class FastDecoder:
             raise InferenceError("the fast path runs the autoregressive local transformer only, not MaskGit; run "
                                  "model.infer_batch(..., use_local_transformer_for_inference=True)")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        C, S = c.num_audio_codebooks, c.frame_stacking_factor
         B = batch["text"].shape[0]
         if B > self.max_batch:
             raise ValueError(f"batch of {B} requests > max_batch {self.max_batch}")
-        rows = 2 * B if use_cfg else B
-        max_steps = p.max_decoder_steps // S
-        # the decoder prefix: the baked table's frames, or the context codes framed by their BOS + EOS specials
-        T_ctx = c.baked_frames if c.baked else -(-(int(batch["context_audio_codes_lens"].max()) + 2) // S)
-        if T_ctx + 1 + max_steps > self.max_len:
-            raise ValueError(f"context {T_ctx} + 1 + {max_steps} steps > max_len {self.max_len}")
-        if forced_codes is not None and forced_codes.shape[2] < max_steps * S:
-            raise InferenceError(f"forced_codes has {forced_codes.shape[2]} frames; {max_steps * S} are needed")
-        w = self._work(B, rows, batch["text"].shape[1], max_steps)
-        if keep_logits and (w.logits_buf is None or w.logits_buf.shape[0] < max_steps):
-            w.logits_buf = torch.zeros(max_steps, B, C * c.num_all_tokens_per_codebook * S, device=self.device)
+        S = c.frame_stacking_factor
+        if forced_codes is not None and forced_codes.shape[2] < p.max_decoder_steps // S * S:
+            raise InferenceError(f"forced_codes has {forced_codes.shape[2]} frames; {p.max_decoder_steps // S * S} are "
+                                 "needed")
+        m = self.model
+        enc = m.encode_text(batch["text"], batch["text_lens"])
+        ctx_emb, ctx_mask = m.decoder_context(batch)  # the reference's prefix: embeddings, context encoder or baked
+        cond, cond_mask = enc.output, enc.mask
+        if use_cfg:
+            cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
+        w = self._start(B, cond, ctx_mask, p, keep_logits)
         if forced_codes is not None:
             if w.forced is None or w.forced.shape[2] < forced_codes.shape[2]:
-                w.forced = torch.zeros(B, C, forced_codes.shape[2], dtype=torch.long, device=self.device)
+                w.forced = torch.zeros(B, c.num_audio_codebooks, forced_codes.shape[2], dtype=torch.long,
+                                       device=self.device)
             w.forced[:, :, : forced_codes.shape[2]].copy_(forced_codes)
-        opts = (keep_logits, forced_codes is not None, lt_mode is not None)
-        self._post(w, self._prefill(w, batch, use_cfg, p, nemo_unmasked_padded_keys), self._flags(0, p), p, opts)
+        opts = (keep_logits, forced_codes is not None, lt_mode is not None, None)
+        out0 = self._prefill(w, cond, cond_mask, ctx_emb, ctx_mask, batch["text_lens"], p, nemo_unmasked_padded_keys)
+        n = self._run(w, out0, p, opts, ctx_mask.shape[1], run_all_steps)
+        return self._finish(w, p, n, keep_logits)
+
+    @torch.no_grad()
+    def generate_speech(self, batch: dict[str, torch.Tensor], chunk_state, end_of_text, beginning_of_text: bool,
+                        use_cfg: bool = True, use_local_transformer_for_inference: bool = False,
+                        maskgit_n_steps: int = 3, maskgit_noise_scale: float = 0.0, maskgit_fixed_schedule=None,
+                        maskgit_dynamic_cfg_scale: bool = False, maskgit_sampling_type: Optional[str] = None,
+                        use_kv_cache: Optional[bool] = None, nemo_unmasked_padded_keys: bool = False,
+                        chunked_config: Optional[ChunkedInferenceConfig] = None, **params: Any) -> InferOutput:
+        """``model.generate_speech(batch, chunk_state, end_of_text, beginning_of_text, ...)``
+        (:func:`reference.chunked.generate_speech`: NeMo's chunked generation, one text chunk per call) on the fast
+        path: the same arguments, ``InferOutput`` (predicted_codes, predicted_codes_lens on the device, num_steps,
+        attended_text_positions) and ``chunk_state`` updates. The call's checks and setup are the reference's own
+        (:func:`reference.chunked.check_call`, :func:`~reference.chunked.start_call`: text window, encoder-output
+        splice, the window's move, a later chunk's first prior, applied at step 0); the per-step rules run on the
+        device inside the step (the first chunk: :func:`_prior_update`; later chunks: :func:`_chunk_prior_update`;
+        the chunk-end rules in ``_post_b``), no host round trip per step. The fast path is the cached path
+        (``use_kv_cache=False`` is refused) and runs a first chunk (``beginning_of_text=True``) on a fresh state
+        only; MaskGit is refused in one line."""
+        c = self.config
+        cc = chunked_config if chunked_config is not None else ChunkedInferenceConfig()
+        p, lt_mode, _ = checked_call(c, batch, params, use_cfg, use_local_transformer_for_inference, maskgit_n_steps,
+                                     maskgit_noise_scale, maskgit_fixed_schedule, maskgit_dynamic_cfg_scale,
+                                     maskgit_sampling_type)
+        if lt_mode == "maskgit":
+            raise InferenceError("the fast path runs the autoregressive local transformer only, not MaskGit; run "
+                                 "model.generate_speech(..., use_local_transformer_for_inference=True)")
+        if use_kv_cache is not None and not use_kv_cache:
+            raise InferenceError("the fast path is the cached path (use_kv_cache=False: run model.generate_speech)")
+        B = int(batch["text"].shape[0])
+        eot = check_call(chunk_state, B, end_of_text, beginning_of_text)
+        later = not bool(beginning_of_text)
+        if not later and chunk_state.previous_attn_len:
+            raise InferenceError("beginning_of_text=True on a used chunk_state: the fast path runs a first chunk on a "
+                                 "fresh state (create_chunk_state) only; run model.generate_speech")
+        if B > self.max_batch:
+            raise ValueError(f"batch of {B} requests > max_batch {self.max_batch}")
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        pre_ended = [b in chunk_state.end_indices for b in range(B)]
+        last = list(chunk_state.last_attended_timesteps[-1])
+        call = start_call(self.model, batch, chunk_state, not later, use_cfg, p.attention_prior_epsilon, cc)
+        w = self._start(B, call.cond, call.ctx_mask, p, False)
+        prior = call.prior
+        out0 = self._prefill(w, call.cond, call.cond_mask, call.ctx_emb, call.ctx_mask,
+                             torch.tensor(call.window_lens, device=self.device), p, nemo_unmasked_padded_keys, prior)
+        # the call's own state (after _prefill's reset)
+        dev = self.device
+        w.eot.copy_(torch.tensor(eot, device=dev))
+        w.ended.copy_(torch.tensor(pre_ended, device=dev))
+        w.in_end.copy_(w.ended)
+        w.left_offset.copy_(torch.tensor(chunk_state.left_offset, device=dev))
+        w.last.copy_(torch.tensor(last, device=dev))
+        if prior is not None:
+            w.prior[:B].copy_(prior[:B, 0])
+        opts = (False, False, lt_mode is not None, (later, cc))
+        n = self._run(w, out0, p, opts, call.ctx_mask.shape[1], False)
+        return self._finish_chunk(w, p, n, chunk_state, pre_ended, call.window_lens, prior)
+
+    def _start(self, B: int, cond, ctx_mask, p, keep_logits: bool) -> _Work:
+        """The call's work buffers (sizes checked)."""
+        c = self.config
+        if B > self.max_batch:
+            raise ValueError(f"batch of {B} requests > max_batch {self.max_batch}")
+        S = c.frame_stacking_factor
+        max_steps = p.max_decoder_steps // S
+        T_ctx = ctx_mask.shape[1]  # the decoder prefix: baked frames, or the context codes framed by specials
+        if T_ctx + 1 + max_steps > self.max_len:
+            raise ValueError(f"context {T_ctx} + 1 + {max_steps} steps > max_len {self.max_len}")
+        w = self._work(B, cond.shape[0], cond.shape[1], max_steps)
+        width = _counter_width(w.T_text, p.attention_prior_lookahead_window)
+        if w.counters.shape[1] < width:  # a longer lookahead than COUNTER_SLACK: new counters, new graphs
+            w.counters = torch.zeros(B, width, dtype=torch.long, device=self.device)
+            w.graphs.clear()
+        if keep_logits and (w.logits_buf is None or w.logits_buf.shape[0] < max_steps):
+            w.logits_buf = torch.zeros(max_steps, B, c.num_audio_codebooks * c.num_all_tokens_per_codebook * S,
+                                       device=self.device)
+        return w
+
+    def _run(self, w: _Work, out0, p, opts, T_ctx: int, run_all_steps: bool) -> int:
+        """Step 0's sampling on the prefill's output ``out0``, then the decode steps until the reference would stop
+        (looked at every ``sync_every`` steps) -> the steps run."""
+        self._post(w, out0, self._flags(0, p, opts[3]), p, opts)
         n = 1
-        for idx in range(1, max_steps):
+        for idx in range(1, p.max_decoder_steps // self.config.frame_stacking_factor):
             if not run_all_steps and idx % self.sync_every == 0 and int(w.done_step) < BIG:
                 break
             self._decode(w, idx, T_ctx, p, opts)
             n = idx + 1
-        return self._finish(w, p, n, keep_logits)
+        return n
 
     # ------------------------------------------------------------------------------------------------------
     # step 0: the reference's own forward_cached, writing into the static buffers
     # ------------------------------------------------------------------------------------------------------
 
-    def _prefill(self, w: _Work, batch, use_cfg: bool, p, nemo_unmasked: bool) -> tuple:
+    def _prefill(self, w: _Work, cond, cond_mask, ctx_emb, ctx_mask, text_lens, p, nemo_unmasked: bool,
+                 prior: Optional[torch.Tensor] = None) -> tuple:
+        """Step 0 over [context prefix | BOS] (cond, cond_mask, ctx_emb, ctx_mask: CFG's rows appended when it is
+        on), the per-layer ``prior`` (rows, 1, T_text) applied if given (a later chunk's first prior); resets the
+        call's state (infer_batch's: every item from text position 1, no offset, end_of_text all true)."""
         m, c = self.model, self.config
         d = c.decoder
         B, rows, S = w.B, w.rows, c.frame_stacking_factor
         dev = self.device
-        text_lens = batch["text_lens"]
-        enc = m.encode_text(batch["text"], text_lens)
-        ctx_emb, ctx_mask = m.decoder_context(batch)  # the reference's prefix: embeddings, context encoder or baked
-        cond, cond_mask = enc.output, enc.mask
-        if use_cfg:
-            cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(cond, cond_mask, ctx_emb, ctx_mask)
+        use_cfg = rows != B
         T_ctx = ctx_mask.shape[1]
         # reset the state (in place: graphs hold these addresses)
         w.cond_mask.copy_(cond_mask)
@@ -656,8 +844,10 @@ class FastDecoder:
         w.text_lens.copy_(text_lens)
         w.prior.fill_(p.attention_prior_epsilon)
         w.last.fill_(1)
-        for t in (w.counters, w.fin_present, w.fin_count, w.unfinished, w.ended, w.attended, w.step):
+        for t in (w.counters, w.fin_present, w.fin_count, w.unfinished, w.ended, w.in_end, w.left_offset,
+                  w.chunk_err, w.attended, w.step):
             t.zero_()
+        w.eot.fill_(True)
         w.end_idx.fill_(BIG)
         w.done_step.fill_(BIG)
         kv, ff, memory_kv = [], [], []
@@ -720,7 +910,8 @@ class FastDecoder:
         x_mask = torch.cat([ctx_mask, torch.ones(rows, bos_emb.shape[1], dtype=torch.bool, device=dev)], 1)
         key_mask = (x_mask.unsqueeze(1) * x_mask.unsqueeze(2)).unsqueeze(1)
         probs: list = []
-        dec = m.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, None, probs_out=probs)
+        layer_prior = None if prior is None else layer_priors(prior, p, d.n_layers)
+        dec = m.decoder.forward_cached(x, x_mask, state, key_mask, cond_mask, layer_prior, probs_out=probs)
         logits = m.final_proj(dec[:, -1:])[:, 0]
         scores = cross_attention_scores([pr[:, :, -1:] for pr in probs], p.estimate_alignment_from_layers)
 
@@ -747,15 +938,21 @@ class FastDecoder:
     # one decode step (idx >= 1): graph-capturable, no host syncs
     # ------------------------------------------------------------------------------------------------------
 
-    def _flags(self, idx: int, p) -> tuple:
-        """(prior in use at step idx, prior update after it, EOS forbidden): the reference loop's conditions."""
+    def _flags(self, idx: int, p, chunk=None) -> tuple:
+        """(prior in use at step idx, prior update after it, EOS forbidden): the reference loop's conditions.
+        chunk (generate_speech: (later chunk, ChunkedInferenceConfig)): NeMo's chunked loop updates the prior from
+        step 0 whatever start_prior_after_n_audio_steps says, and a later chunk keeps its first prior at every step
+        when the prior is off (step 0 applies it in the prefill)."""
+        forbid_eos = idx * self.config.frame_stacking_factor < p.min_generated_frames
+        if chunk is not None:
+            return bool(idx >= 1 and (p.apply_attention_prior or chunk[0])), bool(p.apply_attention_prior), \
+                bool(forbid_eos)
         prior_in = p.apply_attention_prior and idx >= 1 and idx - 1 >= p.start_prior_after_n_audio_steps
         update = p.apply_attention_prior and idx >= p.start_prior_after_n_audio_steps
-        forbid_eos = idx * self.config.frame_stacking_factor < p.min_generated_frames
         return bool(prior_in), bool(update), bool(forbid_eos)
 
     def _decode(self, w: _Work, idx: int, T_ctx: int, p, opts) -> None:
-        flags = self._flags(idx, p)
+        flags = self._flags(idx, p, opts[3])
         need = T_ctx + 1 + idx  # keys after this step's write (upper bound over rows)
         Lb = min(self.max_len, -(-need // BUCKET) * BUCKET)
         if not self.cuda_graphs:
@@ -896,12 +1093,12 @@ class FastDecoder:
 
     def _post(self, w: _Work, out, flags: tuple, p, opts, advance: bool = False) -> None:
         """out: (logits, scores, (the decoder's newest output (rows, 1, D), whether norm_out is applied))."""
-        keep_logits, forced, use_lt = opts
+        keep_logits, forced, use_lt, chunk = opts
         _, update, forbid_eos = flags
         logits, scores, dec = out
-        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos, advance)
+        lg = self._fn_post_a(w, logits, scores, p, keep_logits, update, forbid_eos, advance, chunk)
         if use_lt:
-            self._fn_post_b(w, lg, None, p, forced, self._local_transformer(w, dec, p, forbid_eos))
+            self._fn_post_b(w, lg, None, p, forced, self._local_transformer(w, dec, p, forbid_eos, chunk), chunk)
             return
         # the top-k threshold: the k-th largest logit of each (item, codebook), the same float either way
         kth = kernels.topk_threshold(lg, p.topk) if self.triton else None
@@ -914,13 +1111,14 @@ class FastDecoder:
             w.noise[: c.frame_stacking_factor * c.num_audio_codebooks].exponential_()
         else:
             w.noise.exponential_()
-        self._fn_post_b(w, lg, kth, p, forced)
+        self._fn_post_b(w, lg, kth, p, forced, None, chunk)
 
     def _post_a(self, w: _Work, logits, scores, p, keep_logits: bool, update: bool, forbid_eos: bool,
-                advance: bool = False):
+                advance: bool = False, chunk=None):
         """CFG combine, logits record, prior state machine, sampling edits -> (B, S*C, V) float32 logits.
         scores: the alignment scores, or (a decode step) the estimating layers' probabilities, averaged here;
-        advance: the decode step's key count and position move on by one."""
+        advance: the decode step's key count and position move on by one; chunk: generate_speech's (later chunk,
+        ChunkedInferenceConfig), None for infer_batch."""
         c = self.config
         B, S, C, V = w.B, c.frame_stacking_factor, c.num_audio_codebooks, c.num_all_tokens_per_codebook
         logits = logits.float()
@@ -930,14 +1128,17 @@ class FastDecoder:
             w.logits_buf.index_copy_(0, w.step, logits.unsqueeze(0))
         scores = _end_of_step(w, scores, advance)
         if update:
-            _prior_update(w, scores.float(), p)
+            if chunk is not None and chunk[0]:
+                _chunk_prior_update(w, scores.float(), p, chunk[1])
+            else:
+                _prior_update(w, scores.float(), p)
         lg = logits.view(B, S * C, V)  # j = s*C + c, NeMo's layout (c + C*s) * V
         track = not p.ignore_finished_sentence_tracking
         return _edit_logits(lg, c.audio_eos_id, w.unfinished if track else None,
-                            (w.fin_present & (w.fin_count >= 20)) if track else None, self.only_eos,
-                            self.forbid_all if forbid_eos else self.forbid_no_eos)
+                            (w.fin_present & (w.fin_count >= _finished_limit(chunk))) if track else None,
+                            self.only_eos, self.forbid_all if forbid_eos else self.forbid_no_eos)
 
-    def _local_transformer(self, w: _Work, dec, p, forbid_eos: bool) -> torch.Tensor:
+    def _local_transformer(self, w: _Work, dec, p, forbid_eos: bool, chunk=None) -> torch.Tensor:
         """NeMo's autoregressive local transformer (``sample_local_transformer``) on the decoder's newest output:
         C*S sub-steps (:func:`_f_lt_sub`), each code fed back, device tensors only -> (B, C, S) the sampled codes.
         The noise: on the CPU the reference's draws, (rows, V) per sub-step (NeMo draws for the unconditional rows
@@ -954,7 +1155,7 @@ class FastDecoder:
         new, _ = self._fn_lt_in(x, ln, eps, *self._lt_in)
         track = not p.ignore_finished_sentence_tracking
         unfinished = w.unfinished if track else None
-        finished = (w.fin_present & (w.fin_count >= 20)) if track else None
+        finished = (w.fin_present & (w.fin_count >= _finished_limit(chunk))) if track else None
         forbidden = self.forbid_all if forbid_eos else self.forbid_no_eos
         full = self.lt_full_keys
         codes = []
@@ -968,10 +1169,14 @@ class FastDecoder:
         return torch.stack(codes, 1).view(B, c.frame_stacking_factor, c.num_audio_codebooks).transpose(1, 2)
 
     def _post_b(self, w: _Work, lg, kth: Optional[torch.Tensor], p, forced: bool,
-                sampled: Optional[torch.Tensor] = None) -> None:
+                sampled: Optional[torch.Tensor] = None, chunk=None) -> None:
         """Top-k (kth: the k-th largest logit per row, if already known), temperature, the draw, the argmax pass,
         EOS bookkeeping, next input. sampled: the local transformer's codes (B, C, S), if it sampled them (then
-        only the argmax pass runs here)."""
+        only the argmax pass runs here). chunk (generate_speech): NeMo's chunk-end rules
+        (``_check_eos_and_update_state``: an item not at its text's end whose finished counter reached
+        forceful_chunk_end_threshold ends its chunk with the step's frames) and its stop rule
+        (``_should_terminate_loop``: every item at its chunk's end, or its text's for end_of_text items; no minimum
+        of frames)."""
         c = self.config
         B, S, C = w.B, c.frame_stacking_factor, c.num_audio_codebooks
         step = w.step
@@ -986,8 +1191,17 @@ class FastDecoder:
         e = _eos_index(top1, sampled, c.audio_eos_id, p.eos_detection_method)
         new_end = (~w.ended) & (e < BIG)
         w.end_idx.copy_(torch.where(new_end, step * S + e, w.end_idx))
+        if chunk is not None:
+            cut = (~w.ended) & ~new_end & ~w.eot & w.fin_present & (
+                w.fin_count >= chunk[1].forceful_chunk_end_threshold)
+            w.end_idx.copy_(torch.where(cut, (step + 1) * S, w.end_idx))
+            new_end = new_end | cut
         w.ended.logical_or_(new_end)
-        done = w.ended.all() & (step + 1 >= MIN_FRAMES_FOR_CODEC)
+        w.in_end.logical_or_(new_end & w.eot)
+        if chunk is not None:
+            done = torch.where(w.eot, w.in_end, w.ended).all()
+        else:
+            done = w.ended.all() & (step + 1 >= MIN_FRAMES_FOR_CODEC)
         w.done_step.copy_(torch.where(done & (w.done_step == BIG), step, w.done_step))
         nxt = sampled
         frame_ids = step * S + torch.arange(S, device=lg.device)
@@ -998,6 +1212,39 @@ class FastDecoder:
         w.step.add_(1)
 
     # ------------------------------------------------------------------------------------------------------
+
+    def _finish_chunk(self, w: _Work, p, n: int, state, pre_ended: list, window_lens: list,
+                      prior: Optional[torch.Tensor]) -> InferOutput:
+        """generate_speech's result and the chunk state's updates after the loop (NeMo's: per step the attended
+        positions, end_indices at the global step of an end_of_text item's EOS, overall_idx by the steps the loop
+        did not break after); NeMo's multi-chunk-prior IndexError, flagged on the device, raised here in the
+        reference's words."""
+        S, B = self.config.frame_stacking_factor, w.B
+        done = int(w.done_step)
+        num_steps = done + 1 if done < BIG else n
+        att = w.attended[:num_steps].cpu().tolist()
+        err = int(w.chunk_err)
+        if err:  # the reference's rule on that step's positions raises its own message
+            PriorState([0] * B, [{} for _ in range(B)]).build_chunk_prior(
+                w.rows, w.T_text, window_lens, att[err - 1], p.attention_prior_epsilon, state.left_offset, (), "cpu")
+            raise InferenceError(f"step {err - 1}: NeMo's multi-chunk prior fails (construct_multi_chunk_prior)")
+        end_idx = w.end_idx.cpu().tolist()
+        in_end = w.in_end.cpu().tolist()
+        new = sorted((end_idx[b] // S, b) for b in range(B) if in_end[b] and not pre_ended[b])
+        for step, b in new:
+            state.end_indices[b] = state.overall_idx + step
+        if p.apply_attention_prior:
+            state.last_attended_timesteps.extend(att)
+        state.overall_idx += num_steps - (1 if done < BIG else 0)
+        lens = torch.tensor([e if e < BIG else num_steps * S for e in end_idx], device=self.device)
+        codes = w.out_codes[:, :, : num_steps * S].clone()
+        out = InferOutput(codes[:, :, : int(lens.max())], lens, num_steps)
+        if p.apply_attention_prior:
+            out.attended_text_positions = att
+            out.attended_by_step = dict(enumerate(att))
+        if prior is not None:
+            out.step_priors = [prior]
+        return out
 
     def _finish(self, w: _Work, p, n: int, keep_logits: bool) -> InferOutput:
         S = self.config.frame_stacking_factor

@@ -468,3 +468,183 @@ def test_local_transformer_compiled_graphs_equal_eager_on_gpu():
         assert len({tuple(codes[:, :, k].flatten().tolist()) for k in range(codes.shape[2])}) > 1
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+# ---- generate_speech: NeMo's chunked generation, one text chunk per call (what do_tts runs) -----------------------
+
+GEN_CASES = ["dce_baked_v2607", "dce_baked_v2602", "dce_context"]
+# shorter chunks of the gen3 texts (B = 3): windows under the short-sentence threshold, so items reach their text's
+# end within the fixtures' 16 frames (near-end counting, forced chunk ends, finished limits)
+SHORT_LENS = [[6, 12, 9], [1, 8, 14], [1, 1, 10]]
+
+
+def _chunks(case: str, name: str, lens=None) -> list[dict]:
+    """The fixture's chunk set (parity.chunks, as the CLI reads it); lens: each call's text_lens cut shorter."""
+    from conftest import FIXTURES
+    from parity.chunks import read_chunk_set
+
+    chunks = read_chunk_set(FIXTURES / f"{case}.chunks.safetensors", name).chunks
+    if lens is None:
+        return chunks
+    out = []
+    for ch, ls in zip(chunks, lens):
+        b = dict(ch["batch"], text_lens=torch.tensor(ls), text=ch["batch"]["text"][:, : max(ls)].clone())
+        out.append(dict(ch, batch=b))
+    return out
+
+
+def _state(s) -> dict:
+    return dict(left_offset=list(s.left_offset), end_indices=dict(s.end_indices), overall_idx=s.overall_idx,
+                previous_attn_len=list(s.previous_attn_len),
+                last_attended_timesteps=[[int(t) for t in x] for x in s.last_attended_timesteps])
+
+
+def _calls_equal(model, fast, chunks, seed: int, device: str = "cpu", **kw) -> list:
+    """One chunk state each, the chunks in turn through model.generate_speech (cached) and fast.generate_speech,
+    seeded alike before every call: codes, lengths, steps, attended positions and the chunk state (spliced encoder
+    output and text window included) equal after every call; a call where the reference raises raises the same
+    one-line error on the fast path (and ends the run). -> the calls' lengths."""
+    B = int(chunks[0]["batch"]["text"].shape[0])
+    sr, sf = model.create_chunk_state(B), model.create_chunk_state(B)
+    lens = []
+    for k, ch in enumerate(chunks):
+        batch = {n: v.to(device) for n, v in ch["batch"].items()}
+        args = (ch["end_of_text"], ch["beginning_of_text"])
+        torch.manual_seed(seed + k)
+        try:
+            ref = model.generate_speech(batch, sr, *args, use_kv_cache=True, **kw)
+        except InferenceError as e:
+            torch.manual_seed(seed + k)
+            with pytest.raises(InferenceError) as got:
+                fast.generate_speech(batch, sf, *args, **kw)
+            assert str(got.value) == str(e)
+            lens.append(str(e))
+            return lens
+        torch.manual_seed(seed + k)
+        out = fast.generate_speech(batch, sf, *args, **kw)
+        assert torch.equal(ref.predicted_codes_lens, out.predicted_codes_lens.to(ref.predicted_codes_lens.device)), k
+        assert out.predicted_codes_lens.dtype == torch.long
+        assert torch.equal(ref.predicted_codes, out.predicted_codes.to(ref.predicted_codes.device)), k
+        assert ref.num_steps == out.num_steps, k
+        assert ref.attended_text_positions == out.attended_text_positions, k
+        assert _state(sr) == _state(sf), k
+        for name in ("history_text", "history_text_lens", "history_context_tensor"):
+            assert torch.equal(getattr(sr, name), getattr(sf, name).to(getattr(sr, name).device)), (k, name)
+        lens.append(ref.predicted_codes_lens.tolist())
+    return lens
+
+
+@pytest.mark.parametrize("case", GEN_CASES)
+@pytest.mark.parametrize("lt", [False, True], ids=["decoder", "local-transformer"])
+def test_generate_speech_chunks_equal_eager(case, lt):
+    """fast.generate_speech (CFG on) equals the eager reference's model.generate_speech on the fixtures' chunk files
+    (gen1: one first chunk; gen3: three calls, items ending their text in different calls, later chunks with their
+    window's left_offset, first prior and NeMo's multi-chunk prior), greedy and seeded top-k: codes, lengths, steps,
+    attended positions and the chunk state after every call."""
+    model = reference_model(case)
+    fast = FastDecoder(model, 3, _max_len(model))
+    for name in ("gen1", "gen3"):
+        for sampling in (dict(topk=1), dict(topk=20, temperature=0.7)):
+            _calls_equal(model, fast, _chunks(case, name), 3, use_cfg=True, use_local_transformer_for_inference=lt,
+                         **sampling)
+
+
+@pytest.mark.parametrize("case", GEN_CASES)
+def test_generate_speech_rules_equal_eager(case):
+    """The chunk rules where texts end within the call (shorter chunks): sentence tracking on (the finished limits of
+    a first and a later chunk, forced chunk ends of items not at their text's end), start_prior_after_n_audio_steps
+    ignored as NeMo does, the prior off (a later chunk keeps its first prior), a short lookahead; with and without
+    the local transformer, several seeds. dce_context's lookahead-2 run reaches NeMo's multi-chunk-prior IndexError:
+    the same one-line error."""
+    model = reference_model(case)
+    fast = FastDecoder(model, 3, _max_len(model))
+    errors = 0
+    for chunks in (_chunks(case, "gen3"), _chunks(case, "gen3", SHORT_LENS)):
+        for params in (dict(topk=20, temperature=0.7, ignore_finished_sentence_tracking=False),
+                       dict(topk=1, ignore_finished_sentence_tracking=False, start_prior_after_n_audio_steps=3),
+                       dict(topk=20, apply_attention_prior=False),
+                       dict(topk=5, attention_prior_lookahead_window=2, eos_detection_method="argmax_any")):
+            for lt in (False, True):
+                for seed in (0, 10):
+                    lens = _calls_equal(model, fast, chunks, seed, use_cfg=True,
+                                        use_local_transformer_for_inference=lt, **params)
+                    errors += isinstance(lens[-1], str)
+    assert errors == (2 if case == "dce_context" else 0)
+
+
+def test_generate_speech_gpu_form_on_the_cpu(monkeypatch):
+    """What the GPU compiles: every piece traces as one graph (torch.compile fullgraph, eager backend) with the chunk
+    rules inside, and the local transformer attends all key slots masked: the eager reference's codes and state.
+    (Each text window width is its own work buffers and compiled variants: the recompile limit FastDecoder sets on
+    CUDA, 64, holds them.)"""
+    import torch._dynamo as dynamo
+
+    monkeypatch.setattr(dynamo.config, "cache_size_limit", 64)
+    model = reference_model("dce_baked_v2607")
+    fd = FastDecoder(model, 3, _max_len(model))
+    fd.lt_full_keys = True
+    for name in COMPILED + ("_fn_lt_in", "_fn_lt_sub"):
+        f = getattr(fd, name)
+        f.compiled = torch.compile(f.fn, fullgraph=True, dynamic=False, backend="eager")
+    for lt in (False, True):
+        _calls_equal(model, fd, _chunks("dce_baked_v2607", "gen3"), 1, use_cfg=True,
+                     use_local_transformer_for_inference=lt, topk=20, ignore_finished_sentence_tracking=False)
+    assert fd.compile_errors == {}
+
+
+def test_generate_speech_refusals_are_one_line():
+    """MaskGit, the recompute path, a first chunk on a used state: refused before any work (the state untouched);
+    the reference's own checks (end_of_text per item, a later chunk on a fresh state) come first, in its words."""
+    from reference.batch import BatchError
+
+    model = reference_model("dce_maskgit")
+    ch = _chunks("dce_maskgit", "gen1")[0]
+    fd = FastDecoder(model, 3, _max_len(model))
+    state = model.create_chunk_state(3)
+    with pytest.raises(InferenceError, match="the fast path runs the autoregressive local transformer only, not "
+                                             "MaskGit"):
+        fd.generate_speech(ch["batch"], state, ch["end_of_text"], True, use_local_transformer_for_inference=True)
+    assert fd._works == {} and state.history_text is None
+    model = reference_model("dce_baked_v2607")
+    fd = FastDecoder(model, 3, _max_len(model))
+    ch = _chunks("dce_baked_v2607", "gen1")[0]
+    state = model.create_chunk_state(3)
+    with pytest.raises(InferenceError, match="the fast path is the cached path"):
+        fd.generate_speech(ch["batch"], state, ch["end_of_text"], True, use_kv_cache=False, topk=1)
+    with pytest.raises(BatchError, match="end_of_text must hold one bool per item"):
+        fd.generate_speech(ch["batch"], state, [True], True, topk=1)
+    with pytest.raises(InferenceError, match="beginning_of_text=False on a fresh chunk_state"):
+        fd.generate_speech(ch["batch"], state, ch["end_of_text"], False, topk=1)
+    fd.generate_speech(ch["batch"], state, ch["end_of_text"], True, topk=1)
+    before = _state(state)
+    with pytest.raises(InferenceError, match="beginning_of_text=True on a used chunk_state"):
+        fd.generate_speech(ch["batch"], state, ch["end_of_text"], True, topk=1)
+    assert _state(state) == before
+
+
+@pytest.mark.gpu
+def test_generate_speech_compiled_graphs_equal_eager_on_gpu():
+    """On a GPU, fp32 with TF32 off: generate_speech's steps compiled and captured in CUDA graphs (the chunk rules
+    inside the step, no host sync per step) give the eager reference's codes, lengths and chunk state at topk=1,
+    CFG on, with and without the local transformer, over the three calls of each fixture's gen3 chunk set and the
+    shorter chunks with sentence tracking; nothing falls back to uncompiled code; the graphs off give the same."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for case in GEN_CASES:
+            torch._dynamo.reset()  # every window width compiles its own variants: a fresh recompile budget per case
+            model = copy.deepcopy(reference_model(case)).cuda()
+            fd = FastDecoder(model, 3, _max_len(model))
+            assert fd.cuda_graphs and fd.compile
+            for lt in (False, True):
+                kw = dict(use_cfg=True, use_local_transformer_for_inference=lt, topk=1)
+                _calls_equal(model, fd, _chunks(case, "gen3"), 0, "cuda", **kw)
+                _calls_equal(model, fd, _chunks(case, "gen3", SHORT_LENS), 0, "cuda",
+                             ignore_finished_sentence_tracking=False, **kw)
+            assert fd.compile_errors == {}, case
+            assert sum(len(w.graphs) for w in fd._works.values()) > 0
+            fd.cuda_graphs = False
+            _calls_equal(model, fd, _chunks(case, "gen3"), 0, "cuda", use_cfg=True, topk=1)
+            fd.cuda_graphs = True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev

@@ -2,6 +2,8 @@
 held equal to the reference's own functions on random inputs (hypothesis; CPU, no Triton):
 
 * the prior state machine: ``fastpath.decoder._prior_update`` vs ``PriorState.most_attended`` + ``build_prior``;
+  a later ``generate_speech`` chunk's, ``_chunk_prior_update`` vs ``most_attended`` with ``left_offset`` +
+  ``build_chunk_prior`` + ``advance_finished`` (NeMo's IndexError flagged);
 * the sampling edits: ``_edit_logits`` vs ``edit_logits``;
 * the EOS scan: ``_first_eos`` / ``_eos_index`` vs ``find_eos`` / ``eos_frames``;
 * a whole sampling step as the decoder runs it (``FastDecoder._post_a`` + ``_post_b``: edits, top-k, temperature,
@@ -18,9 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import reference_model
-from fastpath.decoder import BIG, FastDecoder, _edit_logits, _eos_index, _first_eos, _prior_update
-from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, PriorState, edit_logits, eos_frames, find_eos,
-                                 forbidden_tokens, resolve_parameters, sample_step)
+from fastpath.decoder import (BIG, FastDecoder, _chunk_prior_update, _counter_width, _edit_logits, _eos_index,
+                              _first_eos, _prior_update)
+from reference.chunked import ChunkedInferenceConfig
+from reference.inference import (EOS_METHODS, MIN_FRAMES_FOR_CODEC, InferenceError, PriorState, edit_logits,
+                                 eos_frames, find_eos, forbidden_tokens, resolve_parameters, sample_step)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -50,7 +54,8 @@ def test_prior_state_machine_on_device_equals_prior_state(data):
     w = fast._work(B, rows, T, steps)
     w.text_lens.copy_(torch.tensor(lens))
     w.prior.fill_(eps), w.last.fill_(1), w.counters.zero_(), w.fin_present.zero_(), w.fin_count.zero_()
-    w.unfinished.zero_(), w.ended.zero_(), w.end_idx.fill_(BIG), w.step.zero_()
+    w.unfinished.zero_(), w.ended.zero_(), w.in_end.zero_(), w.left_offset.zero_(), w.end_idx.fill_(BIG)
+    w.step.zero_()
     ref = PriorState.new(B)
     end_indices: dict = {}
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
@@ -67,10 +72,76 @@ def test_prior_state_machine_on_device_equals_prior_state(data):
         assert w.fin_present.tolist() == [b in ref.finished_counter for b in range(B)]
         assert w.fin_count.tolist() == [ref.finished_counter.get(b, 0) for b in range(B)]
         assert w.unfinished.tolist() == [bool(ref.unfinished.get(b, False)) for b in range(B)]
-        # an EOS event now and then (the fast path's EOS bookkeeping sets `ended`)
+        # an EOS event now and then (the fast path's EOS bookkeeping sets `in_end`: NeMo's end_indices)
         b = data.draw(st.integers(0, 3 * B))
         if b < B and b not in end_indices:
             end_indices[b] = k
+            w.in_end[b] = True
+        w.step.add_(1)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_chunk_prior_on_device_equals_build_chunk_prior(data):
+    """A later generate_speech chunk: random scores, window lengths (short texts <= the short-sentence threshold
+    and longer ones), left offsets (window starts far ahead of the last attended position too: negative window
+    starts, Python slicing), the first position from the chunk state, items ended in earlier calls or at their
+    chunk's end in this one, end_of_text per item, NeMo's ChunkedInferenceConfig or another: _chunk_prior_update
+    equals PriorState.most_attended(left_offset) + build_chunk_prior + advance_finished over many steps (attended
+    positions, prior, finished counters, unfinished flags), and flags the step where the reference raises NeMo's
+    IndexError."""
+    fast = _decoder()
+    B = data.draw(st.integers(1, 4))
+    T = data.draw(st.integers(2, 50))
+    lens = data.draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
+    lens[0] = T
+    lookahead = data.draw(st.integers(1, 8))
+    eps = data.draw(st.sampled_from([0.0, 0.1, 0.3]))
+    steps = data.draw(st.integers(1, 30))
+    cc = ChunkedInferenceConfig() if data.draw(st.booleans()) else ChunkedInferenceConfig(
+        prior_weights=(0.3, 1.0, 0.5, 0.1), short_sentence_threshold=data.draw(st.integers(0, 20)),
+        attention_sink_threshold=data.draw(st.integers(2, 6)), near_end_threshold=data.draw(st.integers(1, 5)),
+        finished_limit_with_eot=data.draw(st.integers(0, 6)), finished_limit_without_eot=data.draw(st.integers(0, 3)))
+    p = resolve_parameters(fast.config.inference, attention_prior_lookahead_window=lookahead,
+                           attention_prior_epsilon=eps)
+    rows = 2 * B
+    off = data.draw(st.lists(st.integers(0, 3 * T), min_size=B, max_size=B))
+    first = data.draw(st.lists(st.integers(0, 3 * T), min_size=B, max_size=B))
+    eot = data.draw(st.lists(st.booleans(), min_size=B, max_size=B))
+    ended = data.draw(st.lists(st.booleans(), min_size=B, max_size=B))
+    w = fast._work(B, rows, T, steps)
+    assert w.counters.shape[1] >= _counter_width(T, lookahead)
+    w.text_lens.copy_(torch.tensor(lens))
+    w.prior.fill_(eps), w.counters.zero_(), w.fin_present.zero_(), w.fin_count.zero_(), w.unfinished.zero_()
+    w.chunk_err.zero_(), w.step.zero_()
+    w.left_offset.copy_(torch.tensor(off)), w.last.copy_(torch.tensor(first)), w.eot.copy_(torch.tensor(eot))
+    w.ended.copy_(torch.tensor(ended))
+    ref = PriorState(list(first), [{} for _ in range(B)])
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    for k in range(steps):
+        scores = torch.rand(rows, T, generator=g) ** 8
+        if data.draw(st.booleans()):
+            scores[:, : max(1, T // 2)] += 1.0
+        att = ref.most_attended(scores, lens, lookahead, off)
+        finished = {b for b in range(B) if ended[b]}
+        _chunk_prior_update(w, scores, p, cc)
+        assert w.attended[k].tolist() == att, k
+        try:
+            prior = ref.build_chunk_prior(rows, T, lens, att, eps, off, finished, "cpu", cc.prior_weights,
+                                          cc.short_sentence_threshold, cc.attention_sink_threshold,
+                                          cc.near_end_threshold)
+        except InferenceError:
+            assert int(w.chunk_err) == k + 1
+            return
+        assert int(w.chunk_err) == 0
+        ref.advance_finished(lambda b: cc.finished_limit_with_eot if eot[b] else cc.finished_limit_without_eot)
+        torch.testing.assert_close(w.prior, prior[:, 0], atol=0, rtol=0)
+        assert w.fin_present.tolist() == [b in ref.finished_counter for b in range(B)]
+        assert w.fin_count.tolist() == [ref.finished_counter.get(b, 0) for b in range(B)]
+        assert w.unfinished.tolist() == [bool(ref.unfinished.get(b, False)) for b in range(B)]
+        b = data.draw(st.integers(0, 3 * B))  # an item's chunk ends now and then (the loop's chunk_end)
+        if b < B:
+            ended[b] = True
             w.ended[b] = True
         w.step.add_(1)
 
