@@ -202,3 +202,15 @@ def to_dict(items: Sequence[ItemReport]) -> dict:
                                   "items": [{**asdict(i), "common": i.common, "length_diff": i.length_diff}
                                             for i in items],
                                   "summary": asdict(s)}))
+
+
+def is_report_json(path) -> bool:
+    """A closed-loop JSON report this tool wrote (its ``format`` key), which ``--json`` may replace. At most 64 MiB
+    are read; anything unreadable is not one."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(64 * 2**20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == CLOSED_LOOP_FORMAT
+

@@ -7,6 +7,7 @@ the file or flag; a failing ``trtllm-build`` exits 1."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -26,6 +27,7 @@ from parity.cli_support import (
     output_file,
     parse_assignments,
     separate,
+    write_output_file,
     writing,
 )
 
@@ -447,6 +449,8 @@ def configure_closed_loop(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerances", metavar="FILE|NAME",
                    help="with --dump: the tolerance policy for the layers (e.g. a calibrated file); default: the "
                         "per-dtype defaults")
+    p.add_argument("--json", metavar="OUT",
+                   help="also write the closed-loop report (per item and the summary) as JSON ('-' for stdout)")
 
 
 def load_codes(path: str, flag: str):
@@ -486,7 +490,11 @@ def run_closed_loop(args: argparse.Namespace) -> int:
     used = [flag for flag, v in extra.items() if v] + (["--cfg"] if args.cfg != "dump" else [])
     if args.dump is None and used:
         raise BadInput(f"{used[0]} is for the replay: give --dump ENGINE_DUMP --batch B too")
-    from parity.closed_loop import compare_codes, first_divergence, format_report
+    from parity.closed_loop import compare_codes, first_divergence, format_report, is_report_json, to_dict
+
+    json_kind = ("a magpie-parity closed-loop JSON report", is_report_json)
+    if args.json and args.json != "-":
+        output_file(args.json, "--json", json_kind)
 
     model = None
     stacking = 1
@@ -507,7 +515,13 @@ def run_closed_loop(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise BadInput(f"{e} vs {r}: {exc}") from None
     items = [i for p in per_pair for i in p]
-    print(format_report(items))
+    text = json.dumps(to_dict(items), indent=1, allow_nan=False) + "\n"
+    if args.json == "-":
+        sys.stdout.write(text)
+    else:
+        print(format_report(items))
+        if args.json:
+            write_output_file(args.json, "--json", text.encode(), json_kind)
     if args.dump is not None:
         first = first_divergence(per_pair[0])
         _replay(args, model, engine_codes[0], None if first is None else first.first.step)

@@ -83,3 +83,25 @@ def test_closed_loop_bad_input_is_one_line(runs, tmp_path, capsys):
     assert "--param is for the replay" in line()
     assert main(["closed-loop", str(runs / "ref.safetensors"), f"{FIX}/four_codebooks.infer_greedy_cfg"]) == 2
     assert "differ in batch or codebooks" in line()
+
+
+def test_closed_loop_json_report(runs, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "closed.json"
+    assert main(["closed-loop", str(runs / "engine.safetensors"), str(runs / "ref.safetensors"), "--checkpoint", CKPT,
+                 "--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert data["format"] == "magpie-parity-closed-loop-report"
+    first = data["items"][0]["first"]  # the divergence the table states for item 0
+    assert (first["step"], first["codebook"], first["engine_token"], first["reference_token"]) == (14, 0, 38, 29)
+    assert data["summary"]["diverged"] >= 1
+    capsys.readouterr()
+    assert main(["closed-loop", str(runs / "engine.safetensors"), str(runs / "ref.safetensors"), "--checkpoint", CKPT,
+                 "--json", str(out)]) == 1  # its own report is replaced
+    (tmp_path / "mine.json").write_text("{}")
+    assert main(["closed-loop", str(runs / "ref.safetensors"), str(runs / "ref.safetensors"),
+                 "--json", str(tmp_path / "mine.json")]) == 2  # a user's file is not
+    assert "--json" in capsys.readouterr().err and (tmp_path / "mine.json").read_text() == "{}"
+    assert main(["closed-loop", str(runs / "ref.safetensors"), str(runs / "ref.safetensors"), "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["diverged"] == 0
