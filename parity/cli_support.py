@@ -229,6 +229,45 @@ def load_batch(path: str | os.PathLike, flag: str = "--batch") -> dict:
         raise BadInput(f"{flag} {p}: not a readable safetensors batch ({e})") from None
 
 
+def read_codes(path: str | os.PathLike, flag: str):
+    """The one reader of a run's codes: ``(predicted_codes (B, C, T) long, predicted_codes_lens (B,) long or None)``
+    of a dump holding a whole run's ``predicted_codes`` (an infer dump; an ingested engine dump holds none) or of a
+    codes file (``infer --out``, ``emulate --codes-out``); anything else is one line naming ``flag`` and the file."""
+    import torch
+
+    from parity.dump import DumpError, is_dump, open_dump
+
+    p = Path(path)
+    if p.is_dir():
+        if not is_dump(p):
+            raise BadInput(f"{flag} {p}: a folder that is not a dump (a manifest.json and its shards)")
+        try:
+            reader = open_dump(p)
+            if ("predicted_codes", None) not in reader:
+                raise BadInput(f"{flag} {p}: the dump holds no predicted_codes of a whole run (an infer dump does; a "
+                               "generate-speech dump has them per chunk, an ingested engine dump none: give the "
+                               "engine's codes file)")
+            codes = reader.load("predicted_codes")
+            lens = reader.load("predicted_codes_lens") if ("predicted_codes_lens", None) in reader else None
+        except DumpError as e:
+            raise BadInput(f"{flag} {e}") from None
+    else:
+        data = load_batch(p, flag)
+        codes, lens = data.get("predicted_codes"), data.get("predicted_codes_lens")
+        if codes is None:
+            raise BadInput(f"{flag} {p}: no 'predicted_codes' tensor (a codes file infer wrote, or a dump)")
+
+    def integer(t: torch.Tensor) -> bool:
+        return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+    if not integer(codes) or codes.dim() != 3:
+        raise BadInput(f"{flag} {p}: predicted_codes must be integer (B, C, T), got {tuple(codes.shape)} {codes.dtype}")
+    if lens is not None and (not integer(lens) or tuple(lens.shape) != tuple(codes.shape[:1])):
+        raise BadInput(f"{flag} {p}: predicted_codes_lens must be integer ({codes.shape[0]},), got "
+                       f"{tuple(lens.shape)} {lens.dtype}")
+    return codes.to(torch.long), None if lens is None else lens.to(torch.long)
+
+
 def infer_inputs(batch: dict) -> dict:
     """The keys autoregressive inference takes (text, context codes, a baked checkpoint's ``speaker_indices``),
     without the teacher-forcing targets."""

@@ -33,6 +33,7 @@ from parity.cli_support import (
     output_dir,
     output_file,
     parse_assignments,
+    read_codes,
     separate,
     user_errors,
     write_output_file,
@@ -704,38 +705,18 @@ def run_dump(args: argparse.Namespace) -> int:
 
 
 def forced_codes(path: str, config, inputs: dict, flag: str = "--codes"):
-    """``--codes``: the codes that teacher-force ``infer_batch``: a dump's ``predicted_codes`` (step -) or a codes
-    file's (``infer --out``), (B, C, T) integers that fit the checkpoint and the batch; else one line."""
-    import torch
-
-    from parity.dump import DumpError, is_dump, open_dump
-
-    if Path(path).is_dir():
-        if not is_dump(path):
-            raise BadInput(f"{flag} {path}: a folder that is not a dump (a manifest.json and its shards)")
-        try:
-            reader = open_dump(path)
-            if ("predicted_codes", None) not in reader:
-                raise BadInput(f"{flag} {path}: the dump holds no predicted_codes of a whole run (an infer dump "
-                               "does; a generate-speech dump has them per chunk, an engine dump none)")
-            codes = reader.load("predicted_codes")
-        except DumpError as e:
-            raise BadInput(f"{flag} {e}") from None
-    else:
-        codes = load_batch(path, flag).get("predicted_codes")
-        if codes is None:
-            raise BadInput(f"{flag} {path}: no 'predicted_codes' tensor (a codes file infer wrote, or a dump)")
+    """``--codes``: the codes that teacher-force ``infer_batch`` (:func:`parity.cli_support.read_codes`: a dump's or a
+    codes file's), (B, C, T) integers that fit the checkpoint and the batch; else one line."""
+    codes, _ = read_codes(path, flag)
     B = int(inputs["text"].shape[0])
     C = config.num_audio_codebooks
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise BadInput(f"{flag} {path}: predicted_codes must be integers, got {codes.dtype}")
-    if codes.dim() != 3 or codes.shape[0] != B or codes.shape[1] != C or codes.shape[2] < 1:
+    if codes.shape[0] != B or codes.shape[1] != C or codes.shape[2] < 1:
         raise BadInput(f"{flag} {path}: predicted_codes of shape {tuple(codes.shape)}; the batch and checkpoint "
                        f"need ({B}, {C}, T >= 1)")
     hi = config.num_all_tokens_per_codebook
     if int(codes.min()) < 0 or int(codes.max()) >= hi:
         raise BadInput(f"{flag} {path}: predicted_codes outside [0, {hi}) (num_all_tokens_per_codebook)")
-    return codes.to(torch.long)
+    return codes
 
 
 def _dump_generate_speech(args: argparse.Namespace) -> int:
@@ -1129,11 +1110,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
     calibration = _diagnose_calibration(args.tolerances) if args.tolerances else None
     given = parse_assignments(args.param, "--param")
     batch = infer_inputs(load_batch(args.batch))
-    codes = load_batch(args.codes, "--codes").get("predicted_codes") if args.codes else None
-    if args.codes and codes is None:
-        raise BadInput(f"--codes {args.codes}: no 'predicted_codes' tensor")
     model = load_reference(args.checkpoint)
     check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
+    codes = forced_codes(args.codes, model.config, batch) if args.codes else None
     with user_errors():
         reader = open_dump(args.dump)
     if reader.config_hash is not None and reader.config_hash != model.config.hash():

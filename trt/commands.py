@@ -26,6 +26,7 @@ from parity.cli_support import (
     output_dir,
     output_file,
     parse_assignments,
+    read_codes,
     separate,
     write_output_file,
     writing,
@@ -453,34 +454,6 @@ def configure_closed_loop(p: argparse.ArgumentParser) -> None:
                    help="also write the closed-loop report (per item and the summary) as JSON ('-' for stdout)")
 
 
-def load_codes(path: str, flag: str):
-    """(predicted_codes, predicted_codes_lens or None) of a codes file or a dump, or one line naming the file."""
-    import torch
-
-    from parity.cli_support import load_batch, user_errors
-    from parity.dump import is_dump, open_dump
-
-    if os.path.isdir(path) and is_dump(path):
-        with user_errors():
-            d = open_dump(path)
-            if ("predicted_codes", None) not in d:
-                raise BadInput(f"{flag} {path}: a dump without 'predicted_codes' (an ingested engine dump holds none: "
-                               "give the engine's codes file)")
-            lens = d.load("predicted_codes_lens") if ("predicted_codes_lens", None) in d else None
-            return d.load("predicted_codes"), lens
-    data = load_batch(path, flag)
-    codes = data.get("predicted_codes")
-    if codes is None:
-        raise BadInput(f"{flag} {path}: no 'predicted_codes' tensor")
-    lens = data.get("predicted_codes_lens")
-    ok = codes.dim() == 3 and not codes.is_floating_point() and (
-        lens is None or (lens.shape == codes.shape[:1] and not lens.is_floating_point()))
-    if not ok:
-        raise BadInput(f"{flag} {path}: predicted_codes must be integer (B, C, T) and predicted_codes_lens (B,), got "
-                       f"{tuple(codes.shape)} {codes.dtype}" + ("" if lens is None else f", {tuple(lens.shape)}"))
-    return codes.to(torch.long), None if lens is None else lens.to(torch.long)
-
-
 def run_closed_loop(args: argparse.Namespace) -> int:
     if len(args.codes) % 2:
         raise BadInput(f"closed-loop takes pairs ENGINE REF: {len(args.codes)} codes files given")
@@ -506,8 +479,8 @@ def run_closed_loop(args: argparse.Namespace) -> int:
     per_pair, engine_codes = [], []
     pairs = list(zip(args.codes[::2], args.codes[1::2]))
     for k, (e, r) in enumerate(pairs):
-        ec, el = load_codes(e, "ENGINE")
-        rc, rl = load_codes(r, "REF")
+        ec, el = read_codes(e, "ENGINE")
+        rc, rl = read_codes(r, "REF")
         engine_codes.append(ec)
         try:
             per_pair.append(compare_codes(ec, el, rc, rl, frame_stacking=stacking,

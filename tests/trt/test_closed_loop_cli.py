@@ -72,7 +72,7 @@ def test_closed_loop_bad_input_is_one_line(runs, tmp_path, capsys):
     assert main(["closed-loop", str(runs / "ref.safetensors")]) == 2
     assert "pairs ENGINE REF" in line()
     assert main(["closed-loop", str(runs / "engine_dump"), str(runs / "ref.safetensors")]) == 2
-    assert "without 'predicted_codes'" in line()
+    assert "holds no predicted_codes" in line()
     assert main(["closed-loop", str(tmp_path / "none"), str(runs / "ref.safetensors")]) == 2
     assert "none" in line()
     assert main(["closed-loop", str(runs / "ref.safetensors"), str(runs / "ref.safetensors"),
