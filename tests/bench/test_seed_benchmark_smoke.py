@@ -1,7 +1,10 @@
 """The seed benchmark's one command, on the CPU with a tiny model (``--cpu-smoke``): every part of the default table
 runs and reports (a broken part would otherwise only show up on the GPU machine, where device time is scarce).
 Nothing here depends on timing or machine load: the table's structure and the parity results are checked, never a
-measured time (on a loaded CPU a per-step time, a difference of two wall times, can even come out negative)."""
+measured time (on a loaded CPU a per-step time, a difference of two wall times, can even come out negative).
+The released shape and the batch sweep (issue 19) likewise: every part reports, the fast path with the local
+transformer gives the eager reference's codes, and the merged table has one row per shape x batch size plus NeMo's
+loop per shape, card and date on every row."""
 
 from __future__ import annotations
 
@@ -57,3 +60,29 @@ def test_seed_benchmark_cpu_smoke(tmp_path):
     assert any(row.startswith("| FastDecoder (reference attention ops) | float32 |") for row in rows)
     assert any(line.startswith("parity (TF32 off, 4 requests x 24 steps, topk=1): fp32 fast vs eager cached, "
                                "reference attention ops: codes identical = True") for line in lines)
+
+
+@pytest.mark.slow
+def test_released_shape_and_sweep_quick(tmp_path):
+    parts = "sweep,parity" + (",nemo" if nemo_available() else "")
+    out = _bench("--quick", "--shape", "released", "--parts", parts, "--out", tmp_path / "released")
+    out += _bench("--quick", "--parts", "sweep" + (",nemo" if nemo_available() else ""), "--nemo-dtypes", "float32",
+                  "--out", tmp_path / "seed")
+    _bench("--merge", tmp_path / "released", tmp_path / "seed", "--out", tmp_path)
+    assert not [line for line in out.splitlines() if line.startswith("[fail]")]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["shape"], r["requests"]) for r in res["sweep"]) == [
+        ("released", 1), ("released", 4), ("seed", 1), ("seed", 4)]
+    assert all(r["frames_per_step"] == r["requests"] * (2 if r["shape"] == "released" else 1) for r in res["sweep"])
+    assert all(r["first_frame_ms"] > 0 and not r["compile_errors"] for r in res["sweep"])
+    p = res["parity_released"]
+    # fp32 on the CPU: the fast step's products over one new row against the eager prefix ops, ~1e-6 apart on these
+    # tiny sizes; 1e-4 is the seed shape's bound above
+    assert p["codes_identical"] is True and p["attended_identical"] is True and p["max_abs_logit_diff"] < 1e-4
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines()
+            if line.startswith(("| released", "| seed"))]
+    assert len(rows) == 4 + (2 if nemo_available() else 0)
+    assert all("| cpu, 20" in row for row in rows)
+    if nemo_available():
+        assert res["nemo_released"]["requests"] == 4 and res["nemo"]["float32"]["requests"] == 4
+        assert sum("NeMo 3.0.0's loop (fp32)" in row for row in rows) == 2
