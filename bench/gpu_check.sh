@@ -26,12 +26,14 @@ if [ -n "$SEED_FULL" ]; then
   python3 bench/seed_benchmark.py --merge "$OUT/eager" "$OUT/rest" --out "$OUT"
   exit
 fi
-# what is left of the 600 s (less 20 for the merge and the copy back), the released shape first (the targets)
-LEFT=$((560 - SECONDS))
+# what is left of the call's limit (WALL: 560 of a 600 s call, less for a shorter one; 20-40 s kept for the merge and
+# the copy back), the released shape first (the targets)
+WALL=${WALL:-560}
+LEFT=$((WALL - SECONDS))
 timeout $((LEFT * 11 / 20)) python3 bench/seed_benchmark.py --shape released --parts sweep,nemo,parity --sweep 64,1,8,32 \
   --budget-s $((LEFT * 11 / 20 - 60)) --out "$OUT/released" "$@" 2>&1 | tee "$OUT/released.log" \
   | grep -E "^\[(sweep|parity|nemo|fail|skip|t)\]" | cut -c1-400
-LEFT=$((570 - SECONDS))
+LEFT=$((WALL + 10 - SECONDS))
 timeout $LEFT python3 bench/seed_benchmark.py --shape seed --parts sweep,nemo --nemo-dtypes float32 --sweep 64,1,8,32 \
   --nemo-steps 1,160,320,478 --budget-s $((LEFT - 45)) --out "$OUT/seed" "$@" 2>&1 | tee "$OUT/seed.log" \
   | grep -E "^\[(sweep|nemo|fail|skip|t)\]" | cut -c1-400
