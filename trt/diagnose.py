@@ -33,6 +33,29 @@ CANDIDATES: list[tuple[str, dict]] = [
 ]
 
 
+def not_applicable(model, batch: dict[str, torch.Tensor], fields: dict, use_cfg: bool) -> Optional[str]:
+    """Why the candidate ``fields`` cannot change this checkpoint's run on this batch (it is left out of the search,
+    and the report says why in one line), or None. Each reason is an identity of the emulation, not a guess: the
+    behaviour's code path gives NeMo's numbers here (up to the rounding of unpadded text)."""
+    if fields.get("unpadded_requests"):
+        if batch["text"].shape[0] == 1:
+            return "one request: nothing to pack"
+        with torch.no_grad():
+            _, mask = model.decoder_context(batch)
+        if bool(mask.all()):
+            n = mask.shape[1]
+            what = ("baked speaker" if model.config.baked else "request")
+            return (f"every {what} of the batch has {n} context rows, so no prompt is padded and no decoder position "
+                    "shifts (the text's padding is masked, as in NeMo)")
+    if fields.get("encoder") == "bidirectional" and not model.encoder.cfg.is_causal:
+        return "the checkpoint's text encoder is bidirectional already"
+    if fields.get("lm_head_bias") is False and model.final_proj.bias is None:
+        return "the checkpoint's final_proj has no bias"
+    if fields.get("cfg_prompt") == "zeros" and not use_cfg:
+        return "the run has no CFG, so no unconditional prompt"
+    return None
+
+
 class DiagnoseError(ValueError):
     """The engine dump cannot be diagnosed (missing tensors, inconsistent inputs)."""
 
@@ -59,13 +82,15 @@ class Diagnosis:
     tolerance: float
     steps: int
     notes: list[str] = field(default_factory=list)
+    stacking: int = 1  # frames per decoder step (the checkpoint's frame_stacking_factor)
 
     @property
     def explained(self) -> bool:
         return self.final.max_abs <= self.tolerance
 
     def report(self) -> str:
-        lines = [f"engine dump vs reference, teacher-forced with the engine's codes over {self.steps} steps "
+        frames = f" ({self.steps * self.stacking} frames, {self.stacking} a step)" if self.stacking > 1 else ""
+        lines = [f"engine dump vs reference, teacher-forced with the engine's codes over {self.steps} steps{frames} "
                  f"(tolerance {self.tolerance:.1e} on logits)", ""]
         lines.append(f"{'engine behaviours emulated':<40} {'max |dlogit|':>12} {'first bad step':>14}")
         lines.append(str(self.baseline) + "   <- NeMo 3.0.0")
@@ -87,8 +112,10 @@ class Diagnosis:
 
 
 def _score(model, batch, codes, engine_logits, use_cfg, params, name, sem, tol) -> Score:
+    # one decoder step per engine step; with frame stacking a step is frame_stacking_factor frames
+    frames = len(engine_logits) * model.config.frame_stacking_factor
     out = infer(model, batch, sem, use_cfg=use_cfg, forced_codes=codes, keep_logits=True,
-                max_decoder_steps=len(engine_logits), **params)
+                max_decoder_steps=frames, **params)
     per_step = []
     for k, ref in enumerate(engine_logits):
         if k >= len(out.step_logits):
@@ -127,9 +154,19 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
                                 "the reference)")
         codes = dump.load("predicted_codes")
     engine_logits = [dump.load("logits", k)[:, 0] for k in steps]
+    S = model.config.frame_stacking_factor
     B = batch["text"].shape[0]
     if codes.shape[0] != B or engine_logits[0].shape[0] != B:
         raise DiagnoseError(f"{dump.path}: dump holds {codes.shape[0]} requests, the batch {B}")
+    notes = []
+    # Step k is teacher-forced from frames [0, k*S): codes cut where EOS fired leave the dump's last steps unforced.
+    usable = codes.shape[2] // S + 1
+    if len(engine_logits) > usable:
+        last = len(engine_logits) - 1
+        which = f"Step {last}" if last == usable else f"Steps {usable}..{last}"
+        notes.append(f"{which} left out: the codes hold {codes.shape[2]} frames"
+                     + (f" ({S} a step)" if S > 1 else "") + f", which teacher-force steps 0..{usable - 1} only")
+        engine_logits = engine_logits[:usable]
     layout = dump.manifest.get("layout") or {}
     if use_cfg is None:
         use_cfg = bool(layout.get("use_cfg", False))
@@ -144,11 +181,15 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
     def score(name, sem):
         return _score(model, batch, codes, engine_logits, use_cfg, params, name, sem, tolerance)
 
+    left_out = [(name, why) for name, fields in candidates
+                if (why := not_applicable(model, batch, fields, use_cfg)) is not None]
+    candidates = [c for c in candidates if c[0] not in {n for n, _ in left_out}]
+    notes += [f"Left out (cannot change this run): {name}: {why}" for name, why in left_out]
     base_sem = EnginePolicy()
     baseline = score("nemo", base_sem)
     singles = [score(name, dataclasses.replace(base_sem, **fields)) for name, fields in candidates]
     if baseline.max_abs <= tolerance:
-        return Diagnosis(baseline, singles, [], baseline, tolerance, len(steps))
+        return Diagnosis(baseline, singles, [], baseline, tolerance, len(engine_logits), notes, S)
 
     def apply(names):
         sem = base_sem
@@ -184,11 +225,10 @@ def diagnose(model, engine_dump, batch: dict[str, torch.Tensor], *, use_cfg: Opt
             if full.max_abs <= tolerance and (best.max_abs > tolerance or len(names) < len(chosen)):
                 chosen, best = names, full
     chosen = [n for n, _ in candidates if n in chosen]  # report in the table's order
-    notes = []
     # another single behaviour that explains the dump as well (within tolerance itself, not merely close to the
     # explanation's error: with a loose tolerance every candidate is "close")
     ties = [s.name for s in singles if len(chosen) == 1 and s.name not in chosen and s.max_abs <= tolerance
             and best.max_abs <= tolerance]
     if ties:
         notes.append("Indistinguishable on this dump from: " + ", ".join(ties))
-    return Diagnosis(baseline, singles, chosen, best, tolerance, len(steps), notes)
+    return Diagnosis(baseline, singles, chosen, best, tolerance, len(engine_logits), notes, S)

@@ -21,20 +21,26 @@ field                    engine behaviour (source)
 ``multi_block_mode``     With ``multi_block_mode=True`` the kernel's prior branch is skipped: no prior at all
                          (trtllm.md fact 7; arch. 6.3 "Why multi_block_mode=False").
 ``cfg_prompt="zeros"``   The fork's unconditional prompt is the zero "service token" embedding everywhere, the BOS
-                         frame included; NeMo keeps the BOS frame (arch. 7, 11.6; runtimeBuffers.cpp).
+                         frame included; NeMo keeps the BOS frame (arch. 7, 11.6; runtimeBuffers.cpp). decoder_ce: a
+                         runtime given the conditional ``decoder_context_features`` rows only; given [cond; uncond]
+                         rows (``trt.runner``'s default, which anand-nv@0c0df9f0 copies) the engine runs NeMo's.
 ``lm_head_bias=False``   The fork's converter drops ``final_proj.bias`` (arch. 4.3, 11.1; convert_checkpoint.py e7109d5).
 ``encoder="bidirectional"``  The fork's encoder is BertAttention (bidirectional) with symmetric conv padding, whatever
                          the checkpoint's ``is_causal`` (arch. 3, 11.2; t5tts/model.py).
 ``packed_encoder_conv``  With remove_input_padding and several requests, the encoder conv runs over the packed token
                          stream and mixes neighbouring requests' edge tokens (arch. 3 "TRT packing caveat", 11.3).
 ``unpadded_requests``    The engine packs requests without padding: each request's prompt starts at position 0 and has
-                         its own length; NeMo pads contexts to the batch's longest, which shifts positions.
+                         its own length; NeMo pads contexts to the batch's longest, which shifts positions. decoder_ce:
+                         the prompt is the request's ``decoder_context`` rows of valid length (context encoder output;
+                         baked rows, all ``baked_frames`` long unless a speaker was baked shorter, so a baked batch has
+                         no context padding and this changes nothing but the rounding of unpadded text).
 ``dtype``                Engine compute precision (float16 / bfloat16 engines).
 =======================  ==============================================================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -180,9 +186,17 @@ class EngineHooks(LoopHooks):
         return encode_text(model, text, text_lens, self.policy)
 
     def lm_head(self, model, dec_out):
-        if self.policy.lm_head_bias or model.final_proj.bias is None:
-            return model.final_proj(dec_out)
-        return F.linear(dec_out, model.final_proj.weight)  # the fork's lm_head: same weight, no bias
+        proj = model.final_proj
+        if self.policy.lm_head_bias or proj.bias is None:
+            return proj(dec_out)
+        # The fork's lm_head: the same weight, no bias. Run through the module (F.linear without a bias), so that a
+        # capture's hook on final_proj records the engine's lm_head output as it does NeMo's.
+        bias = proj.bias
+        proj.bias = None
+        try:
+            return proj(dec_out)
+        finally:
+            proj.bias = bias
 
     def uncond_audio_embedding(self, emb):
         if self.policy.cfg_prompt != "zeros":
@@ -309,8 +323,13 @@ def infer(model, batch: dict[str, torch.Tensor], policy: EnginePolicy, *, use_cf
 def _infer_unpadded(model, batch, policy: EnginePolicy, *, forced_codes=None, keep_logits=False, **kw) -> InferOutput:
     """Engine packing: every request decoded on its own, unpadded (its prompt starts at position 0). The encoder
     still runs over the whole batch, so ``packed_encoder_conv`` can couple neighbouring requests as it does in
-    the engine."""
+    the engine.
+
+    decoder_ce: the engine's prompt is the request's ``decoder_context_features`` rows of valid length (the context
+    encoder's output, or the baked rows of its speaker), computed by the reference over the whole batch as
+    ``trt.runner.reference_context_features`` feeds them; each request's run takes those rows (:func:`request_items`)."""
     enc = encode_text(model, batch["text"], batch["text_lens"], policy)
+    items = request_items(model, batch)
     # Per-request runs would capture each tensor once per request: capture is paused and only the merged
     # per-step logits are handed to an active capture afterwards.
     capture = getattr(model, "_active_capture", None)
@@ -319,14 +338,12 @@ def _infer_unpadded(model, batch, policy: EnginePolicy, *, forced_codes=None, ke
         capture.paused = True
     outs = []
     try:
-        for b in range(batch["text"].shape[0]):
-            n_text, n_ctx = int(batch["text_lens"][b]), int(batch["context_audio_codes_lens"][b])
-            item = {"text": batch["text"][b : b + 1, :n_text], "text_lens": batch["text_lens"][b : b + 1],
-                    "context_audio_codes": batch["context_audio_codes"][b : b + 1, :, :n_ctx],
-                    "context_audio_codes_lens": batch["context_audio_codes_lens"][b : b + 1]}
+        for b, (item, rows) in enumerate(items):
+            n_text = int(batch["text_lens"][b])
             hooks = EngineHooks(policy, EncoderOutput(enc.output[b : b + 1, :n_text], enc.mask[b : b + 1, :n_text]))
             fc = forced_codes[b : b + 1] if forced_codes is not None else None
-            outs.append(infer_batch(model, item, forced_codes=fc, keep_logits=True, hooks=hooks, **kw))
+            with _prompt_rows(model, rows):
+                outs.append(infer_batch(model, item, forced_codes=fc, keep_logits=True, hooks=hooks, **kw))
     finally:
         model._active_capture = capture
         if capture is not None:
@@ -344,6 +361,57 @@ def _infer_unpadded(model, batch, policy: EnginePolicy, *, forced_codes=None, ke
             model.logits(logits[:, None])
         capture.step = None
     return res
+
+
+def request_items(model, batch: dict[str, torch.Tensor]) -> list[tuple[dict, Optional[tuple]]]:
+    """Per request, its unpadded batch item and, for decoder_ce, its prompt rows ``((1, n, D), (1, n) mask)``.
+
+    decoder_context_tts: the text and context codes cut to their lengths (the prompt is embedded from them).
+    decoder_ce: the text cut to its length; the prompt rows are the request's first ``n`` rows of
+    ``model.decoder_context(batch)`` (``n`` = its mask's valid count), computed over the whole batch, as the runner
+    feeds ``decoder_context_features``. With baked speakers every row is ``baked_frames`` long unless a speaker was
+    baked shorter (then its row is cut, where NeMo's padded batch masks it)."""
+    B = batch["text"].shape[0]
+    ce = model.config.model_type == "decoder_ce"
+    if ce:
+        with torch.no_grad():
+            emb, mask = model.decoder_context(batch)
+        lens = mask.sum(1)
+        if not torch.equal(mask, lengths_to_mask(lens, mask.shape[1])):
+            raise ValueError("decoder_context mask is not a prefix of valid rows: the unpadded prompt is not defined")
+    out = []
+    for b in range(B):
+        n_text = int(batch["text_lens"][b])
+        item = {"text": batch["text"][b : b + 1, :n_text], "text_lens": batch["text_lens"][b : b + 1]}
+        rows = None
+        if "context_audio_codes" in batch and "context_audio_codes_lens" in batch:
+            n_ctx = int(batch["context_audio_codes_lens"][b])
+            item["context_audio_codes"] = batch["context_audio_codes"][b : b + 1, :, :n_ctx]
+            item["context_audio_codes_lens"] = batch["context_audio_codes_lens"][b : b + 1]
+        if batch.get("speaker_indices") is not None:
+            spk = batch["speaker_indices"]  # a tensor or list per item, else one int for all (NeMo's forms)
+            item["speaker_indices"] = (spk.reshape(-1)[b : b + 1] if isinstance(spk, torch.Tensor)
+                                       else spk[b : b + 1] if isinstance(spk, (list, tuple)) else spk)
+        if ce:
+            n = int(lens[b])
+            rows = (emb[b : b + 1, :n], mask[b : b + 1, :n])
+        out.append((item, rows))
+    return out
+
+
+@contextlib.contextmanager
+def _prompt_rows(model, rows: Optional[tuple]):
+    """For one decoder_ce request: NeMo's loop takes the decoder's prefix from ``model.decoder_context(batch)``; for
+    the duration, that returns the request's own rows (the engine's ``decoder_context_features``), not a per-request
+    recomputation (a lone shorter baked speaker is one NeMo itself cannot run). Nothing changes for ``rows=None``."""
+    if rows is None:
+        yield
+        return
+    model.decoder_context = lambda _batch: rows  # an instance attribute shadows the method; removed below
+    try:
+        yield
+    finally:
+        del model.decoder_context
 
 
 EMULATED_NOTE = ("the reference under an emulated engine policy (trt/engine.py); no TensorRT-LLM engine ran")
