@@ -214,14 +214,14 @@ def configure_ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
-def _config_hash(path: str) -> str:
-    """The reference config hash of a checkpoint (what the reference's dumps of it record), or one line."""
+def _checkpoint_config(path: str):
+    """The reference config of a checkpoint (its hash is what the reference's dumps of it record), or one line."""
     from reference.checkpoint import CheckpointError, read_checkpoint
     from reference.config import ConfigError, MagpieConfig
 
     try:
         raw = read_checkpoint(path)
-        return MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(path)).hash()
+        return MagpieConfig.from_nemo(raw.config, raw.state_dict, where=str(path))
     except (CheckpointError, ConfigError) as e:
         raise BadInput(f"--checkpoint {e}" if str(path) not in str(e) else str(e)) from None
 
@@ -232,7 +232,8 @@ def run_ingest(args: argparse.Namespace) -> int:
     from trt.ingest import IngestError, ingest_trtllm
 
     output_dir(args.out, "--out", args.overwrite, replaces=DUMP_FOLDER)
-    config_hash = _config_hash(args.checkpoint) if args.checkpoint else None
+    config = _checkpoint_config(args.checkpoint) if args.checkpoint else None
+    config_hash = config.hash() if config is not None else None
     try:
         with writing(args.out, "--out"):
             out = ingest_trtllm(args.tree, args.out, generation=args.generation, batch_size=args.batch_size,
@@ -243,7 +244,9 @@ def run_ingest(args: argparse.Namespace) -> int:
         raise BadInput(str(exc).replace("overwrite=True", "--overwrite")) from None
     steps = sorted({e.step for e in d.entries if e.step is not None})
     m = d.meta
-    print(f"wrote {out}: {len(d)} tensors, {len(d.names())} names, steps {steps[:1]}..{steps[-1:]} "
+    S = config.frame_stacking_factor if config is not None else 1
+    frames = f" (decoder steps of {S} frames: {len(steps) * S} frames)" if S > 1 and steps else ""
+    print(f"wrote {out}: {len(d)} tensors, {len(d.names())} names, steps {steps[:1]}..{steps[-1:]}{frames} "
           f"({m['tree_layout']} tree, generation {m['generation']}, requests {m['request_ids']}, {m['cfg']})")
     if m["skipped"]:
         print(f"skipped: {', '.join(sorted(m['skipped']))}")
@@ -398,8 +401,17 @@ def run_emulate(args: argparse.Namespace) -> int:
                                     capture_layers=layers, overwrite=args.overwrite, progress=sys.stderr.isatty(),
                                     **params)
     emulated = ", ".join(f"{k}={v}" for k, v in settings.items()) or "none"
+    S = model.config.frame_stacking_factor
+    cut = ", cut where EOS fired" if out.predicted_codes.shape[2] < out.num_steps * S else ""
+    stacked = f" ({out.num_steps} decoder steps of {S} frames{cut})" if S > 1 else ""
     print(f"wrote {args.out}: EMULATED engine ({EMULATED_NOTE}); behaviours: {emulated}; codes "
-          f"{tuple(out.predicted_codes.shape)}, lengths {out.predicted_codes_lens.tolist()}")
+          f"{tuple(out.predicted_codes.shape)}{stacked}, lengths {out.predicted_codes_lens.tolist()}")
+    if model.config.model_type == "decoder_ce":
+        print("decoder_ce: the prompt is the decoder_context rows + the BOS-frame embedding, as the engine takes "
+              "decoder_context_features" + (" (CFG's unconditional rows: zeros everywhere, the zero service token)"
+                                            if args.use_cfg and policy.cfg_prompt == "zeros" else
+                                            " (CFG's unconditional rows: NeMo's zero prefix, BOS kept)"
+                                            if args.use_cfg else ""))
     if args.codes_out:
         from safetensors.torch import save
 

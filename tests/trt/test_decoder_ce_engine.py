@@ -150,3 +150,76 @@ def test_unpadded_requests_on_decoder_ce():
             for x, y in zip(alone.step_logits, unpadded.step_logits):
                 torch.testing.assert_close(x, y[b : b + 1], atol=1e-6, rtol=0)
         assert "decoder_context" not in vars(model)
+
+
+def doc_sh_commands(text: str, heading: str) -> list[list[str]]:
+    """argv after 'magpie-parity' of every line of the ``sh`` blocks under ``heading`` (up to the next heading)."""
+    import re
+    import shlex
+
+    section = text.split(heading + "\n", 1)[1]
+    section = re.split(r"^#{2,3} ", section, maxsplit=1, flags=re.M)[0]
+    out = []
+    for block in re.findall(r"^```sh\n(.*?)^```", section, re.S | re.M):
+        for line in block.splitlines():
+            argv = shlex.split(line, comments=True)
+            assert argv[0] == "magpie-parity", line
+            out.append(argv[1:])
+    return out
+
+
+def test_the_walkthrough_decoder_ce_commands_run(tmp_path, monkeypatch, capsys):
+    """docs/trtllm-walkthrough.md's decoder_ce example (``sh`` blocks, which test_walkthrough.py leaves alone), run
+    as written in an empty folder holding a copy of the fixture files it names; each exits 0."""
+    import shutil
+
+    from conftest import REPO
+
+    text = (REPO / "docs" / "trtllm-walkthrough.md").read_text()
+    cmds = doc_sh_commands(text, "### Debugging a decoder_ce engine (emulated)")
+    assert [c[0] for c in cmds] == ["emulate", "ingest-trtllm", "diagnose", "infer", "closed-loop"]
+    named = sorted({a for argv in cmds for a in argv if a.startswith("fixtures/")})
+    assert named == [f"{FIX}/dce_baked_v2607.batch.safetensors", f"{FIX}/dce_baked_v2607.nemo"]
+    for rel in named:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / rel, tmp_path / rel)
+    monkeypatch.chdir(tmp_path)
+    outputs = {}
+    for argv in cmds:
+        rc = main(argv)
+        out = capsys.readouterr()
+        assert rc == 0, f"magpie-parity {' '.join(argv)}: exit {rc}\n{out.err}"
+        outputs[argv[0]] = out.out
+    assert "(12 decoder steps of 2 frames)" in outputs["emulate"]
+    assert "decoder_ce: the prompt is the decoder_context rows + the BOS-frame embedding" in outputs["emulate"]
+    assert "steps [0]..[11] (decoder steps of 2 frames: 24 frames)" in outputs["ingest-trtllm"]
+    diag = outputs["diagnose"]
+    assert "over 12 steps (24 frames, 2 a step)" in diag and "Nothing remains" in diag
+    assert "Explained by: multi_block_mode (prior skipped)\n" in diag
+    assert "Left out (cannot change this run): unpadded_requests: every baked speaker of the batch has 5" in diag
+    assert "0 diverge" in outputs["closed-loop"] and "24/24" in outputs["closed-loop"]
+
+
+def test_float16_engine_judged_by_calibrated_noise(tmp_path, capsys):
+    """A float16 engine in multi-block mode on v2607, judged by calibrate's float16 noise of the same checkpoint and
+    batch (steps of 2 frames on both sides): exit 0, and nothing is named beyond what the emulation switched on
+    (on this tiny model the skipped prior stays within float16 noise)."""
+    ckpt, batch = f"{FIX}/dce_baked_v2607.nemo", f"{FIX}/dce_baked_v2607.batch.safetensors"
+    run = ["--use-cfg", "--param", "topk=1", "--param", "max_decoder_steps=16"]
+    assert main(["emulate", "--checkpoint", ckpt, "--batch", batch, "--engine", "multi_block_mode=true",
+                 "--engine", "dtype=float16", *run, "--out", str(tmp_path / "em"), "--debug-tree", str(tmp_path / "t"),
+                 "--codes-out", str(tmp_path / "codes.safetensors")]) == 0
+    assert main(["ingest-trtllm", str(tmp_path / "t" / "tllm_debug"), "--out", str(tmp_path / "ed"),
+                 "--checkpoint", ckpt, "--cfg-scale", "2.5"]) == 0
+    assert main(["calibrate", "--checkpoint", ckpt, "--batch", batch, "--dtype", "float16", "--seeds", "2", *run,
+                 "--kv-cache", "on", "--out", str(tmp_path / "tol.json")]) == 0
+    capsys.readouterr()
+    rc = main(["diagnose", str(tmp_path / "ed"), "--checkpoint", ckpt, "--batch", batch,
+               "--codes", str(tmp_path / "codes.safetensors"), "--param", "topk=1",
+               "--tolerances", str(tmp_path / "tol.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "the calibrated float16 noise of the logits" in out and "over 8 steps (16 frames, 2 a step)" in out
+    named = next(line for line in out.splitlines() if line.startswith(("Explained by:", "No deviation")))
+    assert named.startswith("No deviation") or set(named.split(": ", 1)[1].split(", ")) <= {
+        "multi_block_mode (prior skipped)", "dtype=float16"}, out

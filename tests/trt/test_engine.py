@@ -157,3 +157,36 @@ def test_the_packed_encoder_reuses_the_reference_layers():
         own = model.encode_text(text, lens).output
         packed = encode_text(model, text, lens, EnginePolicy(encoder="bidirectional", packed_encoder_conv=True)).output
     assert torch.equal(own, packed)  # bidirectional checkpoint, one request: the same ops on the same values
+
+
+@pytest.mark.parametrize("case, policy", [("dce_baked_v2607", EnginePolicy(kv_cache=True)),
+                                          ("dce_baked_v2607", EnginePolicy(kv_cache=True, cfg_prompt="zeros")),
+                                          ("dce_context", EnginePolicy(kv_cache=True, unpadded_requests=True)),
+                                          ("dce_context", EnginePolicy(kv_cache=True, unpadded_requests=True,
+                                                                       cfg_prompt="zeros"))])
+def test_decoder_ce_prompt_is_what_the_runner_feeds(case, policy):
+    """decoder_ce: the emulated engine's step-0 prompt (the decoder input before positions) is, per request, what
+    trt.runner feeds as ``decoder_context_features``: the ``decoder_context`` rows of valid length + the BOS-frame
+    embedding; with CFG the unconditional rows are NeMo's (zero prefix, BOS kept: the runner's [cond; uncond]
+    rows) or, with ``cfg_prompt="zeros"``, all zero (the service token of a runtime given the conditional rows
+    only). Baked: one padded batch (no context padding to remove); context encoder: one run per unpadded request."""
+    from trt.runner import reference_context_features, uncond_context_features
+
+    model = reference_model(case)
+    batch = infer_inputs(load_batch(case))
+    seen = []
+    handle = model.decoder_input.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    try:
+        infer(model, batch, policy, use_cfg=True, topk=1, max_decoder_steps=4)
+    finally:
+        handle.remove()
+    feats = reference_context_features(model, batch)
+    B = len(feats)
+    prompts = [t for t in seen if t.shape[1] > 1]  # the cached steps after the prompt feed one row
+    assert len(prompts) == (B if policy.unpadded_requests else 1)
+    for b, f in enumerate(feats):
+        rows = prompts[0][[b, B + b]] if len(prompts) == 1 else prompts[b]
+        assert rows.shape[1] == f.shape[0], (rows.shape, f.shape)
+        uncond = torch.zeros_like(f) if policy.cfg_prompt == "zeros" else uncond_context_features(f)
+        torch.testing.assert_close(rows[0], f, atol=1e-6, rtol=0)
+        torch.testing.assert_close(rows[1], uncond, atol=0, rtol=0)

@@ -75,3 +75,22 @@ def test_real_engine_is_explained_by_its_settings(tmp_path, setting, pytestconfi
                      dump_out=tmp_path / "engine", model=reference_model(CASE))
     d = diagnose(reference_model(CASE), tmp_path / "engine", batch, codes=run.codes)
     assert d.explained, d.report()
+
+
+@pytest.mark.parametrize("case", ["dce_baked_v2607", "dce_context"])
+@pytest.mark.parametrize("mb", [False, True], ids=["mb0", "mb1"])
+def test_emulated_decoder_ce_engine_is_explained_by_its_settings(tmp_path, case, mb):
+    """decoder_ce (baked speakers with frame stacking 2; a context encoder): the fork's engine with the prior, CFG
+    and remove_input_padding, its prompt the decoder_context rows + BOS (self-consistency: an emulated engine).
+    Explained by no behaviour it did not switch on; on the baked batch unpadded_requests is left out (no context
+    padding to remove), said in one line."""
+    sem = engine_semantics(mb, True, True, "float32")
+    batch = infer_inputs(load_batch(case))
+    model = reference_model(case)
+    dump_engine_emulation(model, batch, tmp_path / "engine", sem, use_cfg=True, seed=0, **PARAMS)
+    d = diagnose(model, tmp_path / "engine", batch, params=PARAMS)
+    assert d.explained, d.report()
+    planted = {name for name, on in PLANTED_NAMES.items() if on(sem)}
+    assert set(d.explanation) <= planted, d.report()
+    left_out = [n for n in d.notes if n.startswith("Left out (cannot change this run): unpadded_requests")]
+    assert len(left_out) == (1 if model.config.baked else 0), d.report()
