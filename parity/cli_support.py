@@ -15,7 +15,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -229,10 +229,18 @@ def load_batch(path: str | os.PathLike, flag: str = "--batch") -> dict:
         raise BadInput(f"{flag} {p}: not a readable safetensors batch ({e})") from None
 
 
-def read_codes(path: str | os.PathLike, flag: str):
-    """The one reader of a run's codes: ``(predicted_codes (B, C, T) long, predicted_codes_lens (B,) long or None)``
-    of a dump holding a whole run's ``predicted_codes`` (an infer dump; an ingested engine dump holds none) or of a
-    codes file (``infer --out``, ``emulate --codes-out``); anything else is one line naming ``flag`` and the file."""
+class RunCodes(NamedTuple):
+    codes: Any  # (B, C, T) long
+    lens: Any  # (B,) long, or None
+    # the run's max_decoder_steps where the file records it (a codes file's metadata, a dump's layout params): NeMo
+    # gives an item without EOS exactly this length, so "EOS never fired" can be told (None: not recorded)
+    max_decoder_steps: int | None
+
+
+def read_codes(path: str | os.PathLike, flag: str) -> RunCodes:
+    """The one reader of a run's codes: :class:`RunCodes` of a dump holding a whole run's ``predicted_codes`` (an
+    infer dump; an ingested engine dump holds none) or of a codes file (``infer --out``, ``emulate --codes-out``);
+    anything else is one line naming ``flag`` and the file."""
     import torch
 
     from parity.dump import DumpError, is_dump, open_dump
@@ -249,6 +257,8 @@ def read_codes(path: str | os.PathLike, flag: str):
                                "engine's codes file)")
             codes = reader.load("predicted_codes")
             lens = reader.load("predicted_codes_lens") if ("predicted_codes_lens", None) in reader else None
+            params = reader.layout.get("params")
+            steps = params.get("max_decoder_steps") if isinstance(params, dict) else None
         except DumpError as e:
             raise BadInput(f"{flag} {e}") from None
     else:
@@ -256,6 +266,11 @@ def read_codes(path: str | os.PathLike, flag: str):
         codes, lens = data.get("predicted_codes"), data.get("predicted_codes_lens")
         if codes is None:
             raise BadInput(f"{flag} {p}: no 'predicted_codes' tensor (a codes file infer wrote, or a dump)")
+        from parity.files import read_safetensors_header
+
+        meta = (read_safetensors_header(p, 65536) or {}).get("__metadata__")
+        steps = meta.get("max_decoder_steps") if isinstance(meta, dict) else None
+        steps = int(steps) if isinstance(steps, str) and steps.isdigit() else None
 
     def integer(t: torch.Tensor) -> bool:
         return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
@@ -265,7 +280,8 @@ def read_codes(path: str | os.PathLike, flag: str):
     if lens is not None and (not integer(lens) or tuple(lens.shape) != tuple(codes.shape[:1])):
         raise BadInput(f"{flag} {p}: predicted_codes_lens must be integer ({codes.shape[0]},), got "
                        f"{tuple(lens.shape)} {lens.dtype}")
-    return codes.to(torch.long), None if lens is None else lens.to(torch.long)
+    steps = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+    return RunCodes(codes.to(torch.long), None if lens is None else lens.to(torch.long), steps)
 
 
 def infer_inputs(batch: dict) -> dict:

@@ -47,8 +47,10 @@ class ItemReport:
     reference_len: int
     match_rate: Optional[float]  # equal codes / (C * common length); None when the common length is 0
     first: Optional[Divergence]
-    engine_eos_missing: bool
-    reference_eos_missing: bool
+    # the length is the run's max_decoder_steps (NeMo's length of an item without EOS); None: the file records no
+    # max_decoder_steps, so it cannot be told (a length at the codes' width is not enough: NeMo cuts the width)
+    engine_eos_missing: Optional[bool]
+    reference_eos_missing: Optional[bool]
     engine_repeats: int  # frames before the last equal to the last one (within the length)
     reference_repeats: int
 
@@ -75,9 +77,18 @@ def trailing_repeats(codes: torch.Tensor, length: int) -> int:
     return n
 
 
+def eos_missing(length: int, max_steps: Optional[int]) -> Optional[bool]:
+    """Whether an item's EOS never fired: NeMo's ``infer_batch`` gives such an item the length ``max_decoder_steps``
+    (in decoder steps, even with frame stacking; an EOS at exactly that frame reads the same: NeMo's own ambiguity);
+    None when the run's ``max_decoder_steps`` is not known."""
+    return None if max_steps is None else int(length) == int(max_steps)
+
+
 def compare_item(engine: torch.Tensor, engine_len: int, reference: torch.Tensor, reference_len: int, *,
-                 frame_stacking: int = 1, run: str = "", item: int = 0) -> ItemReport:
-    """One item: ``engine`` / ``reference`` (C, T) codes with their lengths (clamped to their widths)."""
+                 frame_stacking: int = 1, run: str = "", item: int = 0,
+                 max_steps: tuple[Optional[int], Optional[int]] = (None, None)) -> ItemReport:
+    """One item: ``engine`` / ``reference`` (C, T) codes with their lengths (clamped to their widths); ``max_steps``:
+    each run's ``max_decoder_steps`` where known."""
     if engine.shape[0] != reference.shape[0]:
         raise ValueError(f"engine codes have {engine.shape[0]} codebooks, the reference's {reference.shape[0]}")
     le, lr = min(int(engine_len), engine.shape[1]), min(int(reference_len), reference.shape[1])
@@ -93,15 +104,15 @@ def compare_item(engine: torch.Tensor, engine_len: int, reference: torch.Tensor,
         first = Divergence(n // frame_stacking, n, "length")
     rate = None if n == 0 else 1.0 - int(diff.sum()) / diff.numel()
     return ItemReport(run, item, le, lr, rate, first,
-                      engine_eos_missing=int(engine_len) >= engine.shape[1],
-                      reference_eos_missing=int(reference_len) >= reference.shape[1],
+                      engine_eos_missing=eos_missing(engine_len, max_steps[0]),
+                      reference_eos_missing=eos_missing(reference_len, max_steps[1]),
                       engine_repeats=trailing_repeats(engine, le) if le else 0,
                       reference_repeats=trailing_repeats(reference, lr) if lr else 0)
 
 
 def compare_codes(engine: torch.Tensor, engine_lens: Optional[torch.Tensor], reference: torch.Tensor,
-                  reference_lens: Optional[torch.Tensor], *, frame_stacking: int = 1,
-                  run: str = "") -> list[ItemReport]:
+                  reference_lens: Optional[torch.Tensor], *, frame_stacking: int = 1, run: str = "",
+                  max_steps: tuple[Optional[int], Optional[int]] = (None, None)) -> list[ItemReport]:
     """Every item of one run: codes (B, C, T) and lengths (B,) (None: every item the codes' full width)."""
     if engine.dim() != 3 or reference.dim() != 3:
         raise ValueError(f"codes must be (B, C, T), got {tuple(engine.shape)} and {tuple(reference.shape)}")
@@ -116,7 +127,7 @@ def compare_codes(engine: torch.Tensor, engine_lens: Optional[torch.Tensor], ref
     if el.shape != (B,) or rl.shape != (B,):
         raise ValueError(f"lengths must be ({B},), got {tuple(el.shape)} and {tuple(rl.shape)}")
     return [compare_item(engine[b], int(el[b]), reference[b], int(rl[b]), frame_stacking=frame_stacking, run=run,
-                         item=b) for b in range(B)]
+                         item=b, max_steps=max_steps) for b in range(B)]
 
 
 @dataclass(frozen=True)
@@ -159,8 +170,8 @@ def summarize(items: Sequence[ItemReport]) -> Summary:
         first_steps=tuple(steps), min_step=steps[0] if steps else None, median_step=median,
         max_step=steps[-1] if steps else None, histogram=histogram(steps),
         mean_match_rate=sum(rates) / len(rates) if rates else None,
-        eos_missing_engine=sum(i.engine_eos_missing for i in items),
-        eos_missing_reference=sum(i.reference_eos_missing for i in items))
+        eos_missing_engine=sum(bool(i.engine_eos_missing) for i in items),
+        eos_missing_reference=sum(bool(i.reference_eos_missing) for i in items))
 
 
 def first_divergence(items: Sequence[ItemReport]) -> Optional[ItemReport]:
@@ -176,14 +187,16 @@ def format_report(items: Sequence[ItemReport]) -> str:
     header = ("run", "item", "first divergence", "match", "len e/r", "EOS never fired", "repeats at end e/r")
     rows = []
     for i in items:
-        eos = ",".join(w for w, m in (("engine", i.engine_eos_missing), ("reference", i.reference_eos_missing)) if m)
+        eos = ",".join(w + ("?" if m is None else "") for w, m in
+                       (("engine", i.engine_eos_missing), ("reference", i.reference_eos_missing)) if m is not False)
         rows.append((i.run, str(i.item), "identical" if i.first is None else str(i.first),
                      "-" if i.match_rate is None else f"{i.match_rate:.3f}",
                      f"{i.engine_len}/{i.reference_len}", eos or "-", f"{i.engine_repeats}/{i.reference_repeats}"))
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.append("('match': equal codes over the common length; 'EOS never fired': the length reached the run's "
-                 "width, its step limit; 'repeats at end': frames before the last equal to it)")
+    lines.append("('match': equal codes over the common length; 'EOS never fired': the length is the run's "
+                 "max_decoder_steps, NeMo's length of an item without EOS ('?': the file records no "
+                 "max_decoder_steps, so it cannot be told); 'repeats at end': frames before the last equal to it)")
     if s.diverged:
         lines.append(f"first-divergence step over {s.diverged} diverging items: min {s.min_step}, median "
                      f"{s.median_step:g}, max {s.max_step}")

@@ -707,7 +707,7 @@ def run_dump(args: argparse.Namespace) -> int:
 def forced_codes(path: str, config, inputs: dict, flag: str = "--codes"):
     """``--codes``: the codes that teacher-force ``infer_batch`` (:func:`parity.cli_support.read_codes`: a dump's or a
     codes file's), (B, C, T) integers that fit the checkpoint and the batch; else one line."""
-    codes, _ = read_codes(path, flag)
+    codes = read_codes(path, flag).codes
     B = int(inputs["text"].shape[0])
     C = config.num_audio_codebooks
     if codes.shape[0] != B or codes.shape[1] != C or codes.shape[2] < 1:
@@ -821,15 +821,27 @@ def run_infer(args: argparse.Namespace) -> int:
             torch.manual_seed(args.seed)
             out = model.infer_batch(batch, use_cfg=args.use_cfg, use_kv_cache=kv, progress=sys.stderr.isatty(),
                                     **params)
-    _write_codes(args.out, out.predicted_codes, out.predicted_codes_lens)
+    from reference.inference import resolve_parameters
+
+    _write_codes(args.out, out.predicted_codes, out.predicted_codes_lens,
+                 max_decoder_steps=resolve_parameters(model.config.inference, **params).max_decoder_steps)
     return EXIT_OK
 
 
-def _write_codes(path: str, codes, lens, note: str = "") -> None:
+def codes_metadata(max_decoder_steps: int | None = None, **extra: str) -> dict:
+    """A codes file's safetensors metadata: its format and, for a whole infer_batch run, the run's
+    ``max_decoder_steps`` (an item without EOS has exactly that length: closed-loop tells "EOS never fired" by it)."""
+    meta = {"format": CODES_FORMAT, **extra}
+    if max_decoder_steps is not None:
+        meta["max_decoder_steps"] = str(int(max_decoder_steps))
+    return meta
+
+
+def _write_codes(path: str, codes, lens, note: str = "", max_decoder_steps: int | None = None) -> None:
     from safetensors.torch import save
 
     data = save({"predicted_codes": codes.cpu().contiguous(), "predicted_codes_lens": lens.cpu().contiguous()},
-                metadata={"format": CODES_FORMAT})
+                metadata=codes_metadata(max_decoder_steps))
     write_output_file(path, "--out", data, CODES_FILE)
     print(f"wrote {path}: codes {tuple(codes.shape)}, lengths {lens.tolist()}{note}", file=sys.stderr)
 

@@ -367,7 +367,7 @@ def run_emulate(args: argparse.Namespace) -> int:
              {"--out": args.out, "--debug-tree": args.debug_tree, "--codes-out": args.codes_out})
     from parity.cli_support import (check_batch_fits, infer_inputs, load_batch, load_reference, user_errors,
                                     write_output_file)
-    from parity.commands import CODES_FILE, CODES_FORMAT, check_params
+    from parity.commands import CODES_FILE, check_params, codes_metadata
 
     settings = parse_assignments(args.engine, "--engine")
     settings.setdefault("kv_cache", True)
@@ -415,7 +415,10 @@ def run_emulate(args: argparse.Namespace) -> int:
     if args.codes_out:
         from safetensors.torch import save
 
-        meta = {"format": CODES_FORMAT, "emulated": EMULATED_NOTE, "engine": emulated, "seed": str(args.seed)}
+        from reference.inference import resolve_parameters
+
+        meta = codes_metadata(resolve_parameters(model.config.inference, **params).max_decoder_steps,
+                              emulated=EMULATED_NOTE, engine=emulated, seed=str(args.seed))
         data = save({"predicted_codes": out.predicted_codes.cpu().contiguous(),
                      "predicted_codes_lens": out.predicted_codes_lens.cpu().contiguous()}, metadata=meta)
         write_output_file(args.codes_out, "--codes-out", data, CODES_FILE)
@@ -491,11 +494,11 @@ def run_closed_loop(args: argparse.Namespace) -> int:
     per_pair, engine_codes = [], []
     pairs = list(zip(args.codes[::2], args.codes[1::2]))
     for k, (e, r) in enumerate(pairs):
-        ec, el = read_codes(e, "ENGINE")
-        rc, rl = read_codes(r, "REF")
+        ec, el, e_steps = read_codes(e, "ENGINE")
+        rc, rl, r_steps = read_codes(r, "REF")
         engine_codes.append(ec)
         try:
-            per_pair.append(compare_codes(ec, el, rc, rl, frame_stacking=stacking,
+            per_pair.append(compare_codes(ec, el, rc, rl, frame_stacking=stacking, max_steps=(e_steps, r_steps),
                                           run=os.path.basename(e.rstrip("/"))))
         except ValueError as exc:
             raise BadInput(f"{e} vs {r}: {exc}") from None

@@ -64,10 +64,16 @@ def test_equal_prefix_and_a_shorter_run_is_a_length_divergence(run, cut):
 
 def test_trailing_repeats_eos_and_summary():
     ref = torch.tensor([[[1, 2, 3, 3, 3, 0]]])  # (1, 1, 6): length 5, the last three frames equal
-    eng = torch.tensor([[[1, 2, 3, 3, 3, 3]]])  # length 6 = the width: EOS never fired
-    (i,) = compare_codes(eng, torch.tensor([6]), ref, torch.tensor([5]))
+    eng = torch.tensor([[[1, 2, 3, 3, 3, 3]]])  # length 6 = the run's max_decoder_steps: EOS never fired
+    (i,) = compare_codes(eng, torch.tensor([6]), ref, torch.tensor([5]), max_steps=(6, 6))
     assert (i.engine_repeats, i.reference_repeats) == (3, 2)
-    assert i.engine_eos_missing and not i.reference_eos_missing
+    assert i.engine_eos_missing is True and i.reference_eos_missing is False
+    # a length at the codes' width says nothing by itself (NeMo cuts the width where the last item's EOS fired)
+    (i,) = compare_codes(eng, torch.tensor([6]), ref, torch.tensor([5]))
+    assert i.engine_eos_missing is None and i.reference_eos_missing is None
+    (i,) = compare_codes(eng, torch.tensor([6]), ref, torch.tensor([5]), max_steps=(12, None))
+    assert i.engine_eos_missing is False and i.reference_eos_missing is None
+    assert "engine?" not in format_report([i]) and "reference?" in format_report([i])
     assert i.first.kind == "length" and i.first.frame == 5 and i.match_rate == 1.0
     assert trailing_repeats(torch.tensor([[4]]), 1) == 0
 

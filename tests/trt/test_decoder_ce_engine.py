@@ -68,6 +68,11 @@ def test_zero_cfg_prompt_engine_is_explained_on_stacked_codes_cut_by_eos(tmp_pat
     assert rc == 0, out
     assert "Explained by: cfg_prompt=zeros\n" in out and "Nothing remains" in out, out
     assert "left out: the codes hold 4 frames (2 a step), which teacher-force steps 0..2 only" in out
+    # EOS fired for every item (length 4 < max_decoder_steps 8, recorded in the codes file), though the length is
+    # the codes' width: closed-loop does not call it "EOS never fired"
+    items = _codes_report(capsys, str(tmp_path / "codes.safetensors"), str(tmp_path / "codes.safetensors"),
+                          "--checkpoint", f"{FIX}/dce_baked_v2607.nemo")
+    assert [(i["engine_len"], i["engine_eos_missing"]) for i in items] == [(4, False)] * 3
 
 
 def test_dropped_lm_head_bias_is_explained_with_a_context_encoder(tmp_path, capsys):
