@@ -186,6 +186,18 @@ def validate(settings: dict[str, dict], enc_cfg: dict, dec_cfg: dict, workload: 
         raise BuildConfigError(
             f"decoder: --max_encoder_input_len {d['max_encoder_input_len']} < encoder --max_input_len "
             f"{e['max_input_len']}: the decoder could not attend to every encoder output")
+    baked = (dec_cfg.get("magpie_parity") or {}).get("baked_context_frames") \
+        if isinstance(dec_cfg.get("magpie_parity"), dict) else None
+    if isinstance(baked, int) and not isinstance(baked, bool) and baked > 0:
+        # a baked-speaker checkpoint fixes its prompt: the speaker's frames (at most the table's) + the BOS position
+        if d["max_input_len"] < baked + 1:
+            raise BuildConfigError(
+                f"decoder: --max_input_len {d['max_input_len']} < the baked speakers' {baked} context frames + the BOS "
+                f"position = {baked + 1} (pass --set decoder_max_input_len={baked + 1})")
+        if d["max_seq_len"] < baked + 2:
+            raise BuildConfigError(
+                f"decoder: --max_seq_len {d['max_seq_len']} leaves no room to generate after a {baked + 1}-position "
+                f"prompt (pass --set max_seq_len=N with N > {baked + 1}: the prompt + the decoder steps to generate)")
     if workload is not None:
         w = workload
         if e["max_input_len"] < w.text_len:

@@ -339,6 +339,8 @@ def build_configs(c: MagpieConfig, dtype: str = "float32", tp_size: int = 1, dro
         "fork_deviations": fork_deviations(c),
         "context": context_kind(c),
     }
+    if c.baked:  # every request's prompt is at most this many baked frames + the BOS position (build checks it)
+        meta_common["baked_context_frames"] = c.baked_frames
     parts = outside_engine_parts(c)
     if parts:
         meta_common["outside_engine"] = {"file": OUTSIDE_ENGINE_FILE, "parts": parts,

@@ -156,3 +156,32 @@ def test_run_build_executes_the_commands(ckpt, tmp_path, monkeypatch):
     assert lines == [" ".join(c[1:]) for c in cmds] and "encoder" in lines[0] and "decoder" in lines[1]
     with pytest.raises(B.BuildError, match=r"exit code 3:\nboom"):
         B.run_build(ckpt("float16", 4096), tmp_path / "FAIL", "seed")
+
+
+def test_baked_speakers_prompt_must_fit_the_decoder_input(tmp_path):
+    """A baked-speaker checkpoint (v2607: 217 frames) fixes its prompt: the speaker's frames + the BOS position. The
+    seed profile's decoder --max_input_len 192 cannot take it; the error names the --set that fixes it."""
+    import dataclasses
+
+    from conftest import reference_model
+
+    c = dataclasses.replace(reference_model("dce_baked_v2607").config, baked_frames=217)
+    d = tmp_path / "ck"
+    enc, dec = build_configs(c, dtype="float16")
+    assert dec["magpie_parity"]["baked_context_frames"] == 217
+    for comp, cfg in (("encoder", enc), ("decoder", dec)):
+        (d / comp).mkdir(parents=True)
+        (d / comp / "config.json").write_text(json.dumps(cfg))
+    over = dict(encoder_max_input_len=32, max_seq_len=32, decoder_max_encoder_input_len=32)  # the fixture's positions
+    with pytest.raises(B.BuildConfigError, match=r"< the baked speakers' 217 context frames \+ the BOS position = 218 "
+                                                 r"\(pass --set decoder_max_input_len=218\)"):
+        B.build_commands(d, tmp_path / "e", "seed", **over, decoder_max_input_len=30)
+    positions = dict(encoder_max_input_len=32, decoder_max_encoder_input_len=32)
+    c2 = dataclasses.replace(c, decoder=dataclasses.replace(c.decoder, max_length_causal_mask=1024))
+    enc, dec = build_configs(c2, dtype="float16")
+    (d / "decoder" / "config.json").write_text(json.dumps(dec))
+    with pytest.raises(B.BuildConfigError, match=r"pass --set decoder_max_input_len=218"):
+        B.build_commands(d, tmp_path / "e", "seed", **positions)  # the README's 192
+    with pytest.raises(B.BuildConfigError, match=r"--max_seq_len 218 leaves no room to generate"):
+        B.build_commands(d, tmp_path / "e", "seed", **positions, decoder_max_input_len=218, max_seq_len=218)
+    B.build_commands(d, tmp_path / "e", "seed", **positions, decoder_max_input_len=218, max_seq_len=700)
