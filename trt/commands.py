@@ -248,8 +248,11 @@ def run_ingest(args: argparse.Namespace) -> int:
     frames = f" (decoder steps of {S} frames: {len(steps) * S} frames)" if S > 1 and steps else ""
     print(f"wrote {out}: {len(d)} tensors, {len(d.names())} names, steps {steps[:1]}..{steps[-1:]}{frames} "
           f"({m['tree_layout']} tree, generation {m['generation']}, requests {m['request_ids']}, {m['cfg']})")
-    if m["skipped"]:
-        print(f"skipped: {', '.join(sorted(m['skipped']))}")
+    by_reason: dict[str, list[str]] = {}
+    for name, why in sorted(m["skipped"].items()):
+        by_reason.setdefault(str(why), []).append(name)
+    for why, names in by_reason.items():  # each with its reason: an engine property, not a failure of the ingest
+        print(f"not ingested: {', '.join(names)}: {why}")
     if m["partial_steps"]:
         print(f"steps left out (not every request had a row): {m['partial_steps']}")
     return EXIT_OK

@@ -57,6 +57,9 @@ def test_walkthrough_runs_end_to_end_on_the_bundled_fixtures(tmp_path, monkeypat
         assert rc == expected, f"magpie-parity {shlex.join(argv)}: exit {rc}, the page says {expected}\n{out.err}"
         outputs.append(out.out)
     assert "emulated" in text.lower() and "EMULATED engine" in outputs[[a[0] for a, _ in cmds].index("emulate")]
+    ingest_out = outputs[[a[0] for a, _ in cmds].index("ingest-trtllm")]
+    # what the engine does not export is listed with its reason, not as a bare list that reads like a failure
+    assert "not ingested: decoder.norm_out@0, final_proj@0: the engine gathers only the last prompt token" in ingest_out
     final = outputs[-1]
     assert "Explained by: multi_block_mode (prior skipped)" in final and "Nothing remains" in final
     assert "the calibrated float16 noise of the logits (tol.json)" in final  # not the default float16 tolerance
