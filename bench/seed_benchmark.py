@@ -224,7 +224,7 @@ def nemo_step_times(model: MagpieTTS, dec, req: dict, steps: list[int], reps: in
     codebook since 2026-11-25 round 3, a few ms at most against NeMo's 100+ ms step: the NeMo rows of
     bench/RESULTS.md history were timed before that).
     """
-    from reference.inference import PriorState, cross_attention_scores, find_eos, sample_codes
+    from reference.inference import PriorState, cross_attention_scores, dummy_cfg_conditioning, find_eos, sample_codes
 
     c = model.config
     p = InferenceParameters(**{**c.inference.__dict__, **PARAMS})
@@ -233,11 +233,7 @@ def nemo_step_times(model: MagpieTTS, dec, req: dict, steps: list[int], reps: in
     B = req["text"].shape[0]
     enc = model.encode_text(req["text"], req["text_lens"])
     ctx_emb, ctx_mask = model.context_embedding(req["context_audio_codes"], req["context_audio_codes_lens"])
-    dummy = torch.zeros_like(enc.mask)
-    dummy[:, 0] = True
-    cond, cond_mask = torch.cat([enc.output, torch.zeros_like(enc.output)]), torch.cat([enc.mask, dummy])
-    ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
-    ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+    cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(enc.output, enc.mask, ctx_emb, ctx_mask)
     rows, T_text = 2 * B, cond.shape[1]
     text_lens = req["text_lens"].tolist()
     g = torch.Generator(device=dev).manual_seed(1)
@@ -699,7 +695,7 @@ def nemo_released_step_times(model, dec, lt, req: dict, steps: list[int], reps: 
     of its logits, the edits, top-k, temperature, torch.multinomial, the code fed back) and the argmax pass; the
     prefix of each timed step is run once untimed (fills NeMo's caches)."""
     from reference.inference import PriorState, cross_attention_scores, find_eos, restrict_logits, sample_codes
-    from reference.inference import forbidden_tokens, layer_priors
+    from reference.inference import dummy_cfg_conditioning, forbidden_tokens, layer_priors
 
     c = model.config
     wl = shape_workload("released")
@@ -709,11 +705,7 @@ def nemo_released_step_times(model, dec, lt, req: dict, steps: list[int], reps: 
     B = req["text"].shape[0]
     enc = model.encode_text(req["text"], req["text_lens"])
     ctx_emb, ctx_mask = model.decoder_context(req)
-    dummy = torch.zeros_like(enc.mask)
-    dummy[:, 0] = True
-    cond, cond_mask = torch.cat([enc.output, torch.zeros_like(enc.output)]), torch.cat([enc.mask, dummy])
-    ctx_emb = torch.cat([ctx_emb, torch.zeros_like(ctx_emb)])
-    ctx_mask = torch.cat([ctx_mask, torch.ones_like(ctx_mask)])
+    cond, cond_mask, ctx_emb, ctx_mask = dummy_cfg_conditioning(enc.output, enc.mask, ctx_emb, ctx_mask)
     rows, T_text = 2 * B, cond.shape[1]
     text_lens = req["text_lens"].tolist()
     forbidden = forbidden_tokens(c, False, dev)
