@@ -1101,9 +1101,8 @@ def _calibrated_logit_tolerance(calibration, path: str, reader, config_hash: str
     if reader.dtype != calibration.precision:
         raise BadInput(f"--tolerances {path}: calibrated for {calibration.precision}, but {reader.path} computed in "
                        f"{reader.dtype} (magpie-parity calibrate --dtype {reader.dtype})")
-    if calibration.config_hash is not None and calibration.config_hash != config_hash:
-        raise BadInput(f"--tolerances {path}: calibrated on the model of config hash {calibration.config_hash!r}, "
-                       f"--checkpoint has {config_hash!r}: another model's calibration")
+    with user_errors():
+        calibration.check_model(config_hash, "--checkpoint has")
     steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
     bound = calibration.largest_envelope("logits", steps)
     if bound is None:

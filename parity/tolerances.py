@@ -323,10 +323,13 @@ class CalibratedPolicy(TolerancePolicy):
                 f"computed in {pa} (a) and {pb} (b): calibrate {low} (magpie-parity calibrate --dtype {low}) or "
                 "compare without it")
         for r in (a, b):
-            h = r.config_hash
-            if self.config_hash is not None and h is not None and h != self.config_hash:
-                raise PolicyError(f"{self.where}: calibrated on the model of config hash {self.config_hash!r}, "
-                                  f"{r.path} records {h!r}: another model's calibration")
+            self.check_model(r.config_hash, f"{r.path} records")
+
+    def check_model(self, config_hash: str | None, who: str) -> None:
+        """Refuse another model's calibration: ``who`` (e.g. "DUMP records") has ``config_hash`` (None: unknown)."""
+        if self.config_hash is not None and config_hash is not None and config_hash != self.config_hash:
+            raise PolicyError(f"{self.where}: calibrated on the model of config hash {self.config_hash!r}, {who} "
+                              f"{config_hash!r}: another model's calibration")
 
     @classmethod
     def from_calibration(cls, data: dict, *, where: str = "calibration") -> "CalibratedPolicy":

@@ -68,6 +68,16 @@ def test_walkthrough_runs_end_to_end_on_the_bundled_fixtures(tmp_path, monkeypat
     # diagnose --tolerances takes a calibration of the engine dump's precision only: one line, exit 2
     base = ["diagnose", "engine_dump", "--checkpoint", named[1], "--batch", named[0], "--codes",
             "engine_codes.safetensors", "--param", "topk=1"]
+    import json
+
+    other = json.loads((tmp_path / "tol.json").read_text())
+    other["config_hash"] = "0" * 16
+    (tmp_path / "tol_other.json").write_text(json.dumps(other))
+    fp16 = ["diagnose", "fp16_engine_dump", *base[2:6], "--codes", "fp16_codes.safetensors", "--param", "topk=1"]
+    assert main(fp16 + ["--tolerances", "tol_other.json"]) == 2
+    err = capsys.readouterr().err
+    assert "tol_other.json: calibrated on the model of config hash '0000000000000000', --checkpoint has" in err
+    assert "another model's calibration" in err and len(err.strip().splitlines()) == 1, err
     for extra, words in ((["--tolerances", "tol.json"], "calibrated for float16, but engine_dump computed in float32"),
                          (["--tolerances", "parity"], "not a calibration file"),
                          (["--tolerances", "tol.json", "--tolerance", "0.1"], "give one")):
