@@ -1048,7 +1048,21 @@ def configure_diagnose(p: argparse.ArgumentParser) -> None:
                         "else the checkpoint's inference_parameters")
 
 
-def _diagnose_params(config, reader, given: dict) -> tuple[dict, str]:
+def engine_dump_of(path: str, model, checkpoint: str):
+    """The engine dump to replay against ``model`` (the reference of ``checkpoint``), opened; one line if it is not a
+    dump or records another model's config hash."""
+    from parity.dump import open_dump
+
+    with user_errors():
+        reader = open_dump(path)
+    if reader.config_hash is not None and reader.config_hash != model.config.hash():
+        raise BadInput(f"{path}: records config_hash {reader.config_hash!r}, --checkpoint {checkpoint} has "
+                       f"{model.config.hash()!r}: the dump is of another model (give the checkpoint the engine was "
+                       "converted from)")
+    return reader
+
+
+def diagnose_params(config, reader, given: dict) -> tuple[dict, str]:
     """The inference parameters to teacher-force with: the dump's layout ``params`` (the fields the checkpoint's
     config knows), overridden by ``--param``; checked before any work, an error naming where the value came from
     and the flag that sets it. Returns them and where they came from, in words."""
@@ -1111,7 +1125,6 @@ def _calibrated_logit_tolerance(calibration, path: str, reader, config_hash: str
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
-    from parity.dump import open_dump
     from trt.diagnose import DiagnoseError, diagnose
 
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
@@ -1124,17 +1137,12 @@ def run_diagnose(args: argparse.Namespace) -> int:
     model = load_reference(args.checkpoint)
     check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
     codes = forced_codes(args.codes, model.config, batch) if args.codes else None
-    with user_errors():
-        reader = open_dump(args.dump)
-    if reader.config_hash is not None and reader.config_hash != model.config.hash():
-        raise BadInput(f"{args.dump}: records config_hash {reader.config_hash!r}, --checkpoint {args.checkpoint} has "
-                       f"{model.config.hash()!r}: the dump is of another model (give the checkpoint the engine was "
-                       "converted from)")
+    reader = engine_dump_of(args.dump, model, args.checkpoint)
     if codes is None and ("predicted_codes", None) not in reader:
         raise BadInput(f"{args.dump}: holds no 'predicted_codes' (an engine dump ingested from a tllm_debug tree has "
                        "none): pass the engine's codes with --codes CODES.safetensors (predicted_codes (B, C, T)); "
                        "they teacher-force the reference")
-    params, origin = _diagnose_params(model.config, reader, given)
+    params, origin = diagnose_params(model.config, reader, given)
     tolerance, why = args.tolerance, ""
     if calibration is not None:
         tolerance = _calibrated_logit_tolerance(calibration, args.tolerances, reader, model.config.hash())

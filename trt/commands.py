@@ -522,29 +522,21 @@ def run_closed_loop(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace, model, codes, step) -> None:
     """Teacher-forced replay from the engine's codes: diagnose, then the first layer beyond tolerance at ``step``
     (the first pair's first divergence step) where the engine dump holds layers."""
-    import dataclasses
     import tempfile
 
     from parity.cli_support import check_batch_fits, infer_inputs, load_batch, user_errors
-    from parity.commands import check_params
-    from parity.dump import open_dump
+    from parity.commands import diagnose_params, engine_dump_of
     from parity.tolerances import CalibratedPolicy, load_policy
     from trt.diagnose import DiagnoseError, diagnose
 
     batch = infer_inputs(load_batch(args.batch))
     check_batch_fits(batch, model.config, args.batch, args.checkpoint, require_audio=False)
-    with user_errors():
-        reader = open_dump(args.dump)
-        policy = None
-        if args.tolerances:
+    reader = engine_dump_of(args.dump, model, args.checkpoint)
+    policy = None
+    if args.tolerances:
+        with user_errors():
             policy = load_policy(args.tolerances, default="")
-    if reader.config_hash is not None and reader.config_hash != model.config.hash():
-        raise BadInput(f"{args.dump}: records config_hash {reader.config_hash!r}, --checkpoint {args.checkpoint} has "
-                       f"{model.config.hash()!r}: the dump is of another model")
-    known = {f.name for f in dataclasses.fields(model.config.inference)}
-    recorded = reader.layout.get("params") if isinstance(reader.layout.get("params"), dict) else {}
-    params = {**{k: v for k, v in recorded.items() if k in known}, **parse_assignments(args.param, "--param")}
-    check_params(model.config, params)
+    params, _ = diagnose_params(model.config, reader, parse_assignments(args.param, "--param"))
     use_cfg = {"dump": None, "on": True, "off": False}[args.cfg]
     steps = sorted(e.step for e in reader.entries if e.name == "logits" and e.step is not None)
     tolerance, why = None, "the default for the dump's precision"
