@@ -49,6 +49,13 @@ def infer_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k.startswith(("text", "context", "speaker"))}
 
 
+@pytest.fixture
+def repo_cwd(monkeypatch) -> Path:
+    """Run the test from the repository root (CLI tests pass repo-relative fixture paths, as the docs do)."""
+    monkeypatch.chdir(REPO)
+    return REPO
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not (FIXTURES / "provenance.json").exists():

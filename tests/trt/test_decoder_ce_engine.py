@@ -23,11 +23,8 @@ RUN = ["--use-cfg", "--param", "topk=1", "--param", "max_decoder_steps=8", "--pa
 DIAG = ["--param", "topk=1", "--param", "start_prior_after_n_audio_steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def _repo_cwd(monkeypatch):
-    from conftest import REPO
-
-    monkeypatch.chdir(REPO)
+# the CLI is given repo-relative fixture paths
+pytestmark = pytest.mark.usefixtures("repo_cwd")
 
 
 def _pipeline(tmp_path, capsys, case: str, *engine: str) -> tuple[int, str]:

@@ -17,11 +17,8 @@ BATCH = f"{FIX}/released_small.batch.safetensors"
 RUN = ["--use-cfg", "--param", "topk=1", "--param", "max_decoder_steps=8"]
 
 
-@pytest.fixture(autouse=True)
-def _repo_cwd(monkeypatch):
-    from conftest import REPO
-
-    monkeypatch.chdir(REPO)
+# the CLI is given repo-relative fixture paths
+pytestmark = pytest.mark.usefixtures("repo_cwd")
 
 
 def _err_line(capsys) -> str:

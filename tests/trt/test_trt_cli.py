@@ -17,11 +17,8 @@ from parity.dump import DumpReader
 FIX = "fixtures/data"
 
 
-@pytest.fixture(autouse=True)
-def _repo_cwd(monkeypatch):
-    from conftest import REPO
-
-    monkeypatch.chdir(REPO)
+# the CLI is given repo-relative fixture paths
+pytestmark = pytest.mark.usefixtures("repo_cwd")
 
 
 def _err_line(capsys) -> str:
