@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from crafted import small_tree as _small_tree  # shared with the CLI tests
 from parity.compare import compare_dumps
 from parity.dump import DumpReader
-from parity.names import NameMap
+from trt.debug_tree import exported_names  # what an engine exports: the writer's own rule
 from trt.ingest import (CONTEXT, GENERATION, UINT64_MAX, IngestError, Seq, batch_sequences, canonical_order,
                         detect_generation, ingest_trtllm, pack_rows, pad_trailing, place_prompts, scan_tree,
                         split_packed, unplace_prompts)
@@ -67,23 +67,9 @@ def ref_root(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------ fake engine trees
 
 
-def exported(ref: DumpReader, generation: str = GEN) -> dict[str, tuple[str, str]]:
-    """debug name -> (canonical name, layout) for the decoder tensors this generation exports."""
-    nm = NameMap()
-    out = {}
-    for name in ref.names():
-        try:
-            trt, info = nm.from_canonical(name, generation)
-        except KeyError:
-            continue
-        if info.engine == "decoder" and not info.add_positions:
-            out[trt] = (name, info.layout)
-    return out
-
-
 def sequence_rows(ref: DumpReader, B: int, use_cfg: bool, generation: str = GEN):
     """(b, cfg index, step) -> {debug name: rows as the engine holds them} for one sequence, from the reference."""
-    exp = exported(ref, generation)
+    exp = exported_names(ref.names(), generation)
     steps = sorted({e.step for e in ref.entries if e.step is not None and e.name == "decoder.layers.0"})
     rows = {}
     enc = ref.load("encoder.norm_out").numpy()
@@ -181,7 +167,7 @@ def assert_exact(ingested: Path, ref: Path, expect_names: set[str]) -> None:
 
 
 def expected_names(ref: DumpReader, use_cfg: bool, cfg_scale) -> set[str]:
-    names = {c for c, _l in exported(ref).values()} | {"encoder.norm_out", "final_proj"}
+    names = {c for c, _l in exported_names(ref.names(), GEN).values()} | {"encoder.norm_out", "final_proj"}
     names.discard("logits")
     if not use_cfg or cfg_scale is not None:
         names.add("logits")
