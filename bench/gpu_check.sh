@@ -37,4 +37,5 @@ LEFT=$((WALL + 10 - SECONDS))
 timeout $LEFT python3 bench/seed_benchmark.py --shape seed --parts sweep,nemo --nemo-dtypes float32 --sweep 64,1,8,32 \
   --nemo-steps 1,160,320,478 --budget-s $((LEFT - 45)) --out "$OUT/seed" "$@" 2>&1 | tee "$OUT/seed.log" \
   | grep -E "^\[(sweep|nemo|fail|skip|t)\]" | cut -c1-400
-python3 bench/seed_benchmark.py --merge "$OUT/released" "$OUT/seed" --out "$OUT"
+# the device returns at most 8 files: once merged, the two runs' own files go (results.json holds every row)
+python3 bench/seed_benchmark.py --merge "$OUT/released" "$OUT/seed" --out "$OUT" && rm -r "$OUT/released" "$OUT/seed"

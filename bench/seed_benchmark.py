@@ -838,8 +838,11 @@ def merge_results(dirs: list[Path], out_dir: Path) -> int:
         part = json.loads((d / "results.json").read_text())
         fast = res.get("fast", []) + part.pop("fast", [])
         sweep = res.get("sweep", []) + part.pop("sweep", [])
+        errors = {**res.get("errors", {}), **part.pop("errors", {})}  # each run's failures, none overwritten
         res.update(part)
         res["fast"], res["sweep"] = fast, sweep
+        if errors:
+            res["errors"] = errors
     table = render_table(res)
     (out_dir / "results.json").write_text(json.dumps(res, indent=1, default=str))
     (out_dir / "table.md").write_text(table)
