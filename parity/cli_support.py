@@ -229,6 +229,13 @@ def load_batch(path: str | os.PathLike, flag: str = "--batch") -> dict:
         raise BadInput(f"{flag} {p}: not a readable safetensors batch ({e})") from None
 
 
+def integer_tensor(t) -> bool:
+    """Whether a tensor read from a user's file holds integers (codes, lengths, indices): not float, complex or bool."""
+    import torch
+
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 class RunCodes(NamedTuple):
     codes: Any  # (B, C, T) long
     lens: Any  # (B,) long, or None
@@ -272,12 +279,9 @@ def read_codes(path: str | os.PathLike, flag: str) -> RunCodes:
         steps = meta.get("max_decoder_steps") if isinstance(meta, dict) else None
         steps = int(steps) if isinstance(steps, str) and steps.isdigit() else None
 
-    def integer(t: torch.Tensor) -> bool:
-        return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-    if not integer(codes) or codes.dim() != 3:
+    if not integer_tensor(codes) or codes.dim() != 3:
         raise BadInput(f"{flag} {p}: predicted_codes must be integer (B, C, T), got {tuple(codes.shape)} {codes.dtype}")
-    if lens is not None and (not integer(lens) or tuple(lens.shape) != tuple(codes.shape[:1])):
+    if lens is not None and (not integer_tensor(lens) or tuple(lens.shape) != tuple(codes.shape[:1])):
         raise BadInput(f"{flag} {p}: predicted_codes_lens must be integer ({codes.shape[0]},), got "
                        f"{tuple(lens.shape)} {lens.dtype}")
     steps = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None

@@ -28,6 +28,7 @@ from parity.cli_support import (
     check_device,
     check_replaceable_file,
     infer_inputs,
+    integer_tensor,
     load_batch,
     load_reference,
     output_dir,
@@ -942,7 +943,7 @@ def _context_audio(path: str) -> dict:
     codes = t.get("context_audio_codes")
     if codes is None:
         raise BadInput(f"--context-audio {path}: no 'context_audio_codes' tensor (it holds {sorted(t)})")
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+    if not integer_tensor(codes):
         raise BadInput(f"--context-audio {path}: context_audio_codes must hold integer codes, got {codes.dtype}")
     if codes.dim() == 2:
         codes = codes[None]
@@ -952,8 +953,7 @@ def _context_audio(path: str) -> dict:
     n = int(codes.shape[2])
     lens = t.get("context_audio_codes_lens")
     if lens is not None:
-        if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool or lens.numel() != 1 \
-                or lens.dim() > 1:
+        if not integer_tensor(lens) or lens.numel() != 1 or lens.dim() > 1:
             raise BadInput(f"--context-audio {path}: context_audio_codes_lens must be one integer, got "
                            f"{lens.dtype} of shape {tuple(lens.shape)}")
         n = int(lens.reshape(-1)[0])

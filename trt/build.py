@@ -186,8 +186,8 @@ def validate(settings: dict[str, dict], enc_cfg: dict, dec_cfg: dict, workload: 
         raise BuildConfigError(
             f"decoder: --max_encoder_input_len {d['max_encoder_input_len']} < encoder --max_input_len "
             f"{e['max_input_len']}: the decoder could not attend to every encoder output")
-    baked = (dec_cfg.get("magpie_parity") or {}).get("baked_context_frames") \
-        if isinstance(dec_cfg.get("magpie_parity"), dict) else None
+    ours = dec_cfg.get("magpie_parity")
+    baked = ours.get("baked_context_frames") if isinstance(ours, dict) else None
     if isinstance(baked, int) and not isinstance(baked, bool) and baked > 0:
         # a baked-speaker checkpoint fixes its prompt: the speaker's frames (at most the table's) + the BOS position
         if d["max_input_len"] < baked + 1:
